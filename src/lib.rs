@@ -1,0 +1,1 @@
+//! dinghook: a DingTalk event-subscription gateway.
