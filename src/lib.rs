@@ -1,1 +1,8 @@
-//! dinghook: a DingTalk event-subscription gateway.
+//! dinghook: a DingTalk event-subscription (HTTP Push) gateway.
+//!
+//! The journey of an event: [`ingress`] verifies and decrypts it with [`crypto`], the
+//! [`store`] makes it durable (de-duplicated by [`event::dedup_key`]), and only then is
+//! DingTalk answered. [`app::Application`] wires these together from a [`config::Config`].
+
+pub mod crypto;
+pub mod secret;
