@@ -328,6 +328,23 @@ pub struct Sealed {
     pub encrypt: String,
 }
 
+impl Sealed {
+    /// The query string DingTalk sends with a push (it sends both signature spellings).
+    pub fn query(&self) -> String {
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("signature", &self.msg_signature)
+            .append_pair("msg_signature", &self.msg_signature)
+            .append_pair("timestamp", &self.timestamp)
+            .append_pair("nonce", &self.nonce)
+            .finish()
+    }
+
+    /// The JSON body DingTalk sends with a push: `{"encrypt": "..."}`.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "encrypt": self.encrypt }).to_string()
+    }
+}
+
 /// Everything needed to open DingTalk's callbacks and to seal our replies.
 #[derive(Clone)]
 pub struct CallbackCipher {

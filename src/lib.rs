@@ -4,5 +4,11 @@
 //! [`store`] makes it durable (de-duplicated by [`event::dedup_key`]), and only then is
 //! DingTalk answered. [`app::Application`] wires these together from a [`config::Config`].
 
+pub mod app;
+pub mod config;
 pub mod crypto;
+pub mod event;
+pub mod ingress;
 pub mod secret;
+pub mod store;
+pub mod telemetry;

@@ -1,1 +1,236 @@
-fn main() {}
+//! The `dinghook` command: serve, sign and inspect requests, check the configuration.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use dinghook::app::{shutdown_signal, Application};
+use dinghook::config::Config;
+use dinghook::crypto::{now_millis, random_nonce, verify_signature, Sealed};
+
+#[derive(Parser)]
+#[command(
+    name = "dinghook",
+    version,
+    about = "A DingTalk event-subscription (HTTP Push) gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArg {
+    /// TOML config file; environment variables (DINGHOOK_*) override it.
+    #[arg(long, short, env = "DINGHOOK_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn load(&self) -> Result<Config> {
+        Config::load(self.config.as_deref()).context("invalid configuration")
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ConfigArg),
+    /// Sign and encrypt an event JSON (a file, or standard input) as DingTalk would, and print
+    /// a ready-to-paste curl command.
+    Encrypt {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The event JSON file; `-` or nothing reads standard input.
+        input: Option<PathBuf>,
+        /// Print the query parameters and body as JSON instead of a curl command.
+        #[arg(long)]
+        json: bool,
+        /// The callback URL (default: the configured listen address and callback path).
+        #[arg(long)]
+        url: Option<String>,
+        /// Timestamp to sign with (default: now, in milliseconds).
+        #[arg(long)]
+        timestamp: Option<String>,
+        /// Nonce to sign with (default: 16 random characters).
+        #[arg(long)]
+        nonce: Option<String>,
+    },
+    /// Verify and decrypt a captured request (or one of our replies) and print the message.
+    Decrypt {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The request URL or just its query string (signature, timestamp, nonce). Not
+        /// needed for a reply body, which carries its own.
+        #[arg(long)]
+        query: Option<String>,
+        /// The JSON body file; `-` or nothing reads standard input.
+        input: Option<PathBuf>,
+    },
+    /// Print the effective configuration with secrets redacted.
+    CheckConfig(ConfigArg),
+    /// Exit 0 if URL answers 2xx within 3 s (for container health checks; no curl needed).
+    Healthcheck {
+        #[arg(default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
+}
+
+fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
+    match path {
+        Some(p) if p != Path::new("-") => {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        }
+        _ => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("cannot read standard input")?;
+            Ok(buf)
+        }
+    }
+}
+
+fn default_url(config: &Config) -> String {
+    let listen = config.listen.replacen("0.0.0.0:", "127.0.0.1:", 1);
+    format!("http://{listen}{}", config.callback.path)
+}
+
+fn encrypt(
+    config: &Config,
+    input: Option<&Path>,
+    json: bool,
+    url: Option<String>,
+    timestamp: Option<String>,
+    nonce: Option<String>,
+) -> Result<()> {
+    let raw = read_input(input)?;
+    let text = std::str::from_utf8(&raw)
+        .context("the event is not UTF-8")?
+        .trim();
+    serde_json::from_str::<serde_json::Value>(text).context("the event is not valid JSON")?;
+    let cipher = config.cipher()?;
+    let timestamp = timestamp.unwrap_or_else(|| now_millis().to_string());
+    let nonce = nonce.unwrap_or_else(random_nonce);
+    let sealed = cipher.seal(text.as_bytes(), &timestamp, &nonce)?;
+    let url = url.unwrap_or_else(|| default_url(config));
+    if json {
+        let out = serde_json::json!({
+            "url": format!("{url}?{}", sealed.query()),
+            "query": {
+                "signature": sealed.msg_signature,
+                "msg_signature": sealed.msg_signature,
+                "timestamp": sealed.timestamp,
+                "nonce": sealed.nonce,
+            },
+            "body": { "encrypt": sealed.encrypt },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "curl -sS -X POST '{url}?{}' -H 'Content-Type: application/json' -d '{}'",
+            sealed.query(),
+            sealed.body()
+        );
+    }
+    Ok(())
+}
+
+fn decrypt(config: &Config, query: Option<&str>, input: Option<&Path>) -> Result<()> {
+    let raw = read_input(input)?;
+    let body: serde_json::Value = serde_json::from_slice(&raw).context("the body is not JSON")?;
+    let encrypt = body["encrypt"]
+        .as_str()
+        .context("the body has no \"encrypt\" string")?;
+    let cipher = config.cipher()?;
+    // A reply carries its own signature fields; a request has them in the query.
+    let signed = if let Ok(reply) = serde_json::from_value::<Sealed>(body.clone()) {
+        (reply.msg_signature, reply.timestamp, reply.nonce)
+    } else {
+        let query = query.context("--query is needed: the request's URL or query string")?;
+        let query = query.split_once('?').map_or(query, |(_, q)| q);
+        let q = dinghook::ingress::SignedQuery::parse(Some(query))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        (q.signature, q.timestamp, q.nonce)
+    };
+    let token_ok = verify_signature(
+        config.callback.token.expose(),
+        &signed.1,
+        &signed.2,
+        encrypt,
+        &signed.0,
+    );
+    if let Err(e) = token_ok {
+        bail!("{e} (DingTalk code {}): check the token", e.dingtalk_code());
+    }
+    let msg = cipher
+        .decrypt(encrypt)
+        .map_err(|e| anyhow::anyhow!("{e} (DingTalk code {})", e.dingtalk_code()))?;
+    let text = String::from_utf8_lossy(&msg);
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
+        Err(_) => println!("{text}"),
+    }
+    Ok(())
+}
+
+async fn healthcheck(url: &str) -> Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    if !response.status().is_success() {
+        bail!("GET {url}: {}", response.status());
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<()> {
+    dinghook::telemetry::init(config.log_format, &config.log_level);
+    let app = Application::build(config).await?;
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(config) => match config.load() {
+            Ok(config) => serve(config).await,
+            Err(e) => Err(e),
+        },
+        Command::Encrypt {
+            config,
+            input,
+            json,
+            url,
+            timestamp,
+            nonce,
+        } => config
+            .load()
+            .and_then(|c| encrypt(&c, input.as_deref(), json, url, timestamp, nonce)),
+        Command::Decrypt {
+            config,
+            query,
+            input,
+        } => config
+            .load()
+            .and_then(|c| decrypt(&c, query.as_deref(), input.as_deref())),
+        Command::CheckConfig(config) => config.load().map(|c| print!("{}", c.to_redacted_toml())),
+        Command::Healthcheck { url } => healthcheck(&url).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dinghook: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

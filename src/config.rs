@@ -1,0 +1,491 @@
+//! Typed configuration: compiled-in defaults, then a TOML file, then `DINGHOOK_*` environment
+//! variables, validated once at start-up. Every key is documented in `config/dinghook.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{AesKey, CallbackCipher};
+use crate::secret::Secret;
+
+/// A configuration problem, naming the key (and its environment variable) and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} ({env}): {message}")]
+    Invalid {
+        key: &'static str,
+        env: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        env: env_name(key),
+        message: message.into(),
+    }
+}
+
+/// The environment variable for each config key. One table, so the README, the validation
+/// messages and the loader cannot drift apart.
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("listen", "DINGHOOK_LISTEN"),
+    ("log_format", "DINGHOOK_LOG_FORMAT"),
+    ("log_level", "DINGHOOK_LOG"),
+    ("shutdown_timeout", "DINGHOOK_SHUTDOWN_TIMEOUT"),
+    ("request_timeout", "DINGHOOK_REQUEST_TIMEOUT"),
+    ("callback.path", "DINGHOOK_CALLBACK_PATH"),
+    ("callback.token", "DINGHOOK_TOKEN"),
+    ("callback.aes_key", "DINGHOOK_AES_KEY"),
+    ("callback.previous_aes_keys", "DINGHOOK_PREVIOUS_AES_KEYS"),
+    ("callback.owner_key", "DINGHOOK_OWNER_KEY"),
+    ("callback.body_limit", "DINGHOOK_BODY_LIMIT"),
+    ("callback.replay_window", "DINGHOOK_REPLAY_WINDOW"),
+    ("store.url", "DINGHOOK_STORE_URL"),
+    ("store.max_batch", "DINGHOOK_STORE_MAX_BATCH"),
+];
+
+fn env_name(key: &str) -> &'static str {
+    ENV_KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, e)| *e)
+        .unwrap_or("no environment variable")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The whole configuration, as loaded (strings not yet parsed into keys and addresses).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP server binds, e.g. `127.0.0.1:8080` or `0.0.0.0:8080`.
+    pub listen: String,
+    pub log_format: LogFormat,
+    /// A tracing filter, e.g. `info` or `dinghook=debug,tower_http=info`.
+    pub log_level: String,
+    /// How long a graceful shutdown may take before in-flight work is abandoned.
+    #[serde(with = "duration_str")]
+    pub shutdown_timeout: Duration,
+    /// Upper bound for one callback request, body read and durable write included.
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
+    pub callback: CallbackConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbackConfig {
+    pub path: String,
+    pub token: Secret,
+    pub aes_key: Secret,
+    pub previous_aes_keys: Vec<Secret>,
+    pub owner_key: String,
+    pub body_limit: usize,
+    /// Allowed distance between the request's timestamp and now; zero disables the check.
+    #[serde(with = "duration_str")]
+    pub replay_window: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+    /// Most events committed in one group-commit transaction.
+    pub max_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            shutdown_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            callback: CallbackConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        CallbackConfig {
+            path: "/dingtalk/callback".into(),
+            token: Secret::default(),
+            aes_key: Secret::default(),
+            previous_aes_keys: Vec::new(),
+            owner_key: String::new(),
+            body_limit: 1024 * 1024,
+            replay_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://data/dinghook.db".into(),
+            max_batch: 512,
+        }
+    }
+}
+
+/// Where the store lives, parsed from `store.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// `sqlite://data/x.db` is relative to the working directory, `sqlite:///abs/x.db`
+    /// absolute; `postgres://…` / `postgresql://…` select PostgreSQL.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(rest) = url.strip_prefix("sqlite://") {
+            let path = rest.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err("sqlite URL has no file path (sqlite://data/dinghook.db)".into());
+            }
+            Ok(StoreLocation::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(StoreLocation::Postgres(url.to_owned()))
+        } else {
+            Err(format!(
+                "unsupported store URL {:?}: use sqlite://path or postgres://…",
+                redact_url(url)
+            ))
+        }
+    }
+}
+
+/// Hides a password in a URL (`postgres://user:secret@host` → `postgres://user:***@host`).
+pub fn redact_url(url: &str) -> String {
+    if let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) {
+        let userinfo = &url[scheme_end + 3..at];
+        if let Some(colon) = userinfo.find(':') {
+            return format!(
+                "{}{}:***{}",
+                &url[..scheme_end + 3],
+                &userinfo[..colon],
+                &url[at..]
+            );
+        }
+    }
+    url.to_owned()
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`] with an explicit environment, for tests.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.message().to_owned(),
+                })?
+            }
+            None => Config::default(),
+        };
+        for (key, var) in ENV_KEYS {
+            if let Some(value) = env(var) {
+                config.set(key, value)?;
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn set(&mut self, key: &'static str, value: String) -> Result<(), ConfigError> {
+        let number = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| invalid(key, format!("{v:?} is not a whole number")))
+        };
+        let duration = |v: &str| duration_str::parse(v).map_err(|m| invalid(key, m));
+        match key {
+            "listen" => self.listen = value,
+            "log_format" => {
+                self.log_format = match value.as_str() {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    other => return Err(invalid(key, format!("{other:?} is not text or json"))),
+                }
+            }
+            "log_level" => self.log_level = value,
+            "shutdown_timeout" => self.shutdown_timeout = duration(&value)?,
+            "request_timeout" => self.request_timeout = duration(&value)?,
+            "callback.path" => self.callback.path = value,
+            "callback.token" => self.callback.token = Secret::new(value),
+            "callback.aes_key" => self.callback.aes_key = Secret::new(value),
+            "callback.previous_aes_keys" => {
+                self.callback.previous_aes_keys = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Secret::new(s.to_owned()))
+                    .collect()
+            }
+            "callback.owner_key" => self.callback.owner_key = value,
+            "callback.body_limit" => self.callback.body_limit = number(&value)?,
+            "callback.replay_window" => self.callback.replay_window = duration(&value)?,
+            "store.url" => self.store.url = value,
+            "store.max_batch" => self.store.max_batch = number(&value)?,
+            _ => return Err(invalid(key, "unknown key")),
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without I/O. Messages never contain secrets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let c = &self.callback;
+        if !c.path.starts_with('/') {
+            return Err(invalid("callback.path", "must start with '/'"));
+        }
+        if c.token.is_empty() {
+            return Err(invalid(
+                "callback.token",
+                "is required: the token from the DingTalk console's event subscription page",
+            ));
+        }
+        if c.aes_key.is_empty() {
+            return Err(invalid(
+                "callback.aes_key",
+                "is required: the 43-character aes_key from the DingTalk console",
+            ));
+        }
+        AesKey::parse(c.aes_key.expose())
+            .map_err(|e| invalid("callback.aes_key", e.to_string()))?;
+        for (i, key) in c.previous_aes_keys.iter().enumerate() {
+            AesKey::parse(key.expose()).map_err(|e| {
+                invalid(
+                    "callback.previous_aes_keys",
+                    format!("entry {}: {e}", i + 1),
+                )
+            })?;
+        }
+        if c.owner_key.is_empty() {
+            return Err(invalid(
+                "callback.owner_key",
+                "is required: the app key / Client ID (console subscriptions), the corp id \
+                 (register_call_back API) or the suite key (third-party apps)",
+            ));
+        }
+        if c.body_limit < 64 {
+            return Err(invalid("callback.body_limit", "must be at least 64 bytes"));
+        }
+        StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))?;
+        if self.store.max_batch == 0 {
+            return Err(invalid("store.max_batch", "must be at least 1"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log_level", e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
+            )
+        })
+    }
+
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))
+    }
+
+    /// The callback cipher built from the validated keys.
+    pub fn cipher(&self) -> Result<CallbackCipher, ConfigError> {
+        let c = &self.callback;
+        let previous: Vec<String> = c
+            .previous_aes_keys
+            .iter()
+            .map(|s| s.expose().to_owned())
+            .collect();
+        CallbackCipher::from_strings(
+            c.token.expose(),
+            c.aes_key.expose(),
+            &previous,
+            &c.owner_key,
+        )
+        .map_err(|e| invalid("callback.aes_key", e.to_string()))
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `[redacted]`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.store.url = redact_url(&shown.store.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Durations written as `10s`, `5m`, `1h 30m`, or `0` (disabled).
+pub mod duration_str {
+    use std::time::Duration;
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        if text == "0" {
+            return Ok(Duration::ZERO);
+        }
+        humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a duration like 10s, 5m or 1h ({e})"))
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "1234567890123456789012345678901234567890123";
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    fn minimal() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("DINGHOOK_TOKEN", "tok"),
+            ("DINGHOOK_AES_KEY", KEY),
+            ("DINGHOOK_OWNER_KEY", "dingapp"),
+        ]
+    }
+
+    #[test]
+    fn environment_alone_is_enough() {
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_LISTEN", "0.0.0.0:9999"));
+        vars.push(("DINGHOOK_STORE_URL", "sqlite:///data/x.db"));
+        vars.push(("DINGHOOK_CALLBACK_PATH", "/hook"));
+        vars.push(("DINGHOOK_REPLAY_WINDOW", "0"));
+        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9999");
+        assert_eq!(c.callback.path, "/hook");
+        assert_eq!(c.callback.replay_window, Duration::ZERO);
+        assert_eq!(
+            c.store_location().unwrap(),
+            StoreLocation::Sqlite(PathBuf::from("/data/x.db"))
+        );
+    }
+
+    #[test]
+    fn relative_and_absolute_sqlite_urls() {
+        assert_eq!(
+            StoreLocation::parse("sqlite://data/x.db").unwrap(),
+            StoreLocation::Sqlite(PathBuf::from("data/x.db"))
+        );
+        assert!(StoreLocation::parse("mysql://x").is_err());
+        assert!(StoreLocation::parse("sqlite://").is_err());
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key_and_variable_but_not_the_secret() {
+        let mut vars = minimal();
+        vars[1] = ("DINGHOOK_AES_KEY", "short-secret-value");
+        let err = Config::load_with_env(None, env(&vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("callback.aes_key"), "{err}");
+        assert!(err.contains("DINGHOOK_AES_KEY"), "{err}");
+        assert!(!err.contains("short-secret-value"), "{err}");
+
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_REPLAY_WINDOW", "soon"));
+        let err = Config::load_with_env(None, env(&vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DINGHOOK_REPLAY_WINDOW"), "{err}");
+    }
+
+    #[test]
+    fn missing_owner_key_is_explained() {
+        let vars = &minimal()[..2];
+        let err = Config::load_with_env(None, env(vars))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("owner_key") && err.contains("Client ID"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_shipped_config_files_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // The production template needs secrets from the environment.
+        Config::load_with_env(Some(&root.join("config/dinghook.toml")), env(&minimal())).unwrap();
+        // The development config runs as it is.
+        Config::load_with_env(Some(&root.join("config/dev.toml")), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listne = \"x\"\n").unwrap();
+        let err = Config::load_with_env(Some(&path), env(&minimal())).unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn redacted_output_hides_secrets_and_passwords() {
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_STORE_URL", "postgres://u:hunter2@db/x"));
+        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains(KEY), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("\"tok\""), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+    }
+}

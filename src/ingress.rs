@@ -1,0 +1,378 @@
+//! The HTTP surface: DingTalk's callback, `/healthz` and `/readyz`.
+//!
+//! A callback is verified, decrypted, checked and parsed here; URL checks are answered at
+//! once; every other event is handed to the store and the encrypted `success` goes out only
+//! after the store says the event is durable. Every rejection is a 4xx with a JSON body
+//! `{"error": {"code", "message"}}` whose `code` is stable; a store that cannot write is 503.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::crypto::{now_millis, CallbackCipher, CryptoError};
+use crate::event::{Envelope, EnvelopeError};
+use crate::store::{Inserted, NewEvent, Source, Store, StoreError};
+
+/// What the callback route needs, shared by all requests.
+pub struct IngressState {
+    pub cipher: CallbackCipher,
+    pub store: Arc<dyn Store>,
+    pub body_limit: usize,
+    pub replay_window: Duration,
+    pub request_timeout: Duration,
+}
+
+/// Why a callback was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("query parameter {0:?} is missing")]
+    MissingParameter(&'static str),
+    #[error("the body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the body could not be read: {0}")]
+    BodyRead(String),
+    #[error("the body is not a JSON object: {0}")]
+    InvalidBody(String),
+    #[error("the body has no string field \"encrypt\"")]
+    MissingEncrypt,
+    #[error("timestamp {0:?} is not a number of seconds or milliseconds")]
+    InvalidTimestamp(String),
+    #[error("timestamp {timestamp} is {skew_secs} s away from now; the replay window is ±{window_secs} s")]
+    TimestampOutOfWindow {
+        timestamp: String,
+        skew_secs: i64,
+        window_secs: u64,
+    },
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("{0}")]
+    InvalidEvent(#[from] EnvelopeError),
+    #[error("the event could not be stored, DingTalk will retry: {0}")]
+    StoreUnavailable(#[from] StoreError),
+    #[error("the request did not complete within {0:?}")]
+    Timeout(Duration),
+    #[error("the reply could not be sealed: {0}")]
+    Seal(CryptoError),
+}
+
+impl Rejection {
+    /// The stable code in the error body (and in logs and metrics).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::MissingParameter(_) => "missing_parameter",
+            Rejection::BodyTooLarge { .. } => "body_too_large",
+            Rejection::BodyRead(_) => "body_read_error",
+            Rejection::InvalidBody(_) => "invalid_body",
+            Rejection::MissingEncrypt => "missing_encrypt",
+            Rejection::InvalidTimestamp(_) => "invalid_timestamp",
+            Rejection::TimestampOutOfWindow { .. } => "timestamp_out_of_window",
+            Rejection::Crypto(e) => e.code(),
+            Rejection::InvalidEvent(_) => "invalid_event_json",
+            Rejection::StoreUnavailable(_) => "store_unavailable",
+            Rejection::Timeout(_) => "timeout",
+            Rejection::Seal(_) => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::Crypto(CryptoError::SignatureMismatch) => StatusCode::UNAUTHORIZED,
+            // Retryable from DingTalk's side: nothing was stored, nothing was acknowledged.
+            Rejection::StoreUnavailable(_) | Rejection::Timeout(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Rejection::Seal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let Rejection::Crypto(e) = &self {
+            error["dingtalk_code"] = json!(e.dingtalk_code());
+        }
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), error = %self, "callback failed");
+        } else {
+            tracing::warn!(code = self.code(), error = %self, "callback rejected");
+        }
+        (status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+/// The router: the callback at `callback_path`, health and readiness, JSON 404s.
+pub fn router(state: Arc<IngressState>, callback_path: &str) -> Router {
+    Router::new()
+        .route(callback_path, post(callback))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                // The path only: the query carries nothing secret, but nothing useful either.
+                tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn not_found() -> Response {
+    let body = json!({ "error": { "code": "not_found", "message": "no such route" } });
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+async fn readyz(State(state): State<Arc<IngressState>>) -> Response {
+    match tokio::time::timeout(state.request_timeout, state.store.probe()).await {
+        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Err(e)) => not_ready(e.to_string()),
+        Err(_) => not_ready(format!(
+            "store probe timed out after {:?}",
+            state.request_timeout
+        )),
+    }
+}
+
+fn not_ready(message: String) -> Response {
+    tracing::warn!(%message, "not ready");
+    let body = json!({ "status": "not_ready", "error": { "code": "store_unavailable", "message": message } });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+async fn callback(
+    State(state): State<Arc<IngressState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Rejection> {
+    let timeout = state.request_timeout;
+    tokio::time::timeout(timeout, handle(&state, query, &headers, body))
+        .await
+        .map_err(|_| Rejection::Timeout(timeout))?
+}
+
+/// The query parameters DingTalk signs with.
+#[derive(Debug, Default)]
+pub struct SignedQuery {
+    pub signature: String,
+    pub timestamp: String,
+    pub nonce: String,
+}
+
+impl SignedQuery {
+    /// Reads `msg_signature` (else `signature`), `timestamp` (else `timeStamp`) and `nonce`.
+    pub fn parse(query: Option<&str>) -> Result<Self, Rejection> {
+        let mut msg_signature = None;
+        let mut signature = None;
+        let mut timestamp = None;
+        let mut time_stamp = None;
+        let mut nonce = None;
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let slot = match key.as_ref() {
+                "msg_signature" => &mut msg_signature,
+                "signature" => &mut signature,
+                "timestamp" => &mut timestamp,
+                "timeStamp" => &mut time_stamp,
+                "nonce" => &mut nonce,
+                _ => continue,
+            };
+            slot.get_or_insert(value.into_owned());
+        }
+        Ok(SignedQuery {
+            signature: msg_signature
+                .or(signature)
+                .ok_or(Rejection::MissingParameter("msg_signature"))?,
+            timestamp: timestamp
+                .or(time_stamp)
+                .ok_or(Rejection::MissingParameter("timestamp"))?,
+            nonce: nonce.ok_or(Rejection::MissingParameter("nonce"))?,
+        })
+    }
+}
+
+/// Checks a request timestamp (seconds or milliseconds) against the replay window.
+pub fn check_timestamp(timestamp: &str, window: Duration, now_ms: i64) -> Result<(), Rejection> {
+    if window.is_zero() {
+        return Ok(());
+    }
+    let value: i64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| Rejection::InvalidTimestamp(timestamp.to_owned()))?;
+    // Below 10^11 it is seconds (10^11 ms is 1973; 10^11 s is the year 5138).
+    let ms = if value.abs() < 100_000_000_000 {
+        value.saturating_mul(1000)
+    } else {
+        value
+    };
+    let skew = now_ms.saturating_sub(ms);
+    if u128::from(skew.unsigned_abs()) > window.as_millis() {
+        return Err(Rejection::TimestampOutOfWindow {
+            timestamp: timestamp.to_owned(),
+            skew_secs: skew / 1000,
+            window_secs: window.as_secs(),
+        });
+    }
+    Ok(())
+}
+
+/// Extracts `encrypt` from the body `{"encrypt": "..."}`.
+pub fn encrypt_field(body: &[u8]) -> Result<String, Rejection> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        encrypt: Option<serde_json::Value>,
+    }
+    let parsed: Body =
+        serde_json::from_slice(body).map_err(|e| Rejection::InvalidBody(e.to_string()))?;
+    match parsed.encrypt {
+        Some(serde_json::Value::String(s)) => Ok(s),
+        _ => Err(Rejection::MissingEncrypt),
+    }
+}
+
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<bytes::Bytes, Rejection> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Rejection::BodyTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // to_bytes reports an over-long body as a length-limit error somewhere in its chain.
+        let text = format!("{e:?}");
+        if text.contains("LengthLimit") {
+            Rejection::BodyTooLarge { limit }
+        } else {
+            Rejection::BodyRead(e.to_string())
+        }
+    })
+}
+
+async fn handle(
+    state: &IngressState,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Rejection> {
+    let signed = SignedQuery::parse(query.as_deref())?;
+    let body = read_body(body, headers, state.body_limit).await?;
+    let encrypt = encrypt_field(&body)?;
+    check_timestamp(&signed.timestamp, state.replay_window, now_millis())?;
+    let msg = state.cipher.open(
+        &signed.signature,
+        &signed.timestamp,
+        &signed.nonce,
+        &encrypt,
+    )?;
+    let (envelope, _) = Envelope::parse(&msg)?;
+
+    if envelope.is_check() {
+        tracing::info!(event_type = %envelope.event_type, "answered DingTalk URL check");
+    } else {
+        let dedup_key = envelope.dedup_key(&msg);
+        let payload = String::from_utf8(msg)
+            .map_err(|e| EnvelopeError::NotJson(format!("not UTF-8: {e}")))?;
+        let event = NewEvent {
+            dedup_key,
+            event_type: envelope.event_type.clone(),
+            corp_id: envelope.corp_id.clone(),
+            payload,
+            source: Source::Push,
+            received_at: now_millis(),
+        };
+        match state.store.insert(event).await? {
+            Inserted::Stored { id } => {
+                tracing::debug!(id, event_type = %envelope.event_type, "event stored")
+            }
+            Inserted::Duplicate { id } => {
+                tracing::info!(id, event_type = %envelope.event_type, "duplicate delivery acknowledged")
+            }
+        }
+    }
+    let sealed = state.cipher.seal_success().map_err(Rejection::Seal)?;
+    Ok(Json(sealed).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_falls_back_and_timestamp_accepts_either_spelling() {
+        let q = SignedQuery::parse(Some("signature=a&timeStamp=1&nonce=n")).unwrap();
+        assert_eq!((q.signature.as_str(), q.timestamp.as_str()), ("a", "1"));
+        let q =
+            SignedQuery::parse(Some("signature=a&msg_signature=b&timestamp=2&nonce=n")).unwrap();
+        assert_eq!(q.signature, "b");
+        let err = SignedQuery::parse(Some("signature=a&nonce=n")).unwrap_err();
+        assert_eq!(err.to_string(), "query parameter \"timestamp\" is missing");
+    }
+
+    #[test]
+    fn replay_window_understands_seconds_and_milliseconds() {
+        let now = 1_700_000_000_000;
+        let hour = Duration::from_secs(3600);
+        assert!(check_timestamp("1700000000", hour, now).is_ok());
+        assert!(check_timestamp("1700000000000", hour, now).is_ok());
+        assert!(check_timestamp("1699990000000", hour, now).is_ok());
+        assert_eq!(
+            check_timestamp("1690000000000", hour, now)
+                .unwrap_err()
+                .code(),
+            "timestamp_out_of_window"
+        );
+        assert_eq!(
+            check_timestamp("1710000000", hour, now).unwrap_err().code(),
+            "timestamp_out_of_window"
+        );
+        assert_eq!(
+            check_timestamp("abc", hour, now).unwrap_err().code(),
+            "invalid_timestamp"
+        );
+        assert!(check_timestamp("abc", Duration::ZERO, now).is_ok());
+        assert!(check_timestamp(&i64::MIN.to_string(), hour, now).is_err());
+    }
+
+    #[test]
+    fn body_must_be_an_object_with_a_string_encrypt() {
+        assert_eq!(encrypt_field(br#"{"encrypt":"x"}"#).unwrap(), "x");
+        assert_eq!(encrypt_field(b"{}").unwrap_err().code(), "missing_encrypt");
+        assert_eq!(
+            encrypt_field(br#"{"encrypt":1}"#).unwrap_err().code(),
+            "missing_encrypt"
+        );
+        assert_eq!(
+            encrypt_field(b"not json").unwrap_err().code(),
+            "invalid_body"
+        );
+        assert_eq!(encrypt_field(b"[]").unwrap_err().code(), "invalid_body");
+    }
+}

@@ -1,0 +1,165 @@
+//! The inbox: one durable row per distinct event, behind a [`Store`] trait so SQLite (the
+//! embedded default) and PostgreSQL (several replicas) behave the same.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::config::{Config, StoreLocation};
+
+pub mod sqlite;
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// DingTalk's HTTP Push.
+    Push,
+    /// The failed-callback list, pulled back by recovery.
+    Recovery,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Push => "push",
+            Source::Recovery => "recovery",
+        }
+    }
+}
+
+/// Where an event is in its life: `pending → running → done | retry → dead`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventState {
+    Pending,
+    Running,
+    Retry,
+    Done,
+    Dead,
+}
+
+impl EventState {
+    pub const ALL: [EventState; 5] = [
+        EventState::Pending,
+        EventState::Running,
+        EventState::Retry,
+        EventState::Done,
+        EventState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventState::Pending => "pending",
+            EventState::Running => "running",
+            EventState::Retry => "retry",
+            EventState::Done => "done",
+            EventState::Dead => "dead",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// An event to be stored.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub dedup_key: String,
+    pub event_type: String,
+    pub corp_id: Option<String>,
+    /// The decrypted JSON, exactly as received.
+    pub payload: String,
+    pub source: Source,
+    /// Epoch milliseconds.
+    pub received_at: i64,
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new row.
+    Stored { id: i64 },
+    /// A re-delivery of the event in row `id`; nothing was written.
+    Duplicate { id: i64 },
+}
+
+/// A stored event, as the operator commands and the dispatcher see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub dedup_key: String,
+    pub event_type: String,
+    pub corp_id: Option<String>,
+    pub payload: String,
+    pub source: String,
+    pub received_at: i64,
+    pub state: EventState,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+}
+
+/// A filter for listing events.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub state: Option<EventState>,
+    pub event_type: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// Why the store could not do what was asked. Every variant means "not durable": the
+/// callback answers 503 so DingTalk retries.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open the store at {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("the store did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("store task failed: {0}")]
+    Task(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The inbox. Implementations commit before they return: an `Ok` from [`Store::insert`] means
+/// the event survives `kill -9` and power loss.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores the event unless its de-duplication key is already present.
+    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError>;
+    /// A real write through the same path as events, for `/readyz`.
+    async fn probe(&self) -> Result<(), StoreError>;
+    async fn get(&self, id: i64) -> Result<Option<StoredEvent>, StoreError>;
+    async fn find_by_dedup_key(&self, key: &str) -> Result<Option<StoredEvent>, StoreError>;
+    /// Newest first.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn count(&self) -> Result<u64, StoreError>;
+    /// Finishes queued writes and stops background work.
+    async fn close(&self);
+}
+
+/// Opens (creating and migrating if needed) the store the configuration names.
+pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    let location = config
+        .store_location()
+        .map_err(|e| StoreError::Unsupported(e.to_string()))?;
+    match location {
+        StoreLocation::Sqlite(path) => {
+            let store = sqlite::SqliteStore::open(&path, config.store.max_batch).await?;
+            Ok(Arc::new(store))
+        }
+        StoreLocation::Postgres(_) => Err(StoreError::Unsupported(
+            "the PostgreSQL store is not built yet; use sqlite://".into(),
+        )),
+    }
+}

@@ -1,0 +1,389 @@
+//! The embedded SQLite store.
+//!
+//! One writer thread owns the only writing connection and commits in groups: it takes every
+//! write that is waiting (up to `max_batch`), runs each inside its own savepoint, commits once
+//! (WAL + `synchronous=FULL`, so the commit is fsynced), and only then answers each caller.
+//! Concurrent callbacks therefore share one fsync instead of queueing for one each.
+//! Reads use a separate connection; WAL lets them run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{EventState, Inserted, ListQuery, NewEvent, Store, StoreError, StoredEvent};
+use crate::crypto::now_millis;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    dedup_key       TEXT    NOT NULL UNIQUE,
+    event_type      TEXT    NOT NULL,
+    corp_id         TEXT,
+    payload         TEXT    NOT NULL,
+    source          TEXT    NOT NULL DEFAULT 'push',
+    received_at     INTEGER NOT NULL,
+    state           TEXT    NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'retry', 'done', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    lease_owner     TEXT,
+    lease_until     INTEGER,
+    last_error      TEXT,
+    updated_at      INTEGER NOT NULL
+);
+CREATE INDEX events_due ON events (state, next_attempt_at);
+CREATE INDEX events_type ON events (event_type);
+CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+"#];
+
+/// What the writer calls after the commit (or its failure) to answer the caller.
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// One queued write. Given the connection (inside the group transaction) it runs and says
+/// whether it succeeded; given `None` (the transaction could not start) it does not run.
+/// Either way it returns the completion that answers its caller after the commit.
+type Work = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+
+enum Msg {
+    Work(Work),
+    /// Commit what is queued before this, then stop.
+    Stop,
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    /// Bounded, so a stalled disk turns into back-pressure (and request time-outs), not
+    /// unbounded memory.
+    writes: mpsc::Sender<Msg>,
+    /// std mutex: held only inside `spawn_blocking`, never across an await.
+    reader: Arc<Mutex<Connection>>,
+    /// Joined on close, so queued writes are committed before the process exits.
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |e: rusqlite::Error| StoreError::Open {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: path.display().to_string(),
+            message: format!("cannot switch to WAL mode (got {mode})"),
+        });
+    }
+    // FULL: the WAL is fsynced at every commit, which is what makes an ack durable.
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
+    let done: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens or creates the database file (and its directory), migrates it and starts the
+    /// writer thread.
+    pub async fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        let (writer_conn, reader_conn) = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || -> Result<(Connection, Connection), StoreError> {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                        path: path.display().to_string(),
+                        message: format!("cannot create directory {}: {e}", dir.display()),
+                    })?;
+                }
+                let mut writer = open_connection(&path)?;
+                migrate(&mut writer).map_err(|e| StoreError::Open {
+                    path: path.display().to_string(),
+                    message: format!("migration failed: {e}"),
+                })?;
+                let reader = open_connection(&path)?;
+                Ok((writer, reader))
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+
+        let max_batch = max_batch.max(1);
+        let (writes, queue) = mpsc::channel::<Msg>(max_batch * 8);
+        let writer = std::thread::Builder::new()
+            .name("dinghook-sqlite-writer".into())
+            .spawn(move || run_writer(writer_conn, queue, max_batch))
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(SqliteStore {
+            path,
+            writes,
+            reader: Arc::new(Mutex::new(reader_conn)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues `f` for the next group commit and waits until that commit is on disk.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let work: Work = Box::new(move |conn| {
+            let result = conn.map(f);
+            let ok = matches!(result, Some(Ok(_)));
+            let completion: Completion = Box::new(move |commit| {
+                let outcome = match (result, commit) {
+                    (Some(Ok(value)), Ok(())) => Ok(value),
+                    (Some(Err(e)), _) => Err(StoreError::Sqlite(e)),
+                    (_, Err(e)) => Err(e),
+                    (None, Ok(())) => Err(StoreError::Task("write was not run".into())),
+                };
+                // The caller may have timed out and gone; nothing to do then.
+                let _ = reply.send(outcome);
+            });
+            (ok, completion)
+        });
+        self.writes
+            .send(Msg::Work(work))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the read connection in a blocking task.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .map_err(|_| StoreError::Task("reader connection poisoned".into()))?;
+            f(&conn).map_err(StoreError::Sqlite)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+/// The group-commit loop. Ends on `Stop` or when every sender is gone.
+fn run_writer(conn: Connection, mut queue: mpsc::Receiver<Msg>, max_batch: usize) {
+    let mut batch: Vec<Work> = Vec::with_capacity(max_batch);
+    let mut done: Vec<Completion> = Vec::with_capacity(max_batch);
+    let mut stopping = false;
+    while !stopping {
+        match queue.blocking_recv() {
+            Some(Msg::Work(work)) => batch.push(work),
+            Some(Msg::Stop) | None => break,
+        }
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(Msg::Work(work)) => batch.push(work),
+                Ok(Msg::Stop) => {
+                    stopping = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let result = commit_batch(&conn, &mut batch, &mut done);
+        for completion in done.drain(..) {
+            completion(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Commit(e.to_string())),
+            });
+        }
+    }
+}
+
+/// Runs each work item in its own savepoint, so one failing item does not undo the others,
+/// then commits them all with one fsync.
+fn commit_batch(
+    conn: &Connection,
+    batch: &mut Vec<Work>,
+    done: &mut Vec<Completion>,
+) -> Result<(), rusqlite::Error> {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        done.extend(batch.drain(..).map(|work| work(None).1));
+        return Err(e);
+    }
+    let mut items = batch.drain(..);
+    while let Some(work) = items.next() {
+        if let Err(e) = run_cached(conn, "SAVEPOINT item") {
+            // Without a savepoint a failing item could leave half its changes behind.
+            let _ = conn.execute_batch("ROLLBACK");
+            done.push(work(None).1);
+            done.extend(items.map(|work| work(None).1));
+            return Err(e);
+        }
+        let (ok, completion) = work(Some(conn));
+        if !ok {
+            let _ = run_cached(conn, "ROLLBACK TO item");
+        }
+        let _ = run_cached(conn, "RELEASE item");
+        done.push(completion);
+    }
+    drop(items);
+    let committed = run_cached(conn, "COMMIT");
+    if committed.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    committed
+}
+
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+const EVENT_COLUMNS: &str = "id, dedup_key, event_type, corp_id, payload, source, received_at, \
+     state, attempts, next_attempt_at, last_error, updated_at";
+
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let state: String = row.get(7)?;
+    Ok(StoredEvent {
+        id: row.get(0)?,
+        dedup_key: row.get(1)?,
+        event_type: row.get(2)?,
+        corp_id: row.get(3)?,
+        payload: row.get(4)?,
+        source: row.get(5)?,
+        received_at: row.get(6)?,
+        state: EventState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                7,
+                rusqlite::types::Type::Text,
+                format!("unknown state {state:?}").into(),
+            )
+        })?,
+        attempts: row.get(8)?,
+        next_attempt_at: row.get(9)?,
+        last_error: row.get(10)?,
+        updated_at: row.get(11)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
+        self.write(move |conn| {
+            let id: Option<i64> = conn
+                .prepare_cached(
+                    "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
+                     received_at, next_attempt_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6) \
+                     ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+                )?
+                .query_row(
+                    params![
+                        event.dedup_key,
+                        event.event_type,
+                        event.corp_id,
+                        event.payload,
+                        event.source.as_str(),
+                        event.received_at,
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match id {
+                Some(id) => Ok(Inserted::Stored { id }),
+                None => {
+                    let id = conn
+                        .prepare_cached("SELECT id FROM events WHERE dedup_key = ?1")?
+                        .query_row([&event.dedup_key], |r| r.get(0))?;
+                    Ok(Inserted::Duplicate { id })
+                }
+            }
+        })
+        .await
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        let now = now_millis();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO probe (id, at) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            )?
+            .execute([now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<StoredEvent>, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?1"))?
+                .query_row([id], event_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn find_by_dedup_key(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE dedup_key = ?1"
+            ))?
+            .query_row([key], event_from_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        let state = query.state.map(EventState::as_str);
+        let event_type = query.event_type.clone();
+        let limit = i64::from(query.limit.unwrap_or(100));
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events \
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR event_type = ?2) \
+                 ORDER BY id DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![state, event_type, limit], event_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        self.read(|conn| conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)))
+            .await
+    }
+
+    async fn close(&self) {
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            // Everything queued before Stop is committed before the thread exits.
+            let _ = self.writes.send(Msg::Stop).await;
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
