@@ -223,7 +223,7 @@ pub fn check_timestamp(timestamp: &str, window: Duration, now_ms: i64) -> Result
         .parse()
         .map_err(|_| Rejection::InvalidTimestamp(timestamp.to_owned()))?;
     // Below 10^11 it is seconds (10^11 ms is 1973; 10^11 s is the year 5138).
-    let ms = if value.abs() < 100_000_000_000 {
+    let ms = if value.unsigned_abs() < 100_000_000_000 {
         value.saturating_mul(1000)
     } else {
         value
