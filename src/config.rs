@@ -203,6 +203,23 @@ impl Config {
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        let config = Self::load_unvalidated(file, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads the store settings only, for commands that need no callback keys
+    /// (`dinghook events …`).
+    pub fn load_for_store(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = Self::load_unvalidated(file, |name| std::env::var(name).ok())?;
+        config.store_location()?;
+        Ok(config)
+    }
+
+    fn load_unvalidated(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut config = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -221,7 +238,6 @@ impl Config {
                 config.set(key, value)?;
             }
         }
-        config.validate()?;
         Ok(config)
     }
 

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use dinghook::app::{shutdown_signal, Application};
 use dinghook::config::Config;
 use dinghook::crypto::{now_millis, random_nonce, verify_signature, Sealed};
+use dinghook::store::{EventState, ListQuery, StoredEvent};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +70,9 @@ enum Command {
         /// The JSON body file; `-` or nothing reads standard input.
         input: Option<PathBuf>,
     },
+    /// Inspect the stored events (works with the server running or not).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Print the effective configuration with secrets redacted.
     CheckConfig(ConfigArg),
     /// Exit 0 if URL answers 2xx within 3 s (for container health checks; no curl needed).
@@ -76,6 +80,102 @@ enum Command {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// List events, newest first.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this state: pending, running, retry, done or dead.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one event, payload included.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        id: i64,
+    },
+}
+
+fn event_json(e: &StoredEvent) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id,
+        "dedup_key": e.dedup_key,
+        "event_type": e.event_type,
+        "state": e.state,
+        "attempts": e.attempts,
+        "last_error": e.last_error,
+        "corp_id": e.corp_id,
+        "source": e.source,
+        "received_at": e.received_at,
+        "next_attempt_at": e.next_attempt_at,
+    })
+}
+
+async fn events(command: EventsCommand) -> Result<()> {
+    let (EventsCommand::List { config, .. } | EventsCommand::Show { config, .. }) = &command;
+    let config = Config::load_for_store(config.config.as_deref()).context("invalid configuration")?;
+    let store = dinghook::store::open(&config).await?;
+    let result = match command {
+        EventsCommand::List {
+            state,
+            event_type,
+            limit,
+            json,
+            ..
+        } => {
+            let state = match state {
+                Some(s) => Some(
+                    EventState::parse(&s)
+                        .with_context(|| format!("unknown state {s:?}: use pending, running, retry, done or dead"))?,
+                ),
+                None => None,
+            };
+            let query = ListQuery {
+                state,
+                event_type,
+                limit: Some(limit),
+            };
+            for e in store.list(&query).await? {
+                if json {
+                    println!("{}", event_json(&e));
+                } else {
+                    println!(
+                        "{:>8}  {:<8} {:>3}  {:<32} {}",
+                        e.id,
+                        e.state.as_str(),
+                        e.attempts,
+                        e.event_type,
+                        e.dedup_key
+                    );
+                }
+            }
+            Ok(())
+        }
+        EventsCommand::Show { id, .. } => match store.get(id).await? {
+            Some(e) => {
+                let mut value = event_json(&e);
+                value["payload"] = serde_json::from_str(&e.payload)
+                    .unwrap_or(serde_json::Value::String(e.payload.clone()));
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                Ok(())
+            }
+            None => Err(anyhow::anyhow!("no event with id {id}")),
+        },
+    };
+    store.close().await;
+    result
 }
 
 fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
@@ -223,6 +323,7 @@ async fn main() -> ExitCode {
         } => config
             .load()
             .and_then(|c| decrypt(&c, query.as_deref(), input.as_deref())),
+        Command::Events(command) => events(command).await,
         Command::CheckConfig(config) => config.load().map(|c| print!("{}", c.to_redacted_toml())),
         Command::Healthcheck { url } => healthcheck(&url).await,
     };

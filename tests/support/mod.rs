@@ -159,3 +159,89 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
         "{value}"
     );
 }
+
+/// A free loopback port (bound, then released for the child process to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real `dinghook` binary, configured only through the environment, as the container
+/// image runs it.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl ServerProcess {
+    pub async fn start(db: &std::path::Path, port: u16, extra_env: &[(&str, &str)]) -> ServerProcess {
+        // Beside the database's directory, which the server itself must create.
+        let log_dir = db.parent().and_then(|d| d.parent()).unwrap_or(db);
+        let log = log_dir.join(format!("dinghook-{port}.log"));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dinghook"));
+        command
+            .arg("serve")
+            .env_clear()
+            .env("DINGHOOK_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DINGHOOK_TOKEN", TOKEN)
+            .env("DINGHOOK_AES_KEY", AES_KEY)
+            .env("DINGHOOK_OWNER_KEY", OWNER_KEY)
+            .env("DINGHOOK_STORE_URL", format!("sqlite://{}", db.display()))
+            .env("DINGHOOK_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn dinghook");
+        let server = ServerProcess { child, port, log };
+        server.wait_healthy().await;
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    async fn wait_healthy(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(r) = client.get(self.url("/healthz")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        panic!("dinghook did not become healthy; log:\n{log}");
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().expect("kill");
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("graceful exit in time")
+            .expect("exit status")
+    }
+}
