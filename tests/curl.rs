@@ -1,0 +1,37 @@
+//! Runs every `tests/curl/*.sh` against the built binary, so `cargo test` covers them.
+
+mod support;
+
+use std::path::Path;
+
+#[test]
+fn curl_scripts_pass() {
+    if std::process::Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIPPED curl_scripts_pass: curl is not installed");
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/curl");
+    let mut scripts: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/curl")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh") && !p.ends_with("common.sh"))
+        .collect();
+    scripts.sort();
+    assert!(scripts.len() >= 2, "expected the curl scripts, found {scripts:?}");
+    for script in scripts {
+        let output = std::process::Command::new("bash")
+            .arg(&script)
+            .env("DINGHOOK_BIN", env!("CARGO_BIN_EXE_dinghook"))
+            .env("PORT", support::free_port().to_string())
+            .output()
+            .expect("run bash");
+        assert!(
+            output.status.success(),
+            "{} failed:\n{}\n{}",
+            script.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
