@@ -125,7 +125,8 @@ fn event_json(e: &StoredEvent) -> serde_json::Value {
 
 async fn events(command: EventsCommand) -> Result<()> {
     let (EventsCommand::List { config, .. } | EventsCommand::Show { config, .. }) = &command;
-    let config = Config::load_for_store(config.config.as_deref()).context("invalid configuration")?;
+    let config =
+        Config::load_for_store(config.config.as_deref()).context("invalid configuration")?;
     let store = dinghook::store::open(&config).await?;
     let result = match command {
         EventsCommand::List {
@@ -136,10 +137,9 @@ async fn events(command: EventsCommand) -> Result<()> {
             ..
         } => {
             let state = match state {
-                Some(s) => Some(
-                    EventState::parse(&s)
-                        .with_context(|| format!("unknown state {s:?}: use pending, running, retry, done or dead"))?,
-                ),
+                Some(s) => Some(EventState::parse(&s).with_context(|| {
+                    format!("unknown state {s:?}: use pending, running, retry, done or dead")
+                })?),
                 None => None,
             };
             let query = ListQuery {

@@ -147,7 +147,7 @@ async fn every_bad_input_gets_its_4xx_and_code_and_nothing_is_harmed() {
     // Missing query parameters.
     for query in [
         format!("timestamp={ts}&nonce=n"),
-        format!("msg_signature=a&nonce=n"),
+        "msg_signature=a&nonce=n".to_string(),
         format!("msg_signature=a&timestamp={ts}"),
     ] {
         assert_error(

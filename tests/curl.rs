@@ -6,7 +6,11 @@ use std::path::Path;
 
 #[test]
 fn curl_scripts_pass() {
-    if std::process::Command::new("curl").arg("--version").output().is_err() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED curl_scripts_pass: curl is not installed");
         return;
     }
@@ -18,7 +22,10 @@ fn curl_scripts_pass() {
         .filter(|p| p.extension().is_some_and(|e| e == "sh") && !p.ends_with("common.sh"))
         .collect();
     scripts.sort();
-    assert!(scripts.len() >= 2, "expected the curl scripts, found {scripts:?}");
+    assert!(
+        scripts.len() >= 2,
+        "expected the curl scripts, found {scripts:?}"
+    );
     for script in scripts {
         let output = std::process::Command::new("bash")
             .arg(&script)

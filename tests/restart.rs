@@ -49,7 +49,12 @@ async fn acknowledged_events_survive_sigkill() {
                         // Only a complete, valid reply counts as an acknowledgement.
                         if let Ok(reply) = r.json::<dinghook::crypto::Sealed>().await {
                             if cipher
-                                .open(&reply.msg_signature, &reply.timestamp, &reply.nonce, &reply.encrypt)
+                                .open(
+                                    &reply.msg_signature,
+                                    &reply.timestamp,
+                                    &reply.nonce,
+                                    &reply.encrypt,
+                                )
                                 .is_ok()
                             {
                                 acked.lock().unwrap().push(id);
@@ -73,24 +78,39 @@ async fn acknowledged_events_survive_sigkill() {
     }
     let acked = acked.lock().unwrap().clone();
     let sent = next.load(Ordering::Relaxed);
-    assert!(acked.len() >= 300 && sent > acked.len(), "acked {} of {sent}", acked.len());
+    assert!(
+        acked.len() >= 300 && sent > acked.len(),
+        "acked {} of {sent}",
+        acked.len()
+    );
 
     // Restart on the same file: every acknowledged event is there.
     let mut server = ServerProcess::start(&db, free_port(), &[]).await;
     let store = SqliteStore::open(&db, 16).await.unwrap();
     for id in &acked {
         assert!(
-            store.find_by_dedup_key(&format!("event:{id}")).await.unwrap().is_some(),
+            store
+                .find_by_dedup_key(&format!("event:{id}"))
+                .await
+                .unwrap()
+                .is_some(),
             "acknowledged event {id} was lost"
         );
     }
     // Unacknowledged ones may or may not be there, but nothing beyond what was sent.
     let count = store.count().await.unwrap();
-    assert!(count as usize >= acked.len() && count as usize <= sent, "{count}");
+    assert!(
+        count as usize >= acked.len() && count as usize <= sent,
+        "{count}"
+    );
     // And the restarted server serves.
     let sealed = seal(&sender(), r#"{"EventType":"x","eventId":"after-restart"}"#);
     let r = client
-        .post(format!("{}?{}", server.url("/dingtalk/callback"), sealed.query()))
+        .post(format!(
+            "{}?{}",
+            server.url("/dingtalk/callback"),
+            sealed.query()
+        ))
         .body(sealed.body())
         .send()
         .await

@@ -18,8 +18,10 @@ pub const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
 pub const OWNER_KEY: &str = "dingtestappkey";
 
 pub fn test_config(dir: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".into();
+    let mut config = Config {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
     config.callback.token = Secret::new(TOKEN.into());
     config.callback.aes_key = Secret::new(AES_KEY.into());
     config.callback.owner_key = OWNER_KEY.into();
@@ -177,7 +179,11 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    pub async fn start(db: &std::path::Path, port: u16, extra_env: &[(&str, &str)]) -> ServerProcess {
+    pub async fn start(
+        db: &std::path::Path,
+        port: u16,
+        extra_env: &[(&str, &str)],
+    ) -> ServerProcess {
         // Beside the database's directory, which the server itself must create.
         let log_dir = db.parent().and_then(|d| d.parent()).unwrap_or(db);
         let log = log_dir.join(format!("dinghook-{port}.log"));

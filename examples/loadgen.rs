@@ -1,0 +1,247 @@
+//! Load generator: posts distinct, validly signed and encrypted events to a running dinghook
+//! and reports acknowledged requests/s, latency percentiles and errors.
+//!
+//!   cargo run --release --example loadgen -- --url http://127.0.0.1:8080/dingtalk/callback \
+//!       --concurrency 64 --seconds 10
+//!
+//! The keys default to `config/dev.toml`'s development keys. `--plain` sends a fixed body and
+//! only counts 200s, for measuring a server that is not dinghook (the constant-200 ceiling).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use dinghook::crypto::{now_millis, random_nonce, CallbackCipher, Sealed};
+
+#[derive(Parser, Clone)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:8080/dingtalk/callback")]
+    url: String,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Approximate size of each event's JSON, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Total requests per second across all connections (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Stop after this many requests in total (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    requests: u64,
+    #[arg(long, default_value = "dinghook-dev-token")]
+    token: String,
+    #[arg(long, default_value = "DEVONLYdinghookLocalTestingKeyNotForProdXyz")]
+    aes_key: String,
+    #[arg(long, default_value = "dingdevappkey")]
+    owner_key: String,
+    /// Event type to send.
+    #[arg(long, default_value = "attendance_check_record")]
+    event_type: String,
+    /// Number of distinct users to spread check-ins over (0: a new user per event).
+    #[arg(long, default_value_t = 0)]
+    users: u64,
+    /// Send one fixed body and count 200s only (for a non-dinghook baseline server).
+    #[arg(long)]
+    plain: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Outcome {
+    latencies_us: Vec<u32>,
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn event(args: &Args, run: &str, task: usize, n: u64, filler: &str) -> String {
+    let user = if args.users > 0 {
+        (task as u64 * 1_000_003 + n) % args.users
+    } else {
+        task as u64 * 10_000_000 + n
+    };
+    format!(
+        r#"{{"EventType":"{}","eventId":"{run}-{task}-{n}","CorpId":"dingloadgen","dataList":[{{"userId":"user{user}","corpId":"dingloadgen","checkTime":{},"groupId":"g1","bizId":"{run}{task}{n}","locationMethod":"MAP","locationResult":"Normal","checkByUser":true,"note":"{filler}"}}]}}"#,
+        args.event_type,
+        now_millis()
+    )
+}
+
+/// What every connection's task shares.
+struct Shared {
+    args: Args,
+    cipher: CallbackCipher,
+    client: reqwest::Client,
+    /// Makes event ids unique across runs against the same database.
+    run: String,
+    stop: AtomicBool,
+    per_task_interval: Option<Duration>,
+    max_per_task: u64,
+}
+
+async fn worker(shared: Arc<Shared>, task: usize) -> Outcome {
+    let Shared {
+        args,
+        cipher,
+        client,
+        run,
+        stop,
+        per_task_interval,
+        max_per_task: max_requests,
+    } = &*shared;
+    let (per_task_interval, max_requests) = (*per_task_interval, *max_requests);
+    let filler = "x".repeat(args.size.saturating_sub(330));
+    let mut out = Outcome {
+        latencies_us: Vec::with_capacity(1 << 16),
+        ok: 0,
+        errors: 0,
+        first_error: None,
+    };
+    let start = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) && (max_requests == 0 || n < max_requests) {
+        if let Some(interval) = per_task_interval {
+            let due = start + interval * n as u32;
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let (url, body) = if args.plain {
+            (args.url.clone(), String::from(r#"{"encrypt":"x"}"#))
+        } else {
+            let msg = event(args, run, task, n, &filler);
+            let sealed = cipher
+                .seal(msg.as_bytes(), &now_millis().to_string(), &random_nonce())
+                .expect("seal");
+            (format!("{}?{}", args.url, sealed.query()), sealed.body())
+        };
+        n += 1;
+        let sent = Instant::now();
+        let result = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        let outcome = match result {
+            Ok(r) if r.status() == 200 => {
+                let bytes = r.bytes().await;
+                match (args.plain, bytes) {
+                    (true, Ok(_)) => Ok(()),
+                    (false, Ok(b)) => match serde_json::from_slice::<Sealed>(&b) {
+                        Ok(s) => cipher
+                            .open(&s.msg_signature, &s.timestamp, &s.nonce, &s.encrypt)
+                            .map(|_| ())
+                            .map_err(|e| format!("bad reply: {e}")),
+                        Err(e) => Err(format!("bad reply: {e}")),
+                    },
+                    (_, Err(e)) => Err(e.to_string()),
+                }
+            }
+            Ok(r) => Err(format!(
+                "HTTP {}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        let elapsed = sent.elapsed();
+        match outcome {
+            Ok(()) => {
+                out.ok += 1;
+                out.latencies_us
+                    .push(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX));
+            }
+            Err(e) => {
+                out.errors += 1;
+                out.first_error.get_or_insert(e);
+            }
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let cipher = CallbackCipher::from_strings(&args.token, &args.aes_key, &[], &args.owner_key)
+        .expect("keys");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let per_task_interval = (args.rate > 0)
+        .then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64));
+    let max_per_task = if args.requests > 0 {
+        args.requests.div_ceil(args.concurrency as u64)
+    } else {
+        0
+    };
+    let shared = Arc::new(Shared {
+        run: random_nonce()[..8].to_string(),
+        cipher,
+        client,
+        stop: AtomicBool::new(false),
+        per_task_interval,
+        max_per_task,
+        args,
+    });
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..shared.args.concurrency)
+        .map(|task| tokio::spawn(worker(Arc::clone(&shared), task)))
+        .collect();
+    if shared.args.seconds > 0.0 {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(shared.args.seconds)).await;
+            shared.stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let mut latencies = Vec::new();
+    let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+    for t in tasks {
+        let o = t.await.expect("worker");
+        latencies.extend(o.latencies_us);
+        ok += o.ok;
+        errors += o.errors;
+        first_error = first_error.or(o.first_error);
+    }
+    let args = &shared.args;
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let rps = ok as f64 / elapsed;
+    let (p50, p99, max) = (
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": ok, "errors": errors, "seconds": elapsed, "rps": rps,
+                "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+                "concurrency": args.concurrency, "first_error": first_error,
+            })
+        );
+    } else {
+        println!(
+            "{ok} ok, {errors} errors in {elapsed:.2} s: {rps:.0} req/s; latency p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (concurrency {})",
+            args.concurrency
+        );
+        if let Some(e) = first_error {
+            println!("first error: {e}");
+        }
+    }
+}
