@@ -103,6 +103,26 @@ pub struct StoredEvent {
     pub updated_at: i64,
 }
 
+/// Which events `replay` sends back to `pending`.
+#[derive(Debug, Clone)]
+pub enum ReplaySelector {
+    Ids(Vec<i64>),
+    State(EventState),
+    /// Every event received at or after this epoch-ms time (any state but `running`).
+    Since(i64),
+}
+
+/// Counts for `dinghook events stats` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Every state, zero included.
+    pub by_state: std::collections::BTreeMap<String, u64>,
+    /// Event type → state → count (states with zero events left out).
+    pub by_type: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// Age in ms of the oldest event waiting to run (`pending` or `retry`), if any.
+    pub oldest_pending_age_ms: Option<i64>,
+}
+
 /// A filter for listing events.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -144,6 +164,52 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<StoredEvent>, StoreError>;
     async fn count(&self) -> Result<u64, StoreError>;
+
+    // --- the dispatcher's side -------------------------------------------------------------
+
+    /// Claims up to `limit` due events for `owner` until `now_ms + lease_ms`: `pending` or
+    /// `retry` events whose `next_attempt_at <= now_ms`, and `running` events whose lease has
+    /// ended (their worker died). Claimed events become `running`, `attempts` goes up by one.
+    /// Oldest due first. Two concurrent claimers never get the same event.
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// `running` → `done`. False (and no change) if `owner` no longer holds the lease.
+    async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError>;
+    /// `running` → `retry` at `at_ms`, keeping `error`. False if the lease was lost.
+    async fn mark_retry(
+        &self,
+        id: i64,
+        owner: &str,
+        at_ms: i64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// `running` → `dead`, keeping `error`. False if the lease was lost.
+    async fn mark_dead(
+        &self,
+        id: i64,
+        owner: &str,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// Sends the selected events back to `pending`, due now, with `attempts` reset to 0
+    /// (`last_error` is kept until the next outcome). `running` events are left alone.
+    /// Returns how many changed.
+    async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError>;
+    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError>;
+
+    // --- the DingTalk client's monthly call counter ---------------------------------------
+
+    /// Adds `n` to the calls counted for `month` (e.g. `2026-11`); returns the new total.
+    async fn add_api_calls(&self, month: &str, n: u64) -> Result<u64, StoreError>;
+    /// The calls counted for `month` (0 if none).
+    async fn api_calls(&self, month: &str) -> Result<u64, StoreError>;
+
     /// Finishes queued writes and stops background work.
     async fn close(&self);
 }

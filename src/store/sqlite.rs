@@ -14,11 +14,15 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{EventState, Inserted, ListQuery, NewEvent, Store, StoreError, StoredEvent};
+use super::{
+    EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
+    StoredEvent,
+};
 use crate::crypto::now_millis;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     dedup_key       TEXT    NOT NULL UNIQUE,
@@ -39,7 +43,13 @@ CREATE TABLE events (
 CREATE INDEX events_due ON events (state, next_attempt_at);
 CREATE INDEX events_type ON events (event_type);
 CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
-"#];
+"#,
+    r#"
+CREATE INDEX events_lease ON events (state, lease_until);
+CREATE INDEX events_received ON events (received_at);
+CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL);
+"#,
+];
 
 /// What the writer calls after the commit (or its failure) to answer the caller.
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -376,6 +386,191 @@ impl Store for SqliteStore {
     async fn count(&self) -> Result<u64, StoreError> {
         self.read(|conn| conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)))
             .await
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let owner = owner.to_owned();
+        // One writer thread: the select and the update cannot interleave with another claim.
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "UPDATE events SET state = 'running', lease_owner = ?1, lease_until = ?2, \
+                 attempts = attempts + 1, updated_at = ?3 \
+                 WHERE id IN (SELECT id FROM events \
+                     WHERE (state IN ('pending', 'retry') AND next_attempt_at <= ?3) \
+                        OR (state = 'running' AND lease_until < ?3) \
+                     ORDER BY next_attempt_at, id LIMIT ?4) \
+                 RETURNING {EVENT_COLUMNS}"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    owner,
+                    now_ms.saturating_add(lease_ms),
+                    now_ms,
+                    i64::from(limit)
+                ],
+                event_from_row,
+            )?;
+            let mut events: Vec<StoredEvent> = rows.collect::<rusqlite::Result<_>>()?;
+            events.sort_by_key(|e| (e.next_attempt_at, e.id));
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let owner = owner.to_owned();
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE events SET state = 'done', lease_owner = NULL, lease_until = NULL, \
+                     updated_at = ?3 WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+                )?
+                .execute(params![id, owner, now_ms])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn mark_retry(
+        &self,
+        id: i64,
+        owner: &str,
+        at_ms: i64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (owner, error) = (owner.to_owned(), error.to_owned());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE events SET state = 'retry', next_attempt_at = ?3, last_error = ?4, \
+                     lease_owner = NULL, lease_until = NULL, updated_at = ?5 \
+                     WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+                )?
+                .execute(params![id, owner, at_ms, error, now_ms])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn mark_dead(
+        &self,
+        id: i64,
+        owner: &str,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (owner, error) = (owner.to_owned(), error.to_owned());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE events SET state = 'dead', last_error = ?3, lease_owner = NULL, \
+                     lease_until = NULL, updated_at = ?4 \
+                     WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+                )?
+                .execute(params![id, owner, error, now_ms])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError> {
+        let selector = selector.clone();
+        self.write(move |conn| {
+            const SET: &str = "UPDATE events SET state = 'pending', attempts = 0, \
+                next_attempt_at = ?1, lease_owner = NULL, lease_until = NULL, updated_at = ?1 \
+                WHERE state <> 'running' AND ";
+            let changed = match selector {
+                ReplaySelector::Ids(ids) => {
+                    let mut stmt = conn.prepare_cached(&format!("{SET} id = ?2"))?;
+                    let mut total = 0;
+                    for id in ids {
+                        total += stmt.execute(params![now_ms, id])?;
+                    }
+                    total
+                }
+                ReplaySelector::State(state) => conn
+                    .prepare_cached(&format!("{SET} state = ?2"))?
+                    .execute(params![now_ms, state.as_str()])?,
+                ReplaySelector::Since(since) => conn
+                    .prepare_cached(&format!("{SET} received_at >= ?2"))?
+                    .execute(params![now_ms, since])?,
+            };
+            Ok(changed as u64)
+        })
+        .await
+    }
+
+    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
+        self.read(move |conn| {
+            let mut stats = Stats::default();
+            for state in EventState::ALL {
+                stats.by_state.insert(state.as_str().to_owned(), 0);
+            }
+            let mut stmt = conn.prepare_cached(
+                "SELECT event_type, state, COUNT(*) FROM events GROUP BY event_type, state",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (event_type, state, count) = row?;
+                let count = u64::try_from(count).unwrap_or(0);
+                *stats.by_state.entry(state.clone()).or_insert(0) += count;
+                *stats
+                    .by_type
+                    .entry(event_type)
+                    .or_default()
+                    .entry(state)
+                    .or_insert(0) += count;
+            }
+            let oldest: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT MIN(received_at) FROM events WHERE state IN ('pending', 'retry')",
+                )?
+                .query_row([], |r| r.get(0))?;
+            stats.oldest_pending_age_ms = oldest.map(|t| now_ms.saturating_sub(t).max(0));
+            Ok(stats)
+        })
+        .await
+    }
+
+    async fn add_api_calls(&self, month: &str, n: u64) -> Result<u64, StoreError> {
+        let month = month.to_owned();
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.write(move |conn| {
+            let total: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO api_calls (month, calls) VALUES (?1, ?2) \
+                     ON CONFLICT (month) DO UPDATE SET calls = calls + excluded.calls \
+                     RETURNING calls",
+                )?
+                .query_row(params![month, n], |r| r.get(0))?;
+            Ok(u64::try_from(total).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn api_calls(&self, month: &str) -> Result<u64, StoreError> {
+        let month = month.to_owned();
+        self.read(move |conn| {
+            let total: Option<i64> = conn
+                .prepare_cached("SELECT calls FROM api_calls WHERE month = ?1")?
+                .query_row([month], |r| r.get(0))
+                .optional()?;
+            Ok(total.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+        })
+        .await
     }
 
     async fn close(&self) {

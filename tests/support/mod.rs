@@ -2,6 +2,8 @@
 //! what DingTalk sends.
 #![allow(dead_code)]
 
+pub mod stores;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
