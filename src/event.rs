@@ -1,7 +1,9 @@
-//! The envelope of a decrypted event: its type, corp, ids and de-duplication key.
+//! Decrypted events: the envelope (type, corp, ids, de-duplication key) and the typed
+//! [`Event`] the dispatcher hands to handlers.
 //!
 //! DingTalk has sent several generations of payloads (legacy PascalCase, current camelCase,
 //! Stream), so keys are matched case-insensitively and timestamps may be numbers or strings.
+//! Unknown fields are ignored; unknown event types become [`Event::Unknown`] with the raw JSON.
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -101,6 +103,312 @@ pub fn dedup_key(envelope: &Envelope, msg: &[u8]) -> String {
     } else {
         format!("sha256:{}", hex::encode(Sha256::digest(msg)))
     }
+}
+
+/// Why a payload of a known type could not be turned into its typed event. Permanent: the
+/// same payload will never decode, so the event goes straight to `dead`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("the payload is not a JSON object: {0}")]
+    NotAnObject(String),
+    #[error("{event_type}: required field {field:?} is missing or empty")]
+    Missing {
+        event_type: &'static str,
+        field: &'static str,
+    },
+}
+
+/// Read access to a JSON object with case-insensitive keys and forgiving scalar types.
+#[derive(Clone, Copy)]
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    fn string(self, key: &str) -> Option<String> {
+        string_ci(self.0, key)
+    }
+    fn i64(self, key: &str) -> Option<i64> {
+        i64_ci(self.0, key)
+    }
+    fn f64(self, key: &str) -> Option<f64> {
+        match get_ci(self.0, key)? {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+    fn bool(self, key: &str) -> Option<bool> {
+        match get_ci(self.0, key)? {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) => match s.trim() {
+                "true" | "1" => Some(true),
+                "false" | "0" => Some(false),
+                _ => None,
+            },
+            Value::Number(n) => n.as_i64().map(|n| n != 0),
+            _ => None,
+        }
+    }
+    /// A list of strings; a single string counts as a list of one.
+    fn strings(self, key: &str) -> Vec<String> {
+        match get_ci(self.0, key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            Some(Value::String(s)) if !s.is_empty() => vec![s.clone()],
+            _ => Vec::new(),
+        }
+    }
+    /// The objects of a list (`DataList` / `dataList`); other items are skipped.
+    fn objects(self, key: &str) -> Vec<Fields<'a>> {
+        match get_ci(self.0, key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_object().map(Fields))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+    fn required(self, event_type: &'static str, key: &'static str) -> Result<String, DecodeError> {
+        self.string(key).ok_or(DecodeError::Missing {
+            event_type,
+            field: key,
+        })
+    }
+}
+
+/// `chat_update_title`: a group was renamed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatUpdateTitle {
+    pub corp_id: Option<String>,
+    pub chat_id: Option<String>,
+    pub open_conversation_id: Option<String>,
+    /// The new name.
+    pub title: String,
+    /// The user id of who renamed it.
+    pub operator: Option<String>,
+    pub operator_union_id: Option<String>,
+    /// When it happened, epoch ms (`timeStamp`, else `EventTime`).
+    pub time: Option<i64>,
+}
+
+/// `im_cool_app_install` / `im_cool_app_uninstall`: a cool app was added to or removed from a
+/// group. The three codes are what a robot message into that group needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoolAppChange {
+    pub corp_id: Option<String>,
+    pub cool_app_code: String,
+    pub robot_code: String,
+    pub open_conversation_id: String,
+    pub open_conversation_corp_id: Option<String>,
+    pub operator: Option<String>,
+    /// Epoch ms (`operateTime`, a string in DingTalk's examples).
+    pub operate_time: Option<i64>,
+}
+
+/// One clock-in of `attendance_check_record`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckRecord {
+    pub user_id: String,
+    pub corp_id: Option<String>,
+    pub check_time: Option<i64>,
+    pub group_id: Option<String>,
+    pub biz_id: Option<String>,
+    /// MAP, WIFI, ATM …
+    pub location_method: Option<String>,
+    /// Normal or Outside.
+    pub location_result: Option<String>,
+    pub address: Option<String>,
+    pub device_sn: Option<String>,
+    /// False for replays made by the system after re-scheduling. Missing means true.
+    pub check_by_user: bool,
+}
+
+/// One item of `attendance_schedule_change`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleChange {
+    pub corp_id: Option<String>,
+    pub user_ids: Vec<String>,
+    /// `modify` or `delete`.
+    pub change_type: Option<String>,
+    pub work_date_begin: Option<i64>,
+    pub work_date_end: Option<i64>,
+}
+
+/// One item of `attendance_overtime_duration`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OvertimeDuration {
+    pub corp_id: Option<String>,
+    pub user_id: Option<String>,
+    pub overtime_day: Option<f64>,
+    pub overtime_hour: Option<f64>,
+    pub work_date: Option<i64>,
+    /// workDay, restDay or holiday (current payloads only).
+    pub overtime_day_type: Option<String>,
+}
+
+/// `todo_task_create` / `todo_task_update` / `todo_task_delete`: which task changed (not how:
+/// fetch it to see).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TodoTaskChange {
+    pub corp_id: Option<String>,
+    pub task_id: String,
+    pub biz_tag: Option<String>,
+    /// Users concerned, as union ids (`UnionIdList`).
+    pub union_ids: Vec<String>,
+}
+
+/// A decoded event, routed to handlers by its variant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    ChatUpdateTitle(ChatUpdateTitle),
+    CoolAppInstall(CoolAppChange),
+    CoolAppUninstall(CoolAppChange),
+    AttendanceCheckRecord(Vec<CheckRecord>),
+    AttendanceScheduleChange(Vec<ScheduleChange>),
+    AttendanceOvertimeDuration(Vec<OvertimeDuration>),
+    TodoTaskCreate(TodoTaskChange),
+    TodoTaskUpdate(TodoTaskChange),
+    TodoTaskDelete(TodoTaskChange),
+    /// Every other type, kept as received.
+    Unknown {
+        event_type: String,
+        raw: Value,
+    },
+}
+
+pub const CHAT_UPDATE_TITLE: &str = "chat_update_title";
+pub const COOL_APP_INSTALL: &str = "im_cool_app_install";
+pub const COOL_APP_UNINSTALL: &str = "im_cool_app_uninstall";
+pub const ATTENDANCE_CHECK_RECORD: &str = "attendance_check_record";
+pub const ATTENDANCE_SCHEDULE_CHANGE: &str = "attendance_schedule_change";
+pub const ATTENDANCE_OVERTIME_DURATION: &str = "attendance_overtime_duration";
+pub const TODO_TASK_CREATE: &str = "todo_task_create";
+pub const TODO_TASK_UPDATE: &str = "todo_task_update";
+pub const TODO_TASK_DELETE: &str = "todo_task_delete";
+
+impl Event {
+    /// Decodes a stored payload.
+    pub fn decode(payload: &str) -> Result<Event, DecodeError> {
+        let value: Value =
+            serde_json::from_str(payload).map_err(|e| DecodeError::NotAnObject(e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// Decodes a parsed payload.
+    pub fn from_value(value: Value) -> Result<Event, DecodeError> {
+        let Some(object) = value.as_object() else {
+            return Err(DecodeError::NotAnObject("not an object".into()));
+        };
+        let f = Fields(object);
+        let event_type = f.string("EventType").unwrap_or_else(|| "unknown".into());
+        let event = match event_type.as_str() {
+            CHAT_UPDATE_TITLE => Event::ChatUpdateTitle(ChatUpdateTitle {
+                corp_id: f.string("CorpId"),
+                chat_id: f.string("ChatId"),
+                open_conversation_id: f.string("OpenConversationId"),
+                title: f.required(CHAT_UPDATE_TITLE, "title")?,
+                operator: f.string("Operator"),
+                operator_union_id: f.string("operatorUnionId"),
+                time: f.i64("TimeStamp").or_else(|| f.i64("EventTime")),
+            }),
+            COOL_APP_INSTALL => Event::CoolAppInstall(cool_app(f, COOL_APP_INSTALL)?),
+            COOL_APP_UNINSTALL => Event::CoolAppUninstall(cool_app(f, COOL_APP_UNINSTALL)?),
+            ATTENDANCE_CHECK_RECORD => Event::AttendanceCheckRecord(
+                f.objects("DataList")
+                    .into_iter()
+                    .map(|r| {
+                        Ok(CheckRecord {
+                            user_id: r.required(ATTENDANCE_CHECK_RECORD, "userId")?,
+                            corp_id: r.string("corpId"),
+                            check_time: r.i64("checkTime"),
+                            group_id: r.string("groupId"),
+                            biz_id: r.string("bizId"),
+                            location_method: r.string("locationMethod"),
+                            location_result: r.string("locationResult"),
+                            address: r.string("address"),
+                            device_sn: r.string("deviceSN"),
+                            check_by_user: r.bool("checkByUser").unwrap_or(true),
+                        })
+                    })
+                    .collect::<Result<_, DecodeError>>()?,
+            ),
+            ATTENDANCE_SCHEDULE_CHANGE => Event::AttendanceScheduleChange(
+                f.objects("DataList")
+                    .into_iter()
+                    .map(|r| ScheduleChange {
+                        corp_id: r.string("corpId"),
+                        user_ids: r.strings("userIds"),
+                        change_type: r.string("type"),
+                        work_date_begin: r.i64("workDateBegin"),
+                        work_date_end: r.i64("workDateEnd"),
+                    })
+                    .collect(),
+            ),
+            ATTENDANCE_OVERTIME_DURATION => Event::AttendanceOvertimeDuration(
+                f.objects("DataList")
+                    .into_iter()
+                    .map(|r| OvertimeDuration {
+                        corp_id: r.string("corpId"),
+                        user_id: r.string("userId"),
+                        overtime_day: r.f64("overtimeDay"),
+                        overtime_hour: r.f64("overtimeHour"),
+                        work_date: r.i64("workDate"),
+                        overtime_day_type: r.string("overtimeDayType"),
+                    })
+                    .collect(),
+            ),
+            TODO_TASK_CREATE => Event::TodoTaskCreate(todo(f, TODO_TASK_CREATE)?),
+            TODO_TASK_UPDATE => Event::TodoTaskUpdate(todo(f, TODO_TASK_UPDATE)?),
+            TODO_TASK_DELETE => Event::TodoTaskDelete(todo(f, TODO_TASK_DELETE)?),
+            _ => Event::Unknown {
+                event_type,
+                raw: value,
+            },
+        };
+        Ok(event)
+    }
+
+    /// The DingTalk event type this variant stands for.
+    pub fn event_type(&self) -> &str {
+        match self {
+            Event::ChatUpdateTitle(_) => CHAT_UPDATE_TITLE,
+            Event::CoolAppInstall(_) => COOL_APP_INSTALL,
+            Event::CoolAppUninstall(_) => COOL_APP_UNINSTALL,
+            Event::AttendanceCheckRecord(_) => ATTENDANCE_CHECK_RECORD,
+            Event::AttendanceScheduleChange(_) => ATTENDANCE_SCHEDULE_CHANGE,
+            Event::AttendanceOvertimeDuration(_) => ATTENDANCE_OVERTIME_DURATION,
+            Event::TodoTaskCreate(_) => TODO_TASK_CREATE,
+            Event::TodoTaskUpdate(_) => TODO_TASK_UPDATE,
+            Event::TodoTaskDelete(_) => TODO_TASK_DELETE,
+            Event::Unknown { event_type, .. } => event_type,
+        }
+    }
+}
+
+fn cool_app(f: Fields<'_>, event_type: &'static str) -> Result<CoolAppChange, DecodeError> {
+    Ok(CoolAppChange {
+        corp_id: f.string("CorpId"),
+        cool_app_code: f.required(event_type, "coolAppCode")?,
+        robot_code: f.required(event_type, "robotCode")?,
+        open_conversation_id: f.required(event_type, "openConversationId")?,
+        open_conversation_corp_id: f.string("openConversationCorpId"),
+        operator: f.string("operator"),
+        operate_time: f.i64("operateTime"),
+    })
+}
+
+fn todo(f: Fields<'_>, event_type: &'static str) -> Result<TodoTaskChange, DecodeError> {
+    Ok(TodoTaskChange {
+        corp_id: f.string("CorpId"),
+        task_id: f.required(event_type, "taskId")?,
+        biz_tag: f.string("bizTag"),
+        union_ids: f.strings("UnionIdList"),
+    })
 }
 
 #[cfg(test)]
