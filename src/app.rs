@@ -7,7 +7,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError};
+use crate::dispatch::Dispatcher;
+use crate::handler::{Handler, Registrations, RegistryBuilder, RegistryError};
 use crate::ingress::{self, IngressState};
+use crate::metrics::Metrics;
 use crate::store::{self, Store, StoreError};
 
 /// Why the application could not start or stopped with an error.
@@ -24,6 +27,36 @@ pub enum AppError {
     },
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// Collects handlers, then builds the [`Application`].
+pub struct AppBuilder {
+    config: Config,
+    handlers: RegistryBuilder,
+}
+
+impl Registrations for AppBuilder {
+    fn on(mut self, event_type: &str, handler: impl Handler) -> Self {
+        self.handlers = self.handlers.on(event_type, handler);
+        self
+    }
+}
+
+impl AppBuilder {
+    /// Adds all registrations of `handlers`.
+    pub fn handlers(mut self, handlers: RegistryBuilder) -> Self {
+        self.handlers = self.handlers.merge(handlers);
+        self
+    }
+
+    /// Validates the configuration and the registrations (two handlers for one type is an
+    /// error), opens the store and binds the listen address.
+    pub async fn build(self) -> Result<Application, AppError> {
+        let registry = self.handlers.build()?;
+        Application::build_with(self.config, registry).await
+    }
 }
 
 /// A built, bound application: call [`Application::run_until_stopped`] to serve.
@@ -33,22 +66,51 @@ pub struct Application {
     local_addr: SocketAddr,
     store: Arc<dyn Store>,
     router: axum::Router,
+    dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
 }
 
 impl Application {
+    /// Starts building an application whose handlers are registered in code.
+    pub fn builder(config: Config) -> AppBuilder {
+        AppBuilder {
+            config,
+            handlers: RegistryBuilder::new(),
+        }
+    }
+
+    /// An application without handlers: events are stored and marked done.
+    pub async fn build(config: Config) -> Result<Self, AppError> {
+        Self::builder(config).build().await
+    }
+
     /// Opens the store, builds the routes and binds the listen address (port 0 picks a free
     /// port, which is how the tests run several servers at once).
-    pub async fn build(config: Config) -> Result<Self, AppError> {
+    async fn build_with(
+        config: Config,
+        registry: crate::handler::Registry,
+    ) -> Result<Self, AppError> {
         config.validate()?;
         let cipher = config.cipher()?;
         let addr = config.listen_addr()?;
         let store = store::open(&config).await?;
+        let metrics = Arc::new(Metrics::new());
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let dispatcher = Arc::new(Dispatcher::new(
+            Arc::clone(&store),
+            registry,
+            config.dispatch.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&wake),
+        ));
         let state = Arc::new(IngressState {
             cipher,
             store: Arc::clone(&store),
             body_limit: config.callback.body_limit,
             replay_window: config.callback.replay_window,
             request_timeout: config.request_timeout,
+            metrics: Arc::clone(&metrics),
+            stored: wake,
         });
         let router = ingress::router(state, &config.callback.path);
         let listener = TcpListener::bind(addr)
@@ -63,7 +125,17 @@ impl Application {
             local_addr,
             store,
             router,
+            dispatcher,
+            metrics,
         })
+    }
+
+    pub fn dispatcher(&self) -> Arc<Dispatcher> {
+        Arc::clone(&self.dispatcher)
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -86,6 +158,8 @@ impl Application {
             local_addr,
             store,
             router,
+            dispatcher,
+            metrics: _,
         } = self;
         tracing::info!(
             %local_addr,
@@ -94,6 +168,11 @@ impl Application {
             "dinghook listening"
         );
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let workers = if config.dispatch.enabled {
+            dispatcher.start(stopping.clone())
+        } else {
+            Vec::new()
+        };
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -104,13 +183,20 @@ impl Application {
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         };
+        tokio::pin!(deadline);
         let result = tokio::select! {
             r = server => r.map_err(AppError::Serve),
-            () = deadline => {
+            () = &mut deadline => {
                 tracing::warn!(?grace, "shutdown timed out; abandoning in-flight requests");
                 Ok(())
             }
         };
+        // Workers stop between events; an unfinished run's lease simply runs out.
+        let all_workers = futures_util::future::join_all(workers);
+        tokio::select! {
+            _ = all_workers => {}
+            () = &mut deadline => tracing::warn!("workers did not stop in time"),
+        }
         store.close().await;
         tracing::info!("stopped");
         result

@@ -53,6 +53,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("callback.replay_window", "DINGHOOK_REPLAY_WINDOW"),
     ("store.url", "DINGHOOK_STORE_URL"),
     ("store.max_batch", "DINGHOOK_STORE_MAX_BATCH"),
+    ("dispatch.enabled", "DINGHOOK_DISPATCH"),
+    ("dispatch.workers", "DINGHOOK_WORKERS"),
+    ("dispatch.batch_size", "DINGHOOK_BATCH_SIZE"),
+    ("dispatch.lease", "DINGHOOK_LEASE"),
+    ("dispatch.poll_interval", "DINGHOOK_POLL_INTERVAL"),
+    ("dispatch.handler_timeout", "DINGHOOK_HANDLER_TIMEOUT"),
+    ("dispatch.retry_schedule", "DINGHOOK_RETRY_SCHEDULE"),
+    ("dispatch.retry_jitter", "DINGHOOK_RETRY_JITTER"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -87,6 +95,50 @@ pub struct Config {
     pub request_timeout: Duration,
     pub callback: CallbackConfig,
     pub store: StoreConfig,
+    pub dispatch: DispatchConfig,
+}
+
+/// The dispatcher: workers that claim stored events and run their handlers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Off: this process only receives (another replica, or a later start, dispatches).
+    pub enabled: bool,
+    pub workers: usize,
+    /// Events claimed at once by one worker.
+    pub batch_size: u32,
+    /// How long a claim lasts; a crashed worker's events come back after it.
+    #[serde(with = "duration_str")]
+    pub lease: Duration,
+    /// How often an idle worker looks for due events (new events wake it at once).
+    #[serde(with = "duration_str")]
+    pub poll_interval: Duration,
+    /// Upper bound for one handler run; must be shorter than the lease.
+    #[serde(with = "duration_str")]
+    pub handler_timeout: Duration,
+    /// Delay before each retry; when used up, the event is dead.
+    #[serde(with = "duration_list")]
+    pub retry_schedule: Vec<Duration>,
+    /// Each delay is varied by up to ± this fraction, so retries do not arrive in lockstep.
+    pub retry_jitter: f64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            enabled: true,
+            workers: 4,
+            batch_size: 16,
+            lease: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            handler_timeout: Duration::from_secs(60),
+            retry_schedule: [5, 30, 120, 600, 3600]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            retry_jitter: 0.2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +173,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(10),
             callback: CallbackConfig::default(),
             store: StoreConfig::default(),
+            dispatch: DispatchConfig::default(),
         }
     }
 }
@@ -276,6 +329,35 @@ impl Config {
             "callback.replay_window" => self.callback.replay_window = duration(&value)?,
             "store.url" => self.store.url = value,
             "store.max_batch" => self.store.max_batch = number(&value)?,
+            "dispatch.enabled" => {
+                self.dispatch.enabled = match value.trim() {
+                    "true" | "on" | "1" => true,
+                    "false" | "off" | "0" => false,
+                    other => return Err(invalid(key, format!("{other:?} is not on or off"))),
+                }
+            }
+            "dispatch.workers" => self.dispatch.workers = number(&value)?,
+            "dispatch.batch_size" => {
+                self.dispatch.batch_size =
+                    u32::try_from(number(&value)?).map_err(|_| invalid(key, "is too large"))?
+            }
+            "dispatch.lease" => self.dispatch.lease = duration(&value)?,
+            "dispatch.poll_interval" => self.dispatch.poll_interval = duration(&value)?,
+            "dispatch.handler_timeout" => self.dispatch.handler_timeout = duration(&value)?,
+            "dispatch.retry_schedule" => {
+                self.dispatch.retry_schedule = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(duration)
+                    .collect::<Result<_, _>>()?
+            }
+            "dispatch.retry_jitter" => {
+                self.dispatch.retry_jitter = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(key, format!("{value:?} is not a number")))?
+            }
             _ => return Err(invalid(key, "unknown key")),
         }
         Ok(())
@@ -323,6 +405,25 @@ impl Config {
         StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))?;
         if self.store.max_batch == 0 {
             return Err(invalid("store.max_batch", "must be at least 1"));
+        }
+        let d = &self.dispatch;
+        if d.workers == 0 || d.batch_size == 0 {
+            return Err(invalid(
+                "dispatch.workers",
+                "workers and batch_size must be at least 1 (set dispatch.enabled = false to stop dispatching)",
+            ));
+        }
+        if d.handler_timeout >= d.lease {
+            return Err(invalid(
+                "dispatch.handler_timeout",
+                "must be shorter than dispatch.lease, or a slow handler's event would run twice",
+            ));
+        }
+        if d.poll_interval.is_zero() {
+            return Err(invalid("dispatch.poll_interval", "must be more than zero"));
+        }
+        if !(0.0..1.0).contains(&d.retry_jitter) {
+            return Err(invalid("dispatch.retry_jitter", "must be in 0.0..1.0"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
@@ -390,6 +491,26 @@ pub mod duration_str {
     }
 }
 
+/// A list of durations: `["5s", "30s", "2m"]`.
+pub mod duration_list {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(list: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            list.iter()
+                .map(|d| humantime::format_duration(*d).to_string()),
+        )
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let items: Vec<String> = serde::Deserialize::deserialize(d)?;
+        items
+            .iter()
+            .map(|t| super::duration_str::parse(t).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,6 +553,27 @@ mod tests {
             c.store_location().unwrap(),
             StoreLocation::Sqlite(PathBuf::from("/data/x.db"))
         );
+    }
+
+    #[test]
+    fn dispatch_settings_from_the_environment() {
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_RETRY_SCHEDULE", "1s, 2s,3m"));
+        vars.push(("DINGHOOK_WORKERS", "2"));
+        vars.push(("DINGHOOK_DISPATCH", "off"));
+        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        assert_eq!(
+            c.dispatch.retry_schedule,
+            [1, 2, 180].map(Duration::from_secs).to_vec()
+        );
+        assert_eq!(c.dispatch.workers, 2);
+        assert!(!c.dispatch.enabled);
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_HANDLER_TIMEOUT", "10m"));
+        let err = Config::load_with_env(None, env(&vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dispatch.handler_timeout"), "{err}");
     }
 
     #[test]

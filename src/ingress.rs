@@ -29,6 +29,9 @@ pub struct IngressState {
     pub body_limit: usize,
     pub replay_window: Duration,
     pub request_timeout: Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Poked after each new event is committed, so an idle dispatcher starts at once.
+    pub stored: Arc<tokio::sync::Notify>,
 }
 
 /// Why a callback was refused.
@@ -119,6 +122,7 @@ pub fn router(state: Arc<IngressState>, callback_path: &str) -> Router {
         .route(callback_path, post(callback))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -145,6 +149,21 @@ async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
+async fn metrics(State(state): State<Arc<IngressState>>) -> Response {
+    let stats = tokio::time::timeout(Duration::from_secs(2), state.store.stats(now_millis())).await;
+    state
+        .metrics
+        .set_queue(stats.ok().and_then(Result::ok).as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
 async fn readyz(State(state): State<Arc<IngressState>>) -> Response {
     match tokio::time::timeout(state.request_timeout, state.store.probe()).await {
         Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
@@ -169,9 +188,23 @@ async fn callback(
     body: Body,
 ) -> Result<Response, Rejection> {
     let timeout = state.request_timeout;
-    tokio::time::timeout(timeout, handle(&state, query, &headers, body))
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(timeout, handle(&state, query, &headers, body))
         .await
-        .map_err(|_| Rejection::Timeout(timeout))?
+        .map_err(|_| Rejection::Timeout(timeout))
+        .and_then(|r| r);
+    match result {
+        Ok((event_type, outcome, response)) => {
+            state
+                .metrics
+                .event_received(&event_type, outcome, started.elapsed().as_secs_f64());
+            Ok(response)
+        }
+        Err(rejection) => {
+            state.metrics.callback_rejected(rejection.code());
+            Err(rejection)
+        }
+    }
 }
 
 /// The query parameters DingTalk signs with.
@@ -281,7 +314,7 @@ async fn handle(
     query: Option<String>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, Rejection> {
+) -> Result<(String, &'static str, Response), Rejection> {
     let signed = SignedQuery::parse(query.as_deref())?;
     let body = read_body(body, headers, state.body_limit).await?;
     let encrypt = encrypt_field(&body)?;
@@ -294,8 +327,9 @@ async fn handle(
     )?;
     let (envelope, _) = Envelope::parse(&msg)?;
 
-    if envelope.is_check() {
+    let outcome = if envelope.is_check() {
         tracing::info!(event_type = %envelope.event_type, "answered DingTalk URL check");
+        "check"
     } else {
         let dedup_key = envelope.dedup_key(&msg);
         let payload = String::from_utf8(msg)
@@ -310,15 +344,18 @@ async fn handle(
         };
         match state.store.insert(event).await? {
             Inserted::Stored { id } => {
-                tracing::debug!(id, event_type = %envelope.event_type, "event stored")
+                state.stored.notify_one();
+                tracing::debug!(id, event_type = %envelope.event_type, "event stored");
+                "stored"
             }
             Inserted::Duplicate { id } => {
-                tracing::info!(id, event_type = %envelope.event_type, "duplicate delivery acknowledged")
+                tracing::info!(id, event_type = %envelope.event_type, "duplicate delivery acknowledged");
+                "duplicate"
             }
         }
-    }
+    };
     let sealed = state.cipher.seal_success().map_err(Rejection::Seal)?;
-    Ok(Json(sealed).into_response())
+    Ok((envelope.event_type, outcome, Json(sealed).into_response()))
 }
 
 #[cfg(test)]

@@ -7,8 +7,11 @@
 pub mod app;
 pub mod config;
 pub mod crypto;
+pub mod dispatch;
 pub mod event;
+pub mod handler;
 pub mod ingress;
+pub mod metrics;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

@@ -12,8 +12,9 @@ use std::time::Duration;
 use dinghook::app::Application;
 use dinghook::config::Config;
 use dinghook::crypto::{now_millis, random_nonce, CallbackCipher, Sealed};
+use dinghook::handler::RegistryBuilder;
 use dinghook::secret::Secret;
-use dinghook::store::Store;
+use dinghook::store::{EventState, Store, StoredEvent};
 
 pub const TOKEN: &str = "test-token-9f8e7d";
 pub const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
@@ -48,6 +49,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub db_path: PathBuf,
     pub callback_path: String,
+    pub dispatcher: Option<Arc<dinghook::dispatch::Dispatcher>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     // Kept last so the directory outlives the server.
@@ -60,13 +62,30 @@ impl TestApp {
     }
 
     pub async fn spawn_with(customize: impl FnOnce(&mut Config)) -> TestApp {
+        Self::spawn_with_handlers(customize, RegistryBuilder::new()).await
+    }
+
+    /// A server whose dispatcher runs `handlers`.
+    pub async fn spawn_with_handlers(
+        customize: impl FnOnce(&mut Config),
+        handlers: RegistryBuilder,
+    ) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
+        // Fast polling and retries, so tests wait milliseconds, not the production schedule.
+        config.dispatch.poll_interval = Duration::from_millis(20);
+        config.dispatch.retry_schedule = vec![Duration::from_millis(30); 3];
+        config.dispatch.retry_jitter = 0.0;
         customize(&mut config);
         let callback_path = config.callback.path.clone();
-        let app = Application::build(config).await.expect("build app");
+        let app = Application::builder(config)
+            .handlers(handlers)
+            .build()
+            .await
+            .expect("build app");
         let addr = app.local_addr();
         let store = app.store();
+        let dispatcher = Some(app.dispatcher());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -84,6 +103,7 @@ impl TestApp {
                 .expect("client"),
             db_path: dir.path().join("dinghook.db"),
             callback_path,
+            dispatcher,
             stop: Some(stop),
             server: Some(server),
             _dir: dir,
@@ -112,6 +132,27 @@ impl TestApp {
     /// Encrypts and signs `msg` with the test keys and posts it.
     pub async fn post_event(&self, msg: &str) -> reqwest::Response {
         self.post_sealed(&seal(&sender(), msg)).await
+    }
+
+    /// Waits (up to 10 s) until the event with `dedup_key` is in `state`, and returns it.
+    pub async fn wait_for_state(&self, dedup_key: &str, state: EventState) -> StoredEvent {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let current = self
+                .store
+                .find_by_dedup_key(dedup_key)
+                .await
+                .expect("store");
+            if let Some(event) = &current {
+                if event.state == state {
+                    return event.clone();
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{dedup_key} did not reach {state:?}: {current:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the server gracefully and waits for it.

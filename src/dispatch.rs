@@ -1,0 +1,279 @@
+//! The dispatcher: workers claim due events with a lease, decode them, run the handler
+//! registered for their type and record the outcome (done, retry at a time from the schedule,
+//! or dead). It runs beside the HTTP server and never delays an acknowledgement: the callback
+//! path only pokes a [`Notify`] after a commit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::DispatchConfig;
+use crate::crypto::now_millis;
+use crate::event::Event;
+use crate::handler::{Context, HandlerError, Registry};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoredEvent};
+
+/// What happened to one claimed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// No handler is registered for the type: stored, visible, and done.
+    NoHandler,
+    Retry {
+        at_ms: i64,
+    },
+    Dead,
+    /// Another worker holds the event now (our lease ran out); nothing was recorded.
+    LeaseLost,
+}
+
+impl Outcome {
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::NoHandler => "no_handler",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Dead => "dead",
+            Outcome::LeaseLost => "lease_lost",
+        }
+    }
+}
+
+/// The delay before the next run after `attempts` runs, or `None` when the schedule is used
+/// up (the event is dead). `jitter` varies the delay by up to ± that fraction.
+pub fn retry_delay(schedule: &[Duration], attempts: i64, jitter: f64) -> Option<Duration> {
+    let index = usize::try_from(attempts.checked_sub(1)?).ok()?;
+    let base = *schedule.get(index)?;
+    if jitter <= 0.0 {
+        return Some(base);
+    }
+    let factor = 1.0 + rand::thread_rng().gen_range(-jitter..=jitter);
+    Some(base.mul_f64(factor.max(0.0)))
+}
+
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    config: DispatchConfig,
+    metrics: Arc<Metrics>,
+    /// Names this process in leases, so a restarted process does not mistake a dead
+    /// predecessor's claims for its own.
+    node: String,
+    /// Poked by the callback path after a commit, so new events do not wait a poll interval.
+    wake: Arc<Notify>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Registry,
+        config: DispatchConfig,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let node = format!(
+            "{}-{}",
+            std::process::id(),
+            crate::crypto::random_nonce().get(..8).unwrap_or("node")
+        );
+        Dispatcher {
+            store,
+            registry,
+            config,
+            metrics,
+            node,
+            wake,
+        }
+    }
+
+    /// Starts the workers. They stop at a safe point (between events) once `stop` turns true.
+    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        (0..self.config.workers)
+            .map(|i| {
+                let this = Arc::clone(self);
+                let stop = stop.clone();
+                tokio::spawn(async move { this.worker(i, stop).await })
+            })
+            .collect()
+    }
+
+    async fn worker(self: Arc<Self>, index: usize, mut stop: watch::Receiver<bool>) {
+        let owner = format!("{}-w{index}", self.node);
+        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        while !*stop.borrow() {
+            let claimed = self
+                .store
+                .claim(&owner, self.config.batch_size, lease_ms, now_millis())
+                .await;
+            let batch = match claimed {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; trying again after the poll interval");
+                    Vec::new()
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = self.wake.notified() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let mut events = batch.into_iter();
+            for record in events.by_ref() {
+                self.run(&owner, record).await;
+                if *stop.borrow() {
+                    break;
+                }
+            }
+            // Stopping with claimed events left: hand them back now rather than at lease end.
+            for record in events {
+                let now = now_millis();
+                let _ = self
+                    .store
+                    .mark_retry(record.id, &owner, now, "released: worker stopped", now)
+                    .await;
+            }
+        }
+    }
+
+    /// Runs the handler for one claimed event and records the outcome.
+    pub async fn run(&self, owner: &str, record: StoredEvent) -> Outcome {
+        let id = record.id;
+        let event_type = record.event_type.clone();
+        let attempts = record.attempts;
+        let result = self.invoke(record).await;
+        let now = now_millis();
+        let (outcome, recorded) = match result {
+            Ok(handled) => {
+                let outcome = if handled {
+                    Outcome::Done
+                } else {
+                    Outcome::NoHandler
+                };
+                (outcome, self.store.mark_done(id, owner, now).await)
+            }
+            Err(HandlerError::Permanent(message)) => {
+                let error = format!("permanent: {message}");
+                (
+                    Outcome::Dead,
+                    self.store.mark_dead(id, owner, &error, now).await,
+                )
+            }
+            Err(HandlerError::Transient(message)) => {
+                match retry_delay(
+                    &self.config.retry_schedule,
+                    attempts,
+                    self.config.retry_jitter,
+                ) {
+                    Some(delay) => {
+                        let at_ms = now
+                            .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                        let recorded = self.store.mark_retry(id, owner, at_ms, &message, now).await;
+                        (Outcome::Retry { at_ms }, recorded)
+                    }
+                    None => {
+                        let error = format!("{message} (gave up after {attempts} attempts)");
+                        (
+                            Outcome::Dead,
+                            self.store.mark_dead(id, owner, &error, now).await,
+                        )
+                    }
+                }
+            }
+        };
+        let outcome = match recorded {
+            Ok(true) => outcome,
+            Ok(false) => {
+                tracing::warn!(id, %event_type, "lease lost before the outcome was recorded");
+                Outcome::LeaseLost
+            }
+            Err(e) => {
+                // The lease will run out and the event will run again; handlers are idempotent.
+                tracing::error!(id, %event_type, error = %e, "could not record the outcome");
+                Outcome::LeaseLost
+            }
+        };
+        match &outcome {
+            Outcome::Dead => tracing::error!(id, %event_type, attempts, "event is dead"),
+            Outcome::Retry { at_ms } => {
+                tracing::warn!(id, %event_type, attempts, retry_at = at_ms, "handler failed; will retry")
+            }
+            _ => tracing::debug!(id, %event_type, outcome = outcome.label(), "event handled"),
+        }
+        self.metrics.handler_run(&event_type, outcome.label());
+        outcome
+    }
+
+    /// Decodes and runs the handler. `Ok(false)`: no handler for this type.
+    async fn invoke(&self, record: StoredEvent) -> Result<bool, HandlerError> {
+        let Some(handler) = self.registry.get(&record.event_type) else {
+            return Ok(false);
+        };
+        let event = Event::decode(&record.payload).map_err(HandlerError::permanent)?;
+        let ctx = Context {
+            store: Arc::clone(&self.store),
+            record: Arc::new(record),
+        };
+        // A panicking handler is a failed run, not a dead worker.
+        let run = tokio::spawn(async move { handler.handle(event, ctx).await });
+        match tokio::time::timeout(self.config.handler_timeout, run).await {
+            Ok(Ok(result)) => result.map(|()| true),
+            Ok(Err(join)) => Err(HandlerError::transient(format!("handler panicked: {join}"))),
+            Err(_) => Err(HandlerError::transient(format!(
+                "handler timed out after {:?}",
+                self.config.handler_timeout
+            ))),
+        }
+    }
+
+    /// Runs every event that is due now, until none is left; returns how many ran. For tests
+    /// and one-shot tools: the workers do the same continuously.
+    pub async fn drain(&self) -> Result<usize, crate::store::StoreError> {
+        let owner = format!("{}-drain", self.node);
+        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let batch = self
+                .store
+                .claim(&owner, self.config.batch_size, lease_ms, now_millis())
+                .await?;
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            for record in batch {
+                self.run(&owner, record).await;
+                total += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_is_followed_then_used_up() {
+        let schedule = [5, 30, 120].map(Duration::from_secs);
+        assert_eq!(retry_delay(&schedule, 1, 0.0), Some(Duration::from_secs(5)));
+        assert_eq!(
+            retry_delay(&schedule, 3, 0.0),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(retry_delay(&schedule, 4, 0.0), None);
+        assert_eq!(retry_delay(&schedule, 0, 0.0), None);
+        for _ in 0..100 {
+            let d = retry_delay(&schedule, 2, 0.2).unwrap();
+            assert!(
+                d >= Duration::from_secs(24) && d <= Duration::from_secs(36),
+                "{d:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Prometheus metrics. Every observable happening is one method here, so names and labels
+//! live in one place (listed in the README).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::store::Stats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeOutcome {
+    event_type: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Name {
+    name: &'static str,
+}
+
+/// All of dinghook's metrics.
+pub struct Metrics {
+    registry: Registry,
+    events_received: Family<TypeOutcome, Counter>,
+    callbacks_rejected: Family<Reason, Counter>,
+    ack_seconds: Histogram,
+    handler_runs: Family<TypeOutcome, Counter>,
+    dead_letters: Counter,
+    queue_depth: Family<State, Gauge>,
+    oldest_pending_seconds: Gauge<f64, AtomicU64>,
+    store_up: Gauge,
+    dingtalk: Family<Name, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dinghook");
+        let events_received = Family::<TypeOutcome, Counter>::default();
+        registry.register(
+            "events_received",
+            "Callbacks accepted, by event type and outcome (stored, duplicate, check)",
+            events_received.clone(),
+        );
+        let callbacks_rejected = Family::<Reason, Counter>::default();
+        registry.register(
+            "callbacks_rejected",
+            "Callbacks refused, by error code",
+            callbacks_rejected.clone(),
+        );
+        let ack_seconds = Histogram::new(
+            [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]
+            .into_iter(),
+        );
+        registry.register(
+            "ack_duration_seconds",
+            "Time from request to acknowledgement of accepted callbacks",
+            ack_seconds.clone(),
+        );
+        let handler_runs = Family::<TypeOutcome, Counter>::default();
+        registry.register(
+            "handler_runs",
+            "Dispatcher runs, by event type and outcome (done, retry, dead, no_handler, lease_lost)",
+            handler_runs.clone(),
+        );
+        let dead_letters = Counter::default();
+        registry.register(
+            "dead_letters",
+            "Events that became dead (retries used up or a permanent failure)",
+            dead_letters.clone(),
+        );
+        let queue_depth = Family::<State, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Stored events by state, read at scrape time",
+            queue_depth.clone(),
+        );
+        let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the oldest event waiting to run (pending or retry)",
+            oldest_pending_seconds.clone(),
+        );
+        let store_up = Gauge::default();
+        registry.register(
+            "store_up",
+            "1 if the store answered the last scrape's query",
+            store_up.clone(),
+        );
+        let dingtalk = Family::<Name, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "dingtalk",
+            "DingTalk API client figures: calls this month, quota, remaining, throttled retries, quota rejections",
+            dingtalk.clone(),
+        );
+        Metrics {
+            registry,
+            events_received,
+            callbacks_rejected,
+            ack_seconds,
+            handler_runs,
+            dead_letters,
+            queue_depth,
+            oldest_pending_seconds,
+            store_up,
+            dingtalk,
+        }
+    }
+
+    pub fn event_received(&self, event_type: &str, outcome: &'static str, seconds: f64) {
+        self.events_received
+            .get_or_create(&TypeOutcome {
+                event_type: event_type.to_owned(),
+                outcome,
+            })
+            .inc();
+        self.ack_seconds.observe(seconds);
+    }
+
+    pub fn callback_rejected(&self, reason: &'static str) {
+        self.callbacks_rejected
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn handler_run(&self, event_type: &str, outcome: &'static str) {
+        self.handler_runs
+            .get_or_create(&TypeOutcome {
+                event_type: event_type.to_owned(),
+                outcome,
+            })
+            .inc();
+        if outcome == "dead" {
+            self.dead_letters.inc();
+        }
+    }
+
+    /// Sets a DingTalk client figure (`name` is a fixed label such as `calls_this_month`).
+    pub fn set_dingtalk(&self, name: &'static str, value: f64) {
+        self.dingtalk.get_or_create(&Name { name }).set(value);
+    }
+
+    /// Updates the queue gauges from fresh store statistics (`None`: the store did not answer).
+    pub fn set_queue(&self, stats: Option<&Stats>) {
+        match stats {
+            Some(stats) => {
+                self.store_up.set(1);
+                for (state, count) in &stats.by_state {
+                    self.queue_depth
+                        .get_or_create(&State {
+                            state: state.clone(),
+                        })
+                        .set(i64::try_from(*count).unwrap_or(i64::MAX));
+                }
+                self.oldest_pending_seconds
+                    .set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+            }
+            None => {
+                self.store_up.set(0);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
