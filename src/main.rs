@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use dinghook::app::{shutdown_signal, Application};
 use dinghook::config::Config;
 use dinghook::crypto::{now_millis, random_nonce, verify_signature, Sealed};
-use dinghook::store::{EventState, ListQuery, StoredEvent};
+use dinghook::store::{EventState, ListQuery, ReplaySelector, StoredEvent};
 
 #[derive(Parser)]
 #[command(
@@ -106,6 +106,52 @@ enum EventsCommand {
         config: ConfigArg,
         id: i64,
     },
+    /// Send events back to pending (attempts reset): by id, every dead one, or all received
+    /// since a time.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Event ids.
+        ids: Vec<i64>,
+        /// Every event in this state (usually `dead`).
+        #[arg(long, conflicts_with_all = ["ids", "since"])]
+        state: Option<String>,
+        /// Every event received since TIME: epoch ms, RFC 3339 (2026-11-21T08:00:00Z) or a
+        /// duration ago (`2h`).
+        #[arg(long, conflicts_with = "ids")]
+        since: Option<String>,
+    },
+    /// Counts per state and type, and the age of the oldest waiting event.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Epoch ms from `1795284000000`, `2026-11-21T08:00:00Z` or `2h` (ago).
+fn parse_since(text: &str) -> Result<i64> {
+    if let Ok(ms) = text.trim().parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(time) = humantime::parse_rfc3339_weak(text.trim()) {
+        let ms = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("time before 1970")?
+            .as_millis();
+        return Ok(i64::try_from(ms)?);
+    }
+    let ago = humantime::parse_duration(text.trim()).with_context(|| {
+        format!("--since {text:?}: use epoch ms, an RFC 3339 time or a duration such as 2h")
+    })?;
+    Ok(now_millis() - i64::try_from(ago.as_millis())?)
+}
+
+fn parse_state(text: &str) -> Result<EventState> {
+    EventState::parse(text).with_context(|| {
+        format!("unknown state {text:?}: use pending, running, retry, done or dead")
+    })
 }
 
 fn event_json(e: &StoredEvent) -> serde_json::Value {
@@ -124,7 +170,10 @@ fn event_json(e: &StoredEvent) -> serde_json::Value {
 }
 
 async fn events(command: EventsCommand) -> Result<()> {
-    let (EventsCommand::List { config, .. } | EventsCommand::Show { config, .. }) = &command;
+    let (EventsCommand::List { config, .. }
+    | EventsCommand::Show { config, .. }
+    | EventsCommand::Replay { config, .. }
+    | EventsCommand::Stats { config, .. }) = &command;
     let config =
         Config::load_for_store(config.config.as_deref()).context("invalid configuration")?;
     let store = dinghook::store::open(&config).await?;
@@ -173,6 +222,41 @@ async fn events(command: EventsCommand) -> Result<()> {
             }
             None => Err(anyhow::anyhow!("no event with id {id}")),
         },
+        EventsCommand::Replay {
+            ids, state, since, ..
+        } => {
+            let selector = match (state, since) {
+                (Some(state), _) => ReplaySelector::State(parse_state(&state)?),
+                (None, Some(since)) => ReplaySelector::Since(parse_since(&since)?),
+                (None, None) if !ids.is_empty() => ReplaySelector::Ids(ids),
+                (None, None) => {
+                    bail!("say what to replay: event ids, --state dead or --since TIME")
+                }
+            };
+            let n = store.replay(&selector, now_millis()).await?;
+            println!("{n} event(s) sent back to pending");
+            Ok(())
+        }
+        EventsCommand::Stats { json, .. } => {
+            let stats = store.stats(now_millis()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                for (state, n) in &stats.by_state {
+                    println!("{state:<8} {n}");
+                }
+                match stats.oldest_pending_age_ms {
+                    Some(ms) => println!("oldest waiting event: {:.1} s old", ms as f64 / 1000.0),
+                    None => println!("nothing waiting"),
+                }
+                for (event_type, states) in &stats.by_type {
+                    let parts: Vec<String> =
+                        states.iter().map(|(s, n)| format!("{s}={n}")).collect();
+                    println!("{event_type:<34} {}", parts.join(" "));
+                }
+            }
+            Ok(())
+        }
     };
     store.close().await;
     result

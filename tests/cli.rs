@@ -1,0 +1,114 @@
+//! The operator commands against a real store file, with the server not running.
+
+mod support;
+
+use std::process::Command;
+
+use dinghook::crypto::now_millis;
+use dinghook::store::{NewEvent, Source};
+use support::stores::open_url;
+
+fn dinghook(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dinghook"))
+        .args(args)
+        .env_clear()
+        .env("DINGHOOK_STORE_URL", url)
+        .output()
+        .expect("run dinghook");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn list_show_stats_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let store = open_url(&url).await;
+    let now = now_millis();
+    for (key, event_type) in [
+        ("a", "chat_update_title"),
+        ("b", "chat_update_title"),
+        ("c", "todo_task_create"),
+    ] {
+        store
+            .insert(NewEvent {
+                dedup_key: key.into(),
+                event_type: event_type.into(),
+                corp_id: None,
+                payload: format!(r#"{{"EventType":"{event_type}","k":"{key}"}}"#),
+                source: Source::Push,
+                received_at: now,
+            })
+            .await
+            .unwrap();
+    }
+    // Two die, one is done.
+    let claimed = store.claim("w", 3, 60_000, now).await.unwrap();
+    store
+        .mark_dead(claimed[0].id, "w", "boom", now)
+        .await
+        .unwrap();
+    store
+        .mark_dead(claimed[1].id, "w", "bang", now)
+        .await
+        .unwrap();
+    store.mark_done(claimed[2].id, "w", now).await.unwrap();
+    store.close().await;
+
+    let (ok, out, err) = dinghook(&url, &["events", "list", "--json", "--state", "dead"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        for field in [
+            "id",
+            "dedup_key",
+            "event_type",
+            "state",
+            "attempts",
+            "last_error",
+        ] {
+            assert!(row.get(field).is_some(), "{field} missing in {row}");
+        }
+        assert_eq!(row["state"], "dead");
+        assert_eq!(row["attempts"], 1);
+    }
+
+    let (ok, out, _) = dinghook(&url, &["events", "stats", "--json"]);
+    assert!(ok);
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(stats["by_state"]["dead"], 2);
+    assert_eq!(stats["by_state"]["done"], 1);
+    assert_eq!(stats["by_state"]["pending"], 0);
+    assert_eq!(stats["by_type"]["chat_update_title"]["dead"], 2);
+
+    let (ok, out, _) = dinghook(&url, &["events", "show", &claimed[0].id.to_string()]);
+    assert!(ok);
+    assert!(out.contains("\"boom\""), "{out}");
+
+    let (ok, out, err) = dinghook(&url, &["events", "replay", "--state", "dead"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("2 event(s)"), "{out}");
+    let (_, out, _) = dinghook(&url, &["events", "list", "--json", "--state", "pending"]);
+    assert_eq!(out.lines().count(), 2);
+
+    let id = claimed[2].id.to_string();
+    let (ok, out, _) = dinghook(&url, &["events", "replay", &id]);
+    assert!(ok && out.starts_with("1 event(s)"), "{out}");
+    let (ok, out, _) = dinghook(&url, &["events", "replay", "--since", "1h"]);
+    assert!(ok && out.starts_with("3 event(s)"), "{out}");
+
+    // Mistakes are explained, not panics.
+    let (ok, _, err) = dinghook(&url, &["events", "replay"]);
+    assert!(!ok && err.contains("say what to replay"), "{err}");
+    let (ok, _, err) = dinghook(&url, &["events", "list", "--state", "zombie"]);
+    assert!(!ok && err.contains("unknown state"), "{err}");
+    let (ok, _, err) = dinghook(&url, &["events", "show", "999"]);
+    assert!(!ok && err.contains("no event with id 999"), "{err}");
+}
