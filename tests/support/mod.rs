@@ -229,26 +229,47 @@ impl ServerProcess {
     ) -> ServerProcess {
         // Beside the database's directory, which the server itself must create.
         let log_dir = db.parent().and_then(|d| d.parent()).unwrap_or(db);
+        let url = format!("sqlite://{}", db.display());
+        let mut env = vec![("DINGHOOK_STORE_URL", url.as_str())];
+        env.extend_from_slice(extra_env);
+        Self::start_program(
+            env!("CARGO_BIN_EXE_dinghook"),
+            &["serve"],
+            log_dir,
+            port,
+            &env,
+        )
+        .await
+    }
+
+    /// Starts `program args…` as a dinghook server configured through the environment
+    /// (`DINGHOOK_STORE_URL` must be among `env`), logging into `log_dir`.
+    pub async fn start_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        log_dir: &std::path::Path,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
         let log = log_dir.join(format!("dinghook-{port}.log"));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dinghook"));
+        let mut command = tokio::process::Command::new(program);
         command
-            .arg("serve")
+            .args(args)
             .env_clear()
             .env("DINGHOOK_LISTEN", format!("127.0.0.1:{port}"))
             .env("DINGHOOK_TOKEN", TOKEN)
             .env("DINGHOOK_AES_KEY", AES_KEY)
             .env("DINGHOOK_OWNER_KEY", OWNER_KEY)
-            .env("DINGHOOK_STORE_URL", format!("sqlite://{}", db.display()))
             .env("DINGHOOK_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true);
-        for (k, v) in extra_env {
+        for (k, v) in env {
             command.env(k, v);
         }
         let child = command.spawn().expect("spawn dinghook");
