@@ -1,1 +1,3 @@
 //! dinghook: a DingTalk event-subscription gateway.
+
+pub mod dingtalk;
