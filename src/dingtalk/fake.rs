@@ -1532,8 +1532,9 @@ async fn admin_reset(State(fake): State<FakeDingTalk>) -> Response {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum OneOrMany<T> {
-    One(T),
+    // Tried in order: a list first, since `Value` (and even a struct) would accept a list too.
     Many(Vec<T>),
+    One(T),
 }
 
 async fn admin_faults(State(fake): State<FakeDingTalk>, body: Bytes) -> Response {

@@ -7,17 +7,21 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-/// A sliding-window limiter: at most `limit` permits in any window of `window`.
+/// A sliding-window limiter with even spacing: at most `limit` permits in any window of
+/// `window`, and consecutive permits at least `spacing` apart.
 ///
-/// DingTalk counts calls per app per second; a token bucket would allow a full burst right after
-/// a second of steady traffic, i.e. twice the limit inside one second, which DingTalk answers with
-/// 90018. Keeping the times of the last `limit` permits makes "never more than `limit` in any
-/// window" hold exactly. Each caller *reserves* its slot (the time the oldest permit leaves the
-/// window) and sleeps outside the lock, so waiters are served in arrival order and nobody spins.
+/// DingTalk counts calls per app per second but does not say how (fixed one-second buckets, a
+/// sliding window, a leaky bucket). A token bucket would allow a full burst right after a second
+/// of steady traffic, i.e. up to twice the limit inside one second. Spacing permits evenly
+/// (`1 s / qps`) stays under every one of those schemes, and remembering the times of the last
+/// `limit` permits makes "never more than `limit` in any window" hold exactly, with a small guard
+/// for network jitter. Each caller *reserves* its slot and sleeps outside the lock, so waiters
+/// are served in arrival order and nobody spins.
 #[derive(Debug)]
 pub(crate) struct QpsLimiter {
     limit: usize,
     window: Duration,
+    spacing: Duration,
     /// Start times of the last `limit` permits, oldest first (reserved future slots included).
     /// A std mutex: it is held only to read and push an `Instant`, never across an await.
     slots: Mutex<VecDeque<Instant>>,
@@ -30,13 +34,19 @@ const WINDOW_GUARD: Duration = Duration::from_millis(20);
 impl QpsLimiter {
     /// A limiter for `qps` calls per second (at least 1).
     pub(crate) fn per_second(qps: u32) -> Self {
-        Self::new(qps.max(1) as usize, Duration::from_secs(1) + WINDOW_GUARD)
+        let qps = qps.max(1);
+        Self::new(
+            qps as usize,
+            Duration::from_secs(1) + WINDOW_GUARD,
+            Duration::from_secs(1) / qps,
+        )
     }
 
-    pub(crate) fn new(limit: usize, window: Duration) -> Self {
+    pub(crate) fn new(limit: usize, window: Duration, spacing: Duration) -> Self {
         QpsLimiter {
             limit: limit.max(1),
             window,
+            spacing,
             slots: Mutex::new(VecDeque::with_capacity(limit.max(1))),
         }
     }
@@ -52,14 +62,17 @@ impl QpsLimiter {
         // A poisoned lock only means another caller panicked between two plain pushes; the
         // queue is still a valid list of instants, so keep using it.
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let at = if slots.len() < self.limit {
-            now
-        } else {
-            // Full: the new call may start once the oldest of the last `limit` is a window old.
-            // Reservations are handed out in increasing order, so the queue stays sorted.
-            let oldest = slots.pop_front().unwrap_or(now);
-            now.max(oldest + self.window)
+        let mut at = match slots.back() {
+            Some(last) => now.max(*last + self.spacing),
+            None => now,
         };
+        if slots.len() >= self.limit {
+            // The new call may also start only once the oldest of the last `limit` is a window
+            // old. Reservations are handed out in increasing order, so the queue stays sorted.
+            if let Some(oldest) = slots.pop_front() {
+                at = at.max(oldest + self.window);
+            }
+        }
         slots.push_back(at);
         at
     }
@@ -87,7 +100,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_more_than_limit_in_any_window() {
-        let limiter = std::sync::Arc::new(QpsLimiter::new(5, Duration::from_secs(1)));
+        let limiter = std::sync::Arc::new(QpsLimiter::new(
+            5,
+            Duration::from_secs(1),
+            Duration::from_millis(100),
+        ));
         let start = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..23 {
@@ -112,23 +129,32 @@ mod tests {
                 "{in_window} permits in the window after #{i}"
             );
         }
-        // 23 permits at 5 per second: the last one starts in the 5th second.
-        assert_eq!(times[22] - start, Duration::from_secs(4));
+        // Spaced 100 ms apart, but the window pushes every fifth permit to a full second after
+        // the one five before it: 0, .1, .2, .3, .4, 1.0, 1.1, … so #22 starts at 4.2 s.
+        assert_eq!(times[22] - start, Duration::from_millis(4200));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn idle_limiter_does_not_delay() {
+    async fn calls_are_spaced_evenly_and_the_first_is_not_delayed() {
         let limiter = QpsLimiter::per_second(20);
         let start = Instant::now();
-        for _ in 0..20 {
+        limiter.acquire().await;
+        assert_eq!(Instant::now(), start);
+        for _ in 1..20 {
             limiter.acquire().await;
         }
-        assert_eq!(Instant::now(), start);
+        assert_eq!(Instant::now() - start, Duration::from_millis(19 * 50));
+        // The 21st waits for the window (1 s + guard) after the first, not just 50 ms.
         limiter.acquire().await;
         assert_eq!(
             Instant::now() - start,
             Duration::from_secs(1) + WINDOW_GUARD
         );
+        // After an idle spell the next call goes at once.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let idle = Instant::now();
+        limiter.acquire().await;
+        assert_eq!(Instant::now(), idle);
     }
 
     #[test]
