@@ -3,6 +3,8 @@
 //! Each test starts its own fake and client, calls the client like a handler would, then looks
 //! at what the fake received and what the client reports.
 
+// Loaded by path so it cannot collide with other test helpers under tests/support/.
+#[path = "support/dingtalk.rs"]
 mod support;
 
 use std::sync::Arc;
@@ -702,9 +704,12 @@ async fn fifty_callers_rejected_with_the_same_token_refetch_it_once() {
     let t = start().await.with_alice();
     t.client.get_user("alice", None).await.unwrap();
     t.fake.expire_token();
-    // Hold every answer a little so the fifty requests all carry the old token.
+    // Hold every answer a little so the fifty requests all carry the old token, and the
+    // refetch too, so the rejected callers pile up behind it.
     t.fake
         .set_path_delay(USER_GET, Some(Duration::from_millis(100)));
+    t.fake
+        .set_path_delay("/gettoken", Some(Duration::from_millis(100)));
     let calls: Vec<_> = (0..50)
         .map(|_| {
             let client = t.client.clone();

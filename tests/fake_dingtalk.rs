@@ -1,6 +1,8 @@
 //! The fake DingTalk itself: its `/_fake` admin routes (what curl scripts use) and the protocol
 //! checks it applies, driven with plain HTTP requests.
 
+// Loaded by path so it cannot collide with other test helpers under tests/support/.
+#[path = "support/dingtalk.rs"]
 mod support;
 
 use dinghook::dingtalk::fake::FakeDingTalk;

@@ -47,14 +47,20 @@ impl QpsLimiter {
             limit: limit.max(1),
             window,
             spacing,
-            slots: Mutex::new(VecDeque::with_capacity(limit.max(1))),
+            // Grows to the calls made in one window; a huge configured QPS does not pre-allocate.
+            slots: Mutex::new(VecDeque::with_capacity(limit.clamp(1, 1024))),
         }
     }
 
     /// Waits until a call may start.
     pub(crate) async fn acquire(&self) {
-        let start_at = self.reserve(Instant::now());
-        tokio::time::sleep_until(start_at).await;
+        let now = Instant::now();
+        let start_at = self.reserve(now);
+        // Only sleep when there is something to wait for: tokio's timer rounds every sleep up
+        // to its next millisecond tick, so an "already due" sleep would still cost ~1 ms a call.
+        if start_at > now {
+            tokio::time::sleep_until(start_at).await;
+        }
     }
 
     /// Books the earliest slot at or after `now` and returns its time.
@@ -155,6 +161,19 @@ mod tests {
         let idle = Instant::now();
         limiter.acquire().await;
         assert_eq!(Instant::now(), idle);
+    }
+
+    #[tokio::test]
+    async fn due_permits_do_not_touch_the_timer() {
+        // Real time on purpose: tokio rounds sleeps up to a millisecond tick, so 200 permits
+        // that each went through the timer would take at least 200 ms.
+        let limiter = QpsLimiter::new(1_000_000, Duration::from_secs(1), Duration::ZERO);
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            limiter.acquire().await;
+        }
+        let elapsed = start.elapsed();
+        assert!(elapsed < Duration::from_millis(100), "{elapsed:?}");
     }
 
     #[test]
