@@ -2,11 +2,14 @@
 //!
 //! The journey of an event: [`ingress`] verifies and decrypts it with [`crypto`], the
 //! [`store`] makes it durable (de-duplicated by [`event::dedup_key`]), and only then is
-//! DingTalk answered. [`app::Application`] wires these together from a [`config::Config`].
+//! DingTalk answered. The [`dispatch`]er then runs the [`handler`]s registered for its type,
+//! which call DingTalk back through the one [`dingtalk::Client`]. [`app::Application`] wires
+//! these together from a [`config::Config`].
 
 pub mod app;
 pub mod config;
 pub mod crypto;
+pub mod dingtalk;
 pub mod dispatch;
 pub mod event;
 pub mod handler;

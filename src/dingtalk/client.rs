@@ -1,0 +1,844 @@
+//! [`Client`]: the request pipeline every typed call goes through.
+//!
+//! One attempt is: wait out an IP ban if one is running → get a token (single-flight) → take a
+//! QPS permit → send → classify the answer. The classification decides between success, one
+//! token refetch, a bounded retry with back-off, or an error; and whether the call counts toward
+//! the monthly quota.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::config::ClientConfig;
+use super::error::{
+    Error, AUTH_ERRCODE, BUSY_ERRCODE, INVALID_AUTH_CODE, QUOTA_CODE, QUOTA_ERRCODE,
+    THROTTLE_CODE_PREFIXES, THROTTLE_ERRCODES, TOKEN_ERRCODES,
+};
+use super::lenient;
+use super::limits::{backoff, QpsLimiter};
+use super::quota::{CallCounter, QuotaStatus, QuotaTracker};
+use super::token::{AccessToken, Fetched, TokenCache};
+use super::Result;
+
+/// Header that carries the token on new-API (`api.dingtalk.com/v1.0`) calls.
+pub(crate) const TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
+/// `status` value of DingTalk's per-IP ban answer.
+const BAN_STATUS: i64 = 1111;
+/// Ban length assumed when the ban answer has no usable `wait`.
+const DEFAULT_BAN_WAIT: Duration = Duration::from_secs(5);
+
+/// The DingTalk API client. Cheap to clone; clones share the token, the limiter and the counters,
+/// which is the point: one per app per process.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    http: reqwest::Client,
+    oapi: Url,
+    api: Url,
+    tokens: TokenCache,
+    limiter: QpsLimiter,
+    quota: QuotaTracker,
+    counters: Counters,
+    /// End of a per-IP ban DingTalk told us about. Shared so that every call sits it out, not just
+    /// the one that saw it: the ban is on our address, and calling during it only extends it.
+    /// A std mutex: read and written without awaiting.
+    banned_until: Mutex<Option<Instant>>,
+}
+
+/// Plain atomics for `/metrics`; relaxed ordering is enough for counters read at scrape time.
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    throttled_retries: AtomicU64,
+    busy_retries: AtomicU64,
+    quota_rejections: AtomicU64,
+    ip_bans: AtomicU64,
+    token_rejections: AtomicU64,
+}
+
+/// A snapshot of the client's counters, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// HTTP requests sent to API endpoints (token fetches excluded, retries included).
+    pub requests_sent: u64,
+    /// Retries caused by QPS throttling answers (90018, 90002, `…QpsLimit…`).
+    pub throttled_retries: u64,
+    /// Retries caused by system-busy answers (-1, 5xx) or failed connections.
+    pub busy_retries: u64,
+    /// Calls refused because the monthly quota is used up (90020 / `ApiCountLimitForOrg`).
+    pub quota_rejections: u64,
+    /// Per-IP ban answers received (`status: 1111`).
+    pub ip_bans: u64,
+    /// Access-token fetches started.
+    pub token_fetches: u64,
+    /// Calls refused for an invalid or expired token.
+    pub token_rejections: u64,
+    /// Monthly calls as last read from or written to the counter (a gauge).
+    pub quota_used: u64,
+    /// The configured monthly quota.
+    pub quota_limit: u64,
+    /// Quota threshold warnings logged by this process.
+    pub quota_warnings: u64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which API family a request belongs to; they differ in token placement and error shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// `oapi.dingtalk.com`: token in the query, `errcode` in a 200 body.
+    Old,
+    /// `api.dingtalk.com/v1.0`: token in a header, HTTP status + `code` on error.
+    New,
+}
+
+/// One API request, prepared once and re-sent as is on retries.
+pub(crate) struct Request {
+    family: Family,
+    method: Method,
+    /// Path template, used in logs and errors instead of the real path (which may hold ids).
+    label: String,
+    /// Path segments appended to the base URL (percent-encoded by `Url`).
+    segments: Vec<String>,
+    query: Vec<(String, String)>,
+    body: Option<Bytes>,
+    metered: bool,
+}
+
+impl Request {
+    /// An old-API request to a fixed path such as `/topapi/v2/user/get`.
+    pub(crate) fn old(method: Method, path: &str) -> Request {
+        Request::new(Family::Old, method, path, split(path))
+    }
+
+    /// A new-API request. `label` is the template (`/v1.0/todo/users/{unionId}/tasks/{taskId}`),
+    /// `segments` the actual path segments.
+    pub(crate) fn new_api(method: Method, label: &str, segments: Vec<String>) -> Request {
+        Request::new(Family::New, method, label, segments)
+    }
+
+    fn new(family: Family, method: Method, label: &str, segments: Vec<String>) -> Request {
+        Request {
+            family,
+            method,
+            label: label.to_owned(),
+            segments,
+            query: Vec::new(),
+            body: None,
+            metered: true,
+        }
+    }
+
+    pub(crate) fn json<B: Serialize + ?Sized>(mut self, body: &B) -> Result<Request> {
+        let bytes = serde_json::to_vec(body).map_err(|source| Error::Decode {
+            path: self.label.clone(),
+            source,
+        })?;
+        self.body = Some(Bytes::from(bytes));
+        Ok(self)
+    }
+
+    pub(crate) fn query(mut self, key: &str, value: impl Into<String>) -> Request {
+        self.query.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Marks a call DingTalk does not count toward the monthly quota.
+    pub(crate) fn unmetered(mut self) -> Request {
+        self.metered = false;
+        self
+    }
+}
+
+fn split(path: &str) -> Vec<String> {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The fields of an answer that say how it went, whatever the endpoint.
+#[derive(Default, Deserialize)]
+struct Envelope {
+    #[serde(default, deserialize_with = "lenient::opt_i64")]
+    errcode: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    errmsg: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    request_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    sub_code: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    sub_msg: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    code: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    message: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    requestid: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_i64")]
+    status: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_i64")]
+    wait: Option<i64>,
+}
+
+/// What an answer means for the request loop.
+#[derive(Debug)]
+enum Outcome {
+    Success,
+    InvalidToken { code: String, message: String },
+    Throttled { code: String },
+    Busy(Error),
+    Quota(Error),
+    Banned { wait: Duration },
+    Failed(Error),
+}
+
+impl Outcome {
+    /// Whether DingTalk counts this call toward the monthly quota. Throttled calls are not
+    /// counted (DingTalk's billing rule); refused-for-quota and banned calls were never served.
+    /// Everything else that DingTalk answered is counted, erring toward over-counting so the
+    /// warning comes early rather than late.
+    fn is_counted(&self) -> bool {
+        !matches!(
+            self,
+            Outcome::Throttled { .. } | Outcome::Quota(_) | Outcome::Banned { .. }
+        )
+    }
+}
+
+fn classify(
+    family: Family,
+    status: StatusCode,
+    request_id: Option<String>,
+    body: &[u8],
+) -> Outcome {
+    let parsed = serde_json::from_slice::<Envelope>(body);
+    let envelope = match parsed {
+        Ok(envelope) => envelope,
+        Err(_) => return classify_non_json(status, body),
+    };
+    if envelope.status == Some(BAN_STATUS) {
+        let wait = envelope
+            .wait
+            .filter(|w| *w > 0)
+            .map(|w| Duration::from_secs(w as u64))
+            .unwrap_or(DEFAULT_BAN_WAIT);
+        return Outcome::Banned { wait };
+    }
+    match family {
+        Family::Old => classify_old(status, request_id, envelope, body),
+        Family::New => classify_new(status, request_id, envelope),
+    }
+}
+
+fn classify_old(
+    status: StatusCode,
+    request_id: Option<String>,
+    envelope: Envelope,
+    body: &[u8],
+) -> Outcome {
+    let Some(errcode) = envelope.errcode else {
+        return if status.is_success() {
+            Outcome::Success
+        } else {
+            classify_non_json(status, body)
+        };
+    };
+    if errcode == 0 {
+        return Outcome::Success;
+    }
+    let errmsg = envelope.errmsg.clone().unwrap_or_default();
+    let request_id = envelope.request_id.clone().or(request_id);
+    let is_token_trouble =
+        TOKEN_ERRCODES.contains(&errcode) || (errcode == AUTH_ERRCODE && mentions_token(&envelope));
+    if is_token_trouble {
+        return Outcome::InvalidToken {
+            code: errcode.to_string(),
+            message: errmsg,
+        };
+    }
+    if THROTTLE_ERRCODES.contains(&errcode) {
+        return Outcome::Throttled {
+            code: errcode.to_string(),
+        };
+    }
+    if errcode == QUOTA_ERRCODE {
+        return Outcome::Quota(Error::QuotaExhausted {
+            message: errmsg,
+            request_id,
+        });
+    }
+    let error = Error::Api {
+        errcode,
+        errmsg,
+        request_id,
+    };
+    if errcode == BUSY_ERRCODE || status.is_server_error() {
+        Outcome::Busy(error)
+    } else {
+        Outcome::Failed(error)
+    }
+}
+
+/// Errcode 88 is a generic "authentication problem"; it is token trouble only when the
+/// sub-code or a message says so.
+fn mentions_token(envelope: &Envelope) -> bool {
+    let sub_code_is_token = envelope
+        .sub_code
+        .as_deref()
+        .and_then(|c| c.parse::<i64>().ok())
+        .is_some_and(|c| TOKEN_ERRCODES.contains(&c));
+    sub_code_is_token
+        || [&envelope.errmsg, &envelope.sub_msg, &envelope.sub_code]
+            .into_iter()
+            .flatten()
+            .any(|text| text.to_ascii_lowercase().contains("token"))
+}
+
+fn classify_new(status: StatusCode, request_id: Option<String>, envelope: Envelope) -> Outcome {
+    if status.is_success() {
+        return Outcome::Success;
+    }
+    let code = envelope.code.unwrap_or_default();
+    let message = envelope.message.unwrap_or_default();
+    let request_id = envelope.requestid.or(envelope.request_id).or(request_id);
+    if code == INVALID_AUTH_CODE || status == StatusCode::UNAUTHORIZED {
+        return Outcome::InvalidToken { code, message };
+    }
+    if THROTTLE_CODE_PREFIXES.iter().any(|p| code.starts_with(p))
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
+        return Outcome::Throttled { code };
+    }
+    if code == QUOTA_CODE || code.ends_with("ApiCountLimitForOrg") {
+        return Outcome::Quota(Error::QuotaExhausted {
+            message,
+            request_id,
+        });
+    }
+    let busy = status.is_server_error() || code == "systemError";
+    let error = Error::ApiV2 {
+        status: status.as_u16(),
+        code,
+        message,
+        request_id,
+    };
+    if busy {
+        Outcome::Busy(error)
+    } else {
+        Outcome::Failed(error)
+    }
+}
+
+/// An answer that is not JSON at all: a gateway page, an HTML ban page, an empty 5xx.
+fn classify_non_json(status: StatusCode, body: &[u8]) -> Outcome {
+    if status.is_success() {
+        // Let the typed parse report it; an empty 2xx body is fine for some calls.
+        return Outcome::Success;
+    }
+    let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
+    let error = Error::ApiV2 {
+        status: status.as_u16(),
+        code: String::new(),
+        message: snippet,
+        request_id: None,
+    };
+    match status {
+        StatusCode::UNAUTHORIZED => Outcome::InvalidToken {
+            code: "401".into(),
+            message: String::new(),
+        },
+        StatusCode::TOO_MANY_REQUESTS => Outcome::Throttled { code: "429".into() },
+        s if s.is_server_error() => Outcome::Busy(error),
+        _ => Outcome::Failed(error),
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    #[serde(default, deserialize_with = "lenient::opt_i64")]
+    errcode: Option<i64>,
+    #[serde(default)]
+    errmsg: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_i64")]
+    expires_in: Option<i64>,
+}
+
+impl Client {
+    /// Builds a client. Fails only on bad configuration (empty credentials, unusable URLs, zero
+    /// QPS) or if the HTTP stack cannot be initialised; no request is sent.
+    pub fn new(config: ClientConfig, counter: Arc<dyn CallCounter>) -> Result<Client> {
+        config.validate().map_err(Error::Config)?;
+        let oapi = Url::parse(&config.oapi_url).map_err(|e| Error::Config(e.to_string()))?;
+        let api = Url::parse(&config.api_url).map_err(|e| Error::Config(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .user_agent(config.user_agent.clone())
+            // DingTalk never redirects API calls; following one could leak the token elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        let inner = Inner {
+            tokens: TokenCache::new(config.token_refresh_margin),
+            limiter: QpsLimiter::per_second(config.qps),
+            quota: QuotaTracker::new(counter, config.monthly_quota, config.quota_warn_ratio),
+            counters: Counters::default(),
+            banned_until: Mutex::new(None),
+            http,
+            oapi,
+            api,
+            config,
+        };
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The configuration the client was built with (the secret stays redacted in `Debug`).
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The monthly quota: calls counted this month (by all replicas sharing the store), the
+    /// configured limit, and what is left. Reads the counter; falls back to the last known total
+    /// if the store cannot be read.
+    pub async fn quota(&self) -> QuotaStatus {
+        self.inner.quota.status().await
+    }
+
+    /// Counters for `/metrics`. Cheap: no I/O.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.counters;
+        ClientStats {
+            requests_sent: c.requests.load(Ordering::Relaxed),
+            throttled_retries: c.throttled_retries.load(Ordering::Relaxed),
+            busy_retries: c.busy_retries.load(Ordering::Relaxed),
+            quota_rejections: c.quota_rejections.load(Ordering::Relaxed),
+            ip_bans: c.ip_bans.load(Ordering::Relaxed),
+            token_fetches: self.inner.tokens.fetches(),
+            token_rejections: c.token_rejections.load(Ordering::Relaxed),
+            quota_used: self.inner.quota.last_used(),
+            quota_limit: self.inner.quota.limit(),
+            quota_warnings: self.inner.quota.warnings(),
+        }
+    }
+
+    /// The agent id work notifications need, or a configuration error.
+    pub(crate) fn agent_id(&self) -> Result<i64> {
+        self.inner
+            .config
+            .agent_id
+            .ok_or_else(|| Error::Config("agent_id is not configured".into()))
+    }
+
+    /// Calls any old-API `POST` endpoint with a JSON body and returns the JSON answer, for
+    /// endpoints without a typed method. Same token, limits, retries and counting as typed calls.
+    pub async fn oapi_post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        self.execute(Request::old(Method::POST, path).json(body)?)
+            .await
+    }
+
+    /// A valid access token (fetched if needed), for callers that must talk to DingTalk outside
+    /// this client. Prefer the typed methods: they also respect the limits.
+    pub async fn access_token(&self) -> Result<String> {
+        Ok(self.token().await?.value.to_string())
+    }
+
+    async fn token(&self) -> Result<AccessToken> {
+        self.inner.tokens.get(|| self.fetch_token()).await
+    }
+
+    async fn fetch_token(&self) -> Result<Fetched> {
+        const PATH: &str = "/gettoken";
+        let mut url = self.inner.oapi.clone();
+        push_segments(&mut url, &["gettoken".to_owned()]);
+        url.query_pairs_mut()
+            .append_pair("appkey", &self.inner.config.app_key)
+            .append_pair("appsecret", self.inner.config.app_secret.expose());
+        let response = self
+            .inner
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| Error::from_reqwest(PATH, e))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Error::from_reqwest(PATH, e))?;
+        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|source| {
+            if status.is_success() {
+                Error::Decode {
+                    path: PATH.into(),
+                    source,
+                }
+            } else {
+                Error::ApiV2 {
+                    status: status.as_u16(),
+                    code: String::new(),
+                    message: String::from_utf8_lossy(&body).chars().take(200).collect(),
+                    request_id: None,
+                }
+            }
+        })?;
+        match (answer.errcode.unwrap_or(0), answer.access_token) {
+            (0, Some(value)) if !value.is_empty() => {
+                let secs = answer.expires_in.filter(|s| *s > 0).unwrap_or(7200) as u64;
+                Ok(Fetched {
+                    value,
+                    expires_in: Duration::from_secs(secs),
+                })
+            }
+            (errcode, _) => Err(Error::Api {
+                errcode,
+                errmsg: answer
+                    .errmsg
+                    .unwrap_or_else(|| "no access_token in the answer".into()),
+                request_id: None,
+            }),
+        }
+    }
+
+    /// Sleeps out a running per-IP ban, or gives up if it is longer than `max_ban_wait`.
+    async fn wait_out_ban(&self) -> Result<()> {
+        let until = *self
+            .inner
+            .banned_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(until) = until else { return Ok(()) };
+        let now = Instant::now();
+        if until <= now {
+            return Ok(());
+        }
+        let left = until - now;
+        if left > self.inner.config.max_ban_wait {
+            return Err(Error::IpBanned { wait: left });
+        }
+        tokio::time::sleep_until(until).await;
+        Ok(())
+    }
+
+    fn note_ban(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut banned = self
+            .inner
+            .banned_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if banned.map_or(true, |current| current < until) {
+            *banned = Some(until);
+        }
+    }
+
+    /// Sends `request` until it succeeds or fails for good, and parses the answer as `R`.
+    pub(crate) async fn execute<R: DeserializeOwned>(&self, request: Request) -> Result<R> {
+        let config = &self.inner.config;
+        let counters = &self.inner.counters;
+        let mut attempts: u32 = 0;
+        let mut retries: u32 = 0;
+        let mut token_refetched = false;
+        loop {
+            self.wait_out_ban().await?;
+            let token = self.token().await?;
+            self.inner.limiter.acquire().await;
+            attempts += 1;
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = self.send_once(&request, &token).await;
+            let (status, request_id, body) = match sent {
+                Ok(answer) => answer,
+                Err(err) => {
+                    // A refused connection never reached DingTalk, so repeating it is safe even
+                    // for a message send. Time-outs are not retried here: the request may have
+                    // been processed, and only the caller knows whether repeating is harmless.
+                    if err.is_connect() && retries < config.max_retries {
+                        let delay =
+                            backoff(retries, config.retry_base_delay, config.retry_max_delay);
+                        retries += 1;
+                        counters.busy_retries.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(path = %request.label, ?delay, "connection failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                    return Err(Error::from_reqwest(&request.label, err));
+                }
+            };
+            let outcome = classify(request.family, status, request_id, &body);
+            if request.metered && outcome.is_counted() {
+                self.inner.quota.record_call().await;
+            }
+            match outcome {
+                Outcome::Success => return parse_answer(&request.label, &body),
+                Outcome::InvalidToken { code, message } => {
+                    counters.token_rejections.fetch_add(1, Ordering::Relaxed);
+                    self.inner.tokens.invalidate(&token);
+                    if token_refetched {
+                        return Err(Error::InvalidToken { code, message });
+                    }
+                    // Does not use up a retry: a refetch is a different remedy than waiting.
+                    token_refetched = true;
+                    tracing::info!(path = %request.label, %code, "access token rejected; fetching a new one");
+                }
+                Outcome::Throttled { code } => {
+                    if retries >= config.max_retries {
+                        tracing::warn!(path = %request.label, %code, attempts, "still throttled after retries");
+                        return Err(Error::Throttled { code, attempts });
+                    }
+                    let delay = backoff(retries, config.retry_base_delay, config.retry_max_delay);
+                    retries += 1;
+                    counters.throttled_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %request.label, %code, ?delay, "throttled by DingTalk; backing off");
+                    tokio::time::sleep(delay).await;
+                }
+                Outcome::Busy(error) => {
+                    if retries >= config.max_retries {
+                        return Err(error);
+                    }
+                    let delay = backoff(retries, config.retry_base_delay, config.retry_max_delay);
+                    retries += 1;
+                    counters.busy_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %request.label, %error, ?delay, "DingTalk busy; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Outcome::Quota(error) => {
+                    counters.quota_rejections.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(path = %request.label, %error, "DingTalk monthly API quota exhausted; not retrying");
+                    return Err(error);
+                }
+                Outcome::Banned { wait } => {
+                    counters.ip_bans.fetch_add(1, Ordering::Relaxed);
+                    self.note_ban(wait);
+                    tracing::warn!(path = %request.label, ?wait, "IP banned by DingTalk");
+                    if retries >= config.max_retries || wait > config.max_ban_wait {
+                        return Err(Error::IpBanned { wait });
+                    }
+                    retries += 1;
+                    // The next turn of the loop sleeps until the ban ends.
+                }
+                Outcome::Failed(error) => return Err(error),
+            }
+        }
+    }
+
+    /// One HTTP exchange. Returns the reqwest error untouched so the caller can tell a failed
+    /// connection (safe to repeat) from a time-out.
+    async fn send_once(
+        &self,
+        request: &Request,
+        token: &AccessToken,
+    ) -> std::result::Result<(StatusCode, Option<String>, Bytes), reqwest::Error> {
+        let base = match request.family {
+            Family::Old => &self.inner.oapi,
+            Family::New => &self.inner.api,
+        };
+        let mut url = base.clone();
+        push_segments(&mut url, &request.segments);
+        if request.family == Family::Old || !request.query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            if request.family == Family::Old {
+                pairs.append_pair("access_token", &token.value);
+            }
+            for (key, value) in &request.query {
+                pairs.append_pair(key, value);
+            }
+        }
+        let mut builder = self.inner.http.request(request.method.clone(), url);
+        if request.family == Family::New {
+            match HeaderValue::from_str(&token.value) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    builder = builder.header(TOKEN_HEADER, value);
+                }
+                // A token DingTalk handed us that is not a valid header value: send none and let
+                // DingTalk's InvalidAuthentication answer drive a refetch.
+                Err(_) => tracing::warn!("access token is not a valid header value"),
+            }
+        }
+        if let Some(body) = &request.body {
+            builder = builder
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        let response = builder.send().await?;
+        let status = response.status();
+        let request_id = response
+            .headers()
+            .get("x-acs-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.bytes().await?;
+        Ok((status, request_id, body))
+    }
+}
+
+fn push_segments(url: &mut Url, segments: &[String]) {
+    // Base URLs are validated as http(s) in `ClientConfig::validate`, which always have a path,
+    // so `path_segments_mut` cannot fail here; if it somehow did, the request would go to the
+    // base URL and DingTalk would answer 404, which is reported, not hidden.
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+}
+
+fn parse_answer<R: DeserializeOwned>(label: &str, body: &[u8]) -> Result<R> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|source| Error::Decode {
+        path: label.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn old(body: &str) -> Outcome {
+        classify(Family::Old, StatusCode::OK, None, body.as_bytes())
+    }
+
+    fn new(status: u16, body: &str) -> Outcome {
+        classify(
+            Family::New,
+            StatusCode::from_u16(status).unwrap(),
+            None,
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn old_api_codes_are_classified() {
+        assert!(matches!(
+            old(r#"{"errcode":0,"errmsg":"ok"}"#),
+            Outcome::Success
+        ));
+        for code in [40014, 42001, 40001] {
+            let body = format!(r#"{{"errcode":{code},"errmsg":"x"}}"#);
+            assert!(matches!(old(&body), Outcome::InvalidToken { .. }), "{code}");
+        }
+        assert!(matches!(
+            old(
+                r#"{"errcode":88,"errmsg":"鉴权异常","sub_code":"40014","sub_msg":"不合法的access_token"}"#
+            ),
+            Outcome::InvalidToken { .. }
+        ));
+        assert!(matches!(
+            old(r#"{"errcode":88,"errmsg":"鉴权异常","sub_msg":"权限不足"}"#),
+            Outcome::Failed(_)
+        ));
+        assert!(matches!(
+            old(r#"{"errcode":90018,"errmsg":"qps"}"#),
+            Outcome::Throttled { .. }
+        ));
+        assert!(matches!(
+            old(r#"{"errcode":90002,"errmsg":"qps"}"#),
+            Outcome::Throttled { .. }
+        ));
+        assert!(matches!(
+            old(r#"{"errcode":90020,"errmsg":"quota"}"#),
+            Outcome::Quota(_)
+        ));
+        assert!(matches!(
+            old(r#"{"errcode":-1,"errmsg":"busy"}"#),
+            Outcome::Busy(_)
+        ));
+        match old(r#"{"errcode":60121,"errmsg":"找不到该用户","request_id":"r1"}"#) {
+            Outcome::Failed(err) => {
+                assert_eq!(err.errcode(), Some(60121));
+                assert_eq!(err.request_id(), Some("r1"));
+                assert!(err.is_permanent() && !err.is_retryable());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn new_api_codes_are_classified() {
+        assert!(matches!(
+            new(200, r#"{"processQueryKey":"k"}"#),
+            Outcome::Success
+        ));
+        assert!(matches!(
+            new(
+                400,
+                r#"{"code":"InvalidAuthentication","message":"不合法的access_token"}"#
+            ),
+            Outcome::InvalidToken { .. }
+        ));
+        assert!(matches!(new(401, ""), Outcome::InvalidToken { .. }));
+        assert!(matches!(
+            new(
+                403,
+                r#"{"code":"Forbidden.AccessDenied.QpsLimitForAppkeyAndApi"}"#
+            ),
+            Outcome::Throttled { .. }
+        ));
+        assert!(matches!(
+            new(
+                403,
+                r#"{"code":"Forbidden.AccessDenied.ApiCountLimitForOrg"}"#
+            ),
+            Outcome::Quota(_)
+        ));
+        assert!(matches!(new(503, "<html>busy</html>"), Outcome::Busy(_)));
+        match new(
+            400,
+            r#"{"code":"invalid.openConversationId","message":"m","requestid":"r2"}"#,
+        ) {
+            Outcome::Failed(err) => {
+                assert_eq!(err.code(), Some("invalid.openConversationId"));
+                assert_eq!(err.request_id(), Some("r2"));
+                assert!(err.is_permanent());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ban_body_is_recognised_on_either_family() {
+        let body = r#"{"status":1111,"wait":7,"punish":"deny"}"#;
+        for family in [Family::Old, Family::New] {
+            match classify(family, StatusCode::FORBIDDEN, None, body.as_bytes()) {
+                Outcome::Banned { wait } => assert_eq!(wait, Duration::from_secs(7)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn counting_rules() {
+        assert!(old(r#"{"errcode":0}"#).is_counted());
+        assert!(old(r#"{"errcode":60121}"#).is_counted());
+        assert!(!old(r#"{"errcode":90018}"#).is_counted());
+        assert!(!old(r#"{"errcode":90020}"#).is_counted());
+    }
+}

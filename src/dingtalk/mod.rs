@@ -1,0 +1,47 @@
+//! The one client for every outbound DingTalk call, and a fake DingTalk to test it against.
+//!
+//! [`Client`] owns the access token (cached, refreshed ahead of expiry, one fetch in flight),
+//! a QPS limiter shared by all calls, the monthly call counter (persisted through
+//! [`CallCounter`], so restarts and replicas share it) and the retry policy for DingTalk's
+//! throttling and system-busy answers. Each API family lives in its own module and adds typed
+//! methods to [`Client`]. [`fake`] is a real HTTP server that speaks the same endpoints, so tests
+//! and scripts point the client's base URLs at loopback.
+
+mod attendance;
+mod callback;
+mod client;
+mod config;
+mod error;
+pub mod fake;
+mod group;
+mod lenient;
+mod limits;
+mod message;
+mod quota;
+mod robot;
+mod todo;
+mod token;
+mod user;
+
+pub use attendance::{
+    AttendanceCheckResult, AttendanceListRequest, AttendanceListResult, AttendanceRecord,
+    AttendanceUpdateData,
+};
+pub use callback::{FailedCallback, FailedCallbackPage};
+pub use client::{Client, ClientStats};
+pub use config::{ClientConfig, Secret, DEFAULT_API_URL, DEFAULT_OAPI_URL};
+pub use error::Error;
+pub use group::SceneGroupInfo;
+pub use message::{
+    ActionCard, ActionCardButton, ForbiddenEntry, Link, Markdown, OaBody, OaForm, OaHead,
+    OaMessage, OaRich, OaStatusBar, SendProgress, SendResult, Text, WorkMessage, WorkNotification,
+};
+pub use quota::{current_month, month_of, CallCounter, CounterError, MemoryCounter, QuotaStatus};
+pub use robot::RobotGroupMessage;
+pub use todo::{
+    TodoDetailUrl, TodoTask, TodoTaskUpdate, WorkRecord, WorkRecordForm, WorkRecordPage,
+};
+pub use user::{UserByUnionId, UserDetail};
+
+/// Result type of every client call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

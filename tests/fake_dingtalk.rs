@@ -1,0 +1,271 @@
+//! The fake DingTalk itself: its `/_fake` admin routes (what curl scripts use) and the protocol
+//! checks it applies, driven with plain HTTP requests.
+
+// Loaded by path so it cannot collide with other test helpers under tests/support/.
+#[path = "support/dingtalk.rs"]
+mod support;
+
+use dinghook::dingtalk::fake::FakeDingTalk;
+use dinghook::dingtalk::Error;
+use serde_json::{json, Value};
+use support::{start, APP_KEY, APP_SECRET};
+
+async fn post(http: &reqwest::Client, url: String, body: &str) -> (u16, Value) {
+    // No Content-Type on purpose: `curl -d` does not send a JSON one either.
+    let response = http.post(url).body(body.to_owned()).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+async fn raw_token(http: &reqwest::Client, base: &str) -> String {
+    let url = format!("{base}/gettoken?appkey={APP_KEY}&appsecret={APP_SECRET}");
+    let answer = get_json(http, url).await;
+    answer["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn admin_routes_script_the_fake_over_http() {
+    let t = start().await;
+    let http = reqwest::Client::new();
+    let admin = |route: &str| format!("{}/_fake{route}", t.base_url);
+
+    let (status, _) = post(
+        &http,
+        admin("/users"),
+        r#"[{"userid": "alice", "unionid": "u-a", "mobile": "1380"}]"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        &http,
+        admin("/faults"),
+        r#"{"path": "/topapi/v2/user/get", "errcode": 90018, "times": 1}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        t.client.get_user("alice", None).await.unwrap().userid,
+        "alice"
+    );
+
+    let calls = get_json(&http, admin("/calls?path=/topapi/v2/user/get")).await;
+    let calls = calls.as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["answer_code"], "90018");
+    assert_eq!(calls[1]["answer_code"], "0");
+    assert_eq!(calls[1]["method"], "POST");
+    assert_eq!(calls[1]["body"], json!({"userid": "alice"}));
+    assert!(calls[1]["query"]["access_token"].is_string());
+    assert!(calls[1]["at_ms"].as_f64().unwrap() >= calls[0]["at_ms"].as_f64().unwrap());
+
+    let state = get_json(&http, admin("/state")).await;
+    assert_eq!(state["token_fetches"], 1);
+    assert_eq!(state["quota_used"], 1, "the throttled call was not served");
+
+    // Failed pushes, in pages of one.
+    let (status, _) = post(
+        &http,
+        admin("/failed-callbacks"),
+        r#"{"entries": [{"call_back_tag": "a", "event_time": 1}, {"call_back_tag": "b", "event_time": 2}], "page_size": 1}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let page = t.client.failed_callbacks().await.unwrap();
+    assert!(page.has_more);
+    assert_eq!(page.entries[0].tag.as_deref(), Some("a"));
+    assert_eq!(
+        get_json(&http, admin("/state")).await["failed_callbacks_left"],
+        1
+    );
+
+    // Token expiry, quota and bans, all from outside.
+    post(&http, admin("/token/expire"), "").await;
+    t.client.get_user("alice", None).await.unwrap();
+    assert_eq!(get_json(&http, admin("/state")).await["token_fetches"], 2);
+
+    post(&http, admin("/quota"), r#"{"limit": 3, "used": 3}"#).await;
+    let err = t.client.get_user("alice", None).await.unwrap_err();
+    assert!(matches!(err, Error::QuotaExhausted { .. }), "{err:?}");
+    post(&http, admin("/quota"), r#"{"limit": null}"#).await;
+
+    post(&http, admin("/ban"), r#"{"wait": 1}"#).await;
+    t.client.get_user("alice", None).await.unwrap();
+    assert_eq!(t.client.stats().ip_bans, 1);
+
+    // A delayed answer.
+    post(
+        &http,
+        admin("/delay"),
+        r#"{"ms": 300, "path": "/topapi/v2/user/get"}"#,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    t.client.get_user("alice", None).await.unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    post(
+        &http,
+        admin("/delay"),
+        r#"{"ms": 0, "path": "/topapi/v2/user/get"}"#,
+    )
+    .await;
+
+    // Send results for a task, set over HTTP.
+    let task = t
+        .client
+        .send_work_notification(&dinghook::dingtalk::WorkNotification::to_users(
+            ["alice", "bob"],
+            dinghook::dingtalk::WorkMessage::Text {
+                text: dinghook::dingtalk::Text {
+                    content: "x".into(),
+                },
+            },
+        ))
+        .await
+        .unwrap();
+    let default = t.client.work_notification_result(task).await.unwrap();
+    assert_eq!(default.unread_user_id_list, ["alice", "bob"]);
+    post(
+        &http,
+        admin(&format!("/send-results/{task}")),
+        r#"{"read_user_id_list": ["alice"], "forbidden_user_id_list": ["bob"]}"#,
+    )
+    .await;
+    let result = t.client.work_notification_result(task).await.unwrap();
+    assert_eq!(result.read_user_id_list, ["alice"]);
+    assert_eq!(result.forbidden_user_id_list, ["bob"]);
+
+    // Bad JSON is a 400 that says why; reset forgets everything.
+    let (status, body) = post(&http, admin("/faults"), "{not json").await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("bad JSON"));
+    post(&http, admin("/reset"), "").await;
+    assert_eq!(
+        get_json(&http, admin("/calls"))
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // The fake forgot its token (the client refetches) and its users (so: not found).
+    let err = t.client.get_user("alice", None).await.unwrap_err();
+    assert_eq!(err.errcode(), Some(60121), "{err:?}");
+}
+
+#[tokio::test]
+async fn fake_checks_where_the_token_goes_and_what_the_body_looks_like() {
+    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
+    let http = reqwest::Client::new();
+    let token = raw_token(&http, &base).await;
+
+    // Old API without a token, new API with the token in the query instead of the header.
+    let answer: Value = http
+        .post(format!("{base}/topapi/v2/user/get"))
+        .json(&json!({"userid": "alice"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["errcode"], 40014);
+    let response = http
+        .post(format!(
+            "{base}/v1.0/im/sceneGroups/query?access_token={token}"
+        ))
+        .json(&json!({"openConversationId": "cid"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["code"], "InvalidAuthentication");
+
+    // Wrong method, unknown path.
+    let response = http
+        .get(format!("{base}/topapi/v2/user/get?access_token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    let response = http
+        .post(format!("{base}/topapi/nope?access_token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+
+    // msgParam must be a JSON string, not an object.
+    let response = http
+        .post(format!("{base}/v1.0/robot/groupMessages/send"))
+        .header("x-acs-dingtalk-access-token", &token)
+        .json(
+            &json!({"robotCode": "r", "openConversationId": "cid", "msgKey": "sampleText",
+                      "msgParam": {"content": "x"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["code"], "invalidParameter.msgParam.invalid");
+
+    // userid_list must be a comma-separated string, not a JSON list.
+    let answer: Value = http
+        .post(format!(
+            "{base}/topapi/message/corpconversation/asyncsend_v2?access_token={token}"
+        ))
+        .json(&json!({"agent_id": 1, "userid_list": ["a", "b"],
+                      "msg": {"msgtype": "text", "text": {"content": "x"}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["errcode"], 40035);
+    assert!(fake.sent_messages().is_empty());
+
+    // Asking for a token while it is valid returns the same one, as DingTalk does.
+    assert_eq!(raw_token(&http, &base).await, token);
+}
+
+#[tokio::test]
+async fn fake_throttles_above_its_qps_and_bans_on_request() {
+    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
+    fake.add_user(json!({"userid": "alice"}));
+    let http = reqwest::Client::new();
+    let token = raw_token(&http, &base).await;
+    fake.set_qps_limit(Some(5));
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        let answer: Value = http
+            .post(format!("{base}/topapi/v2/user/get?access_token={token}"))
+            .json(&json!({"userid": "alice"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        codes.push(answer["errcode"].as_i64().unwrap());
+    }
+    assert_eq!(codes, [0, 0, 0, 0, 0, 90018, 90018, 90018]);
+    assert_eq!(fake.quota_used(), 5, "throttled calls are not served");
+
+    fake.set_qps_limit(None);
+    fake.ban_next(7, 1);
+    let response = http
+        .post(format!("{base}/topapi/v2/user/get?access_token={token}"))
+        .json(&json!({"userid": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["status"], 1111);
+    assert_eq!(answer["wait"], 7);
+}
