@@ -29,6 +29,8 @@ pub enum AppError {
     Serve(std::io::Error),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("DingTalk client: {0}")]
+    Client(#[from] crate::dingtalk::Error),
 }
 
 /// Collects handlers, then builds the [`Application`].
@@ -68,6 +70,7 @@ pub struct Application {
     router: axum::Router,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
+    client: Option<crate::dingtalk::Client>,
 }
 
 impl Application {
@@ -95,6 +98,16 @@ impl Application {
         let addr = config.listen_addr()?;
         let store = store::open(&config).await?;
         let metrics = Arc::new(Metrics::new());
+        let client = if config.dingtalk_enabled() {
+            let counter = Arc::new(store::StoreCallCounter(Arc::clone(&store)));
+            Some(crate::dingtalk::Client::new(
+                config.dingtalk.clone(),
+                counter,
+            )?)
+        } else {
+            tracing::info!("no DingTalk app key configured: handlers cannot call DingTalk");
+            None
+        };
         let wake = Arc::new(tokio::sync::Notify::new());
         let dispatcher = Arc::new(Dispatcher::new(
             Arc::clone(&store),
@@ -102,6 +115,7 @@ impl Application {
             config.dispatch.clone(),
             Arc::clone(&metrics),
             Arc::clone(&wake),
+            client.clone(),
         ));
         let state = Arc::new(IngressState {
             cipher,
@@ -111,6 +125,7 @@ impl Application {
             request_timeout: config.request_timeout,
             metrics: Arc::clone(&metrics),
             stored: wake,
+            client: client.clone(),
         });
         let router = ingress::router(state, &config.callback.path);
         let listener = TcpListener::bind(addr)
@@ -127,7 +142,13 @@ impl Application {
             router,
             dispatcher,
             metrics,
+            client,
         })
+    }
+
+    /// The DingTalk client, when an app key is configured.
+    pub fn client(&self) -> Option<crate::dingtalk::Client> {
+        self.client.clone()
     }
 
     pub fn dispatcher(&self) -> Arc<Dispatcher> {
@@ -160,6 +181,7 @@ impl Application {
             router,
             dispatcher,
             metrics: _,
+            client: _,
         } = self;
         tracing::info!(
             %local_addr,

@@ -53,6 +53,13 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("callback.replay_window", "DINGHOOK_REPLAY_WINDOW"),
     ("store.url", "DINGHOOK_STORE_URL"),
     ("store.max_batch", "DINGHOOK_STORE_MAX_BATCH"),
+    ("dingtalk.app_key", "DINGHOOK_APP_KEY"),
+    ("dingtalk.app_secret", "DINGHOOK_APP_SECRET"),
+    ("dingtalk.agent_id", "DINGHOOK_AGENT_ID"),
+    ("dingtalk.oapi_url", "DINGHOOK_DINGTALK_OAPI_URL"),
+    ("dingtalk.api_url", "DINGHOOK_DINGTALK_API_URL"),
+    ("dingtalk.qps", "DINGHOOK_DINGTALK_QPS"),
+    ("dingtalk.monthly_quota", "DINGHOOK_DINGTALK_MONTHLY_QUOTA"),
     ("dispatch.enabled", "DINGHOOK_DISPATCH"),
     ("dispatch.workers", "DINGHOOK_WORKERS"),
     ("dispatch.batch_size", "DINGHOOK_BATCH_SIZE"),
@@ -96,6 +103,8 @@ pub struct Config {
     pub callback: CallbackConfig,
     pub store: StoreConfig,
     pub dispatch: DispatchConfig,
+    /// The DingTalk API client the handlers use.
+    pub dingtalk: crate::dingtalk::ClientConfig,
 }
 
 /// The dispatcher: workers that claim stored events and run their handlers.
@@ -174,6 +183,7 @@ impl Default for Config {
             callback: CallbackConfig::default(),
             store: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
+            dingtalk: crate::dingtalk::ClientConfig::default(),
         }
     }
 }
@@ -329,6 +339,24 @@ impl Config {
             "callback.replay_window" => self.callback.replay_window = duration(&value)?,
             "store.url" => self.store.url = value,
             "store.max_batch" => self.store.max_batch = number(&value)?,
+            "dingtalk.app_key" => self.dingtalk.app_key = value,
+            "dingtalk.app_secret" => self.dingtalk.app_secret = Secret::new(value),
+            "dingtalk.agent_id" => {
+                self.dingtalk.agent_id = match value.trim() {
+                    "" => None,
+                    v => Some(
+                        v.parse()
+                            .map_err(|_| invalid(key, format!("{v:?} is not a number")))?,
+                    ),
+                }
+            }
+            "dingtalk.oapi_url" => self.dingtalk.oapi_url = value,
+            "dingtalk.api_url" => self.dingtalk.api_url = value,
+            "dingtalk.qps" => {
+                self.dingtalk.qps =
+                    u32::try_from(number(&value)?).map_err(|_| invalid(key, "is too large"))?
+            }
+            "dingtalk.monthly_quota" => self.dingtalk.monthly_quota = number(&value)? as u64,
             "dispatch.enabled" => {
                 self.dispatch.enabled = match value.trim() {
                     "true" | "on" | "1" => true,
@@ -425,9 +453,26 @@ impl Config {
         if !(0.0..1.0).contains(&d.retry_jitter) {
             return Err(invalid("dispatch.retry_jitter", "must be in 0.0..1.0"));
         }
+        // The client is optional (without an app key, handlers cannot call DingTalk); when an
+        // app key is given, everything the client needs must be right.
+        if self.dingtalk_enabled() {
+            self.dingtalk
+                .validate()
+                .map_err(|m| invalid("dingtalk.app_key", m))?;
+        } else if !self.dingtalk.app_secret.is_empty() {
+            return Err(invalid(
+                "dingtalk.app_key",
+                "is empty while dingtalk.app_secret is set: set both or neither",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
         Ok(())
+    }
+
+    /// True when an app key is configured, so handlers get a DingTalk client.
+    pub fn dingtalk_enabled(&self) -> bool {
+        !self.dingtalk.app_key.trim().is_empty()
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -574,6 +619,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dispatch.handler_timeout"), "{err}");
+    }
+
+    #[test]
+    fn dingtalk_client_settings_from_the_environment() {
+        let mut vars = minimal();
+        vars.extend([
+            ("DINGHOOK_APP_KEY", "dingappkey"),
+            ("DINGHOOK_APP_SECRET", "app-secret-value"),
+            ("DINGHOOK_AGENT_ID", "123"),
+            ("DINGHOOK_DINGTALK_OAPI_URL", "http://127.0.0.1:9000"),
+            ("DINGHOOK_DINGTALK_API_URL", "http://127.0.0.1:9000"),
+            ("DINGHOOK_DINGTALK_QPS", "40"),
+            ("DINGHOOK_DINGTALK_MONTHLY_QUOTA", "200000"),
+        ]);
+        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        assert!(c.dingtalk_enabled());
+        assert_eq!(c.dingtalk.agent_id, Some(123));
+        assert_eq!(c.dingtalk.qps, 40);
+        assert_eq!(c.dingtalk.monthly_quota, 200_000);
+        assert_eq!(c.dingtalk.oapi_url, "http://127.0.0.1:9000");
+        assert!(!c.to_redacted_toml().contains("app-secret-value"));
+
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_APP_SECRET", "x"));
+        let err = Config::load_with_env(None, env(&vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DINGHOOK_APP_KEY"), "{err}");
+        let mut vars = minimal();
+        vars.extend([
+            ("DINGHOOK_APP_KEY", "k"),
+            ("DINGHOOK_APP_SECRET", "s"),
+            ("DINGHOOK_DINGTALK_QPS", "0"),
+        ]);
+        let err = Config::load_with_env(None, env(&vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("qps"), "{err}");
     }
 
     #[test]

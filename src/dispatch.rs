@@ -65,6 +65,7 @@ pub struct Dispatcher {
     node: String,
     /// Poked by the callback path after a commit, so new events do not wait a poll interval.
     wake: Arc<Notify>,
+    client: Option<crate::dingtalk::Client>,
 }
 
 impl Dispatcher {
@@ -74,6 +75,7 @@ impl Dispatcher {
         config: DispatchConfig,
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
+        client: Option<crate::dingtalk::Client>,
     ) -> Self {
         let node = format!(
             "{}-{}",
@@ -87,6 +89,7 @@ impl Dispatcher {
             metrics,
             node,
             wake,
+            client,
         }
     }
 
@@ -219,6 +222,7 @@ impl Dispatcher {
         let ctx = Context {
             store: Arc::clone(&self.store),
             record: Arc::new(record),
+            client: self.client.clone(),
         };
         // A panicking handler is a failed run, not a dead worker.
         let run = tokio::spawn(async move { handler.handle(event, ctx).await });

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::dingtalk::Client;
 use crate::event::{self, ChatUpdateTitle, CheckRecord, CoolAppChange, Event, TodoTaskChange};
 use crate::store::{Store, StoreError, StoredEvent};
 
@@ -52,12 +53,38 @@ impl From<StoreError> for HandlerError {
     }
 }
 
-/// What a handler gets besides the event: the store, and the stored row it came from.
+/// What a handler gets besides the event: the store, the DingTalk client, and the stored row
+/// it came from.
 #[derive(Clone)]
 pub struct Context {
     pub store: Arc<dyn Store>,
     /// The row: id, de-duplication key, attempt number (1 on the first run).
     pub record: Arc<StoredEvent>,
+    /// `None` when no app key is configured.
+    pub client: Option<Client>,
+}
+
+impl Context {
+    /// The DingTalk client, or a permanent failure explaining how to configure it.
+    pub fn dingtalk(&self) -> Result<&Client, HandlerError> {
+        self.client.as_ref().ok_or_else(|| {
+            HandlerError::permanent(
+                "no DingTalk client: set DINGHOOK_APP_KEY and DINGHOOK_APP_SECRET",
+            )
+        })
+    }
+}
+
+impl From<crate::dingtalk::Error> for HandlerError {
+    /// Permanent DingTalk errors (bad parameters, missing permissions) kill the event; the
+    /// rest (network, throttling, quota, time-outs) are retried on the schedule.
+    fn from(e: crate::dingtalk::Error) -> Self {
+        if e.is_permanent() {
+            HandlerError::Permanent(e.to_string())
+        } else {
+            HandlerError::Transient(e.to_string())
+        }
+    }
 }
 
 /// Runs for one event type.

@@ -32,6 +32,8 @@ pub struct IngressState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Poked after each new event is committed, so an idle dispatcher starts at once.
     pub stored: Arc<tokio::sync::Notify>,
+    /// For the quota figures in `/metrics`.
+    pub client: Option<crate::dingtalk::Client>,
 }
 
 /// Why a callback was refused.

@@ -156,9 +156,35 @@ impl Metrics {
         }
     }
 
-    /// Sets a DingTalk client figure (`name` is a fixed label such as `calls_this_month`).
-    pub fn set_dingtalk(&self, name: &'static str, value: f64) {
-        self.dingtalk.get_or_create(&Name { name }).set(value);
+    /// Sets the DingTalk client figures from its quota status and counters.
+    pub fn set_quota(
+        &self,
+        quota: &crate::dingtalk::QuotaStatus,
+        stats: &crate::dingtalk::ClientStats,
+    ) {
+        let limit = quota.limit as f64;
+        for (name, value) in [
+            ("calls_this_month", quota.used as f64),
+            ("monthly_quota", limit),
+            ("quota_remaining", quota.remaining as f64),
+            (
+                "quota_used_ratio",
+                if limit > 0.0 {
+                    quota.used as f64 / limit
+                } else {
+                    0.0
+                },
+            ),
+            ("requests_sent", stats.requests_sent as f64),
+            ("throttled_retries", stats.throttled_retries as f64),
+            ("busy_retries", stats.busy_retries as f64),
+            ("quota_rejections", stats.quota_rejections as f64),
+            ("ip_bans", stats.ip_bans as f64),
+            ("token_fetches", stats.token_fetches as f64),
+            ("quota_warnings", stats.quota_warnings as f64),
+        ] {
+            self.dingtalk.get_or_create(&Name { name }).set(value);
+        }
     }
 
     /// Updates the queue gauges from fresh store statistics (`None`: the store did not answer).

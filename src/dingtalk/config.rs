@@ -1,61 +1,24 @@
 //! Client configuration. Plain data: the lead's config layer fills it from the TOML file and
 //! `DINGHOOK_*` variables; the client itself never reads the environment.
 
-use std::fmt;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::config::duration_str;
 
 /// Old-API base URL (token in the query, `errcode` in the body).
 pub const DEFAULT_OAPI_URL: &str = "https://oapi.dingtalk.com";
 /// New-API base URL (token in a header, HTTP status + `code` on error).
 pub const DEFAULT_API_URL: &str = "https://api.dingtalk.com";
 
-/// A string that must never reach a log line, an error or a `Debug` dump.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that has to send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// True when no secret was configured.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(value: &str) -> Self {
-        Secret::new(value)
-    }
-}
+pub use crate::secret::Secret;
 
 /// Everything [`Client`](super::Client) needs. `Default` gives the Standard edition's limits and
 /// the real DingTalk base URLs; only the app key, secret and (for work notifications) agent id
 /// have to be filled in.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
     /// The app's AppKey (Client ID).
     pub app_key: String,
@@ -75,25 +38,25 @@ pub struct ClientConfig {
     /// Share of the monthly quota at which a warning is logged (0.8 = 80 %).
     pub quota_warn_ratio: f64,
     /// Time allowed to open a TCP + TLS connection.
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
     /// Time allowed for one whole request, answer included.
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "duration_str")]
     pub request_timeout: Duration,
     /// Retries after a throttled / busy / banned answer (so at most `max_retries + 1` requests).
     pub max_retries: u32,
     /// First back-off delay; doubled on every retry, with jitter. DingTalk advises about 1 s.
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "duration_str")]
     pub retry_base_delay: Duration,
     /// Ceiling on one back-off delay.
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "duration_str")]
     pub retry_max_delay: Duration,
     /// Longest per-IP ban (`status: 1111`) a call will sit out before giving up with
     /// [`Error::IpBanned`](super::Error::IpBanned); longer bans are left to the dispatcher.
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "duration_str")]
     pub max_ban_wait: Duration,
     /// How long before expiry the token is replaced (capped at half its lifetime).
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "duration_str")]
     pub token_refresh_margin: Duration,
     /// `User-Agent` header sent with every request.
     pub user_agent: String,
@@ -144,18 +107,6 @@ impl ClientConfig {
             }
         }
         Ok(())
-    }
-}
-
-/// Durations written as humantime strings ("5s", "1m 30s").
-mod humantime_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 

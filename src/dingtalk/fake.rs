@@ -557,12 +557,7 @@ pub async fn run(listen: SocketAddr) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "fake DingTalk listening; point both base URLs at http://{addr}");
     axum::serve(listener, FakeDingTalk::new().router())
-        .with_graceful_shutdown(async {
-            // If the signal handler cannot be installed, serve until killed.
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        })
+        .with_graceful_shutdown(crate::app::shutdown_signal())
         .await
 }
 

@@ -229,3 +229,24 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
         )),
     }
 }
+
+/// The DingTalk client's monthly call counter, kept in the store so restarts and replicas
+/// share it.
+pub struct StoreCallCounter(pub Arc<dyn Store>);
+
+#[async_trait]
+impl crate::dingtalk::CallCounter for StoreCallCounter {
+    async fn add_calls(&self, month: &str, n: u64) -> Result<u64, crate::dingtalk::CounterError> {
+        self.0
+            .add_api_calls(month, n)
+            .await
+            .map_err(|e| crate::dingtalk::CounterError(e.to_string()))
+    }
+
+    async fn calls(&self, month: &str) -> Result<u64, crate::dingtalk::CounterError> {
+        self.0
+            .api_calls(month)
+            .await
+            .map_err(|e| crate::dingtalk::CounterError(e.to_string()))
+    }
+}
