@@ -7,7 +7,8 @@ mod support;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use dinghook::store::{EventState, Inserted, NewEvent, ReplaySelector, Source, Store};
+use dinghook::store::postgres::{PostgresOptions, PostgresStore};
+use dinghook::store::{EventState, Inserted, NewEvent, ReplaySelector, Source, Store, StoreError};
 use support::stores::{fresh, open_url, Backend};
 
 const T0: i64 = 1_800_000_000_000;
@@ -259,6 +260,363 @@ async fn api_call_counter_survives_reopen(store: Arc<dyn Store>, url: &str) {
     reopened.close().await;
 }
 
+// --- PostgreSQL only ----------------------------------------------------------------------
+
+/// Two replicas receive the same re-deliveries at the same moment: each key is stored once,
+/// and both are told the same row id.
+async fn two_replicas_store_each_dedup_key_once(a: Arc<dyn Store>, url: &str) {
+    let b = open_url(url).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        for store in [Arc::clone(&a), Arc::clone(&b)] {
+            tasks.push(tokio::spawn(async move {
+                (
+                    i,
+                    store
+                        .insert(event(&format!("dup{i}"), "x", T0 + i))
+                        .await
+                        .unwrap(),
+                )
+            }));
+        }
+    }
+    let mut outcomes: std::collections::HashMap<i64, Vec<Inserted>> = Default::default();
+    for t in tasks {
+        let (i, inserted) = t.await.unwrap();
+        outcomes.entry(i).or_default().push(inserted);
+    }
+    for (i, results) in outcomes {
+        let stored: Vec<i64> = results
+            .iter()
+            .filter_map(|r| match r {
+                Inserted::Stored { id } => Some(*id),
+                Inserted::Duplicate { .. } => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 1, "key dup{i}: {results:?}");
+        let ids: HashSet<i64> = results
+            .iter()
+            .map(|r| match r {
+                Inserted::Stored { id } | Inserted::Duplicate { id } => *id,
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "key dup{i}: {results:?}");
+    }
+    assert_eq!(a.count().await.unwrap(), 100);
+    b.close().await;
+}
+
+/// Workers on two replicas claim from one inbox at once: every event is claimed exactly once.
+async fn two_replicas_claim_without_sharing(a: Arc<dyn Store>, url: &str) {
+    let b = open_url(url).await;
+    insert_n(&*a, 300, T0).await;
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let store = if w % 2 == 0 {
+            Arc::clone(&a)
+        } else {
+            Arc::clone(&b)
+        };
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("replica{}-w{w}", w % 2);
+            let mut mine = Vec::new();
+            loop {
+                let batch = store.claim(&owner, 5, 60_000, T0 + 500).await.unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                for e in batch {
+                    assert_eq!(e.attempts, 1, "event {} claimed before", e.id);
+                    assert!(store.mark_done(e.id, &owner, T0 + 501).await.unwrap());
+                    mine.push(e.id);
+                }
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            assert!(seen.insert(id), "event {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), 300);
+    assert_eq!(a.stats(T0 + 600).await.unwrap().by_state["done"], 300);
+    b.close().await;
+}
+
+/// Replicas starting together on an empty database: the advisory lock makes them take turns,
+/// so every one opens and the schema is there once.
+async fn replicas_migrating_together(url: &str) {
+    let opened = futures_join_all((0..4).map(|_| {
+        let url = url.to_owned();
+        tokio::spawn(async move { open_url(&url).await })
+    }))
+    .await;
+    let first = &opened[0];
+    first.insert(event("m", "x", T0)).await.unwrap();
+    for store in &opened {
+        assert_eq!(store.count().await.unwrap(), 1);
+    }
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM dinghook_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+    drop(client);
+    let _ = connection.await;
+    for store in opened {
+        store.close().await;
+    }
+}
+
+async fn futures_join_all<T>(tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks.collect::<Vec<_>>() {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// The quota counter is shared: increments from two replicas at once all count.
+async fn api_call_counter_shared_by_replicas(a: Arc<dyn Store>, url: &str) {
+    let b = open_url(url).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let store = if i % 2 == 0 {
+            Arc::clone(&a)
+        } else {
+            Arc::clone(&b)
+        };
+        tasks.push(tokio::spawn(async move {
+            store.add_api_calls("2026-11", 2).await.unwrap()
+        }));
+    }
+    let mut totals: Vec<u64> = futures_join_all(tasks.into_iter()).await;
+    totals.sort_unstable();
+    assert_eq!(totals, (1..=50).map(|i| i * 2).collect::<Vec<u64>>());
+    assert_eq!(b.api_calls("2026-11").await.unwrap(), 100);
+    b.close().await;
+}
+
+/// How long a dead database may take to become an error (the callback's time-out is 10 s).
+const FAIL_FAST: std::time::Duration = std::time::Duration::from_secs(6);
+
+async fn unreachable_server_fails_fast() {
+    let started = std::time::Instant::now();
+    let mut config = dinghook::config::Config::default();
+    config.store.url = "postgres://dinghook:s3cret-pw@127.0.0.1:1/dinghook".into();
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        dinghook::store::open(&config),
+    )
+    .await
+    .expect("open must not hang");
+    let Err(e) = result else {
+        panic!("opened a store on a closed port")
+    };
+    assert!(
+        started.elapsed() < FAIL_FAST,
+        "took {:?}",
+        started.elapsed()
+    );
+    let message = e.to_string();
+    assert!(!message.contains("s3cret-pw"), "password in {message}");
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+}
+
+async fn silent_server_fails_fast() {
+    // Accepts connections and never answers, like a hung server or a black-holed route.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        PostgresStore::open(&format!("postgres://postgres@{addr}/dinghook")),
+    )
+    .await
+    .expect("open must not hang");
+    assert!(result.is_err(), "opened a store on a silent server");
+    assert!(
+        started.elapsed() < FAIL_FAST,
+        "took {:?}",
+        started.elapsed()
+    );
+    held.abort();
+}
+
+/// A TCP relay in front of the real server that the test can freeze (bytes are held, sockets
+/// stay open: a stuck server) or kill (every socket closed, new ones refused: a stopped one).
+struct Relay {
+    url: String,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+    pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(url: &str) -> Relay {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            other => panic!("the relay needs a TCP host, not {other:?}"),
+        };
+        let upstream = format!(
+            "{host}:{}",
+            config.get_ports().first().copied().unwrap_or(5432)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let task = tokio::spawn({
+            let (frozen, pipes) = (Arc::clone(&frozen), Arc::clone(&pipes));
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let mut pipes = pipes.lock().unwrap();
+                    pipes.push(tokio::spawn(pipe(cr, sw, Arc::clone(&frozen))));
+                    pipes.push(tokio::spawn(pipe(sr, cw, Arc::clone(&frozen))));
+                }
+            }
+        });
+        // The relay's address in the same URL (user, database, parameters kept).
+        let scheme_end = url.find("://").unwrap() + 3;
+        let rest = &url[scheme_end..];
+        let user = rest.find('@').map_or("", |at| &rest[..=at]);
+        let after_host = rest[user.len()..]
+            .find(['/', '?'])
+            .map_or("", |i| &rest[user.len() + i..]);
+        Relay {
+            url: format!("{}{user}{addr}{after_host}", &url[..scheme_end]),
+            frozen,
+            task,
+            pipes,
+        }
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn kill(&self) {
+        self.task.abort();
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn short_timeouts() -> PostgresOptions {
+    PostgresOptions {
+        operation_timeout: std::time::Duration::from_millis(1_500),
+        statement_timeout: std::time::Duration::from_millis(1_000),
+        pool_wait_timeout: std::time::Duration::from_millis(1_000),
+        connect_timeout: std::time::Duration::from_millis(1_000),
+        ..PostgresOptions::default()
+    }
+}
+
+async fn server_stalling_after_open_times_out_then_recovers(url: &str) {
+    let relay = Relay::start(url).await;
+    let store = PostgresStore::open_with(&relay.url, short_timeouts())
+        .await
+        .unwrap();
+    store.insert(event("before", "x", T0)).await.unwrap();
+
+    relay.freeze(true);
+    let started = std::time::Instant::now();
+    let stuck = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        store.insert(event("during", "x", T0)),
+    )
+    .await
+    .expect("insert must not hang");
+    assert!(matches!(stuck, Err(StoreError::Timeout(_))), "{stuck:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Other operations too, including those that would wait for a connection.
+    assert!(store.probe().await.is_err());
+
+    relay.freeze(false);
+    // The stuck connections were thrown away; fresh ones work at once.
+    store.insert(event("after", "x", T0)).await.unwrap();
+    store.probe().await.unwrap();
+    assert!(store.find_by_dedup_key("after").await.unwrap().is_some());
+    store.close().await;
+    relay.kill();
+}
+
+async fn server_going_away_after_open_errors_fast(url: &str) {
+    let relay = Relay::start(url).await;
+    let store = PostgresStore::open_with(&relay.url, short_timeouts())
+        .await
+        .unwrap();
+    store.insert(event("before", "x", T0)).await.unwrap();
+    relay.kill();
+    for key in ["gone1", "gone2"] {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            store.insert(event(key, "x", T0)),
+        )
+        .await
+        .expect("insert must not hang");
+        assert!(result.is_err(), "stored {key} with the server gone");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(store.probe().await.is_err());
+    store.close().await;
+}
+
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -281,6 +639,47 @@ macro_rules! for_each_backend {
             #[tokio::test] async fn api_call_counter_survives_reopen() {
                 let Some(t) = fresh(Backend::Postgres).await else { return };
                 super::api_call_counter_survives_reopen(Arc::clone(&t.store), &t.url).await;
+            }
+            // PostgreSQL only: several replicas (one pool each) on one database, and a
+            // database that is down or stuck.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn two_replicas_store_each_dedup_key_once() {
+                let Some(t) = fresh(Backend::Postgres).await else { return };
+                super::two_replicas_store_each_dedup_key_once(t.store.clone(), &t.url).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn two_replicas_claim_without_sharing() {
+                let Some(t) = fresh(Backend::Postgres).await else { return };
+                super::two_replicas_claim_without_sharing(t.store.clone(), &t.url).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn replicas_migrating_together() {
+                let Some(url) = support::stores::fresh_postgres_database().await else { return };
+                super::replicas_migrating_together(&url).await;
+            }
+            #[tokio::test]
+            async fn api_call_counter_shared_by_replicas() {
+                let Some(t) = fresh(Backend::Postgres).await else { return };
+                super::api_call_counter_shared_by_replicas(t.store.clone(), &t.url).await;
+            }
+            // These two need no server: nothing listens on the first, the second never speaks.
+            #[tokio::test]
+            async fn unreachable_server_fails_fast() {
+                super::unreachable_server_fails_fast().await;
+            }
+            #[tokio::test]
+            async fn silent_server_fails_fast() {
+                super::silent_server_fails_fast().await;
+            }
+            #[tokio::test]
+            async fn server_stalling_after_open_times_out_then_recovers() {
+                let Some(url) = support::stores::fresh_postgres_database().await else { return };
+                super::server_stalling_after_open_times_out_then_recovers(&url).await;
+            }
+            #[tokio::test]
+            async fn server_going_away_after_open_errors_fast() {
+                let Some(url) = support::stores::fresh_postgres_database().await else { return };
+                super::server_going_away_after_open_errors_fast(&url).await;
             }
         }
     };

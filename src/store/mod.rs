@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::config::{Config, StoreLocation};
 
+pub mod postgres;
 pub mod sqlite;
 
 /// Where an event came from.
@@ -149,6 +150,22 @@ pub enum StoreError {
     Task(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("postgres: {}", describe_postgres_error(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No database connection could be had (pool wait or connect timed out, …).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database holds or returned something this version cannot read.
+    #[error("unexpected data in the store: {0}")]
+    Invalid(String),
+}
+
+/// tokio-postgres prints only the kind ("db error"); the server's message is in the source.
+fn describe_postgres_error(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 /// The inbox. Implementations commit before they return: an `Ok` from [`Store::insert`] means
@@ -224,9 +241,10 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             let store = sqlite::SqliteStore::open(&path, config.store.max_batch).await?;
             Ok(Arc::new(store))
         }
-        StoreLocation::Postgres(_) => Err(StoreError::Unsupported(
-            "the PostgreSQL store is not built yet; use sqlite://".into(),
-        )),
+        StoreLocation::Postgres(url) => {
+            let store = postgres::PostgresStore::open(&url).await?;
+            Ok(Arc::new(store))
+        }
     }
 }
 
