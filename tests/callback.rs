@@ -356,7 +356,7 @@ async fn replay_window_zero_accepts_old_timestamps() {
 async fn events_under_a_previous_aes_key_are_accepted_after_rotation() {
     let old_key = "ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvut";
     let app = TestApp::spawn_with(|c| {
-        c.callback.previous_aes_keys = vec![dinghook::secret::Secret::new(old_key.into())]
+        c.callback.previous_aes_keys = vec![dinghook::secret::Secret::new(old_key)]
     })
     .await;
     let old = CallbackCipher::from_strings(TOKEN, old_key, &[], OWNER_KEY).unwrap();

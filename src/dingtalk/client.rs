@@ -552,7 +552,7 @@ impl Client {
             .banned_until
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if banned.map_or(true, |current| current < until) {
+        if banned.is_none_or(|current| current < until) {
             *banned = Some(until);
         }
     }

@@ -25,8 +25,8 @@ pub fn test_config(dir: &std::path::Path) -> Config {
         listen: "127.0.0.1:0".into(),
         ..Default::default()
     };
-    config.callback.token = Secret::new(TOKEN.into());
-    config.callback.aes_key = Secret::new(AES_KEY.into());
+    config.callback.token = Secret::new(TOKEN);
+    config.callback.aes_key = Secret::new(AES_KEY);
     config.callback.owner_key = OWNER_KEY.into();
     config.store.url = format!("sqlite://{}", dir.join("dinghook.db").display());
     config
