@@ -617,6 +617,42 @@ async fn server_going_away_after_open_errors_fast(url: &str) {
     store.close().await;
 }
 
+/// The DingTalk client counts its calls in the store: a new client on a reopened store (a
+/// restart, or another replica) continues from the same total.
+async fn client_counter_survives_restart(store: Arc<dyn Store>, url: &str) {
+    use dinghook::dingtalk::{Client, ClientConfig};
+    use dinghook::store::StoreCallCounter;
+    let (fake, base) = dinghook::dingtalk::fake::FakeDingTalk::spawn()
+        .await
+        .unwrap();
+    fake.add_user(serde_json::json!({"userid": "u1", "name": "Ada", "unionid": "un1"}));
+    let config = ClientConfig {
+        app_key: "dingkey".into(),
+        app_secret: "secret".into(),
+        oapi_url: base.clone(),
+        api_url: base,
+        ..ClientConfig::default()
+    };
+    let client = Client::new(
+        config.clone(),
+        Arc::new(StoreCallCounter(Arc::clone(&store))),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        client.get_user("u1", None).await.unwrap();
+    }
+    assert_eq!(client.quota().await.used, 3);
+    store.close().await;
+
+    let reopened = open_url(url).await;
+    let client = Client::new(config, Arc::new(StoreCallCounter(Arc::clone(&reopened)))).unwrap();
+    let quota = client.quota().await;
+    assert_eq!((quota.used, quota.remaining), (3, 4_997));
+    client.get_user("u1", None).await.unwrap();
+    assert_eq!(client.quota().await.used, 4);
+    reopened.close().await;
+}
+
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -629,6 +665,10 @@ macro_rules! for_each_backend {
                 let t = fresh(Backend::Sqlite).await.unwrap();
                 super::api_call_counter_survives_reopen(Arc::clone(&t.store), &t.url).await;
             }
+            #[tokio::test] async fn client_counter_survives_restart() {
+                let t = fresh(Backend::Sqlite).await.unwrap();
+                super::client_counter_survives_restart(Arc::clone(&t.store), &t.url).await;
+            }
         }
         mod postgres {
             use super::*;
@@ -639,6 +679,10 @@ macro_rules! for_each_backend {
             #[tokio::test] async fn api_call_counter_survives_reopen() {
                 let Some(t) = fresh(Backend::Postgres).await else { return };
                 super::api_call_counter_survives_reopen(Arc::clone(&t.store), &t.url).await;
+            }
+            #[tokio::test] async fn client_counter_survives_restart() {
+                let Some(t) = fresh(Backend::Postgres).await else { return };
+                super::client_counter_survives_restart(Arc::clone(&t.store), &t.url).await;
             }
             // PostgreSQL only: several replicas (one pool each) on one database, and a
             // database that is down or stuck.
