@@ -127,21 +127,13 @@ impl Dispatcher {
                 }
                 continue;
             }
-            let mut events = batch.into_iter();
-            for record in events.by_ref() {
-                self.run(&owner, record).await;
-                if *stop.borrow() {
-                    break;
-                }
-            }
-            // Stopping with claimed events left: hand them back now rather than at lease end.
-            for record in events {
-                let now = now_millis();
-                let _ = self
-                    .store
-                    .mark_retry(record.id, &owner, now, "released: worker stopped", now)
-                    .await;
-            }
+            // The batch runs concurrently: its outcomes then share the store's group commits
+            // instead of each waiting for its own. A stop lets the batch finish (each run is
+            // bounded by handler_timeout) and then claims nothing more.
+            futures_util::future::join_all(
+                batch.into_iter().map(|record| self.run(&owner, record)),
+            )
+            .await;
         }
     }
 
@@ -250,10 +242,11 @@ impl Dispatcher {
             if batch.is_empty() {
                 return Ok(total);
             }
-            for record in batch {
-                self.run(&owner, record).await;
-                total += 1;
-            }
+            total += batch.len();
+            futures_util::future::join_all(
+                batch.into_iter().map(|record| self.run(&owner, record)),
+            )
+            .await;
         }
     }
 }

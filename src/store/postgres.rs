@@ -59,6 +59,12 @@ CREATE INDEX events_lease ON events (state, lease_until);
 CREATE INDEX events_received ON events (received_at);
 CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls BIGINT NOT NULL);
 "#,
+    // Claims read these in order and stop at the limit: no sort over the whole backlog.
+    r#"
+CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
+CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
+DROP INDEX events_due;
+"#,
 ];
 
 /// The advisory lock that serialises migrations across replicas ("dinghook" in ASCII). Other
@@ -445,19 +451,32 @@ impl Store for PostgresStore {
         // SKIP LOCKED: rows another replica is claiming right now are passed over instead of
         // waited for; once that claim commits they are `running` with a live lease, which the
         // re-check of the WHERE clause under the row lock rejects. So no event is shared.
-        let sql = format!(
+        // Two statements, each walking a partial index in order (events_leased, then
+        // events_waiting), so a claim costs the same with 10 or 10 million waiting events.
+        let expired = format!(
             "UPDATE events SET state = 'running', lease_owner = $1, lease_until = $2, \
              attempts = attempts + 1, updated_at = $3 \
              WHERE id IN (SELECT id FROM events \
-                 WHERE (state IN ('pending', 'retry') AND next_attempt_at <= $3) \
-                    OR (state = 'running' AND lease_until < $3) \
-                 ORDER BY next_attempt_at, id LIMIT $4 \
-                 FOR UPDATE SKIP LOCKED) \
+                 WHERE state = 'running' AND lease_until < $3 \
+                 ORDER BY lease_until LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING {EVENT_COLUMNS}"
+        );
+        let due = format!(
+            "UPDATE events SET state = 'running', lease_owner = $1, lease_until = $2, \
+             attempts = attempts + 1, updated_at = $3 \
+             WHERE id IN (SELECT id FROM events \
+                 WHERE state IN ('pending', 'retry') AND next_attempt_at <= $3 \
+                 ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
              RETURNING {EVENT_COLUMNS}"
         );
         self.run(async |c| {
-            let rows = Self::query(c, &sql, &[&owner, &lease_until, &now_ms, &limit]).await?;
+            let rows = Self::query(c, &expired, &[&owner, &lease_until, &now_ms, &limit]).await?;
             let mut events = events_from_rows(&rows)?;
+            let left = limit - events.len() as i64;
+            if left > 0 {
+                let rows = Self::query(c, &due, &[&owner, &lease_until, &now_ms, &left]).await?;
+                events.extend(events_from_rows(&rows)?);
+            }
             // RETURNING has no defined order.
             events.sort_by_key(|e| (e.next_attempt_at, e.id));
             Ok(events)

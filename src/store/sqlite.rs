@@ -396,27 +396,36 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let owner = owner.to_owned();
-        // One writer thread: the select and the update cannot interleave with another claim.
+        // One writer thread: the selects and the updates cannot interleave with another claim.
+        // Expired leases first, then due events; each statement walks a partial index in order
+        // (events_leased, events_waiting) and stops at the limit, so a claim costs the same
+        // whatever the backlog.
         self.write(move |conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "UPDATE events SET state = 'running', lease_owner = ?1, lease_until = ?2, \
-                 attempts = attempts + 1, updated_at = ?3 \
-                 WHERE id IN (SELECT id FROM events \
-                     WHERE (state IN ('pending', 'retry') AND next_attempt_at <= ?3) \
-                        OR (state = 'running' AND lease_until < ?3) \
-                     ORDER BY next_attempt_at, id LIMIT ?4) \
+            const SET: &str = "UPDATE events SET state = 'running', lease_owner = ?1, \
+                lease_until = ?2, attempts = attempts + 1, updated_at = ?3 WHERE id IN ";
+            let expired = format!(
+                "{SET} (SELECT id FROM events WHERE state = 'running' AND lease_until < ?3 \
+                 ORDER BY lease_until LIMIT ?4) RETURNING {EVENT_COLUMNS}"
+            );
+            let due = format!(
+                "{SET} (SELECT id FROM events WHERE state IN ('pending', 'retry') \
+                 AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id LIMIT ?4) \
                  RETURNING {EVENT_COLUMNS}"
-            ))?;
-            let rows = stmt.query_map(
-                params![
-                    owner,
-                    now_ms.saturating_add(lease_ms),
-                    now_ms,
-                    i64::from(limit)
-                ],
-                event_from_row,
-            )?;
-            let mut events: Vec<StoredEvent> = rows.collect::<rusqlite::Result<_>>()?;
+            );
+            let lease_until = now_ms.saturating_add(lease_ms);
+            let mut events: Vec<StoredEvent> = Vec::new();
+            for sql in [expired, due] {
+                let left = i64::from(limit) - events.len() as i64;
+                if left <= 0 {
+                    break;
+                }
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let rows =
+                    stmt.query_map(params![owner, lease_until, now_ms, left], event_from_row)?;
+                for row in rows {
+                    events.push(row?);
+                }
+            }
             events.sort_by_key(|e| (e.next_attempt_at, e.id));
             Ok(events)
         })
