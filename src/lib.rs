@@ -18,3 +18,8 @@ pub mod metrics;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+
+/// The README's Rust examples compile (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
