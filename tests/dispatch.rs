@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dinghook::handler::{HandlerError, Registrations, RegistryBuilder};
-use dinghook::store::{EventState, ReplaySelector};
+use dinghook::store::EventState;
 use support::*;
 
 fn rename(id: &str) -> String {
@@ -71,15 +71,25 @@ async fn always_failing_ends_dead_with_its_last_error_and_replay_brings_it_back(
     );
 
     healthy.store(true, Ordering::SeqCst);
-    let n = app
-        .store
-        .replay(
-            &ReplaySelector::State(EventState::Dead),
-            dinghook::crypto::now_millis(),
+    // The operator's command, against the file the running server uses.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dinghook"))
+        .args(["events", "replay", "--state", "dead"])
+        .env_clear()
+        .env(
+            "DINGHOOK_STORE_URL",
+            format!("sqlite://{}", app.db_path.display()),
         )
-        .await
+        .output()
         .unwrap();
-    assert_eq!(n, 1);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1 event(s) sent back to pending"
+    );
     let done = app.wait_for_state("event:doomed", EventState::Done).await;
     assert_eq!(done.attempts, 1, "replay starts a fresh schedule");
     app.stop().await;

@@ -300,5 +300,20 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     for key in &expected {
         assert!(runs.get(key).copied().unwrap_or(0) >= 1, "{key} never ran");
     }
+    // Events the killed process was running were picked up again by the new one after their
+    // lease ended: they ran in both processes, and their effect was still recorded once.
+    let text = std::fs::read_to_string(dir.path().join("runs.log")).unwrap();
+    let mut pids: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(key), Some(pid)) = (parts.next(), parts.next()) {
+            pids.entry(key).or_default().insert(pid);
+        }
+    }
+    let rerun = pids.values().filter(|p| p.len() > 1).count();
+    assert!(
+        rerun > 0,
+        "no event held by the killed process was run again"
+    );
     drop(second);
 }
