@@ -35,33 +35,14 @@ async fn acknowledged_events_survive_sigkill() {
             url.clone(),
         );
         senders.push(tokio::spawn(async move {
-            let cipher = sender();
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("kill-{}", next.fetch_add(1, Ordering::Relaxed));
-                let sealed = seal(&cipher, &format!(r#"{{"EventType":"x","eventId":"{id}"}}"#));
-                let response = client
-                    .post(format!("{url}?{}", sealed.query()))
-                    .body(sealed.body())
-                    .send()
-                    .await;
-                match response {
-                    Ok(r) if r.status() == 200 => {
-                        // Only a complete, valid reply counts as an acknowledgement.
-                        if let Ok(reply) = r.json::<dinghook::crypto::Sealed>().await {
-                            if cipher
-                                .open(
-                                    &reply.msg_signature,
-                                    &reply.timestamp,
-                                    &reply.nonce,
-                                    &reply.encrypt,
-                                )
-                                .is_ok()
-                            {
-                                acked.lock().unwrap().push(id);
-                            }
-                        }
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                let msg = format!(r#"{{"EventType":"x","eventId":"{id}"}}"#);
+                // Only a complete, valid reply counts as an acknowledgement.
+                if deliver(&client, &url, &msg).await {
+                    acked.lock().unwrap().push(id);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         }));

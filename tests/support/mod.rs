@@ -315,3 +315,32 @@ impl ServerProcess {
             .expect("exit status")
     }
 }
+
+/// Posts `msg` signed and encrypted as DingTalk would; true only when acknowledged with a reply
+/// that verifies and decrypts (what DingTalk counts as delivered).
+pub async fn deliver(client: &reqwest::Client, url: &str, msg: &str) -> bool {
+    let cipher = sender();
+    let sealed = seal(&cipher, msg);
+    let Ok(response) = client
+        .post(format!("{url}?{}", sealed.query()))
+        .body(sealed.body())
+        .send()
+        .await
+    else {
+        return false;
+    };
+    if response.status() != 200 {
+        return false;
+    }
+    let Ok(reply) = response.json::<Sealed>().await else {
+        return false;
+    };
+    cipher
+        .open(
+            &reply.msg_signature,
+            &reply.timestamp,
+            &reply.nonce,
+            &reply.encrypt,
+        )
+        .is_ok()
+}
