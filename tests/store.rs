@@ -371,7 +371,7 @@ async fn replicas_migrating_together(url: &str) {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1, 2, 3], "each migration recorded once");
+    assert_eq!(versions, vec![1, 2, 3, 4], "each migration recorded once");
     drop(client);
     let _ = connection.await;
     for store in opened {
@@ -653,6 +653,83 @@ async fn client_counter_survives_restart(store: Arc<dyn Store>, url: &str) {
     reopened.close().await;
 }
 
+async fn scheduled_events_wait_until_due(store: Arc<dyn Store>) {
+    let ev = event("later", "dinghook_follow_up", T0);
+    let Inserted::Stored { id } = store.schedule(ev.clone(), T0 + 60_000).await.unwrap() else {
+        panic!("not stored")
+    };
+    assert!(store
+        .claim("w", 10, 1_000, T0 + 59_999)
+        .await
+        .unwrap()
+        .is_empty());
+    // Scheduling the same key again is a duplicate and does not move the due time.
+    assert_eq!(
+        store.schedule(ev, T0).await.unwrap(),
+        Inserted::Duplicate { id }
+    );
+    assert!(store
+        .claim("w", 10, 1_000, T0 + 1)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .claim("w", 10, 1_000, T0 + 60_000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn documents_put_get_insert_once_and_list(store: Arc<dyn Store>) {
+    use serde_json::json;
+    assert!(store.get_document("group", "cid1").await.unwrap().is_none());
+    store
+        .put_document("group", "cid1", &json!({"title": "a"}), T0)
+        .await
+        .unwrap();
+    store
+        .put_document("group", "cid1", &json!({"title": "b"}), T0 + 5)
+        .await
+        .unwrap();
+    store
+        .put_document("group", "cid2", &json!({"title": "c"}), T0 + 1)
+        .await
+        .unwrap();
+    let doc = store.get_document("group", "cid1").await.unwrap().unwrap();
+    assert_eq!(doc.body, json!({"title": "b"}));
+    assert_eq!((doc.created_at, doc.updated_at), (T0, T0 + 5));
+    assert!(
+        store.get_document("todo", "cid1").await.unwrap().is_none(),
+        "collections are separate"
+    );
+    let keys: Vec<String> = store
+        .list_documents("group", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.key)
+        .collect();
+    assert_eq!(keys, ["cid1", "cid2"]);
+    // An effect is recorded once, whoever tries first.
+    assert!(store
+        .insert_document("effect", "7/welcome", &json!({"n": 1}), T0)
+        .await
+        .unwrap());
+    assert!(!store
+        .insert_document("effect", "7/welcome", &json!({"n": 2}), T0)
+        .await
+        .unwrap());
+    let effect = store
+        .get_document("effect", "7/welcome")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(effect.body, json!({"n": 1}));
+}
+
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -737,4 +814,6 @@ for_each_backend!(
     replay_by_ids_and_since_leaves_running_alone,
     concurrent_claimers_never_share,
     stats_count_states_types_and_age,
+    scheduled_events_wait_until_due,
+    documents_put_get_insert_once_and_list,
 );

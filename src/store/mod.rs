@@ -19,6 +19,8 @@ pub enum Source {
     Push,
     /// The failed-callback list, pulled back by recovery.
     Recovery,
+    /// Scheduled by dinghook itself (a follow-up job of a handler).
+    Internal,
 }
 
 impl Source {
@@ -26,6 +28,7 @@ impl Source {
         match self {
             Source::Push => "push",
             Source::Recovery => "recovery",
+            Source::Internal => "internal",
         }
     }
 }
@@ -104,6 +107,18 @@ pub struct StoredEvent {
     pub updated_at: i64,
 }
 
+/// A JSON document kept by the built-in handlers (groups, to-dos, notifications, effects),
+/// addressed by collection and key. SQL views (`groups`, `todos`, `notifications`) show the
+/// collections as tables.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Document {
+    pub collection: String,
+    pub key: String,
+    pub body: serde_json::Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
 /// Which events `replay` sends back to `pending`.
 #[derive(Debug, Clone)]
 pub enum ReplaySelector {
@@ -172,8 +187,14 @@ fn describe_postgres_error(e: &tokio_postgres::Error) -> String {
 /// the event survives `kill -9` and power loss.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Stores the event unless its de-duplication key is already present.
-    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError>;
+    /// Stores the event unless its de-duplication key is already present. It is due at once.
+    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
+        let due_at = event.received_at;
+        self.schedule(event, due_at).await
+    }
+    /// Like [`Store::insert`], but not due before `due_at_ms` (follow-up jobs, coalescing
+    /// windows). A duplicate key leaves the existing event and its due time alone.
+    async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError>;
     /// A real write through the same path as events, for `/readyz`.
     async fn probe(&self) -> Result<(), StoreError>;
     async fn get(&self, id: i64) -> Result<Option<StoredEvent>, StoreError>;
@@ -219,6 +240,37 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many changed.
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError>;
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError>;
+
+    // --- documents kept by the built-in handlers --------------------------------------------
+
+    /// Creates or replaces the document.
+    async fn put_document(
+        &self,
+        collection: &str,
+        key: &str,
+        body: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Creates the document only if absent; true if it was created. This is how handlers
+    /// record an effect once.
+    async fn insert_document(
+        &self,
+        collection: &str,
+        key: &str,
+        body: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+    async fn get_document(
+        &self,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<Document>, StoreError>;
+    /// Most recently updated first.
+    async fn list_documents(
+        &self,
+        collection: &str,
+        limit: u32,
+    ) -> Result<Vec<Document>, StoreError>;
 
     // --- the DingTalk client's monthly call counter ---------------------------------------
 

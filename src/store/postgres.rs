@@ -23,7 +23,7 @@ use deadpool_postgres::{
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
+    Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
     StoredEvent,
 };
 use crate::config::redact_url;
@@ -64,6 +64,47 @@ CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls BIGINT NOT NULL);
 CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
 CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
 DROP INDEX events_due;
+DROP INDEX events_lease;
+"#,
+    // Documents of the built-in handlers, and views that show the main collections as tables.
+    r#"
+CREATE TABLE documents (
+    collection TEXT   NOT NULL,
+    key        TEXT   NOT NULL,
+    body       TEXT   NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE INDEX documents_updated ON documents (collection, updated_at);
+CREATE VIEW groups AS SELECT
+    key AS open_conversation_id,
+    body::jsonb ->> 'title' AS title,
+    body::jsonb ->> 'status' AS status,
+    body::jsonb ->> 'robot_code' AS robot_code,
+    body::jsonb ->> 'cool_app_code' AS cool_app_code,
+    body::jsonb ->> 'corp_id' AS corp_id,
+    body::jsonb ->> 'operator' AS operator,
+    body::jsonb ->> 'installed_at' AS installed_at,
+    updated_at
+    FROM documents WHERE collection = 'group';
+CREATE VIEW todos AS SELECT
+    key AS task_id,
+    body::jsonb ->> 'subject' AS subject,
+    body::jsonb ->> 'done' AS done,
+    body::jsonb ->> 'deleted' AS deleted,
+    body::jsonb ->> 'notification_task_id' AS notification_task_id,
+    updated_at
+    FROM documents WHERE collection = 'todo';
+CREATE VIEW notifications AS SELECT
+    key AS task_id,
+    body::jsonb ->> 'kind' AS kind,
+    body::jsonb ->> 'userids' AS userids,
+    body::jsonb ->> 'status' AS status,
+    body::jsonb ->> 'result' AS result,
+    created_at,
+    updated_at
+    FROM documents WHERE collection = 'notification';
 "#,
 ];
 
@@ -320,6 +361,18 @@ fn event_from_row(row: &Row) -> Result<StoredEvent, StoreError> {
     })
 }
 
+fn document_from_row(row: &Row) -> Result<Document, StoreError> {
+    let body: String = row.try_get(2)?;
+    Ok(Document {
+        collection: row.try_get(0)?,
+        key: row.try_get(1)?,
+        body: serde_json::from_str(&body)
+            .map_err(|e| StoreError::Invalid(format!("document body is not JSON: {e}")))?,
+        created_at: row.try_get(3)?,
+        updated_at: row.try_get(4)?,
+    })
+}
+
 fn events_from_rows(rows: &[Row]) -> Result<Vec<StoredEvent>, StoreError> {
     rows.iter().map(event_from_row).collect()
 }
@@ -330,7 +383,7 @@ fn count(n: i64) -> u64 {
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
+    async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError> {
         self.run(async |c| {
             // A concurrent insert of the same key by another replica makes this one wait for
             // that transaction; if it commits, this does nothing and the select below sees it.
@@ -338,7 +391,7 @@ impl Store for PostgresStore {
                 c,
                 "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
                  received_at, next_attempt_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $6, $6) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $6) \
                  ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
                 &[
                     &event.dedup_key,
@@ -347,6 +400,7 @@ impl Store for PostgresStore {
                     &event.payload,
                     &event.source.as_str(),
                     &event.received_at,
+                    &due_at_ms,
                 ],
             )
             .await?;
@@ -599,6 +653,87 @@ impl Store for PostgresStore {
             };
             stats.oldest_pending_age_ms = oldest.map(|t| now_ms.saturating_sub(t).max(0));
             Ok(stats)
+        })
+        .await
+    }
+
+    async fn put_document(
+        &self,
+        collection: &str,
+        key: &str,
+        body: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let body = body.to_string();
+        self.run(async |c| {
+            Self::execute(
+                c,
+                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4) \
+                 ON CONFLICT (collection, key) DO UPDATE SET body = EXCLUDED.body, \
+                 updated_at = EXCLUDED.updated_at",
+                &[&collection, &key, &body, &now_ms],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_document(
+        &self,
+        collection: &str,
+        key: &str,
+        body: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let body = body.to_string();
+        self.run(async |c| {
+            let n = Self::execute(
+                c,
+                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4) ON CONFLICT (collection, key) DO NOTHING",
+                &[&collection, &key, &body, &now_ms],
+            )
+            .await?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn get_document(
+        &self,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<Document>, StoreError> {
+        self.run(async |c| {
+            let row = Self::query_opt(
+                c,
+                "SELECT collection, key, body, created_at, updated_at FROM documents \
+                 WHERE collection = $1 AND key = $2",
+                &[&collection, &key],
+            )
+            .await?;
+            row.as_ref().map(document_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn list_documents(
+        &self,
+        collection: &str,
+        limit: u32,
+    ) -> Result<Vec<Document>, StoreError> {
+        let limit = i64::from(limit);
+        self.run(async |c| {
+            let rows = Self::query(
+                c,
+                "SELECT collection, key, body, created_at, updated_at FROM documents \
+                 WHERE collection = $1 ORDER BY updated_at DESC, key LIMIT $2",
+                &[&collection, &limit],
+            )
+            .await?;
+            rows.iter().map(document_from_row).collect()
         })
         .await
     }

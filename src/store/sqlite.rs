@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
+    Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
     StoredEvent,
 };
 use crate::crypto::now_millis;
@@ -48,6 +48,53 @@ CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
 CREATE INDEX events_lease ON events (state, lease_until);
 CREATE INDEX events_received ON events (received_at);
 CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL);
+"#,
+    // Claims read these in order and stop at the limit: no sort over the whole backlog.
+    r#"
+CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
+CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
+DROP INDEX events_due;
+DROP INDEX events_lease;
+"#,
+    // Documents of the built-in handlers, and views that show the main collections as tables.
+    r#"
+CREATE TABLE documents (
+    collection TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    body       TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE INDEX documents_updated ON documents (collection, updated_at);
+CREATE VIEW groups AS SELECT
+    key AS open_conversation_id,
+    json_extract(body, '$.title') AS title,
+    json_extract(body, '$.status') AS status,
+    json_extract(body, '$.robot_code') AS robot_code,
+    json_extract(body, '$.cool_app_code') AS cool_app_code,
+    json_extract(body, '$.corp_id') AS corp_id,
+    json_extract(body, '$.operator') AS operator,
+    json_extract(body, '$.installed_at') AS installed_at,
+    updated_at
+    FROM documents WHERE collection = 'group';
+CREATE VIEW todos AS SELECT
+    key AS task_id,
+    json_extract(body, '$.subject') AS subject,
+    json_extract(body, '$.done') AS done,
+    json_extract(body, '$.deleted') AS deleted,
+    json_extract(body, '$.notification_task_id') AS notification_task_id,
+    updated_at
+    FROM documents WHERE collection = 'todo';
+CREATE VIEW notifications AS SELECT
+    key AS task_id,
+    json_extract(body, '$.kind') AS kind,
+    json_extract(body, '$.userids') AS userids,
+    json_extract(body, '$.status') AS status,
+    json_extract(body, '$.result') AS result,
+    created_at,
+    updated_at
+    FROM documents WHERE collection = 'notification';
 "#,
 ];
 
@@ -297,15 +344,28 @@ fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
+fn document_from_row(row: &Row<'_>) -> rusqlite::Result<Document> {
+    let body: String = row.get(2)?;
+    Ok(Document {
+        collection: row.get(0)?,
+        key: row.get(1)?,
+        body: serde_json::from_str(&body).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+        })?,
+        created_at: row.get(3)?,
+        updated_at: row.get(4)?,
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
+    async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError> {
         self.write(move |conn| {
             let id: Option<i64> = conn
                 .prepare_cached(
                     "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
                      received_at, next_attempt_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6) \
                      ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
                 )?
                 .query_row(
@@ -316,6 +376,7 @@ impl Store for SqliteStore {
                         event.payload,
                         event.source.as_str(),
                         event.received_at,
+                        due_at_ms,
                     ],
                     |r| r.get(0),
                 )
@@ -399,16 +460,20 @@ impl Store for SqliteStore {
         // One writer thread: the selects and the updates cannot interleave with another claim.
         // Expired leases first, then due events; each statement walks a partial index in order
         // (events_leased, events_waiting) and stops at the limit, so a claim costs the same
-        // whatever the backlog.
+        // whatever the backlog. INDEXED BY pins the plan: without statistics SQLite may pick
+        // another index and sort every waiting event (and it errors, rather than silently
+        // degrading, if the index ever stops fitting the query).
         self.write(move |conn| {
             const SET: &str = "UPDATE events SET state = 'running', lease_owner = ?1, \
                 lease_until = ?2, attempts = attempts + 1, updated_at = ?3 WHERE id IN ";
             let expired = format!(
-                "{SET} (SELECT id FROM events WHERE state = 'running' AND lease_until < ?3 \
+                "{SET} (SELECT id FROM events INDEXED BY events_leased \
+                 WHERE state = 'running' AND lease_until < ?3 \
                  ORDER BY lease_until LIMIT ?4) RETURNING {EVENT_COLUMNS}"
             );
             let due = format!(
-                "{SET} (SELECT id FROM events WHERE state IN ('pending', 'retry') \
+                "{SET} (SELECT id FROM events INDEXED BY events_waiting \
+                 WHERE state IN ('pending', 'retry') \
                  AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id LIMIT ?4) \
                  RETURNING {EVENT_COLUMNS}"
             );
@@ -550,6 +615,81 @@ impl Store for SqliteStore {
                 .query_row([], |r| r.get(0))?;
             stats.oldest_pending_age_ms = oldest.map(|t| now_ms.saturating_sub(t).max(0));
             Ok(stats)
+        })
+        .await
+    }
+
+    async fn put_document(
+        &self,
+        collection: &str,
+        key: &str,
+        body: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (collection, key, body) = (collection.to_owned(), key.to_owned(), body.to_string());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?4) \
+                 ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body, \
+                 updated_at = excluded.updated_at",
+            )?
+            .execute(params![collection, key, body, now_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_document(
+        &self,
+        collection: &str,
+        key: &str,
+        body: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (collection, key, body) = (collection.to_owned(), key.to_owned(), body.to_string());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "INSERT INTO documents (collection, key, body, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (collection, key) DO NOTHING",
+                )?
+                .execute(params![collection, key, body, now_ms])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn get_document(
+        &self,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<Document>, StoreError> {
+        let (collection, key) = (collection.to_owned(), key.to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT collection, key, body, created_at, updated_at FROM documents \
+                 WHERE collection = ?1 AND key = ?2",
+            )?
+            .query_row(params![collection, key], document_from_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn list_documents(
+        &self,
+        collection: &str,
+        limit: u32,
+    ) -> Result<Vec<Document>, StoreError> {
+        let collection = collection.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT collection, key, body, created_at, updated_at FROM documents \
+                 WHERE collection = ?1 ORDER BY updated_at DESC, key LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![collection, i64::from(limit)], document_from_row)?;
+            rows.collect()
         })
         .await
     }
