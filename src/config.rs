@@ -105,6 +105,8 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// The DingTalk API client the handlers use.
     pub dingtalk: crate::dingtalk::ClientConfig,
+    /// The built-in handlers.
+    pub handlers: crate::handlers::HandlersConfig,
 }
 
 /// The dispatcher: workers that claim stored events and run their handlers.
@@ -184,6 +186,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
             dingtalk: crate::dingtalk::ClientConfig::default(),
+            handlers: crate::handlers::HandlersConfig::default(),
         }
     }
 }
@@ -465,6 +468,9 @@ impl Config {
                 "is empty while dingtalk.app_secret is set: set both or neither",
             ));
         }
+        self.handlers
+            .validate()
+            .map_err(|m| invalid("handlers", m))?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
         Ok(())

@@ -215,6 +215,7 @@ impl Dispatcher {
             store: Arc::clone(&self.store),
             record: Arc::new(record),
             client: self.client.clone(),
+            metrics: Arc::clone(&self.metrics),
         };
         // A panicking handler is a failed run, not a dead worker.
         let run = tokio::spawn(async move { handler.handle(event, ctx).await });

@@ -62,6 +62,7 @@ pub struct Context {
     pub record: Arc<StoredEvent>,
     /// `None` when no app key is configured.
     pub client: Option<Client>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {

@@ -13,11 +13,13 @@ pub mod dingtalk;
 pub mod dispatch;
 pub mod event;
 pub mod handler;
+pub mod handlers;
 pub mod ingress;
 pub mod metrics;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod template;
 
 /// The README's Rust examples compile (`cargo test --doc`).
 #[cfg(doctest)]

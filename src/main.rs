@@ -383,7 +383,11 @@ async fn healthcheck(url: &str) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     dinghook::telemetry::init(config.log_format, &config.log_level);
-    let app = Application::build(config).await?;
+    let builtin = dinghook::handlers::builtin(&config.handlers);
+    let app = Application::builder(config)
+        .handlers(builtin)
+        .build()
+        .await?;
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(())
 }

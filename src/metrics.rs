@@ -44,6 +44,14 @@ pub struct Metrics {
     oldest_pending_seconds: Gauge<f64, AtomicU64>,
     store_up: Gauge,
     dingtalk: Family<Name, Gauge<f64, AtomicU64>>,
+    notifications_sent: Family<Kind, Counter>,
+    notifications_skipped: Family<Reason, Counter>,
+    recipients_undelivered: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: String,
 }
 
 impl Default for Metrics {
@@ -114,7 +122,28 @@ impl Metrics {
             "DingTalk API client figures: calls this month, quota, remaining, throttled retries, quota rejections",
             dingtalk.clone(),
         );
+        let notifications_sent = Family::<Kind, Counter>::default();
+        registry.register(
+            "notifications_sent",
+            "Work notifications and group messages sent by the built-in handlers, by kind",
+            notifications_sent.clone(),
+        );
+        let notifications_skipped = Family::<Reason, Counter>::default();
+        registry.register(
+            "notifications_skipped",
+            "Notifications not sent, by reason (quota_reserve, quota_exhausted, group_not_installed)",
+            notifications_skipped.clone(),
+        );
+        let recipients_undelivered = Counter::default();
+        registry.register(
+            "notification_recipients_undelivered",
+            "Recipients DingTalk reported as failed, forbidden or invalid in send-result checks",
+            recipients_undelivered.clone(),
+        );
         Metrics {
+            notifications_sent,
+            notifications_skipped,
+            recipients_undelivered,
             registry,
             events_received,
             callbacks_rejected,
@@ -154,6 +183,24 @@ impl Metrics {
         if outcome == "dead" {
             self.dead_letters.inc();
         }
+    }
+
+    pub fn notification_sent(&self, kind: &str) {
+        self.notifications_sent
+            .get_or_create(&Kind {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn notification_skipped(&self, reason: &'static str) {
+        self.notifications_skipped
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn notification_undelivered(&self, recipients: u64) {
+        self.recipients_undelivered.inc_by(recipients);
     }
 
     /// Sets the DingTalk client figures from its quota status and counters.

@@ -65,10 +65,41 @@ impl TestApp {
         Self::spawn_with_handlers(customize, RegistryBuilder::new()).await
     }
 
+    /// A server running the built-in handlers against `fake` (a fake DingTalk's base URL),
+    /// configured by `customize`.
+    pub async fn spawn_builtin(fake: &str, customize: impl FnOnce(&mut Config)) -> TestApp {
+        let fake = fake.to_owned();
+        Self::spawn_with_handlers_from(move |config| {
+            config.dingtalk.app_key = "dingtestapp".into();
+            config.dingtalk.app_secret = Secret::new("test-app-secret");
+            config.dingtalk.agent_id = Some(4242);
+            config.dingtalk.oapi_url = fake.clone();
+            config.dingtalk.api_url = fake;
+            // Fast client retries, so fault tests take milliseconds.
+            config.dingtalk.retry_base_delay = Duration::from_millis(5);
+            config.dingtalk.retry_max_delay = Duration::from_millis(20);
+            config.handlers.send_result_delay = Duration::from_millis(100);
+            customize(config);
+            dinghook::handlers::builtin(&config.handlers)
+        })
+        .await
+    }
+
     /// A server whose dispatcher runs `handlers`.
     pub async fn spawn_with_handlers(
         customize: impl FnOnce(&mut Config),
         handlers: RegistryBuilder,
+    ) -> TestApp {
+        Self::spawn_with_handlers_from(move |config| {
+            customize(config);
+            handlers
+        })
+        .await
+    }
+
+    /// A server configured by `setup`, which also returns the handlers to run.
+    pub async fn spawn_with_handlers_from(
+        setup: impl FnOnce(&mut Config) -> RegistryBuilder,
     ) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
@@ -76,7 +107,7 @@ impl TestApp {
         config.dispatch.poll_interval = Duration::from_millis(20);
         config.dispatch.retry_schedule = vec![Duration::from_millis(30); 3];
         config.dispatch.retry_jitter = 0.0;
-        customize(&mut config);
+        let handlers = setup(&mut config);
         let callback_path = config.callback.path.clone();
         let app = Application::builder(config)
             .handlers(handlers)
