@@ -15,6 +15,7 @@ pub mod event;
 pub mod handler;
 pub mod ingress;
 pub mod metrics;
+pub mod recovery;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

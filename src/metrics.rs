@@ -44,6 +44,13 @@ pub struct Metrics {
     oldest_pending_seconds: Gauge<f64, AtomicU64>,
     store_up: Gauge,
     dingtalk: Family<Name, Gauge<f64, AtomicU64>>,
+    recovered_events: Family<Outcome, Counter>,
+    recovery_runs: Family<Outcome, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -114,7 +121,21 @@ impl Metrics {
             "DingTalk API client figures: calls this month, quota, remaining, throttled retries, quota rejections",
             dingtalk.clone(),
         );
+        let recovered_events = Family::<Outcome, Counter>::default();
+        registry.register(
+            "recovered_events",
+            "Entries read from DingTalk's failed-push list, by outcome (stored, duplicate, lost)",
+            recovered_events.clone(),
+        );
+        let recovery_runs = Family::<Outcome, Counter>::default();
+        registry.register(
+            "recovery_runs",
+            "Failed-push recovery cycles, by outcome (ok, not_leader, dingtalk_error, store_error, leadership_lost)",
+            recovery_runs.clone(),
+        );
         Metrics {
+            recovered_events,
+            recovery_runs,
             registry,
             events_received,
             callbacks_rejected,
@@ -206,6 +227,19 @@ impl Metrics {
                 self.store_up.set(0);
             }
         }
+    }
+
+    /// One entry of the failed-push list: `stored`, `duplicate`, or `lost` (read, but the store
+    /// failed; DingTalk no longer has it).
+    pub fn recovered_event(&self, outcome: &'static str) {
+        self.recovered_events
+            .get_or_create(&Outcome { outcome })
+            .inc();
+    }
+
+    /// One recovery cycle and how it ended.
+    pub fn recovery_run(&self, outcome: &'static str) {
+        self.recovery_runs.get_or_create(&Outcome { outcome }).inc();
     }
 
     /// The Prometheus text exposition.
