@@ -444,7 +444,11 @@ mod tests {
         let payload = event_json(&e);
         assert_eq!(payload["EventType"], "user_add_org");
         assert_eq!(payload["userid"], json!(["u1"]));
-        assert_eq!(payload["CorpId"], "ding1");
+        // `corpid` is the corp id already (keys are read case-insensitively).
+        assert_eq!(
+            recovered_event(&e, 5).unwrap().corp_id.as_deref(),
+            Some("ding1")
+        );
     }
 
     #[test]
