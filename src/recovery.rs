@@ -110,7 +110,8 @@ impl Recovery {
         Recovery {
             store,
             client,
-            interval,
+            // A zero interval would make the timer panic; configuration refuses it anyway.
+            interval: interval.max(Duration::from_millis(10)),
             metrics,
             wake,
         }
@@ -209,13 +210,19 @@ impl Recovery {
                      read (reading deletes it on DingTalk); the unstored entries are logged above"
                 );
             }
-            Err(e @ RecoveryError::DingTalk(_)) => {
+            Err(RecoveryError::DingTalk(e)) => {
                 self.metrics.recovery_run("dingtalk_error");
+                // A refusal that will not go away is usually a missing permission.
+                let hint = if e.is_permanent() {
+                    "check that the app has the qyapi_base permission"
+                } else {
+                    "trying again next interval"
+                };
                 tracing::warn!(
                     error = %e,
                     pages = report.pages,
-                    "failed-push recovery stopped; trying next interval (the app needs the \
-                     qyapi_base permission)"
+                    hint,
+                    "failed-push recovery could not read the failed-push list"
                 );
             }
             Err(e @ RecoveryError::LeadershipLost) => {
