@@ -180,8 +180,8 @@ impl Application {
             store,
             router,
             dispatcher,
-            metrics: _,
-            client: _,
+            metrics,
+            client,
         } = self;
         tracing::info!(
             %local_addr,
@@ -195,6 +195,16 @@ impl Application {
         } else {
             Vec::new()
         };
+        // Recovery stores what it reads before it stops, so it is joined with the workers,
+        // before the store closes.
+        let recovery = crate::recovery::Recovery::from_config(
+            &config,
+            client,
+            Arc::clone(&store),
+            metrics,
+            dispatcher.wake(),
+        )
+        .map(|r| r.start(stopping.clone()));
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -214,7 +224,7 @@ impl Application {
             }
         };
         // Workers stop between events; an unfinished run's lease simply runs out.
-        let all_workers = futures_util::future::join_all(workers);
+        let all_workers = futures_util::future::join_all(workers.into_iter().chain(recovery));
         tokio::select! {
             _ = all_workers => {}
             () = &mut deadline => tracing::warn!("workers did not stop in time"),

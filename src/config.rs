@@ -68,6 +68,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("dispatch.handler_timeout", "DINGHOOK_HANDLER_TIMEOUT"),
     ("dispatch.retry_schedule", "DINGHOOK_RETRY_SCHEDULE"),
     ("dispatch.retry_jitter", "DINGHOOK_RETRY_JITTER"),
+    ("recovery.enabled", "DINGHOOK_RECOVERY"),
+    ("recovery.interval", "DINGHOOK_RECOVERY_INTERVAL"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -107,6 +109,8 @@ pub struct Config {
     pub dingtalk: crate::dingtalk::ClientConfig,
     /// The built-in handlers.
     pub handlers: crate::handlers::HandlersConfig,
+    /// Reading DingTalk's failed-push list (needs the DingTalk client).
+    pub recovery: crate::recovery::RecoveryConfig,
 }
 
 /// The dispatcher: workers that claim stored events and run their handlers.
@@ -187,6 +191,7 @@ impl Default for Config {
             dispatch: DispatchConfig::default(),
             dingtalk: crate::dingtalk::ClientConfig::default(),
             handlers: crate::handlers::HandlersConfig::default(),
+            recovery: crate::recovery::RecoveryConfig::default(),
         }
     }
 }
@@ -389,6 +394,14 @@ impl Config {
                     .parse()
                     .map_err(|_| invalid(key, format!("{value:?} is not a number")))?
             }
+            "recovery.enabled" => {
+                self.recovery.enabled = match value.trim() {
+                    "true" | "on" | "1" => true,
+                    "false" | "off" | "0" => false,
+                    other => return Err(invalid(key, format!("{other:?} is not on or off"))),
+                }
+            }
+            "recovery.interval" => self.recovery.interval = duration(&value)?,
             _ => return Err(invalid(key, "unknown key")),
         }
         Ok(())
@@ -471,6 +484,12 @@ impl Config {
         self.handlers
             .validate()
             .map_err(|m| invalid("handlers", m))?;
+        if self.recovery.enabled && self.recovery.interval.is_zero() {
+            return Err(invalid(
+                "recovery.interval",
+                "must be more than zero (set recovery.enabled = false to stop recovery)",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
         Ok(())

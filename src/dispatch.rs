@@ -93,6 +93,12 @@ impl Dispatcher {
         }
     }
 
+    /// The wake-up the callback path pokes after storing; other producers (recovery) poke it
+    /// too.
+    pub fn wake(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
+    }
+
     /// Starts the workers. They stop at a safe point (between events) once `stop` turns true.
     pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
         (0..self.config.workers)

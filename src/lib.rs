@@ -16,6 +16,7 @@ pub mod handler;
 pub mod handlers;
 pub mod ingress;
 pub mod metrics;
+pub mod recovery;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

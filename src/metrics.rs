@@ -47,11 +47,18 @@ pub struct Metrics {
     notifications_sent: Family<Kind, Counter>,
     notifications_skipped: Family<Reason, Counter>,
     recipients_undelivered: Counter,
+    recovered_events: Family<Outcome, Counter>,
+    recovery_runs: Family<Outcome, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Kind {
     kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -140,10 +147,24 @@ impl Metrics {
             "Recipients DingTalk reported as failed, forbidden or invalid in send-result checks",
             recipients_undelivered.clone(),
         );
+        let recovered_events = Family::<Outcome, Counter>::default();
+        registry.register(
+            "recovered_events",
+            "Entries read from DingTalk's failed-push list, by outcome (stored, duplicate, lost)",
+            recovered_events.clone(),
+        );
+        let recovery_runs = Family::<Outcome, Counter>::default();
+        registry.register(
+            "recovery_runs",
+            "Failed-push recovery cycles, by outcome (ok, not_leader, dingtalk_error, store_error, leadership_lost)",
+            recovery_runs.clone(),
+        );
         Metrics {
             notifications_sent,
             notifications_skipped,
             recipients_undelivered,
+            recovered_events,
+            recovery_runs,
             registry,
             events_received,
             callbacks_rejected,
@@ -253,6 +274,19 @@ impl Metrics {
                 self.store_up.set(0);
             }
         }
+    }
+
+    /// One entry of the failed-push list: `stored`, `duplicate`, or `lost` (read, but the store
+    /// failed; DingTalk no longer has it).
+    pub fn recovered_event(&self, outcome: &'static str) {
+        self.recovered_events
+            .get_or_create(&Outcome { outcome })
+            .inc();
+    }
+
+    /// One recovery cycle and how it ended.
+    pub fn recovery_run(&self, outcome: &'static str) {
+        self.recovery_runs.get_or_create(&Outcome { outcome }).inc();
     }
 
     /// The Prometheus text exposition.

@@ -281,6 +281,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes queued writes and stops background work.
     async fn close(&self);
+
+    // --- leadership ------------------------------------------------------------------------
+
+    /// Tries, without waiting, to become the one process (of all sharing this store) that runs
+    /// the work called `name`. `None`: another process leads it now. Leadership ends when the
+    /// guard is released or dropped, and with the process: a crashed leader never blocks the
+    /// others.
+    async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError>;
 }
 
 /// Opens (creating and migrating if needed) the store the configuration names.
@@ -318,5 +326,71 @@ impl crate::dingtalk::CallCounter for StoreCallCounter {
             .api_calls(month)
             .await
             .map_err(|e| crate::dingtalk::CounterError(e.to_string()))
+    }
+}
+
+// --- leadership for once-per-deployment background work (failed-push recovery) ---------------
+
+/// What a store keeps while this process leads: dropping it must give leadership up, even
+/// without [`LeaderLock::release`] (a panicking or cancelled task).
+#[async_trait]
+pub trait LeaderLock: Send + Sync {
+    /// Gives leadership up in an orderly way.
+    async fn release(self: Box<Self>);
+    /// True once the lock is known to be gone (e.g. its database session died), so another
+    /// replica may be leading now.
+    fn lost(&self) -> bool {
+        false
+    }
+}
+
+/// Proof that this process leads `name` until the guard is released or dropped. From
+/// [`Store::try_lead`].
+pub struct LeaderGuard {
+    name: String,
+    /// `None` when there is nothing to give up (a single-process store).
+    lock: Option<Box<dyn LeaderLock>>,
+}
+
+impl LeaderGuard {
+    /// Leadership that needs no lock: the store serves one process only.
+    pub fn local(name: &str) -> Self {
+        LeaderGuard {
+            name: name.to_owned(),
+            lock: None,
+        }
+    }
+
+    /// Leadership held by `lock`.
+    pub fn held(name: &str, lock: Box<dyn LeaderLock>) -> Self {
+        LeaderGuard {
+            name: name.to_owned(),
+            lock: Some(lock),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// See [`LeaderLock::lost`].
+    pub fn lost(&self) -> bool {
+        self.lock.as_ref().is_some_and(|l| l.lost())
+    }
+
+    /// Gives leadership up now (dropping the guard does too, less gracefully).
+    pub async fn release(mut self) {
+        if let Some(lock) = self.lock.take() {
+            lock.release().await;
+        }
+    }
+}
+
+impl std::fmt::Debug for LeaderGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderGuard")
+            .field("name", &self.name)
+            .field("locked", &self.lock.is_some())
+            .finish()
     }
 }

@@ -776,4 +776,116 @@ impl Store for PostgresStore {
         // queue to drain: closing drops idle connections and refuses new operations.
         self.pool.close();
     }
+
+    async fn try_lead(&self, name: &str) -> Result<Option<super::LeaderGuard>, StoreError> {
+        let key = leader_lock_key(name);
+        let limit = self.options.operation_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(client) => client?,
+            Err(_) => return Err(StoreError::Timeout(limit)),
+        };
+        // A session-level lock: it lives as long as this connection, which the guard keeps
+        // out of the pool, so no other operation can run on (or re-enter) the locked session.
+        let attempt = tokio::time::timeout_at(
+            deadline,
+            client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(row)) => {
+                let locked: bool = row.try_get(0)?;
+                if !locked {
+                    // Not locked, so the connection is clean and may go back to the pool.
+                    return Ok(None);
+                }
+                let lock = PgLeaderLock {
+                    client: Some(client),
+                    key,
+                    timeout: limit,
+                };
+                Ok(Some(super::LeaderGuard::held(name, Box::new(lock))))
+            }
+            // Whether the server took the lock is unknown: ending the session is the only way
+            // to be sure it is not held by a connection the pool would hand out again.
+            Ok(Err(e)) => {
+                drop(Object::take(client));
+                Err(e.into())
+            }
+            Err(_) => {
+                drop(Object::take(client));
+                Err(StoreError::Timeout(limit))
+            }
+        }
+    }
+}
+
+/// The advisory-lock key for the leadership called `name`: the first 8 bytes of
+/// SHA-256("dinghook-leader:" + name), so every replica and version agrees on it without a
+/// table of numbers. Never [`MIGRATION_LOCK`] (checked in the tests).
+pub fn leader_lock_key(name: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("dinghook-leader:{name}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+/// A held `pg_try_advisory_lock` and the session that holds it.
+struct PgLeaderLock {
+    client: Option<Object>,
+    key: i64,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl super::LeaderLock for PgLeaderLock {
+    async fn release(mut self: Box<Self>) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let unlocked = tokio::time::timeout(
+            self.timeout,
+            client.query_one("SELECT pg_advisory_unlock($1)", &[&self.key]),
+        )
+        .await;
+        match unlocked {
+            // Unlocked: the session is clean again and can serve other operations.
+            Ok(Ok(row)) if row.try_get::<_, bool>(0).unwrap_or(false) => drop(client),
+            _ => {
+                tracing::warn!(
+                    key = self.key,
+                    "could not unlock the leader lock; closing its connection instead"
+                );
+                drop(Object::take(client));
+            }
+        }
+    }
+
+    fn lost(&self) -> bool {
+        self.client.as_ref().is_none_or(|c| c.is_closed())
+    }
+}
+
+impl Drop for PgLeaderLock {
+    fn drop(&mut self) {
+        // Not released in order (cancelled or panicked): closing the session is what frees
+        // the lock, and it needs no await.
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+#[cfg(test)]
+mod leader_tests {
+    use super::*;
+
+    #[test]
+    fn leader_keys_are_stable_distinct_and_not_the_migration_lock() {
+        let recovery = leader_lock_key("recovery");
+        assert_eq!(recovery, leader_lock_key("recovery"));
+        assert_ne!(recovery, leader_lock_key("something else"));
+        assert_ne!(recovery, MIGRATION_LOCK);
+    }
 }

@@ -730,4 +730,10 @@ impl Store for SqliteStore {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
     }
+
+    async fn try_lead(&self, name: &str) -> Result<Option<super::LeaderGuard>, StoreError> {
+        // One process writes a SQLite file, so it always leads; its background tasks run
+        // their cycles one after another and need no lock among themselves.
+        Ok(Some(super::LeaderGuard::local(name)))
+    }
 }

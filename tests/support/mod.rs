@@ -32,6 +32,18 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     config
 }
 
+/// Points the app's DingTalk client at a fake DingTalk on `base_url` (the fake accepts any
+/// credentials unless told otherwise), with quick retries so failures show up fast.
+pub fn use_fake_dingtalk(config: &mut Config, base_url: &str) {
+    config.dingtalk.app_key = "dingrecoverytest".into();
+    config.dingtalk.app_secret = dinghook::dingtalk::Secret::new("fake-secret");
+    config.dingtalk.oapi_url = base_url.into();
+    config.dingtalk.api_url = base_url.into();
+    config.dingtalk.qps = 10_000;
+    config.dingtalk.retry_base_delay = Duration::from_millis(10);
+    config.dingtalk.retry_max_delay = Duration::from_millis(40);
+}
+
 pub fn sender() -> CallbackCipher {
     CallbackCipher::from_strings(TOKEN, AES_KEY, &[], OWNER_KEY).expect("test keys")
 }
