@@ -156,6 +156,11 @@ async fn metrics(State(state): State<Arc<IngressState>>) -> Response {
     state
         .metrics
         .set_queue(stats.ok().and_then(Result::ok).as_ref());
+    if let Some(client) = &state.client {
+        if let Ok(quota) = tokio::time::timeout(Duration::from_secs(2), client.quota()).await {
+            state.metrics.set_quota(&quota, &client.stats());
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -73,6 +73,9 @@ enum Command {
     /// Inspect the stored events (works with the server running or not).
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Work notifications sent by the built-in handlers, and what DingTalk delivered.
+    #[command(subcommand)]
+    Notifications(NotificationsCommand),
     /// Print the effective configuration with secrets redacted.
     CheckConfig(ConfigArg),
     /// Run a fake DingTalk API (both base URLs) with in-memory state, for trying dinghook
@@ -134,6 +137,72 @@ enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum NotificationsCommand {
+    /// Most recent first: task id, kind, status, recipients and delivery problems.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One notification with its delivery result.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        task_id: i64,
+    },
+}
+
+async fn notifications(command: NotificationsCommand) -> Result<()> {
+    let (NotificationsCommand::List { config, .. } | NotificationsCommand::Show { config, .. }) =
+        &command;
+    let config =
+        Config::load_for_store(config.config.as_deref()).context("invalid configuration")?;
+    let store = dinghook::store::open(&config).await?;
+    let result = match command {
+        NotificationsCommand::List { limit, json, .. } => {
+            for doc in store.list_documents("notification", limit).await? {
+                let b = &doc.body;
+                if json {
+                    println!("{b}");
+                } else {
+                    let list = |v: &serde_json::Value| v.as_array().map_or(0, Vec::len);
+                    let r = &b["result"];
+                    println!(
+                        "{:>12}  {:<12} {:<8} to {:<3} failed {} forbidden {} read {}",
+                        b["task_id"],
+                        b["kind"].as_str().unwrap_or(""),
+                        b["status"].as_str().unwrap_or(""),
+                        list(&b["userids"]),
+                        list(&r["failed"]),
+                        list(&r["forbidden"]),
+                        list(&r["read"]),
+                    );
+                }
+            }
+            Ok(())
+        }
+        NotificationsCommand::Show { task_id, .. } => {
+            match store
+                .get_document("notification", &task_id.to_string())
+                .await?
+            {
+                Some(doc) => {
+                    println!("{}", serde_json::to_string_pretty(&doc.body)?);
+                    Ok(())
+                }
+                None => Err(anyhow::anyhow!("no notification with task id {task_id}")),
+            }
+        }
+    };
+    store.close().await;
+    result
 }
 
 /// Epoch ms from `1795284000000`, `2026-11-21T08:00:00Z` or `2h` (ago).
@@ -418,6 +487,7 @@ async fn main() -> ExitCode {
             .load()
             .and_then(|c| decrypt(&c, query.as_deref(), input.as_deref())),
         Command::Events(command) => events(command).await,
+        Command::Notifications(command) => notifications(command).await,
         Command::CheckConfig(config) => config.load().map(|c| print!("{}", c.to_redacted_toml())),
         Command::Healthcheck { url } => healthcheck(&url).await,
         Command::FakeDingtalk { listen } => {
