@@ -160,14 +160,25 @@ async fn done_sets_the_status_bar_once_however_often_it_is_told() {
     let task_id = fake.sent_messages()[0].task_id;
 
     fake.add_todo_task("union-a", task(true, 2, &["union-a", "union-b"]));
-    deliver_and_wait(&app, "todo_task_update", "u-1", &["union-a"]).await;
-    // DingTalk's re-delivery of the same event, and a second event for the same change.
+    // Two events for the same change, handled at the same time (one batch, run concurrently),
+    // then DingTalk's re-delivery of the first, and a third event once they are done.
+    for id in ["u-1", "u-2"] {
+        assert_success_reply(
+            app.post_event(&event("todo_task_update", id, &["union-a"]))
+                .await,
+        )
+        .await;
+    }
+    for id in ["u-1", "u-2"] {
+        app.wait_for_state(&format!("event:{id}"), EventState::Done)
+            .await;
+    }
     assert_success_reply(
         app.post_event(&event("todo_task_update", "u-1", &["union-a"]))
             .await,
     )
     .await;
-    deliver_and_wait(&app, "todo_task_update", "u-2", &["union-b"]).await;
+    deliver_and_wait(&app, "todo_task_update", "u-3", &["union-b"]).await;
 
     let updates = fake.calls_to(STATUS_BAR);
     assert_eq!(updates.len(), 1, "{updates:?}");
@@ -191,10 +202,11 @@ async fn done_sets_the_status_bar_once_however_often_it_is_told() {
         document(&app, "notification", &task_id.to_string()).await["status"],
         "Done"
     );
-    // No new notification, and no fetch for the re-delivery: create and u-1 read as union-a;
-    // u-2 names union-b, who (in the fake) cannot see the task, so it is read again as union-a.
+    // No new notification, and no fetch for the re-delivery: create, u-1 and u-2 read as
+    // union-a; u-3 names union-b, who (in the fake) cannot see the task, so it is read again
+    // as union-a.
     assert_eq!(fake.sent_messages().len(), 1);
-    assert_eq!(fake.calls_to(TASK_PATH).len(), 3);
+    assert_eq!(fake.calls_to(TASK_PATH).len(), 4);
     assert_eq!(
         fake.calls_to("/v1.0/todo/users/union-b/tasks/task-1").len(),
         1
@@ -229,8 +241,19 @@ async fn delete_recalls_the_notification_once() {
     deliver_and_wait(&app, "todo_task_create", "c-1", &["union-a"]).await;
     let task_id = fake.sent_messages()[0].task_id;
 
-    deliver_and_wait(&app, "todo_task_delete", "d-1", &["union-a"]).await;
-    deliver_and_wait(&app, "todo_task_delete", "d-2", &["union-a"]).await;
+    // Two deletes handled at the same time, then a third later.
+    for id in ["d-1", "d-2"] {
+        assert_success_reply(
+            app.post_event(&event("todo_task_delete", id, &["union-a"]))
+                .await,
+        )
+        .await;
+    }
+    for id in ["d-1", "d-2"] {
+        app.wait_for_state(&format!("event:{id}"), EventState::Done)
+            .await;
+    }
+    deliver_and_wait(&app, "todo_task_delete", "d-3", &["union-a"]).await;
     // An update that arrives after the delete changes nothing.
     fake.add_todo_task("union-a", task(true, 2, &["union-a", "union-b"]));
     deliver_and_wait(&app, "todo_task_update", "u-late", &["union-a"]).await;

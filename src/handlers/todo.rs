@@ -27,6 +27,8 @@ use crate::template::Template;
 
 const COLLECTION: &str = "todo";
 const USER_COLLECTION: &str = "user";
+/// Which event makes each change to a notification (see [`claim`]).
+const CLAIM_COLLECTION: &str = "todo_claim";
 /// The notification kind (metrics label, `notifications` view).
 const KIND: &str = "todo";
 /// DingTalk puts a status bar on an OA message only for at most this many user recipients.
@@ -147,6 +149,8 @@ pub struct Todo {
     pub notification_task_id: Option<i64>,
     /// What its status bar shows; `None` when it has none (more than five recipients).
     pub status_bar: Option<StatusBar>,
+    /// Status-bar changes made so far; the next one is claimed under this number plus one.
+    pub status_changes: u32,
     pub recalled: bool,
     /// Why there is no notification or status bar, or why its last change failed.
     pub notification_note: Option<String>,
@@ -203,6 +207,10 @@ pub async fn save(store: &dyn Store, todo: &mut Todo) -> Result<(), HandlerError
             todo.status_bar = current.status_bar;
             todo.executor_user_ids = current.executor_user_ids;
             todo.notification_note = current.notification_note;
+        }
+        if current.status_changes > todo.status_changes {
+            todo.status_bar = current.status_bar;
+            todo.status_changes = current.status_changes;
         }
         todo.deleted |= current.deleted;
         todo.recalled |= current.recalled;
@@ -316,6 +324,9 @@ async fn deleted(
         return Ok(());
     }
     if !notification_budget(&ctx, config.notify_quota_reserve, "todo_recall").await {
+        return Ok(());
+    }
+    if !claim(&ctx, &format!("{task_id}:recall")).await? {
         return Ok(());
     }
     let client = ctx.dingtalk()?;
@@ -451,7 +462,8 @@ async fn send_pending(
     ];
     let with_status_bar = userids.len() <= STATUS_BAR_MAX_RECIPIENTS;
     let message_url = cfg.message_url.render_with(&fields);
-    let content = cfg.content.render_with(&fields);
+    // An empty {description} would leave a dangling line break.
+    let content = cfg.content.render_with(&fields).trim_end().to_owned();
     let msg = WorkMessage::Oa {
         oa: OaMessage {
             message_url: if message_url.trim().is_empty() {
@@ -531,6 +543,10 @@ async fn sync_status_bar(
             "todo_status_pending",
         ),
     };
+    let change = todo.status_changes.saturating_add(1);
+    if !claim(ctx, &format!("{task_id}:status:{change}")).await? {
+        return Ok(());
+    }
     let client = ctx.dingtalk()?;
     let outcome = effect_once(ctx, effect, || async {
         best_effort(
@@ -542,12 +558,40 @@ async fn sync_status_bar(
     .await?;
     if succeeded(&outcome) {
         todo.status_bar = Some(wanted);
+        todo.status_changes = change;
         todo.notification_note = None;
         mark_notification(ctx, task_id, &bar.status_value).await?;
     } else {
         todo.notification_note = failure_note("status bar update", &outcome);
     }
     save(&*ctx.store, todo).await
+}
+
+/// Whether this event may make the change named `key` to a notification: the first event to
+/// ask gets it (a create-only document, atomic on both stores), and keeps it on its retries.
+/// Two events for one change (two updates handled at the same time by two workers or
+/// replicas, both seeing "pending" when the to-do is done) then make one call, not two. A
+/// change refused by DingTalk stays claimed: asking again would be refused again.
+async fn claim(ctx: &Context, key: &str) -> Result<bool, HandlerError> {
+    let event = &ctx.record.dedup_key;
+    let body = json!({ "event": event });
+    if ctx
+        .store
+        .insert_document(CLAIM_COLLECTION, key, &body, now_millis())
+        .await?
+    {
+        return Ok(true);
+    }
+    let owner = ctx.store.get_document(CLAIM_COLLECTION, key).await?;
+    let ours =
+        owner.is_some_and(|doc| doc.body.get("event").and_then(Value::as_str) == Some(event));
+    if !ours {
+        tracing::info!(
+            key,
+            "another event makes this change to the to-do's notification"
+        );
+    }
+    Ok(ours)
 }
 
 fn status_bar(value: &str, color: &str) -> OaStatusBar {
