@@ -177,6 +177,8 @@ async fn check_delivery(event: Event, ctx: Context) -> Result<(), HandlerError> 
             (delivery.failed.len() + delivery.forbidden.len() + delivery.invalid.len()) as u64,
         );
     }
+    // Loaded only now, after the DingTalk calls, so a status set meanwhile (a to-do's status
+    // bar, a recall) is kept: only `result` (and `sent` → `checked`) change here.
     let mut n = load(&ctx, task_id).await?.unwrap_or(Notification {
         task_id,
         kind: "unknown".into(),
