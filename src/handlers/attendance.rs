@@ -49,7 +49,7 @@ pub enum MessageFormat {
 }
 
 /// `[handlers.attendance]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AttendanceConfig {
     pub enabled: bool,
@@ -771,6 +771,15 @@ mod tests {
             summary_line(&items[0], china),
             "- 打卡 12:00 已记录 · 外勤 (Outside)"
         );
+    }
+
+    #[test]
+    fn the_shipped_config_documents_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dinghook.toml");
+        let file: toml::Value = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let section = file["handlers"]["attendance"].clone();
+        let shipped: AttendanceConfig = section.try_into().unwrap();
+        assert_eq!(shipped, AttendanceConfig::default());
     }
 
     #[test]
