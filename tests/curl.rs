@@ -31,6 +31,7 @@ fn curl_scripts_pass() {
             .arg(&script)
             .env("DINGHOOK_BIN", env!("CARGO_BIN_EXE_dinghook"))
             .env("PORT", support::free_port().to_string())
+            // For scripts that also start a fake DingTalk.
             .env("FAKE_PORT", support::free_port().to_string())
             .output()
             .expect("run bash");

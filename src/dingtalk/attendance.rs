@@ -11,8 +11,9 @@ use super::client::Request;
 use super::lenient;
 use super::{Client, Result};
 
-/// `getupdatedata` result: one user's attendance for one day.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+/// `getupdatedata` result: one user's attendance for one day. Serializable so a handler can
+/// keep what it read.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct AttendanceUpdateData {
     /// The day.
@@ -38,7 +39,7 @@ pub struct AttendanceUpdateData {
 }
 
 /// One entry of `attendance_result_list`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct AttendanceCheckResult {
     /// `OnDuty` / `OffDuty`.

@@ -1,21 +1,796 @@
-//! Placeholder: the attendance handlers are built in a following change.
+//! `attendance_check_record`: look up what a check-in counted as, keep it, and tell the user.
+//!
+//! The event only says that someone punched (who, when, where); whether it was on or off duty,
+//! late or early, is in `topapi/attendance/getupdatedata`. So the event is a trigger: each
+//! user punch schedules an internal lookup event (`dinghook_attendance_lookup`) for its user
+//! and work date. Punches of one user whose check times fall into the same
+//! `coalesce_window` share the lookup's de-duplication key, so a burst of punches (or of
+//! re-deliveries) costs one API call. The lookup stores the day's data in the `attendance`
+//! collection (key `user:date`) and, per `notify`, sends the user one work notification.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
-use super::HandlersConfig;
-use crate::handler::RegistryBuilder;
+use super::{notify, schedule_internal, HandlersConfig};
+use crate::config::duration_str;
+use crate::crypto::now_millis;
+use crate::dingtalk::{AttendanceUpdateData, Markdown, Text, WorkMessage};
+use crate::event::{CheckRecord, Event};
+use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
+use crate::store::Inserted;
+use crate::template::Template;
+
+/// The internal event type of a coalesced lookup.
+pub const LOOKUP: &str = "dinghook_attendance_lookup";
+/// Where the looked-up days are kept, keyed `user:yyyy-MM-dd`.
+pub const COLLECTION: &str = "attendance";
+
+/// Which lookups end in a work notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyMode {
+    /// Only when a punch of the window is not Normal (late, early, outside, missed …).
+    Abnormal,
+    /// After every looked-up punch.
+    All,
+    /// Never (the lookup is still made and stored).
+    Off,
+}
+
+/// The work notification's `msgtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageFormat {
+    Markdown,
+    Text,
+}
 
 /// `[handlers.attendance]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct AttendanceConfig {}
+pub struct AttendanceConfig {
+    pub enabled: bool,
+    /// `abnormal`, `all` or `off`.
+    pub notify: NotifyMode,
+    /// Also look up records DingTalk replays itself (`checkByUser: false`, after a
+    /// re-scheduling); they are not something the user just did, so by default they are not.
+    pub include_system_replays: bool,
+    /// Punches of one user whose check times fall into the same window of this length share
+    /// one lookup. The lookup runs one window after the window ends, so late pushes of the
+    /// same window still find it pending.
+    #[serde(with = "duration_str")]
+    pub coalesce_window: Duration,
+    /// The organisation's UTC offset: it decides the work date of a check time and how times
+    /// are shown. DingTalk's China data centre works in +08:00.
+    pub utc_offset: UtcOffset,
+    /// `markdown` or `text`.
+    pub format: MessageFormat,
+    /// The markdown title (shown in the conversation list). Same placeholders as `message`.
+    pub title: Template,
+    /// Placeholders: see [`MESSAGE_FIELDS`].
+    pub message: Template,
+}
 
-impl AttendanceConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        Ok(())
+/// Placeholders of `title` and `message`. The single-punch fields describe the window's most
+/// notable punch (the first abnormal one, else the latest); `{summary}` lists them all.
+pub const MESSAGE_FIELDS: &[&str] = &[
+    "user_id",
+    "work_date",
+    "check_type",
+    "check_type_label",
+    "time",
+    "time_result",
+    "time_result_label",
+    "location_result",
+    "location_result_label",
+    "summary",
+    "corp_id",
+];
+
+impl Default for AttendanceConfig {
+    fn default() -> Self {
+        AttendanceConfig {
+            enabled: true,
+            notify: NotifyMode::Abnormal,
+            include_system_replays: false,
+            coalesce_window: Duration::from_secs(30),
+            utc_offset: UtcOffset::CHINA,
+            format: MessageFormat::Markdown,
+            title: Template::from_default("考勤打卡 {work_date}"),
+            message: Template::from_default("#### 考勤打卡 {work_date}\n\n{summary}"),
+        }
     }
 }
 
-pub fn register(builder: RegistryBuilder, _config: &HandlersConfig) -> RegistryBuilder {
+impl AttendanceConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.title
+            .check(MESSAGE_FIELDS)
+            .map_err(|e| format!("handlers.attendance.title: {e}"))?;
+        self.message
+            .check(MESSAGE_FIELDS)
+            .map_err(|e| format!("handlers.attendance.message: {e}"))
+    }
+
+    /// The window in ms, at least 1 (a zero window means: every check time on its own).
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.coalesce_window.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+}
+
+pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBuilder {
+    if !config.attendance.enabled {
+        return builder;
+    }
+    let settings = Arc::new(config.clone());
+    let on_lookup = Arc::clone(&settings);
     builder
+        .on_attendance_check_record(move |records, ctx| {
+            let settings = Arc::clone(&settings);
+            async move { schedule_lookups(records, ctx, &settings.attendance).await }
+        })
+        .on(LOOKUP, move |event: Event, ctx: Context| {
+            let settings = Arc::clone(&on_lookup);
+            async move { lookup(event, ctx, &settings).await }
+        })
+}
+
+/// What a lookup event carries: one user's day, and the window of check times it covers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LookupRequest {
+    user_id: String,
+    work_date: String,
+    /// The window's check times, `[window_start, window_end)` in epoch ms.
+    window_start: i64,
+    window_end: i64,
+    #[serde(default)]
+    corp_id: Option<String>,
+    /// The punches of the event that scheduled it (later punches of the window were
+    /// coalesced into it and are found in DingTalk's answer).
+    #[serde(default)]
+    punches: Vec<Punch>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Punch {
+    check_time: i64,
+    #[serde(default)]
+    location_result: Option<String>,
+    #[serde(default)]
+    location_method: Option<String>,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    check_by_user: bool,
+}
+
+/// The trigger: one lookup per user, work date and window.
+async fn schedule_lookups(
+    records: Vec<CheckRecord>,
+    ctx: Context,
+    config: &AttendanceConfig,
+) -> Result<(), HandlerError> {
+    let window = config.window_ms();
+    let mut lookups: Vec<LookupRequest> = Vec::new();
+    for record in records {
+        if !record.check_by_user && !config.include_system_replays {
+            tracing::debug!(user = %record.user_id, "system replay of a check-in; not looked up");
+            continue;
+        }
+        // The row's arrival time, not the clock: a retry of this event must compute the
+        // same window, or it would schedule a second lookup.
+        let at = record.check_time.unwrap_or(ctx.record.received_at);
+        let window_start = at.div_euclid(window).saturating_mul(window);
+        let work_date = config.utc_offset.date(at);
+        let punch = Punch {
+            check_time: at,
+            location_result: record.location_result.clone(),
+            location_method: record.location_method.clone(),
+            address: record.address.clone(),
+            check_by_user: record.check_by_user,
+        };
+        match lookups.iter_mut().find(|l| {
+            l.user_id == record.user_id
+                && l.work_date == work_date
+                && l.window_start == window_start
+        }) {
+            Some(lookup) => lookup.punches.push(punch),
+            None => lookups.push(LookupRequest {
+                user_id: record.user_id.clone(),
+                work_date,
+                window_start,
+                window_end: window_start.saturating_add(window),
+                corp_id: record.corp_id.clone(),
+                punches: vec![punch],
+            }),
+        }
+    }
+    for lookup in lookups {
+        let key = format!(
+            "attendance-lookup:{}:{}:{}",
+            lookup.user_id,
+            lookup.work_date,
+            lookup.window_start / window
+        );
+        // One window after the window ends: DingTalk pushes a punch shortly after it is
+        // made, so by then the window's later punches have arrived (and were coalesced) and
+        // are in DingTalk's data. Old punches (failed-push recovery) are looked up at once.
+        let due = now_millis().max(lookup.window_end.saturating_add(window));
+        let payload = serde_json::to_value(&lookup)
+            .map_err(|e| HandlerError::permanent(format!("lookup payload: {e}")))?;
+        match schedule_internal(&ctx, LOOKUP, key.clone(), payload, due).await? {
+            Inserted::Stored { .. } => {
+                tracing::debug!(lookup = %key, due, "attendance lookup scheduled");
+            }
+            Inserted::Duplicate { .. } => {
+                tracing::debug!(lookup = %key, "check-in coalesced into a pending lookup");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The lookup: read the day, keep it, notify per `notify`.
+async fn lookup(event: Event, ctx: Context, config: &HandlersConfig) -> Result<(), HandlerError> {
+    let Event::Unknown { raw, .. } = event else {
+        return Err(HandlerError::permanent("not an attendance lookup"));
+    };
+    let request: LookupRequest = serde_json::from_value(raw)
+        .map_err(|e| HandlerError::permanent(format!("attendance lookup payload: {e}")))?;
+    let settings = &config.attendance;
+    let data = day_data(&ctx, &request).await?;
+    let offset = settings.utc_offset;
+    let items = concerned(&data, &request, offset);
+    let abnormal = items.iter().any(Item::is_abnormal);
+    let send = match settings.notify {
+        NotifyMode::Off => false,
+        NotifyMode::All => !items.is_empty(),
+        NotifyMode::Abnormal => abnormal,
+    };
+    if !send {
+        tracing::debug!(user = %request.user_id, date = %request.work_date, abnormal, "attendance looked up; no notification");
+        return Ok(());
+    }
+    let fields = MessageFields::new(&request, &items, offset);
+    let pairs = fields.pairs();
+    let text = settings.message.render_with(&pairs);
+    let msg = match settings.format {
+        MessageFormat::Markdown => WorkMessage::Markdown {
+            markdown: Markdown {
+                title: settings.title.render_with(&pairs),
+                text,
+            },
+        },
+        MessageFormat::Text => WorkMessage::Text {
+            text: Text { content: text },
+        },
+    };
+    notify::send(
+        &ctx,
+        config,
+        "attendance",
+        "notify",
+        vec![request.user_id.clone()],
+        msg,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The day's data: what this lookup event already read (a retry must not call again nor
+/// decide on different data), else a fresh `getupdatedata`, stored before it is used.
+async fn day_data(
+    ctx: &Context,
+    request: &LookupRequest,
+) -> Result<AttendanceUpdateData, HandlerError> {
+    let key = format!("{}:{}", request.user_id, request.work_date);
+    let event_key = &ctx.record.dedup_key;
+    if let Some(doc) = ctx.store.get_document(COLLECTION, &key).await? {
+        if doc.body.get("lookup_event").and_then(Value::as_str) == Some(event_key.as_str()) {
+            if let Some(Ok(data)) = doc
+                .body
+                .get("data")
+                .map(|d| serde_json::from_value::<AttendanceUpdateData>(d.clone()))
+            {
+                return Ok(data);
+            }
+        }
+    }
+    let client = ctx.dingtalk()?;
+    let data = client
+        .attendance_update_data(&request.user_id, &request.work_date)
+        .await?;
+    let body = json!({
+        "user_id": request.user_id,
+        "work_date": request.work_date,
+        "corp_id": request.corp_id,
+        "lookup_event": event_key,
+        "looked_up_at": now_millis(),
+        "data": serde_json::to_value(&data).unwrap_or(Value::Null),
+    });
+    ctx.store
+        .put_document(COLLECTION, &key, &body, now_millis())
+        .await?;
+    Ok(data)
+}
+
+/// One result the notification talks about.
+#[derive(Debug, Clone, PartialEq)]
+struct Item {
+    check_type: Option<String>,
+    /// The punch (epoch ms); none for a missed check.
+    time: Option<i64>,
+    /// The planned time, for ordering and for missed checks.
+    planned: Option<i64>,
+    time_result: Option<String>,
+    location_result: Option<String>,
+}
+
+impl Item {
+    fn is_abnormal(&self) -> bool {
+        let off = |v: &Option<String>| {
+            v.as_deref()
+                .is_some_and(|r| !r.is_empty() && !r.eq_ignore_ascii_case("Normal"))
+        };
+        off(&self.time_result) || off(&self.location_result)
+    }
+
+    fn sort_key(&self) -> i64 {
+        self.time.or(self.planned).unwrap_or(i64::MAX)
+    }
+}
+
+/// The results that concern this window: those whose punch lies in it (a second of slack
+/// below, as DingTalk shows times to the second), and checks missed (`NotSigned`) whose
+/// planned time has passed by the window's end. If DingTalk's results show none of the
+/// window's punches (a repeated punch that did not count, or data not updated yet), the
+/// event's own punches stand in, with what the event knows (the location result).
+fn concerned(data: &AttendanceUpdateData, request: &LookupRequest, offset: UtcOffset) -> Vec<Item> {
+    let low = request.window_start.saturating_sub(1000);
+    let high = request.window_end;
+    let mut items: Vec<Item> = data
+        .attendance_result_list
+        .iter()
+        .filter_map(|r| {
+            let time = r
+                .user_check_time
+                .as_deref()
+                .and_then(|t| offset.parse_time(t));
+            let planned = r
+                .plan_check_time
+                .as_deref()
+                .and_then(|t| offset.parse_time(t));
+            let punched_here = time.is_some_and(|t| t >= low && t < high);
+            let missed = r
+                .time_result
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case("NotSigned"))
+                && planned.is_some_and(|p| p < high);
+            (punched_here || missed).then(|| Item {
+                check_type: r.check_type.clone(),
+                time: if missed { None } else { time },
+                planned,
+                time_result: r.time_result.clone(),
+                location_result: r.location_result.clone(),
+            })
+        })
+        .collect();
+    if !items.iter().any(|i| i.time.is_some()) {
+        items.extend(request.punches.iter().map(|p| Item {
+            check_type: None,
+            time: Some(p.check_time),
+            planned: None,
+            time_result: None,
+            location_result: p.location_result.clone(),
+        }));
+    }
+    items.sort_by_key(Item::sort_key);
+    items
+}
+
+/// The template's values.
+struct MessageFields {
+    user_id: String,
+    work_date: String,
+    corp_id: String,
+    check_type: String,
+    check_type_label: String,
+    time: String,
+    time_result: String,
+    time_result_label: String,
+    location_result: String,
+    location_result_label: String,
+    summary: String,
+}
+
+impl MessageFields {
+    fn new(request: &LookupRequest, items: &[Item], offset: UtcOffset) -> Self {
+        let main = items
+            .iter()
+            .find(|i| i.is_abnormal())
+            .or_else(|| items.last());
+        let text = |v: Option<&String>| v.cloned().unwrap_or_default();
+        let time_of = |i: &Item| {
+            i.time
+                .or(i.planned)
+                .map(|t| offset.clock(t))
+                .unwrap_or_default()
+        };
+        let summary = items
+            .iter()
+            .map(|i| summary_line(i, offset))
+            .collect::<Vec<_>>()
+            .join("\n");
+        MessageFields {
+            user_id: request.user_id.clone(),
+            work_date: request.work_date.clone(),
+            corp_id: request.corp_id.clone().unwrap_or_default(),
+            check_type: text(main.and_then(|m| m.check_type.as_ref())),
+            check_type_label: check_type_label(main.and_then(|m| m.check_type.as_deref()))
+                .to_owned(),
+            time: main.map(time_of).unwrap_or_default(),
+            time_result: text(main.and_then(|m| m.time_result.as_ref())),
+            time_result_label: main
+                .and_then(|m| m.time_result.as_deref())
+                .map(result_label)
+                .unwrap_or_default(),
+            location_result: text(main.and_then(|m| m.location_result.as_ref())),
+            location_result_label: main
+                .and_then(|m| m.location_result.as_deref())
+                .map(result_label)
+                .unwrap_or_default(),
+            summary,
+        }
+    }
+
+    fn pairs(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("user_id", &self.user_id),
+            ("work_date", &self.work_date),
+            ("corp_id", &self.corp_id),
+            ("check_type", &self.check_type),
+            ("check_type_label", &self.check_type_label),
+            ("time", &self.time),
+            ("time_result", &self.time_result),
+            ("time_result_label", &self.time_result_label),
+            ("location_result", &self.location_result),
+            ("location_result_label", &self.location_result_label),
+            ("summary", &self.summary),
+        ]
+    }
+}
+
+/// `- 上班 09:05 迟到 (Late) · 外勤 (Outside)`; a markdown list item that reads as plain text.
+fn summary_line(item: &Item, offset: UtcOffset) -> String {
+    let mut line = format!("- {}", check_type_label(item.check_type.as_deref()));
+    if let Some(t) = item.time {
+        line.push(' ');
+        line.push_str(&offset.clock(t));
+    } else if let Some(p) = item.planned {
+        line.push_str(&format!(" ({})", offset.clock(p)));
+    }
+    match item.time_result.as_deref() {
+        Some(r) if !r.is_empty() => line.push_str(&format!(" {} ({r})", result_label(r))),
+        _ => line.push_str(" 已记录"),
+    }
+    if let Some(l) = item.location_result.as_deref() {
+        let missed = item
+            .time_result
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case(l));
+        if !l.is_empty() && !l.eq_ignore_ascii_case("Normal") && !missed {
+            line.push_str(&format!(" · {} ({l})", result_label(l)));
+        }
+    }
+    line
+}
+
+fn check_type_label(check_type: Option<&str>) -> &'static str {
+    match check_type {
+        Some("OnDuty") => "上班",
+        Some("OffDuty") => "下班",
+        _ => "打卡",
+    }
+}
+
+/// DingTalk's result codes in the words its app uses; unknown codes stay as they are.
+fn result_label(result: &str) -> String {
+    match result {
+        "Normal" => "正常",
+        "Early" => "早退",
+        "Late" => "迟到",
+        "SeriousLate" => "严重迟到",
+        "Absenteeism" => "旷工迟到",
+        "NotSigned" => "缺卡",
+        "Outside" => "外勤",
+        other => other,
+    }
+    .to_owned()
+}
+
+/// A fixed offset from UTC, written `+08:00`, `-05:30`, `+8` or `Z`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UtcOffset {
+    minutes: i32,
+}
+
+impl UtcOffset {
+    pub const CHINA: UtcOffset = UtcOffset { minutes: 8 * 60 };
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("z") || t.eq_ignore_ascii_case("utc") {
+            return Ok(UtcOffset { minutes: 0 });
+        }
+        let bad = || format!("{text:?} is not a UTC offset like +08:00 or -05:30");
+        let (sign, rest) = match t.as_bytes().first() {
+            Some(b'+') => (1, &t[1..]),
+            Some(b'-') => (-1, &t[1..]),
+            _ => return Err(bad()),
+        };
+        let (hours, minutes) = match rest.split_once(':') {
+            Some((h, m)) => (h, m),
+            None => (rest, "0"),
+        };
+        let hours: i32 = hours.parse().map_err(|_| bad())?;
+        let minutes: i32 = minutes.parse().map_err(|_| bad())?;
+        if !(0..=14).contains(&hours) || !(0..60).contains(&minutes) {
+            return Err(bad());
+        }
+        Ok(UtcOffset {
+            minutes: sign * (hours * 60 + minutes),
+        })
+    }
+
+    fn shift_ms(self) -> i64 {
+        i64::from(self.minutes) * 60_000
+    }
+
+    /// `yyyy-MM-dd` of `epoch_ms` at this offset.
+    pub fn date(self, epoch_ms: i64) -> String {
+        let local = epoch_ms.saturating_add(self.shift_ms());
+        let (y, m, d) = civil_from_days(local.div_euclid(86_400_000));
+        format!("{y:04}-{m:02}-{d:02}")
+    }
+
+    /// `HH:mm` of `epoch_ms` at this offset.
+    pub fn clock(self, epoch_ms: i64) -> String {
+        let of_day = epoch_ms
+            .saturating_add(self.shift_ms())
+            .rem_euclid(86_400_000)
+            / 60_000;
+        format!("{:02}:{:02}", of_day / 60, of_day % 60)
+    }
+
+    /// A DingTalk time: epoch ms (as digits), or `yyyy-MM-dd HH:mm[:ss]` at this offset.
+    pub fn parse_time(self, text: &str) -> Option<i64> {
+        let t = text.trim();
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            return t.parse().ok();
+        }
+        let (date, clock) = t.split_once([' ', 'T'])?;
+        let mut d = date.splitn(3, '-').map(str::parse::<i64>);
+        let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+        let mut c = clock.splitn(3, ':').map(str::parse::<i64>);
+        let (h, min) = (c.next()?.ok()?, c.next()?.ok()?);
+        let s = match c.next() {
+            Some(s) => s.ok()?,
+            None => 0,
+        };
+        if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
+            return None;
+        }
+        let days = days_from_civil(y, m, day);
+        let local = days * 86_400_000 + ((h * 60 + min) * 60 + s) * 1000;
+        Some(local - self.shift_ms())
+    }
+}
+
+impl Serialize for UtcOffset {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let sign = if self.minutes < 0 { '-' } else { '+' };
+        let abs = self.minutes.abs();
+        s.serialize_str(&format!("{sign}{:02}:{:02}", abs / 60, abs % 60))
+    }
+}
+
+impl<'de> Deserialize<'de> for UtcOffset {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        UtcOffset::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Civil date of a day count since 1970-01-01 (proleptic Gregorian). Counts in 400-year eras
+/// of 146 097 days with years starting on 1 March, so the leap day ends the year.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The inverse of [`civil_from_days`].
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dingtalk::AttendanceCheckResult;
+
+    #[test]
+    fn dates_and_times_at_an_offset() {
+        let china = UtcOffset::CHINA;
+        // 2019-10-11 11:04:40 UTC = 19:04:40 in China.
+        assert_eq!(china.date(1_570_791_880_000), "2019-10-11");
+        assert_eq!(china.clock(1_570_791_880_000), "19:04");
+        // 2024-02-29 16:30 UTC is already 1 March in China, still 29 February in UTC.
+        let t = UtcOffset::parse("Z")
+            .unwrap()
+            .parse_time("2024-02-29 16:30:00")
+            .unwrap();
+        assert_eq!(china.date(t), "2024-03-01");
+        assert_eq!(UtcOffset::parse("+00:00").unwrap().date(t), "2024-02-29");
+        assert_eq!(UtcOffset::parse("-05:30").unwrap().clock(t), "11:00");
+        assert_eq!(china.date(-1), "1970-01-01");
+        assert_eq!(UtcOffset { minutes: 0 }.date(-1), "1969-12-31");
+    }
+
+    #[test]
+    fn times_round_trip_and_bad_input_is_refused() {
+        let china = UtcOffset::CHINA;
+        for ms in [0_i64, 951_782_400_000, 1_570_791_880_000, 4_102_444_800_000] {
+            let text = format!("{} {}:00", china.date(ms), china.clock(ms));
+            assert_eq!(
+                china.parse_time(&text),
+                Some(ms - ms.rem_euclid(60_000)),
+                "{text}"
+            );
+        }
+        assert_eq!(china.parse_time("1570791880000"), Some(1_570_791_880_000));
+        for bad in ["", "2019-13-01 09:00:00", "2019-10-11", "09:00", "x y"] {
+            assert_eq!(china.parse_time(bad), None, "{bad}");
+        }
+        for bad in ["8", "+15:00", "+08:60", "08:00", "+x"] {
+            assert!(UtcOffset::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(UtcOffset::parse("+8").unwrap(), china);
+        let shown = serde_json::to_string(&UtcOffset::parse("-05:30").unwrap()).unwrap();
+        assert_eq!(shown, "\"-05:30\"");
+    }
+
+    fn result(
+        check_type: &str,
+        user: Option<&str>,
+        plan: &str,
+        time: &str,
+        loc: &str,
+    ) -> AttendanceCheckResult {
+        AttendanceCheckResult {
+            check_type: Some(check_type.into()),
+            time_result: Some(time.into()),
+            location_result: Some(loc.into()),
+            user_check_time: user.map(Into::into),
+            plan_check_time: Some(plan.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_windows_results_and_missed_checks_concern_it() {
+        let china = UtcOffset::CHINA;
+        let start = china.parse_time("2024-05-06 18:02:00").unwrap();
+        let request = LookupRequest {
+            user_id: "u1".into(),
+            work_date: "2024-05-06".into(),
+            window_start: start,
+            window_end: start + 30_000,
+            corp_id: None,
+            punches: vec![],
+        };
+        let data = AttendanceUpdateData {
+            attendance_result_list: vec![
+                result(
+                    "OnDuty",
+                    None,
+                    "2024-05-06 09:00:00",
+                    "NotSigned",
+                    "NotSigned",
+                ),
+                result(
+                    "OffDuty",
+                    Some("2024-05-06 18:02:10"),
+                    "2024-05-06 18:00:00",
+                    "Normal",
+                    "Normal",
+                ),
+                result(
+                    "OnDuty",
+                    Some("2024-05-06 08:59:00"),
+                    "2024-05-06 09:00:00",
+                    "Late",
+                    "Normal",
+                ),
+            ],
+            ..Default::default()
+        };
+        let items = concerned(&data, &request, china);
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert!(items[0].is_abnormal() && items[0].time.is_none());
+        assert!(!items[1].is_abnormal());
+        let fields = MessageFields::new(&request, &items, china);
+        assert_eq!(fields.time_result, "NotSigned");
+        assert_eq!(fields.time, "09:00");
+        assert_eq!(
+            fields.summary,
+            "- 上班 (09:00) 缺卡 (NotSigned)\n- 下班 18:02 正常 (Normal)"
+        );
+    }
+
+    #[test]
+    fn without_a_result_the_events_punch_stands_in() {
+        let china = UtcOffset::CHINA;
+        let at = china.parse_time("2024-05-06 12:00:00").unwrap();
+        let request = LookupRequest {
+            user_id: "u1".into(),
+            work_date: "2024-05-06".into(),
+            window_start: at,
+            window_end: at + 30_000,
+            corp_id: None,
+            punches: vec![Punch {
+                check_time: at,
+                location_result: Some("Outside".into()),
+                location_method: None,
+                address: None,
+                check_by_user: true,
+            }],
+        };
+        let items = concerned(&AttendanceUpdateData::default(), &request, china);
+        assert_eq!(items.len(), 1);
+        assert!(items[0].is_abnormal());
+        assert_eq!(
+            summary_line(&items[0], china),
+            "- 打卡 12:00 已记录 · 外勤 (Outside)"
+        );
+    }
+
+    #[test]
+    fn the_shipped_config_documents_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dinghook.toml");
+        let file: toml::Value = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let section = file["handlers"]["attendance"].clone();
+        let shipped: AttendanceConfig = section.try_into().unwrap();
+        assert_eq!(shipped, AttendanceConfig::default());
+    }
+
+    #[test]
+    fn unknown_placeholders_are_refused() {
+        let mut config = AttendanceConfig::default();
+        assert!(config.validate().is_ok());
+        config.message = Template::parse("{user} late").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.contains("handlers.attendance.message") && err.contains("user"),
+            "{err}"
+        );
+    }
 }
