@@ -72,24 +72,8 @@ async fn always_failing_ends_dead_with_its_last_error_and_replay_brings_it_back(
 
     healthy.store(true, Ordering::SeqCst);
     // The operator's command, against the file the running server uses.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dinghook"))
-        .args(["events", "replay", "--state", "dead"])
-        .env_clear()
-        .env(
-            "DINGHOOK_STORE_URL",
-            format!("sqlite://{}", app.db_path.display()),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "1 event(s) sent back to pending"
-    );
+    let out = app.cli(&["events", "replay", "--state", "dead"]);
+    assert_eq!(out.trim(), "1 event(s) sent back to pending");
     let done = app.wait_for_state("event:doomed", EventState::Done).await;
     assert_eq!(done.attempts, 1, "replay starts a fresh schedule");
     app.stop().await;
@@ -242,15 +226,7 @@ async fn metrics_report_receipts_rejections_queue_and_handler_runs() {
     assert_success_reply(app.post_event(&rename("m1")).await).await;
     let _ = app.post_raw("timestamp=1&nonce=n", "{}").await;
     app.wait_for_state("event:m1", EventState::Dead).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     for line in [
         r#"dinghook_events_received_total{event_type="chat_update_title",outcome="stored"} 1"#,
         r#"dinghook_events_received_total{event_type="chat_update_title",outcome="duplicate"} 1"#,

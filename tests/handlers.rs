@@ -47,17 +47,6 @@ async fn group(app: &TestApp, ocid: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn install_looks_the_group_up_and_greets_it_once() {
     let (fake, url) = FakeDingTalk::spawn().await.unwrap();
@@ -92,7 +81,8 @@ async fn install_looks_the_group_up_and_greets_it_once() {
     assert_eq!(g["robot_code"], "rBLBXuia");
     assert_eq!(g["operator"], "0213454");
     assert_eq!(g["installed_at"], 1641866135051_i64);
-    assert!(metrics(&app)
+    assert!(app
+        .metrics()
         .await
         .contains(r#"dinghook_notifications_sent_total{kind="group_message"} 1"#));
     app.stop().await;
@@ -124,7 +114,8 @@ async fn after_an_uninstall_a_rename_is_stored_and_nothing_is_sent() {
         fake.calls_to(INSTALL_PATH).is_empty(),
         "nothing sent to an uninstalled group"
     );
-    assert!(metrics(&app)
+    assert!(app
+        .metrics()
         .await
         .contains(r#"dinghook_notifications_skipped_total{reason="group_not_installed"} 1"#));
 
@@ -194,7 +185,7 @@ async fn throttling_and_busy_answers_are_retried_until_everything_is_done() {
         .collect();
     assert_eq!(sends.len(), 1, "exactly one message got through");
     // The retries are on record: the client's counters and the event's attempts.
-    let text = metrics(&app).await;
+    let text = app.metrics().await;
     let retries: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("dinghook_dingtalk{name=\"throttled_retries\"} "))
@@ -221,7 +212,7 @@ async fn an_exhausted_quota_skips_notifications_but_keeps_the_bookkeeping() {
         .calls_to(INSTALL_PATH)
         .iter()
         .all(|c| c.status != Some(200)));
-    let text = metrics(&app).await;
+    let text = app.metrics().await;
     assert!(
         text.contains(r#"dinghook_notifications_skipped_total{reason="quota_exhausted"} 1"#),
         "{text}"
@@ -238,7 +229,8 @@ async fn an_exhausted_quota_skips_notifications_but_keeps_the_bookkeeping() {
     assert_success_reply(app2.post_event(&install("q2", "cidR")).await).await;
     app2.wait_for_state("event:q2", EventState::Done).await;
     assert!(fake2.calls_to(INSTALL_PATH).is_empty());
-    assert!(metrics(&app2)
+    assert!(app2
+        .metrics()
         .await
         .contains(r#"dinghook_notifications_skipped_total{reason="quota_reserve"} 1"#));
     assert_eq!(group(&app2, "cidR").await["status"], "installed");
@@ -317,30 +309,13 @@ async fn the_delivery_check_records_a_forbidden_recipient() {
     assert_eq!(doc.body["result"]["read"], json!(["u1"]));
     assert_eq!(doc.body["userids"], json!(["u1", "u2"]));
     // And the operator sees it.
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dinghook"))
-            .args(args)
-            .env_clear()
-            .env(
-                "DINGHOOK_STORE_URL",
-                format!("sqlite://{}", app.db_path.display()),
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let listed = run(&["notifications", "list"]);
+    let listed = app.cli(&["notifications", "list"]);
     assert!(
         listed.contains("forbidden 1") && listed.contains("checked"),
         "{listed}"
     );
     let shown: Value =
-        serde_json::from_str(&run(&["notifications", "show", &task_id.to_string()])).unwrap();
+        serde_json::from_str(&app.cli(&["notifications", "show", &task_id.to_string()])).unwrap();
     assert_eq!(shown["result"]["forbidden"], json!(["u2"]));
     app.stop().await;
 }

@@ -65,17 +65,6 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-async fn metrics_text(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn five_failed_pushes_over_two_pages_are_stored_and_handled_once_at_start_up() {
     let (fake, base) = fake().await;
@@ -113,7 +102,7 @@ async fn five_failed_pushes_over_two_pages_are_stored_and_handled_once_at_start_
     let expected: HashMap<String, usize> = ids.iter().map(|id| (format!("t-{id}"), 1)).collect();
     assert_eq!(runs, expected, "each event handled exactly once");
 
-    let metrics = metrics_text(&app).await;
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"dinghook_recovered_events_total{outcome="stored"} 5"#),
         "{metrics}"
@@ -200,7 +189,7 @@ async fn the_interval_comes_from_the_environment_and_a_later_batch_is_picked_up(
         .unwrap()
         .unwrap();
     assert_eq!(g1.source, "push");
-    let metrics = metrics_text(&app).await;
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"dinghook_recovered_events_total{outcome="duplicate"} 1"#),
         "{metrics}"
@@ -483,12 +472,10 @@ mod postgres {
                 .await;
         }
         eventually("b's start-up cycle ended", async || {
-            metrics_text(&b)
-                .await
-                .contains("dinghook_recovery_runs_total{")
+            b.metrics().await.contains("dinghook_recovery_runs_total{")
         })
         .await;
-        let b_metrics = metrics_text(&b).await;
+        let b_metrics = b.metrics().await;
         assert!(
             b_metrics.contains(r#"dinghook_recovery_runs_total{outcome="not_leader"} 1"#),
             "{b_metrics}"

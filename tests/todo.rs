@@ -90,17 +90,6 @@ async fn document(app: &TestApp, collection: &str, key: &str) -> Value {
         .body
 }
 
-async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 #[tokio::test]
 async fn create_sends_the_executors_one_oa_notification_with_the_pending_status_bar() {
     let (fake, url) = fake().await;
@@ -295,7 +284,7 @@ async fn under_the_quota_reserve_nothing_is_sent_but_the_todo_is_kept_and_the_sk
     let todo = document(&app, "todo", TASK).await;
     assert_eq!(todo["subject"], "Write the report");
     assert_eq!(todo["notification_task_id"], Value::Null);
-    let text = metrics(&app).await;
+    let text = app.metrics().await;
     assert!(
         text.contains(r#"dinghook_notifications_skipped_total{reason="quota_reserve"} 1"#),
         "{text}"

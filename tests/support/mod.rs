@@ -177,6 +177,37 @@ impl TestApp {
         self.post_sealed(&seal(&sender(), msg)).await
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        response.text().await.expect("metrics text")
+    }
+
+    /// Runs the `dinghook` binary against this server's database and returns its stdout;
+    /// panics with its stderr if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dinghook"))
+            .args(args)
+            .env_clear()
+            .env(
+                "DINGHOOK_STORE_URL",
+                format!("sqlite://{}", self.db_path.display()),
+            )
+            .output()
+            .expect("run dinghook");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Waits (up to 10 s) until the event with `dedup_key` is in `state`, and returns it.
     pub async fn wait_for_state(&self, dedup_key: &str, state: EventState) -> StoredEvent {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
