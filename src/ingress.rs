@@ -306,13 +306,15 @@ async fn read_body(
         return Err(Rejection::BodyTooLarge { limit });
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // to_bytes reports an over-long body as a length-limit error somewhere in its chain.
-        let text = format!("{e:?}");
-        if text.contains("LengthLimit") {
-            Rejection::BodyTooLarge { limit }
-        } else {
-            Rejection::BodyRead(e.to_string())
+        // to_bytes wraps the limit's own error type; find it in the cause chain.
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = cause {
+            if err.is::<http_body_util::LengthLimitError>() {
+                return Rejection::BodyTooLarge { limit };
+            }
+            cause = err.source();
         }
+        Rejection::BodyRead(e.to_string())
     })
 }
 
@@ -338,17 +340,9 @@ async fn handle(
         tracing::info!(event_type = %envelope.event_type, "answered DingTalk URL check");
         "check"
     } else {
-        let dedup_key = envelope.dedup_key(&msg);
         let payload = String::from_utf8(msg)
             .map_err(|e| EnvelopeError::NotJson(format!("not UTF-8: {e}")))?;
-        let event = NewEvent {
-            dedup_key,
-            event_type: envelope.event_type.clone(),
-            corp_id: envelope.corp_id.clone(),
-            payload,
-            source: Source::Push,
-            received_at: now_millis(),
-        };
+        let event = NewEvent::from_envelope(envelope.clone(), payload, Source::Push, now_millis());
         match state.store.insert(event).await? {
             Inserted::Stored { id } => {
                 state.stored.notify_one();

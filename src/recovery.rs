@@ -394,14 +394,12 @@ pub fn recovered_event(entry: &FailedCallback, now_ms: i64) -> Option<NewEvent> 
     if envelope.is_check() {
         return None;
     }
-    Some(NewEvent {
-        dedup_key: envelope.dedup_key(msg.as_bytes()),
-        event_type: envelope.event_type,
-        corp_id: envelope.corp_id,
-        payload: msg,
-        source: Source::Recovery,
-        received_at: now_ms,
-    })
+    Some(NewEvent::from_envelope(
+        envelope,
+        msg,
+        Source::Recovery,
+        now_ms,
+    ))
 }
 
 #[cfg(test)]

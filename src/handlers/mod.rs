@@ -166,8 +166,3 @@ pub async fn schedule_internal(
     };
     Ok(ctx.store.schedule(event, due_at_ms).await?)
 }
-
-/// The string value of a JSON field, for templates.
-pub fn field<'a>(value: &'a Value, name: &str) -> Option<&'a str> {
-    value.get(name).and_then(Value::as_str)
-}

@@ -81,6 +81,27 @@ pub struct NewEvent {
     pub received_at: i64,
 }
 
+impl NewEvent {
+    /// The event for a decrypted message: type and corp from its envelope, and the
+    /// de-duplication key every source (push, recovery) shares, so a re-delivery through
+    /// another path is still the same event.
+    pub fn from_envelope(
+        envelope: crate::event::Envelope,
+        payload: String,
+        source: Source,
+        received_at: i64,
+    ) -> Self {
+        NewEvent {
+            dedup_key: envelope.dedup_key(payload.as_bytes()),
+            event_type: envelope.event_type,
+            corp_id: envelope.corp_id,
+            payload,
+            source,
+            received_at,
+        }
+    }
+}
+
 /// What an insert did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
