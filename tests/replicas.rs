@@ -200,9 +200,9 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("effects")).unwrap();
     let url = format!("sqlite://{}", dir.path().join("data/dinghook.db").display());
-    // Slow handlers and a short lease: when the process dies, some events are mid-run.
+    // Slow handlers (300 ms each) and a short lease: when the process dies, events are mid-run.
     let extra = [
-        ("DINGHOOK_CHILD_DELAY_MS", "3"),
+        ("DINGHOOK_CHILD_DELAY_MS", "300"),
         ("DINGHOOK_LEASE", "2s"),
         ("DINGHOOK_HANDLER_TIMEOUT", "1s"),
     ];
@@ -239,6 +239,25 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     wait_until("400 acknowledgements", Duration::from_secs(30), || {
         acked.lock().unwrap().len() >= 400
     })
+    .await;
+    // Kill only while the process holds leased events in the middle of their 300 ms run, so
+    // the restarted process has something to take over.
+    let db = dir.path().join("data/dinghook.db");
+    wait_until(
+        "events running in the first process",
+        Duration::from_secs(30),
+        || {
+            rusqlite::Connection::open(&db)
+                .and_then(|c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM events WHERE state = 'running'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .is_ok_and(|n| n > 0)
+        },
+    )
     .await;
     first.kill().await;
     let handled_before = effects(dir.path()).len();
