@@ -59,8 +59,10 @@ struct Outcome {
 }
 
 fn event(args: &Args, run: &str, task: usize, n: u64, filler: &str) -> String {
+    // Events are numbered across connections in sending order (n-th round, task), so with
+    // `--requests 2U --users U` every user sends exactly two, about half the run apart.
     let user = if args.users > 0 {
-        (task as u64 * 1_000_003 + n) % args.users
+        (n * args.concurrency as u64 + task as u64) % args.users
     } else {
         task as u64 * 10_000_000 + n
     };
@@ -80,7 +82,10 @@ struct Shared {
     run: String,
     stop: AtomicBool,
     per_task_interval: Option<Duration>,
+    /// With `--requests`: how many each task sends (the first ones send one more, so the
+    /// total is exact).
     max_per_task: u64,
+    remainder: u64,
 }
 
 async fn worker(shared: Arc<Shared>, task: usize) -> Outcome {
@@ -91,9 +96,12 @@ async fn worker(shared: Arc<Shared>, task: usize) -> Outcome {
         run,
         stop,
         per_task_interval,
-        max_per_task: max_requests,
+        max_per_task,
+        remainder,
+        ..
     } = &*shared;
-    let (per_task_interval, max_requests) = (*per_task_interval, *max_requests);
+    let per_task_interval = *per_task_interval;
+    let max_requests = max_per_task + u64::from((task as u64) < *remainder);
     let filler = "x".repeat(args.size.saturating_sub(330));
     let mut out = Outcome {
         latencies_us: Vec::with_capacity(1 << 16),
@@ -103,7 +111,7 @@ async fn worker(shared: Arc<Shared>, task: usize) -> Outcome {
     };
     let start = Instant::now();
     let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) && (max_requests == 0 || n < max_requests) {
+    while !stop.load(Ordering::Relaxed) && (args.requests == 0 || n < max_requests) {
         if let Some(interval) = per_task_interval {
             let due = start + interval * n as u32;
             tokio::time::sleep_until(due.into()).await;
@@ -183,10 +191,11 @@ async fn main() {
         .expect("client");
     let per_task_interval = (args.rate > 0)
         .then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64));
-    let max_per_task = if args.requests > 0 {
-        args.requests.div_ceil(args.concurrency as u64)
+    let (max_per_task, remainder) = if args.requests > 0 {
+        let c = args.concurrency as u64;
+        (args.requests / c, args.requests % c)
     } else {
-        0
+        (0, 0)
     };
     let shared = Arc::new(Shared {
         run: random_nonce()[..8].to_string(),
@@ -195,6 +204,7 @@ async fn main() {
         stop: AtomicBool::new(false),
         per_task_interval,
         max_per_task,
+        remainder,
         args,
     });
     let started = Instant::now();
