@@ -124,6 +124,18 @@ impl Dispatcher {
         format!("{}-drain", self.node)
     }
 
+    /// Gives up every lease this dispatcher's workers (and `drain`) hold: what they were
+    /// running goes back to `pending`, so it runs again at once (here after a restart, or on
+    /// another replica) instead of after the lease. Only once they have stopped or been
+    /// abandoned: shutdown calls it when the grace period ran out.
+    pub async fn release_leases(&self) -> Result<u64, crate::store::StoreError> {
+        let owners: Vec<String> = (0..self.config.workers)
+            .map(|i| self.worker_owner(i))
+            .chain([self.drain_owner()])
+            .collect();
+        self.store.release(&owners, now_millis()).await
+    }
+
     async fn worker(self: Arc<Self>, index: usize, mut stop: watch::Receiver<bool>) {
         let owner = self.worker_owner(index);
         let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
@@ -268,8 +280,12 @@ impl Dispatcher {
             client: self.client.clone(),
             metrics: Arc::clone(&self.metrics),
         };
-        // A panicking handler is a failed run, not a dead worker.
-        let run = tokio::spawn(async move { handler.handle(event, ctx).await });
+        // A panicking handler is a failed run, not a dead worker. The guard ends the run with
+        // its worker: an abandoned worker (shutdown) must not leave the handler going on
+        // behind a lease that is being given up.
+        let run = AbortOnDrop(tokio::spawn(
+            async move { handler.handle(event, ctx).await },
+        ));
         match tokio::time::timeout(self.config.handler_timeout, run).await {
             Ok(Ok(result)) => result.map(|()| true),
             Ok(Err(join)) => Err(HandlerError::transient(format!("handler panicked: {join}"))),
@@ -300,6 +316,27 @@ impl Dispatcher {
             )
             .await;
         }
+    }
+}
+
+/// A spawned task that is aborted when this handle is dropped (tokio's `JoinHandle` detaches
+/// instead).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

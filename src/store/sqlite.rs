@@ -565,6 +565,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn release(&self, owners: &[String], now_ms: i64) -> Result<u64, StoreError> {
+        let owners = owners.to_vec();
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE events SET state = 'pending', attempts = MAX(attempts - 1, 0), \
+                 lease_owner = NULL, lease_until = NULL, updated_at = ?2 \
+                 WHERE state = 'running' AND lease_owner = ?1",
+            )?;
+            let mut total = 0;
+            for owner in &owners {
+                total += stmt.execute(params![owner, now_ms])?;
+            }
+            Ok(total as u64)
+        })
+        .await
+    }
+
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError> {
         let selector = selector.clone();
         self.write(move |conn| {
