@@ -216,24 +216,48 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         tokio::pin!(deadline);
-        let result = tokio::select! {
-            r = server => r.map_err(AppError::Serve),
+        // `deadline` is polled again below only if it has not completed here.
+        let (result, mut out_of_time) = tokio::select! {
+            r = server => (r.map_err(AppError::Serve), false),
             () = &mut deadline => {
                 tracing::warn!(?grace, "shutdown timed out; abandoning in-flight requests");
-                Ok(())
+                (Ok(()), true)
             }
         };
-        // Workers stop between events; an unfinished run's lease simply runs out.
-        let all_workers = futures_util::future::join_all(workers.into_iter().chain(recovery));
-        tokio::select! {
-            _ = all_workers => {}
-            () = &mut deadline => tracing::warn!("workers did not stop in time"),
+        // Workers stop between events. Runs still going when the grace period ends are
+        // abandoned, and their events go back to `pending` rather than wait out the lease.
+        let tasks: Vec<_> = workers.into_iter().chain(recovery).collect();
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let all_tasks = futures_util::future::join_all(tasks);
+        tokio::pin!(all_tasks);
+        if !out_of_time {
+            out_of_time = tokio::select! {
+                _ = &mut all_tasks => false,
+                () = &mut deadline => true,
+            };
+        }
+        if out_of_time {
+            tracing::warn!("workers did not stop in time; abandoning their runs");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+            // An aborted task ends at its next await; give them a moment to get there, so no
+            // handler is still going when its lease is given up.
+            let _ = tokio::time::timeout(ABORT_WAIT, &mut all_tasks).await;
+            match dispatcher.release_leases().await {
+                Ok(n) => tracing::info!(events = n, "abandoned runs put back to pending"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "could not put abandoned runs back; they run again when their lease ends"
+                ),
+            }
         }
         store.close().await;
         tracing::info!("stopped");
         result
     }
 }
+
+/// How long shutdown waits for abandoned workers to notice they were aborted.
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {

@@ -55,6 +55,11 @@ pub fn retry_delay(schedule: &[Duration], attempts: i64, jitter: f64) -> Option<
     Some(base.mul_f64(factor.max(0.0)))
 }
 
+/// The first pause before asking the store again to record an outcome, doubled each time up
+/// to [`RECORD_MAX_PAUSE`].
+const RECORD_FIRST_PAUSE: Duration = Duration::from_millis(50);
+const RECORD_MAX_PAUSE: Duration = Duration::from_secs(2);
+
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     registry: Registry,
@@ -110,8 +115,29 @@ impl Dispatcher {
             .collect()
     }
 
+    /// The name worker `index` holds its leases under.
+    fn worker_owner(&self, index: usize) -> String {
+        format!("{}-w{index}", self.node)
+    }
+
+    fn drain_owner(&self) -> String {
+        format!("{}-drain", self.node)
+    }
+
+    /// Gives up every lease this dispatcher's workers (and `drain`) hold: what they were
+    /// running goes back to `pending`, so it runs again at once (here after a restart, or on
+    /// another replica) instead of after the lease. Only once they have stopped or been
+    /// abandoned: shutdown calls it when the grace period ran out.
+    pub async fn release_leases(&self) -> Result<u64, crate::store::StoreError> {
+        let owners: Vec<String> = (0..self.config.workers)
+            .map(|i| self.worker_owner(i))
+            .chain([self.drain_owner()])
+            .collect();
+        self.store.release(&owners, now_millis()).await
+    }
+
     async fn worker(self: Arc<Self>, index: usize, mut stop: watch::Receiver<bool>) {
-        let owner = format!("{}-w{index}", self.node);
+        let owner = self.worker_owner(index);
         let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
         while !*stop.borrow() {
             let claimed = self
@@ -148,46 +174,36 @@ impl Dispatcher {
         let id = record.id;
         let event_type = record.event_type.clone();
         let attempts = record.attempts;
+        // A claim stamps `updated_at`; the lease lasts `lease` from then.
+        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_until = record.updated_at.saturating_add(lease_ms);
         let result = self.invoke(record).await;
         let now = now_millis();
-        let (outcome, recorded) = match result {
-            Ok(handled) => {
-                let outcome = if handled {
-                    Outcome::Done
-                } else {
-                    Outcome::NoHandler
-                };
-                (outcome, self.store.mark_done(id, owner, now).await)
-            }
+        let (outcome, error) = match result {
+            Ok(true) => (Outcome::Done, None),
+            Ok(false) => (Outcome::NoHandler, None),
             Err(HandlerError::Permanent(message)) => {
-                let error = format!("permanent: {message}");
-                (
-                    Outcome::Dead,
-                    self.store.mark_dead(id, owner, &error, now).await,
-                )
+                (Outcome::Dead, Some(format!("permanent: {message}")))
             }
-            Err(HandlerError::Transient(message)) => {
-                match retry_delay(
-                    &self.config.retry_schedule,
-                    attempts,
-                    self.config.retry_jitter,
-                ) {
-                    Some(delay) => {
-                        let at_ms = now
-                            .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-                        let recorded = self.store.mark_retry(id, owner, at_ms, &message, now).await;
-                        (Outcome::Retry { at_ms }, recorded)
-                    }
-                    None => {
-                        let error = format!("{message} (gave up after {attempts} attempts)");
-                        (
-                            Outcome::Dead,
-                            self.store.mark_dead(id, owner, &error, now).await,
-                        )
-                    }
+            Err(HandlerError::Transient(message)) => match retry_delay(
+                &self.config.retry_schedule,
+                attempts,
+                self.config.retry_jitter,
+            ) {
+                Some(delay) => {
+                    let at_ms =
+                        now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                    (Outcome::Retry { at_ms }, Some(message))
                 }
-            }
+                None => (
+                    Outcome::Dead,
+                    Some(format!("{message} (gave up after {attempts} attempts)")),
+                ),
+            },
         };
+        let recorded = self
+            .record(id, owner, &outcome, error.as_deref(), lease_until)
+            .await;
         let outcome = match recorded {
             Ok(true) => outcome,
             Ok(false) => {
@@ -211,6 +227,47 @@ impl Dispatcher {
         outcome
     }
 
+    /// Records `outcome` for the event `id` held by `owner`. A store that refuses (a database
+    /// restarting, a full disk) is asked again, with growing pauses, for as long as the lease
+    /// is safely ours: giving up at once would leave the event `running` until the lease runs
+    /// out (minutes by default), although its outcome is known. Asking again is harmless:
+    /// the update only applies while `owner` holds the lease; if an earlier try did commit
+    /// and only its answer was lost, the next one finds no lease and says so.
+    async fn record(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &Outcome,
+        error: Option<&str>,
+        lease_until: i64,
+    ) -> Result<bool, crate::store::StoreError> {
+        let error = error.unwrap_or_default();
+        // Past the lease the event may be claimed and run again, and that run records its
+        // own outcome: this worker moves on.
+        let give_up_at = lease_until;
+        let mut pause = RECORD_FIRST_PAUSE;
+        loop {
+            let now = now_millis();
+            let result = match outcome {
+                Outcome::Done | Outcome::NoHandler => self.store.mark_done(id, owner, now).await,
+                Outcome::Retry { at_ms } => {
+                    self.store.mark_retry(id, owner, *at_ms, error, now).await
+                }
+                Outcome::Dead => self.store.mark_dead(id, owner, error, now).await,
+                Outcome::LeaseLost => return Ok(false),
+            };
+            let pause_ms = i64::try_from(pause.as_millis()).unwrap_or(i64::MAX);
+            match result {
+                Err(e) if now_millis().saturating_add(pause_ms) < give_up_at => {
+                    tracing::warn!(id, error = %e, retry_in = ?pause, "could not record the outcome; asking the store again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RECORD_MAX_PAUSE);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Decodes and runs the handler. `Ok(false)`: no handler for this type.
     async fn invoke(&self, record: StoredEvent) -> Result<bool, HandlerError> {
         let Some(handler) = self.registry.get(&record.event_type) else {
@@ -223,8 +280,12 @@ impl Dispatcher {
             client: self.client.clone(),
             metrics: Arc::clone(&self.metrics),
         };
-        // A panicking handler is a failed run, not a dead worker.
-        let run = tokio::spawn(async move { handler.handle(event, ctx).await });
+        // A panicking handler is a failed run, not a dead worker. The guard ends the run with
+        // its worker: an abandoned worker (shutdown) must not leave the handler going on
+        // behind a lease that is being given up.
+        let run = AbortOnDrop(tokio::spawn(
+            async move { handler.handle(event, ctx).await },
+        ));
         match tokio::time::timeout(self.config.handler_timeout, run).await {
             Ok(Ok(result)) => result.map(|()| true),
             Ok(Err(join)) => Err(HandlerError::transient(format!("handler panicked: {join}"))),
@@ -238,7 +299,7 @@ impl Dispatcher {
     /// Runs every event that is due now, until none is left; returns how many ran. For tests
     /// and one-shot tools: the workers do the same continuously.
     pub async fn drain(&self) -> Result<usize, crate::store::StoreError> {
-        let owner = format!("{}-drain", self.node);
+        let owner = self.drain_owner();
         let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
@@ -255,6 +316,27 @@ impl Dispatcher {
             )
             .await;
         }
+    }
+}
+
+/// A spawned task that is aborted when this handle is dropped (tokio's `JoinHandle` detaches
+/// instead).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

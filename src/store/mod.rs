@@ -256,6 +256,11 @@ pub trait Store: Send + Sync + 'static {
         error: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError>;
+    /// Gives up the leases `owners` hold: their `running` events go back to `pending`, due as
+    /// they were, and the interrupted run is not counted in `attempts`. For a process that is
+    /// stopping with runs it could not finish; never while those owners are still running.
+    /// Returns how many changed.
+    async fn release(&self, owners: &[String], now_ms: i64) -> Result<u64, StoreError>;
     /// Sends the selected events back to `pending`, due now, with `attempts` reset to 0
     /// (`last_error` is kept until the next outcome). `running` events are left alone.
     /// Returns how many changed.

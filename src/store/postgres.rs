@@ -595,6 +595,20 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn release(&self, owners: &[String], now_ms: i64) -> Result<u64, StoreError> {
+        self.run(async |c| {
+            Self::execute(
+                c,
+                "UPDATE events SET state = 'pending', attempts = GREATEST(attempts - 1, 0), \
+                 lease_owner = NULL, lease_until = NULL, updated_at = $2 \
+                 WHERE state = 'running' AND lease_owner = ANY($1)",
+                &[&owners, &now_ms],
+            )
+            .await
+        })
+        .await
+    }
+
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError> {
         const SET: &str = "UPDATE events SET state = 'pending', attempts = 0, \
             next_attempt_at = $1, lease_owner = NULL, lease_until = NULL, updated_at = $1 \

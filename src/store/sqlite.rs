@@ -298,11 +298,22 @@ fn commit_batch(
             return Err(e);
         }
         let (ok, completion) = work(Some(conn));
+        done.push(completion);
+        if !ok && conn.is_autocommit() {
+            // SQLite rolled the whole transaction back itself (it does on a full disk or an
+            // I/O error in the middle of a statement): the items before this one are gone
+            // too. Running the rest would start a new transaction behind the savepoint, so
+            // the batch ends here and every caller in it is told it failed.
+            done.extend(items.map(|work| work(None).1));
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("the group transaction was rolled back by a failing write".into()),
+            ));
+        }
         if !ok {
             let _ = run_cached(conn, "ROLLBACK TO item");
         }
         let _ = run_cached(conn, "RELEASE item");
-        done.push(completion);
     }
     drop(items);
     let committed = run_cached(conn, "COMMIT");
@@ -550,6 +561,23 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![id, owner, error, now_ms])?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, owners: &[String], now_ms: i64) -> Result<u64, StoreError> {
+        let owners = owners.to_vec();
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE events SET state = 'pending', attempts = MAX(attempts - 1, 0), \
+                 lease_owner = NULL, lease_until = NULL, updated_at = ?2 \
+                 WHERE state = 'running' AND lease_owner = ?1",
+            )?;
+            let mut total = 0;
+            for owner in &owners {
+                total += stmt.execute(params![owner, now_ms])?;
+            }
+            Ok(total as u64)
         })
         .await
     }

@@ -418,3 +418,20 @@ pub async fn deliver(client: &reqwest::Client, url: &str, msg: &str) -> bool {
         )
         .is_ok()
 }
+
+/// Asserts that none of `secrets` appears in `text` (a captured log, an error body). The
+/// message names the secret by position only, so a failing test does not print it either.
+pub fn assert_no_secrets(text: &str, secrets: &[&str]) {
+    for (i, secret) in secrets.iter().enumerate() {
+        assert!(
+            !secret.is_empty(),
+            "secret #{i} is empty: nothing to look for"
+        );
+        assert!(
+            !text.contains(secret),
+            "secret #{i} (of {}) appears in the text ({} bytes)",
+            secrets.len(),
+            text.len()
+        );
+    }
+}
