@@ -27,8 +27,9 @@ use crate::dingtalk::Client;
 use crate::event::{self, ChatUpdateTitle, CheckRecord, CoolAppChange, Event, TodoTaskChange};
 use crate::store::{Store, StoreError, StoredEvent};
 
-/// How a handler failed, which decides what happens to the event.
-#[derive(Debug, thiserror::Error)]
+/// How a handler failed, which decides what happens to the event. `Clone`, so one failure
+/// shared by several events (a batched lookup) reaches each of them unchanged.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HandlerError {
     /// Worth trying again later (network, throttling, a store hiccup): `retry` per schedule.
     #[error("{0}")]

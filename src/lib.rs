@@ -7,6 +7,7 @@
 //! these together from a [`config::Config`].
 
 pub mod app;
+pub mod batch;
 pub mod config;
 pub mod crypto;
 pub mod dingtalk;

@@ -340,10 +340,15 @@ async fn attendance_calls_match_the_protocol() {
         json!({"userid": "alice", "work_date": "2026-11-02"})
     );
 
+    // 2026-11-02 00:00 +08:00, the work date of each record.
+    let work_date = 1_793_548_800_000_i64;
     let records: Vec<Value> = (0..3)
-        .map(|i| json!({"id": i, "userId": "alice", "checkType": "OnDuty", "timeResult": "Normal",
-                        "userCheckTime": 1_793_600_000_000_i64 + i, "baseCheckTime": "1793600000000"}))
-        .chain([json!({"id": 9, "userId": "bob"})])
+        .map(|i| {
+            json!({"id": i, "userId": "alice", "workDate": work_date, "checkType": "OnDuty",
+                        "timeResult": "Normal", "userCheckTime": 1_793_600_000_000_i64 + i,
+                        "baseCheckTime": "1793600000000"})
+        })
+        .chain([json!({"id": 9, "userId": "bob", "workDate": work_date})])
         .collect();
     t.fake.set_attendance_list(records.clone());
     let query = AttendanceListRequest {

@@ -269,3 +269,115 @@ async fn fake_throttles_above_its_qps_and_bans_on_request() {
     assert_eq!(answer["status"], 1111);
     assert_eq!(answer["wait"], 7);
 }
+
+#[tokio::test]
+async fn attendance_list_answers_like_dingtalk_for_many_users() {
+    use dinghook::dingtalk::AttendanceListRequest;
+    let t = start().await;
+    let http = reqwest::Client::new();
+    // 2024-05-06 and 2024-05-07, 00:00 at +08:00.
+    let (monday, tuesday) = (1_714_924_800_000_i64, 1_715_011_200_000_i64);
+    // 60 users in one admin call, each with an on-duty result on both days.
+    let users: Vec<String> = (0..60).map(|i| format!("u{i:02}")).collect();
+    let body = json!({"user_ids": users, "records": [
+        {"workDate": monday, "checkType": "OnDuty", "timeResult": "Late"},
+        {"workDate": tuesday, "checkType": "OnDuty", "timeResult": "Normal"}]});
+    let (status, _) = post(
+        &http,
+        format!("{}/_fake/attendance/list/users", t.base_url),
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let day = |date: &str, users: &[String], offset: u32, limit: u32| AttendanceListRequest {
+        work_date_from: format!("{date} 00:00:00"),
+        work_date_to: format!("{date} 00:00:00"),
+        user_id_list: users.to_vec(),
+        offset,
+        limit,
+    };
+    // One day of 30 users (and one it has nothing for): 30 records, page by page.
+    let mut asked = users[..30].to_vec();
+    asked.push("nobody".into());
+    let first = t
+        .client
+        .attendance_list(&day("2024-05-06", &asked, 0, 20))
+        .await
+        .unwrap();
+    assert_eq!(first.records.len(), 20);
+    assert!(first.has_more);
+    let rest = t
+        .client
+        .attendance_list(&day("2024-05-06", &asked, 20, 20))
+        .await
+        .unwrap();
+    assert_eq!(rest.records.len(), 10);
+    assert!(!rest.has_more);
+    let all: Vec<_> = first.records.iter().chain(&rest.records).collect();
+    assert!(all
+        .iter()
+        .all(|r| r.work_date == Some(monday) && r.time_result.as_deref() == Some("Late")));
+    let mut ids: Vec<_> = all.iter().map(|r| r.id.clone().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 30, "each copied record has an id of its own");
+    let mut who: Vec<_> = all.iter().map(|r| r.user_id.clone().unwrap()).collect();
+    who.sort_unstable();
+    assert_eq!(who, users[..30]);
+
+    // Both days at once; a user it has no records for answers nothing.
+    let both = AttendanceListRequest {
+        work_date_to: "2024-05-07 00:00:00".into(),
+        ..day("2024-05-06", &users[..2], 0, 50)
+    };
+    assert_eq!(
+        t.client.attendance_list(&both).await.unwrap().records.len(),
+        4
+    );
+    let nobody = day("2024-05-06", &["nobody".to_owned()], 0, 50);
+    assert!(t
+        .client
+        .attendance_list(&nobody)
+        .await
+        .unwrap()
+        .records
+        .is_empty());
+
+    // DingTalk's limits: 50 users, pages of 50, 7 days; refused, not retried.
+    let calls_before = t.fake.calls_to("/attendance/list").len();
+    for (what, query) in [
+        ("51 users", day("2024-05-06", &users[..51], 0, 50)),
+        ("limit 51", day("2024-05-06", &users[..2], 0, 51)),
+        (
+            "8 days",
+            AttendanceListRequest {
+                work_date_to: "2024-05-14 00:00:00".into(),
+                ..day("2024-05-06", &users[..2], 0, 50)
+            },
+        ),
+        (
+            "reversed",
+            AttendanceListRequest {
+                work_date_to: "2024-05-05 00:00:00".into(),
+                ..day("2024-05-06", &users[..2], 0, 50)
+            },
+        ),
+        (
+            "no time",
+            AttendanceListRequest {
+                work_date_from: "2024-05-06".into(),
+                ..day("2024-05-06", &users[..2], 0, 50)
+            },
+        ),
+    ] {
+        let err = t.client.attendance_list(&query).await.unwrap_err();
+        assert_eq!(err.errcode(), Some(40035), "{what}: {err:?}");
+        assert!(err.is_permanent(), "{what}");
+    }
+    assert_eq!(
+        t.fake.calls_to("/attendance/list").len(),
+        calls_before + 5,
+        "one request each"
+    );
+}

@@ -89,7 +89,9 @@ struct UpdateDataBody<'a> {
     work_date: &'a str,
 }
 
-/// `attendance/list` query. Dates are `"yyyy-MM-dd HH:mm:ss"`, at most 7 days apart.
+/// `attendance/list` query. Dates are `"yyyy-MM-dd HH:mm:ss"`, at most 7 days apart; both
+/// name work dates, whole days included (`00:00:00` is the usual time), so one day `D` is
+/// `workDateFrom = workDateTo = "D 00:00:00"`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct AttendanceListRequest {
@@ -105,8 +107,9 @@ pub struct AttendanceListRequest {
     pub limit: u32,
 }
 
-/// One record of `attendance/list` or `attendance/listRecord`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+/// One record of `attendance/list` or `attendance/listRecord`. Serializable (camelCase, as
+/// DingTalk writes it) so a handler can keep what it read.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct AttendanceRecord {
     /// Record id.
@@ -175,7 +178,8 @@ struct ListRecordBody<'a> {
 
 impl Client {
     /// One user's attendance for one day (`topapi/attendance/getupdatedata`); `work_date` is
-    /// `"yyyy-MM-dd"`.
+    /// `"yyyy-MM-dd"`. One call per user: the check-in handler uses
+    /// [`attendance_list`](Client::attendance_list) instead, which answers 50 users a call.
     pub async fn attendance_update_data(
         &self,
         userid: &str,

@@ -27,7 +27,8 @@
 //! | `POST /_fake/todos` | `{"union_id": "…", "task": {"id": "…", …}}` | add a v1.0 to-do task |
 //! | `POST /_fake/work-records` | `{"userid": "…", "records": […]}` | set legacy work records |
 //! | `POST /_fake/attendance/update-data` | `{"userid", "work_date", "result"}` | `getupdatedata` answer |
-//! | `POST /_fake/attendance/list` | `[records]` | `attendance/list` data |
+//! | `POST /_fake/attendance/list` | `[records]` | `attendance/list` data (replaces all) |
+//! | `POST /_fake/attendance/list/users` | `{"user_ids": […], "records": […]}` | each user's `attendance/list` data becomes a copy of `records` |
 //! | `POST /_fake/attendance/records` | `[records]` | `attendance/listRecord` data |
 //! | `POST /_fake/send-results/{task_id}` | [`FakeSendResult`] | what `getsendresult` reports |
 
@@ -246,7 +247,9 @@ struct FakeState {
     todos: HashMap<(String, String), Value>,
     work_records: HashMap<String, Vec<Value>>,
     attendance_update: HashMap<(String, String), Value>,
-    attendance_list: Vec<Value>,
+    /// `attendance/list` records by `userId`.
+    attendance_list: HashMap<String, Vec<Value>>,
+    next_record_id: i64,
     attendance_records: Vec<Value>,
     messages: Vec<SentMessage>,
     next_task_id: i64,
@@ -279,7 +282,8 @@ impl Default for FakeState {
             todos: HashMap::new(),
             work_records: HashMap::new(),
             attendance_update: HashMap::new(),
-            attendance_list: Vec::new(),
+            attendance_list: HashMap::new(),
+            next_record_id: 700_000_000_001,
             attendance_records: Vec::new(),
             messages: Vec::new(),
             next_task_id: 1001,
@@ -498,9 +502,39 @@ impl FakeDingTalk {
         self.state().attendance_update.insert(key, result);
     }
 
-    /// Sets the records `attendance/list` pages through (filtered by `userId`).
+    /// Sets the records `attendance/list` pages through (all users' at once). Each needs a
+    /// `userId` and a `workDate` (epoch ms of the day's midnight at +08:00), like DingTalk's.
     pub fn set_attendance_list(&self, records: Vec<Value>) {
-        self.state().attendance_list = records;
+        let mut by_user: HashMap<String, Vec<Value>> = HashMap::new();
+        for record in records {
+            if let Some(user) = record.get("userId").and_then(Value::as_str) {
+                by_user.entry(user.to_owned()).or_default().push(record);
+            }
+        }
+        self.state().attendance_list = by_user;
+    }
+
+    /// Gives each of `user_ids` a copy of `records` as its `attendance/list` data, replacing
+    /// what it had: many users in one cheap step. Each copy gets the user's `userId` and, if
+    /// the template has none, an `id` of its own (DingTalk's ids are unique). Users never given
+    /// any records have none (`attendance/list` answers nothing for them).
+    pub fn set_attendance_list_for_users(&self, user_ids: &[String], records: &[Value]) {
+        let mut state = self.state();
+        for user in user_ids {
+            let mut copies = Vec::with_capacity(records.len());
+            for record in records {
+                let mut record = record.clone();
+                if let Some(obj) = record.as_object_mut() {
+                    obj.insert("userId".into(), json!(user));
+                    if !obj.contains_key("id") {
+                        obj.insert("id".into(), json!(state.next_record_id));
+                        state.next_record_id += 1;
+                    }
+                }
+                copies.push(record);
+            }
+            state.attendance_list.insert(user.clone(), copies);
+        }
     }
 
     /// Sets the records `attendance/listRecord` returns (filtered by `userId`).
@@ -1400,11 +1434,15 @@ impl FakeState {
         Reply::json(StatusCode::OK, json!({"processQueryKey": key}))
     }
 
+    /// Like DingTalk's: the results of the listed users (at most 50) for the work dates from
+    /// `workDateFrom` to `workDateTo` (whole days, at most 7 apart), user by user in the list's
+    /// order, `limit` (at most 50) from `offset`, `hasMore` while more follow. Broken limits
+    /// get DingTalk's invalid-parameter errcode (40035), which the client does not retry.
     fn attendance_list(&mut self, body: Option<&Value>) -> Reply {
         let users = body
             .and_then(|b| b.get("userIdList"))
             .and_then(Value::as_array);
-        let (Some(users), Some(_), Some(_), Some(offset), Some(limit)) = (
+        let (Some(users), Some(from), Some(to), Some(offset), Some(limit)) = (
             users,
             str_field(body, "workDateFrom"),
             str_field(body, "workDateTo"),
@@ -1416,13 +1454,30 @@ impl FakeState {
                 "缺少参数 workDateFrom, workDateTo, userIdList, offset 或 limit",
             );
         };
-        if users.len() > 50 || !(1..=50).contains(&limit) || offset < 0 {
-            return self.old_err(40035, "userIdList ≤ 50, limit 1..=50");
+        if users.len() > 50 {
+            let message = format!("userIdList 最多 50 个, 收到 {}", users.len());
+            return self.old_err(40035, &message);
         }
-        let matching: Vec<Value> = self
-            .attendance_list
+        if !(1..=50).contains(&limit) || offset < 0 {
+            return self.old_err(40035, "limit 必须在 1 到 50 之间, offset 不能为负");
+        }
+        let (start, end) = match work_date_span(from, to) {
+            Ok(span) => span,
+            Err(message) => return self.old_err(40035, &message),
+        };
+        let mut asked: Vec<&str> = Vec::new();
+        for user in users {
+            match user.as_str() {
+                Some(u) if !asked.contains(&u) => asked.push(u),
+                Some(_) => {}
+                None => return self.old_err(40035, "userIdList 必须是字符串列表"),
+            }
+        }
+        let matching: Vec<Value> = asked
             .iter()
-            .filter(|r| users.contains(&r["userId"]))
+            .filter_map(|u| self.attendance_list.get(*u))
+            .flatten()
+            .filter(|r| lenient_i64(&r["workDate"]).is_some_and(|d| d >= start && d < end))
             .cloned()
             .collect();
         let (page, has_more) = paginate(&matching, offset as usize, limit as usize);
@@ -1438,6 +1493,42 @@ fn split_commas(list: Option<&str>) -> Vec<String> {
             .collect()
     })
     .unwrap_or_default()
+}
+
+/// A number, or a string of digits (DingTalk writes ids and times both ways).
+fn lenient_i64(value: &Value) -> Option<i64> {
+    value
+        .as_i64()
+        .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+/// The work dates `workDateFrom` to `workDateTo` cover, as `[start, end)` in epoch ms at
+/// DingTalk's +08:00: whole days, whatever the time of day given (DingTalk's examples use
+/// 00:00:00). Refused like DingTalk: not `yyyy-MM-dd HH:mm:ss`, reversed, or more than 7 days
+/// apart.
+fn work_date_span(from: &str, to: &str) -> Result<(i64, i64), String> {
+    const DAY_MS: i64 = 86_400_000;
+    let china = crate::handlers::attendance::UtcOffset::CHINA;
+    let day_start = |text: &str| -> Option<i64> {
+        let (date, clock) = text.trim().split_once(' ')?;
+        if clock.len() != 8 {
+            return None;
+        }
+        china.parse_time(text)?;
+        china.parse_time(&format!("{date} 00:00:00"))
+    };
+    let (Some(start), Some(last)) = (day_start(from), day_start(to)) else {
+        return Err(format!(
+            "workDateFrom / workDateTo 格式应为 yyyy-MM-dd HH:mm:ss: {from:?}, {to:?}"
+        ));
+    };
+    if last < start {
+        return Err("workDateTo 早于 workDateFrom".to_owned());
+    }
+    if last - start > 7 * DAY_MS {
+        return Err("workDateFrom 与 workDateTo 最多相隔 7 天".to_owned());
+    }
+    Ok((start, last + DAY_MS))
 }
 
 fn paginate(items: &[Value], offset: usize, limit: usize) -> (Vec<Value>, bool) {
@@ -1469,6 +1560,7 @@ fn admin_routes() -> Router<FakeDingTalk> {
         .route("/work-records", post(admin_work_records))
         .route("/attendance/update-data", post(admin_attendance_update))
         .route("/attendance/list", post(admin_attendance_list))
+        .route("/attendance/list/users", post(admin_attendance_list_users))
         .route("/attendance/records", post(admin_attendance_records))
         .route("/send-results/{task_id}", post(admin_send_result))
         .route("/send-results", delete(admin_clear_send_results))
@@ -1726,6 +1818,20 @@ async fn admin_attendance_update(State(fake): State<FakeDingTalk>, body: Bytes) 
 async fn admin_attendance_list(State(fake): State<FakeDingTalk>, body: Bytes) -> Response {
     match parse_body::<Vec<Value>>(&body) {
         Ok(records) => fake.set_attendance_list(records),
+        Err(r) => return r.into_response(),
+    }
+    ok()
+}
+
+#[derive(Deserialize)]
+struct AttendanceListUsersBody {
+    user_ids: Vec<String>,
+    records: Vec<Value>,
+}
+
+async fn admin_attendance_list_users(State(fake): State<FakeDingTalk>, body: Bytes) -> Response {
+    match parse_body::<AttendanceListUsersBody>(&body) {
+        Ok(b) => fake.set_attendance_list_for_users(&b.user_ids, &b.records),
         Err(r) => return r.into_response(),
     }
     ok()

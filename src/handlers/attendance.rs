@@ -1,13 +1,20 @@
 //! `attendance_check_record`: look up what a check-in counted as, keep it, and tell the user.
 //!
 //! The event only says that someone punched (who, when, where); whether it was on or off duty,
-//! late or early, is in `topapi/attendance/getupdatedata`. So the event is a trigger: each
-//! user punch schedules an internal lookup event (`dinghook_attendance_lookup`) for its user
-//! and work date. Punches of one user whose check times fall into the same
+//! late or early, is in DingTalk's attendance results (`attendance/list`). So the event is a
+//! trigger: each user punch schedules an internal lookup event (`dinghook_attendance_lookup`)
+//! for its user and work date. Punches of one user whose check times fall into the same
 //! `coalesce_window` share the lookup's de-duplication key, so a burst of punches (or of
-//! re-deliveries) costs one API call. The lookup stores the day's data in the `attendance`
-//! collection (key `user:date`) and, per `notify`, sends the user one work notification.
+//! re-deliveries) makes one lookup.
+//!
+//! Lookups running at the same time share their API calls: each asks the handler's
+//! [`Batcher`] for its user's day, and one `attendance/list` call (paged by 50 records)
+//! answers up to `batch_size` users of one work date. Each lookup event still keeps its own
+//! bookkeeping: it stores its user's records in the `attendance` collection (key
+//! `user:date`), is retried on its own, and, per `notify`, sends its user one work
+//! notification.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +22,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{notify, schedule_internal, HandlersConfig};
+use crate::batch::{BatchError, Batcher, LoadFuture};
 use crate::config::duration_str;
 use crate::crypto::now_millis;
-use crate::dingtalk::{AttendanceUpdateData, Markdown, Text, WorkMessage};
+use crate::dingtalk::{
+    AttendanceListRequest, AttendanceRecord, Client, Markdown, Text, WorkMessage,
+};
 use crate::event::{CheckRecord, Event};
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::store::Inserted;
@@ -27,6 +37,11 @@ use crate::template::Template;
 pub const LOOKUP: &str = "dinghook_attendance_lookup";
 /// Where the looked-up days are kept, keyed `user:yyyy-MM-dd`.
 pub const COLLECTION: &str = "attendance";
+/// DingTalk's most users per `attendance/list` call, and its largest page.
+pub const MAX_BATCH_SIZE: usize = 50;
+/// Pages of one `attendance/list` batch before it is given up as a runaway (50 users with a
+/// few shifts each fit in well under ten).
+const MAX_PAGES: u32 = 40;
 
 /// Which lookups end in a work notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +78,12 @@ pub struct AttendanceConfig {
     /// same window still find it pending.
     #[serde(with = "duration_str")]
     pub coalesce_window: Duration,
+    /// Lookups running at the same time share `attendance/list` calls: a call is made as soon
+    /// as this many distinct users of one work date wait (at most 50, DingTalk's limit) …
+    pub batch_size: usize,
+    /// … or once the first of them has waited this long.
+    #[serde(with = "duration_str")]
+    pub batch_linger: Duration,
     /// The organisation's UTC offset: it decides the work date of a check time and how times
     /// are shown. DingTalk's China data centre works in +08:00.
     pub utc_offset: UtcOffset,
@@ -97,6 +118,8 @@ impl Default for AttendanceConfig {
             notify: NotifyMode::Abnormal,
             include_system_replays: false,
             coalesce_window: Duration::from_secs(30),
+            batch_size: MAX_BATCH_SIZE,
+            batch_linger: Duration::from_millis(50),
             utc_offset: UtcOffset::CHINA,
             format: MessageFormat::Markdown,
             title: Template::from_default("考勤打卡 {work_date}"),
@@ -107,6 +130,12 @@ impl Default for AttendanceConfig {
 
 impl AttendanceConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return Err(format!(
+                "handlers.attendance.batch_size: {} is not in 1..={MAX_BATCH_SIZE} (attendance/list takes at most {MAX_BATCH_SIZE} users)",
+                self.batch_size
+            ));
+        }
         self.title
             .check(MESSAGE_FIELDS)
             .map_err(|e| format!("handlers.attendance.title: {e}"))?;
@@ -129,6 +158,8 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
     }
     let settings = Arc::new(config.clone());
     let on_lookup = Arc::clone(&settings);
+    // One batcher for all lookups of this registration, so concurrent lookups share calls.
+    let days = Arc::new(day_batcher(&config.attendance));
     builder
         .on_attendance_check_record(move |records, ctx| {
             let settings = Arc::clone(&settings);
@@ -136,8 +167,79 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
         })
         .on(LOOKUP, move |event: Event, ctx: Context| {
             let settings = Arc::clone(&on_lookup);
-            async move { lookup(event, ctx, &settings).await }
+            let days = Arc::clone(&days);
+            async move { lookup(event, ctx, &settings, &days).await }
         })
+}
+
+/// Days of users, batched: the group is the work date (`yyyy-MM-dd`), the keys are user ids,
+/// each value is that user's `attendance/list` records of the day. The load runs with the
+/// DingTalk client of the lookup that opened the batch (the process has one).
+type DayBatcher = Batcher<Client, String, String, Vec<AttendanceRecord>, HandlerError>;
+
+fn day_batcher(config: &AttendanceConfig) -> DayBatcher {
+    Batcher::new(
+        config.batch_linger,
+        config.batch_size.clamp(1, MAX_BATCH_SIZE),
+        |client: Client, work_date: String, users: Vec<String>| {
+            Box::pin(async move { list_day(&client, &work_date, users).await })
+                as LoadFuture<String, Vec<AttendanceRecord>, HandlerError>
+        },
+    )
+}
+
+/// One work date of up to 50 users: `attendance/list` from and to the day, paged by 50
+/// records until `hasMore` is false, split by user. A failure of any page fails the batch.
+async fn list_day(
+    client: &Client,
+    work_date: &str,
+    users: Vec<String>,
+) -> Result<HashMap<String, Vec<AttendanceRecord>>, HandlerError> {
+    let day = format!("{work_date} 00:00:00");
+    let asked: HashSet<&str> = users.iter().map(String::as_str).collect();
+    let mut by_user: HashMap<String, Vec<AttendanceRecord>> = HashMap::new();
+    // A record that moved into the next page while we paged is seen twice; keep it once.
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut query = AttendanceListRequest {
+        work_date_from: day.clone(),
+        work_date_to: day,
+        user_id_list: users.clone(),
+        offset: 0,
+        limit: MAX_BATCH_SIZE as u32,
+    };
+    for page_number in 1..=MAX_PAGES {
+        let page = client.attendance_list(&query).await?;
+        let more = page.has_more && !page.records.is_empty();
+        for record in page.records {
+            let Some(user) = record
+                .user_id
+                .clone()
+                .filter(|u| asked.contains(u.as_str()))
+            else {
+                tracing::debug!(user = ?record.user_id, "attendance/list record of a user not asked for; ignored");
+                continue;
+            };
+            if let Some(id) = &record.id {
+                if !seen.insert((user.clone(), id.clone())) {
+                    continue;
+                }
+            }
+            by_user.entry(user).or_default().push(record);
+        }
+        if !more {
+            tracing::debug!(
+                work_date,
+                users = users.len(),
+                pages = page_number,
+                "attendance/list batch answered"
+            );
+            return Ok(by_user);
+        }
+        query.offset = query.offset.saturating_add(query.limit);
+    }
+    Err(HandlerError::permanent(format!(
+        "attendance/list for {work_date} still had more records after {MAX_PAGES} pages of {MAX_BATCH_SIZE}"
+    )))
 }
 
 /// What a lookup event carries: one user's day, and the window of check times it covers.
@@ -236,16 +338,21 @@ async fn schedule_lookups(
 }
 
 /// The lookup: read the day, keep it, notify per `notify`.
-async fn lookup(event: Event, ctx: Context, config: &HandlersConfig) -> Result<(), HandlerError> {
+async fn lookup(
+    event: Event,
+    ctx: Context,
+    config: &HandlersConfig,
+    days: &DayBatcher,
+) -> Result<(), HandlerError> {
     let Event::Unknown { raw, .. } = event else {
         return Err(HandlerError::permanent("not an attendance lookup"));
     };
     let request: LookupRequest = serde_json::from_value(raw)
         .map_err(|e| HandlerError::permanent(format!("attendance lookup payload: {e}")))?;
     let settings = &config.attendance;
-    let data = day_data(&ctx, &request).await?;
+    let data = day_data(&ctx, &request, days).await?;
     let offset = settings.utc_offset;
-    let items = concerned(&data, &request, offset);
+    let items = concerned(&data.records, &request);
     let abnormal = items.iter().any(Item::is_abnormal);
     let send = match settings.notify {
         NotifyMode::Off => false,
@@ -282,12 +389,23 @@ async fn lookup(event: Event, ctx: Context, config: &HandlersConfig) -> Result<(
     Ok(())
 }
 
+/// What a lookup keeps of its user's day (the document's `data`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DayData {
+    /// The user's `attendance/list` records of the day (DingTalk's camelCase fields), one per
+    /// planned check: punched or not, with `timeResult` and `locationResult`. No default: a
+    /// document of an older shape does not read as an empty day.
+    records: Vec<AttendanceRecord>,
+}
+
 /// The day's data: what this lookup event already read (a retry must not call again nor
-/// decide on different data), else a fresh `getupdatedata`, stored before it is used.
+/// decide on different data), else the user's records from a batched `attendance/list`,
+/// stored before they are used.
 async fn day_data(
     ctx: &Context,
     request: &LookupRequest,
-) -> Result<AttendanceUpdateData, HandlerError> {
+    days: &DayBatcher,
+) -> Result<DayData, HandlerError> {
     let key = format!("{}:{}", request.user_id, request.work_date);
     let event_key = &ctx.record.dedup_key;
     if let Some(doc) = ctx.store.get_document(COLLECTION, &key).await? {
@@ -295,23 +413,34 @@ async fn day_data(
             if let Some(Ok(data)) = doc
                 .body
                 .get("data")
-                .map(|d| serde_json::from_value::<AttendanceUpdateData>(d.clone()))
+                .map(|d| serde_json::from_value::<DayData>(d.clone()))
             {
                 return Ok(data);
             }
         }
     }
-    let client = ctx.dingtalk()?;
-    let data = client
-        .attendance_update_data(&request.user_id, &request.work_date)
-        .await?;
+    let client = ctx.dingtalk()?.clone();
+    let records = days
+        .load(client, request.work_date.clone(), request.user_id.clone())
+        .await
+        .map_err(|e| match e {
+            BatchError::Load(e) => e,
+            BatchError::Dropped => {
+                HandlerError::transient("the attendance/list batch ended without an answer")
+            }
+        })?
+        .unwrap_or_default();
+    let data = DayData { records };
+    let stored = serde_json::to_value(&data)
+        .map_err(|e| HandlerError::permanent(format!("attendance records: {e}")))?;
     let body = json!({
         "user_id": request.user_id,
         "work_date": request.work_date,
         "corp_id": request.corp_id,
         "lookup_event": event_key,
         "looked_up_at": now_millis(),
-        "data": serde_json::to_value(&data).unwrap_or(Value::Null),
+        "source": "attendance/list",
+        "data": stored,
     });
     ctx.store
         .put_document(COLLECTION, &key, &body, now_millis())
@@ -350,21 +479,14 @@ impl Item {
 /// planned time has passed by the window's end. If DingTalk's results show none of the
 /// window's punches (a repeated punch that did not count, or data not updated yet), the
 /// event's own punches stand in, with what the event knows (the location result).
-fn concerned(data: &AttendanceUpdateData, request: &LookupRequest, offset: UtcOffset) -> Vec<Item> {
+fn concerned(records: &[AttendanceRecord], request: &LookupRequest) -> Vec<Item> {
     let low = request.window_start.saturating_sub(1000);
     let high = request.window_end;
-    let mut items: Vec<Item> = data
-        .attendance_result_list
+    let mut items: Vec<Item> = records
         .iter()
         .filter_map(|r| {
-            let time = r
-                .user_check_time
-                .as_deref()
-                .and_then(|t| offset.parse_time(t));
-            let planned = r
-                .plan_check_time
-                .as_deref()
-                .and_then(|t| offset.parse_time(t));
+            let time = r.user_check_time;
+            let planned = r.base_check_time;
             let punched_here = time.is_some_and(|t| t >= low && t < high);
             let missed = r
                 .time_result
@@ -373,6 +495,8 @@ fn concerned(data: &AttendanceUpdateData, request: &LookupRequest, offset: UtcOf
                 && planned.is_some_and(|p| p < high);
             (punched_here || missed).then(|| Item {
                 check_type: r.check_type.clone(),
+                // attendance/list gives a missed check its planned time as `userCheckTime`;
+                // that is no punch.
                 time: if missed { None } else { time },
                 planned,
                 time_result: r.time_result.clone(),
@@ -635,7 +759,6 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dingtalk::AttendanceCheckResult;
 
     #[test]
     fn dates_and_times_at_an_offset() {
@@ -678,19 +801,24 @@ mod tests {
         assert_eq!(shown, "\"-05:30\"");
     }
 
+    /// An `attendance/list` record; like DingTalk, a missed check (no `user`) carries its
+    /// planned time as `userCheckTime`.
     fn result(
         check_type: &str,
         user: Option<&str>,
         plan: &str,
         time: &str,
         loc: &str,
-    ) -> AttendanceCheckResult {
-        AttendanceCheckResult {
+    ) -> AttendanceRecord {
+        let china = UtcOffset::CHINA;
+        let planned = china.parse_time(plan);
+        AttendanceRecord {
+            user_id: Some("u1".into()),
             check_type: Some(check_type.into()),
             time_result: Some(time.into()),
             location_result: Some(loc.into()),
-            user_check_time: user.map(Into::into),
-            plan_check_time: Some(plan.into()),
+            user_check_time: user.and_then(|u| china.parse_time(u)).or(planned),
+            base_check_time: planned,
             ..Default::default()
         }
     }
@@ -707,33 +835,30 @@ mod tests {
             corp_id: None,
             punches: vec![],
         };
-        let data = AttendanceUpdateData {
-            attendance_result_list: vec![
-                result(
-                    "OnDuty",
-                    None,
-                    "2024-05-06 09:00:00",
-                    "NotSigned",
-                    "NotSigned",
-                ),
-                result(
-                    "OffDuty",
-                    Some("2024-05-06 18:02:10"),
-                    "2024-05-06 18:00:00",
-                    "Normal",
-                    "Normal",
-                ),
-                result(
-                    "OnDuty",
-                    Some("2024-05-06 08:59:00"),
-                    "2024-05-06 09:00:00",
-                    "Late",
-                    "Normal",
-                ),
-            ],
-            ..Default::default()
-        };
-        let items = concerned(&data, &request, china);
+        let records = vec![
+            result(
+                "OnDuty",
+                None,
+                "2024-05-06 09:00:00",
+                "NotSigned",
+                "NotSigned",
+            ),
+            result(
+                "OffDuty",
+                Some("2024-05-06 18:02:10"),
+                "2024-05-06 18:00:00",
+                "Normal",
+                "Normal",
+            ),
+            result(
+                "OnDuty",
+                Some("2024-05-06 08:59:00"),
+                "2024-05-06 09:00:00",
+                "Late",
+                "Normal",
+            ),
+        ];
+        let items = concerned(&records, &request);
         assert_eq!(items.len(), 2, "{items:?}");
         assert!(items[0].is_abnormal() && items[0].time.is_none());
         assert!(!items[1].is_abnormal());
@@ -764,13 +889,46 @@ mod tests {
                 check_by_user: true,
             }],
         };
-        let items = concerned(&AttendanceUpdateData::default(), &request, china);
+        let items = concerned(&[], &request);
         assert_eq!(items.len(), 1);
         assert!(items[0].is_abnormal());
         assert_eq!(
             summary_line(&items[0], china),
             "- 打卡 12:00 已记录 · 外勤 (Outside)"
         );
+    }
+
+    #[test]
+    fn kept_records_read_back_the_same_and_older_documents_do_not_read_as_empty() {
+        let data: DayData = serde_json::from_value(json!({"records": [
+            {"id": 260694657296_i64, "userId": "u1", "workDate": 1666195200000_i64,
+             "checkType": "OnDuty", "timeResult": "NotSigned", "locationResult": "NotSigned",
+             "userCheckTime": 1666227600000_i64, "baseCheckTime": "1666227600000",
+             "planId": 437360727696_i64, "sourceType": "SYSTEM", "userAddress": "HQ"}]}))
+        .unwrap();
+        let record = &data.records[0];
+        assert_eq!(record.id.as_deref(), Some("260694657296"));
+        assert_eq!(record.base_check_time, Some(1_666_227_600_000));
+        assert_eq!(record.extra["userAddress"], "HQ");
+        let kept = serde_json::to_value(&data).unwrap();
+        assert_eq!(kept["records"][0]["timeResult"], "NotSigned");
+        let again: DayData = serde_json::from_value(kept).unwrap();
+        assert_eq!(again.records, data.records);
+        // The getupdatedata shape of earlier versions: looked up afresh, not taken as no data.
+        let older = json!({"attendance_result_list": [], "check_record_list": []});
+        assert!(serde_json::from_value::<DayData>(older).is_err());
+    }
+
+    #[test]
+    fn batch_size_beyond_dingtalks_limit_is_refused() {
+        let mut config = AttendanceConfig::default();
+        for bad in [0, 51] {
+            config.batch_size = bad;
+            let err = config.validate().unwrap_err();
+            assert!(err.contains("handlers.attendance.batch_size"), "{err}");
+        }
+        config.batch_size = 1;
+        assert!(config.validate().is_ok());
     }
 
     #[test]

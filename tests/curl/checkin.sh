@@ -26,12 +26,13 @@ for _ in $(seq 1 100); do
 done
 curl -s -o /dev/null "$FAKE/_fake/state" || fail "fake DingTalk did not start"
 
-# What getupdatedata answers for the user's day: on duty at 09:05, late.
-curl -sS -f -X POST "$FAKE/_fake/attendance/update-data" -d '{
-  "userid": "u-late", "work_date": "2024-05-06",
-  "result": {"work_date": "2024-05-06", "userid": "u-late", "attendance_result_list": [
-    {"check_type": "OnDuty", "time_result": "Late", "location_result": "Normal",
-     "user_check_time": "2024-05-06 09:05:00", "plan_check_time": "2024-05-06 09:00:00"}]}
+# What attendance/list answers for the user's day (work date 2024-05-06 = 1714924800000 at
+# +08:00): on duty at 09:05 (1714957500000), planned 09:00, late.
+curl -sS -f -X POST "$FAKE/_fake/attendance/list/users" -d '{
+  "user_ids": ["u-late"],
+  "records": [{"workDate": 1714924800000, "checkType": "OnDuty", "timeResult": "Late",
+    "locationResult": "Normal", "userCheckTime": 1714957500000, "baseCheckTime": 1714957200000,
+    "sourceType": "USER"}]
 }' >/dev/null || fail "could not script the fake"
 
 cat >"$WORK/dinghook.toml" <<'TOML'
@@ -60,7 +61,8 @@ done
 case "$sends" in *'"userid_list":"u-late"'*) ;; *) fail "no work notification within 10 s: $sends" ;; esac
 case "$sends" in *'09:05'*'(Late)'*) ;; *) fail "notification does not say 09:05 Late: $sends" ;; esac
 
-lookups=$(curl -sS "$FAKE/_fake/calls?path=/topapi/attendance/getupdatedata")
-[ "$(printf '%s' "$lookups" | grep -o '"seq"' | wc -l)" = 1 ] || fail "expected one getupdatedata: $lookups"
-case "$lookups" in *'"work_date":"2024-05-06"'*) ;; *) fail "wrong work date: $lookups" ;; esac
+lookups=$(curl -sS "$FAKE/_fake/calls?path=/attendance/list")
+[ "$(printf '%s' "$lookups" | grep -o '"seq"' | wc -l)" = 1 ] || fail "expected one attendance/list: $lookups"
+case "$lookups" in *'"workDateFrom":"2024-05-06 00:00:00"'*) ;; *) fail "wrong work date: $lookups" ;; esac
+case "$lookups" in *'"userIdList":["u-late"]'*) ;; *) fail "wrong users: $lookups" ;; esac
 echo "checkin.sh: ok"
