@@ -95,6 +95,7 @@ impl Application {
     ) -> Result<Self, AppError> {
         config.validate()?;
         let cipher = config.cipher()?;
+        let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;
         let store = store::open(&config).await?;
         let metrics = Arc::new(Metrics::new());
@@ -126,6 +127,7 @@ impl Application {
             metrics: Arc::clone(&metrics),
             stored: wake,
             client: client.clone(),
+            trusted_proxies,
         });
         let router = ingress::router(state, &config.callback.path);
         let listener = TcpListener::bind(addr)
@@ -205,7 +207,9 @@ impl Application {
             dispatcher.wake(),
         )
         .map(|r| r.start(stopping.clone()));
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        // The peer address reaches the request span through ConnectInfo.
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let server = axum::serve(listener, service).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
             let _ = stopping_tx.send(true);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{AesKey, CallbackCipher};
+use crate::forwarded::TrustedProxies;
 use crate::secret::Secret;
 
 /// A configuration problem, naming the key (and its environment variable) and why.
@@ -51,6 +52,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("callback.owner_key", "DINGHOOK_OWNER_KEY"),
     ("callback.body_limit", "DINGHOOK_BODY_LIMIT"),
     ("callback.replay_window", "DINGHOOK_REPLAY_WINDOW"),
+    ("callback.trusted_proxies", "DINGHOOK_TRUSTED_PROXIES"),
     ("store.url", "DINGHOOK_STORE_URL"),
     ("store.max_batch", "DINGHOOK_STORE_MAX_BATCH"),
     ("dingtalk.app_key", "DINGHOOK_APP_KEY"),
@@ -168,6 +170,9 @@ pub struct CallbackConfig {
     /// Allowed distance between the request's timestamp and now; zero disables the check.
     #[serde(with = "duration_str")]
     pub replay_window: Duration,
+    /// Proxies (CIDR ranges or addresses) whose `X-Forwarded-For` names the client in the
+    /// logs; empty: the TCP peer is always the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,6 +211,7 @@ impl Default for CallbackConfig {
             owner_key: String::new(),
             body_limit: 1024 * 1024,
             replay_window: Duration::from_secs(3600),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -345,6 +351,14 @@ impl Config {
             "callback.owner_key" => self.callback.owner_key = value,
             "callback.body_limit" => self.callback.body_limit = number(&value)?,
             "callback.replay_window" => self.callback.replay_window = duration(&value)?,
+            "callback.trusted_proxies" => {
+                self.callback.trusted_proxies = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }
             "store.url" => self.store.url = value,
             "store.max_batch" => self.store.max_batch = number(&value)?,
             "dingtalk.app_key" => self.dingtalk.app_key = value,
@@ -446,6 +460,7 @@ impl Config {
         if c.body_limit < 64 {
             return Err(invalid("callback.body_limit", "must be at least 64 bytes"));
         }
+        self.trusted_proxies()?;
         StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))?;
         if self.store.max_batch == 0 {
             return Err(invalid("store.max_batch", "must be at least 1"));
@@ -507,6 +522,12 @@ impl Config {
                 format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
             )
         })
+    }
+
+    /// The parsed `callback.trusted_proxies`.
+    pub fn trusted_proxies(&self) -> Result<TrustedProxies, ConfigError> {
+        TrustedProxies::parse(&self.callback.trusted_proxies)
+            .map_err(|e| invalid("callback.trusted_proxies", e.to_string()))
     }
 
     pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
@@ -682,6 +703,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("qps"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_from_the_environment_and_the_file() {
+        let c = Config::load_with_env(None, env(&minimal())).unwrap();
+        assert!(c.trusted_proxies().unwrap().is_empty(), "none by default");
+
+        let mut vars = minimal();
+        vars.push((
+            "DINGHOOK_TRUSTED_PROXIES",
+            "127.0.0.1/32, 10.0.0.0/8,,fd00::/8",
+        ));
+        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        assert_eq!(
+            c.callback.trusted_proxies,
+            ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]
+        );
+        let t = c.trusted_proxies().unwrap();
+        assert!(t.contains("10.2.3.4".parse().unwrap()));
+        assert!(!t.contains("192.168.0.1".parse().unwrap()));
+
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.0/40"));
+        let err = Config::load_with_env(None, env(&vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("callback.trusted_proxies"), "{err}");
+        assert!(err.contains("DINGHOOK_TRUSTED_PROXIES"), "{err}");
+        assert!(err.contains("10.0.0.0/40"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[callback]\ntrusted_proxies = [\"::1\", \"172.16.0.0/12\"]\n",
+        )
+        .unwrap();
+        let c = Config::load_with_env(Some(&path), env(&minimal())).unwrap();
+        assert!(c
+            .trusted_proxies()
+            .unwrap()
+            .contains("172.20.0.1".parse().unwrap()));
+        std::fs::write(&path, "[callback]\ntrusted_proxies = [\"proxy.local\"]\n").unwrap();
+        let err = Config::load_with_env(Some(&path), env(&minimal()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("callback.trusted_proxies") && err.contains("proxy.local"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! after the store says the event is durable. Every rejection is a 4xx with a JSON body
 //! `{"error": {"code", "message"}}` whose `code` is stable; a store that cannot write is 503.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::crypto::{now_millis, CallbackCipher, CryptoError};
 use crate::event::{Envelope, EnvelopeError};
+use crate::forwarded::TrustedProxies;
 use crate::store::{Inserted, NewEvent, Source, Store, StoreError};
 
 /// What the callback route needs, shared by all requests.
@@ -34,6 +36,8 @@ pub struct IngressState {
     pub stored: Arc<tokio::sync::Notify>,
     /// For the quota figures in `/metrics`.
     pub client: Option<crate::dingtalk::Client>,
+    /// Whose `X-Forwarded-For` names the client in the request span.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// Why a callback was refused.
@@ -118,8 +122,11 @@ impl IntoResponse for Rejection {
     }
 }
 
-/// The router: the callback at `callback_path`, health and readiness, JSON 404s.
+/// The router: the callback at `callback_path`, health and readiness, JSON 404s. Every
+/// request runs in a `request` span with its id and, when served over a socket with
+/// [`ConnectInfo`], the client's address (see [`client_addr`]).
 pub fn router(state: Arc<IngressState>, callback_path: &str) -> Router {
+    let trusted = state.trusted_proxies.clone();
     Router::new()
         .route(callback_path, post(callback))
         .route("/healthz", get(healthz))
@@ -129,17 +136,42 @@ pub fn router(state: Arc<IngressState>, callback_path: &str) -> Router {
         .with_state(state)
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
+            TraceLayer::new_for_http().make_span_with(move |req: &Request<Body>| {
                 let id = req
                     .headers()
                     .get("x-request-id")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 // The path only: the query carries nothing secret, but nothing useful either.
-                tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
+                let span = tracing::info_span!(
+                    "request",
+                    id,
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    client = tracing::field::Empty,
+                );
+                if let Some(client) = client_addr(&trusted, req) {
+                    span.record("client", tracing::field::display(client));
+                }
+                span
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The client's address for the logs: the TCP peer, or, when the peer is a trusted proxy, the
+/// address its `X-Forwarded-For` names ([`TrustedProxies::client_addr`]). `None` without a
+/// peer (a router driven without a socket).
+pub fn client_addr<B>(trusted: &TrustedProxies, req: &Request<B>) -> Option<IpAddr> {
+    let ConnectInfo(peer) = req.extensions().get::<ConnectInfo<SocketAddr>>()?;
+    // A value that is not visible ASCII becomes an entry no address parses from, so the walk
+    // stops there as at any other garbage.
+    let forwarded = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"));
+    Some(trusted.client_addr(peer.ip(), forwarded))
 }
 
 async fn not_found() -> Response {
@@ -362,6 +394,35 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_address_comes_from_the_peer_and_trusted_forwarding() {
+        let trusted = TrustedProxies::parse(&["127.0.0.1/32"]).unwrap();
+        let request = |peer: &str, forwarded: &[&[u8]]| {
+            let mut req = Request::new(());
+            for value in forwarded {
+                req.headers_mut().append(
+                    "x-forwarded-for",
+                    header::HeaderValue::from_bytes(value).unwrap(),
+                );
+            }
+            req.extensions_mut()
+                .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+            req
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let req = request(
+            "127.0.0.1:5000",
+            &[b"198.51.100.1", b"203.0.113.7, 127.0.0.1"],
+        );
+        assert_eq!(client_addr(&trusted, &req), Some(ip("203.0.113.7")));
+        let req = request("127.0.0.2:5000", &[b"203.0.113.7"]);
+        assert_eq!(client_addr(&trusted, &req), Some(ip("127.0.0.2")));
+        // Not ASCII: garbage, so the peer.
+        let req = request("127.0.0.1:5000", &[b"203.0.113.7\xff"]);
+        assert_eq!(client_addr(&trusted, &req), Some(ip("127.0.0.1")));
+        assert_eq!(client_addr(&trusted, &Request::new(())), None);
+    }
 
     #[test]
     fn signature_falls_back_and_timestamp_accepts_either_spelling() {

@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod dingtalk;
 pub mod dispatch;
 pub mod event;
+pub mod forwarded;
 pub mod handler;
 pub mod handlers;
 pub mod ingress;
