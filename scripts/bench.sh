@@ -32,26 +32,10 @@ skip() { [[ ",$BENCH_SKIP," == *",$1,"* ]]; }
 out=target/bench
 mkdir -p "$out"
 summary="$out/summary.md"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/common.sh
 
 echo "== building (release)"
 cargo build --release --quiet --bin dinghook --example loadgen --example ceiling
-bin=target/release/dinghook
-loadgen=target/release/examples/loadgen
-
-# The free port of a fresh listener, from the kernel.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { for _ in $(seq 1 200); do "$bin" healthcheck "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "not up: $1" >&2; return 1; }
-# kB of the process's VmHWM (peak) or VmRSS (now).
-rss_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 mb() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 
 {
@@ -153,11 +137,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 if ! skip storm; then
     echo "== morning storm: $STORM_EVENTS check-ins from $STORM_USERS users, DingTalk at $STORM_QPS QPS"
-    fport=$(free_port); port=$(free_port)
-    "$bin" fake-dingtalk --listen "127.0.0.1:$fport" 2>"$work/fake.log" &
-    pids+=("$!")
-    for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$fport/_fake/state" && break; sleep 0.05; done
-    curl -sf -d "{\"limit\": $STORM_QPS}" "http://127.0.0.1:$fport/_fake/qps" >/dev/null
+    start_fake
+    port=$(free_port)
+    curl -sf -d "{\"limit\": $STORM_QPS}" "$fake_url/_fake/qps" >/dev/null
     # Each user's day in DingTalk: an on-duty punch (normal) and the evening check still ahead,
     # so attendance/list answers two records per user and nobody is notified.
     python3 - "$STORM_USERS" >"$work/days.json" <<'PY'
@@ -175,7 +157,7 @@ print(json.dumps({
     ],
 }))
 PY
-    curl -sf --data-binary "@$work/days.json" "http://127.0.0.1:$fport/_fake/attendance/list/users" >/dev/null
+    curl -sf --data-binary "@$work/days.json" "$fake_url/_fake/attendance/list/users" >/dev/null
     cp config/dev.toml "$work/storm.toml"
     cat >>"$work/storm.toml" <<'EOF'
 
@@ -187,7 +169,7 @@ EOF
     surl="sqlite://$work/storm/dinghook.db"
     DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$surl \
         DINGHOOK_APP_KEY=dingstorm DINGHOOK_APP_SECRET=storm-secret DINGHOOK_AGENT_ID=1 \
-        DINGHOOK_DINGTALK_OAPI_URL=http://127.0.0.1:$fport DINGHOOK_DINGTALK_API_URL=http://127.0.0.1:$fport \
+        DINGHOOK_DINGTALK_OAPI_URL=$fake_url DINGHOOK_DINGTALK_API_URL=$fake_url \
         DINGHOOK_DINGTALK_QPS=$STORM_QPS DINGHOOK_RECOVERY=off DINGHOOK_BATCH_SIZE=50 \
         "$bin" serve --config "$work/storm.toml" 2>"$work/storm.log" &
     server=$!; pids+=("$server")
@@ -209,8 +191,8 @@ EOF
     done
     sleep 2
     storm_peak=$(rss_kb "$server" VmHWM); storm_idle=$(rss_kb "$server" VmRSS)
-    curl -sf "http://127.0.0.1:$fport/_fake/calls" >"$work/calls.json"
-    curl -sf "http://127.0.0.1:$fport/_fake/state" >"$work/fake-state.json"
+    curl -sf "$fake_url/_fake/calls" >"$work/calls.json"
+    curl -sf "$fake_url/_fake/state" >"$work/fake-state.json"
     kill -TERM "$server"; wait "$server" 2>/dev/null || true
     DINGHOOK_STORE_URL=$surl "$bin" events stats --json >"$work/storm.stats"
     python3 - "$work" "$started" "$acked_at" "${drained:-}" "$STORM_QPS" "$storm_peak_during" "$storm_peak" "$storm_idle" >>"$summary" <<'EOF'

@@ -19,33 +19,20 @@ SOAK_PLOT=${SOAK_PLOT:-docs/soak-rss.png}
 
 out=target/soak
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/common.sh
 
 cargo build --release --quiet --bin dinghook --example loadgen
-bin=target/release/dinghook
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-
-fport=$(free_port); port=$(free_port)
-"$bin" fake-dingtalk --listen "127.0.0.1:$fport" 2>"$work/fake.log" &
-pids+=("$!")
-for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$fport/_fake/state" && break; sleep 0.05; done
+start_fake
+port=$(free_port)
 mkdir -p "$work/data"
 url="sqlite://$work/data/dinghook.db"
 DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$url \
     DINGHOOK_APP_KEY=dingsoak DINGHOOK_APP_SECRET=soak-secret DINGHOOK_AGENT_ID=1 \
-    DINGHOOK_DINGTALK_OAPI_URL=http://127.0.0.1:$fport DINGHOOK_DINGTALK_API_URL=http://127.0.0.1:$fport \
+    DINGHOOK_DINGTALK_OAPI_URL=$fake_url DINGHOOK_DINGTALK_API_URL=$fake_url \
     DINGHOOK_RECOVERY=off \
     "$bin" serve --config config/dev.toml 2>"$out/server.log" &
 server=$!; pids+=("$server")
-for _ in $(seq 1 200); do "$bin" healthcheck "http://127.0.0.1:$port/healthz" 2>/dev/null && break; sleep 0.05; done
+wait_up "http://127.0.0.1:$port/healthz"
 
 # One sample a second: elapsed s, RSS kB, events waiting (from /metrics).
 sample() {
@@ -64,16 +51,16 @@ sample "$(date +%s)" &
 sampler=$!; pids+=("$sampler")
 
 echo "== soak: $SOAK_SECONDS s at $SOAK_RATE events/s ($SOAK_USERS users)"
-target/release/examples/loadgen --url "http://127.0.0.1:$port/dingtalk/callback" \
+"$loadgen" --url "http://127.0.0.1:$port/dingtalk/callback" \
     --concurrency 64 --rate "$SOAK_RATE" --seconds "$SOAK_SECONDS" --users "$SOAK_USERS" \
     --size 400 --json | tee "$out/load.json"
 sleep 15
 kill "$sampler" 2>/dev/null || true
-peak=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$server/status")
+peak=$(rss_kb "$server" VmHWM)
 curl -s "http://127.0.0.1:$port/metrics" >"$out/metrics.txt"
 kill -TERM "$server"; wait "$server" 2>/dev/null || true
 DINGHOOK_STORE_URL=$url "$bin" events stats --json >"$out/stats.json"
-curl -s "http://127.0.0.1:$fport/_fake/state" >"$out/fake-state.json" || true
+curl -s "$fake_url/_fake/state" >"$out/fake-state.json" || true
 
 python3 - "$out" "$peak" "$SOAK_PLOT" <<'EOF'
 import csv, json, sys
@@ -112,8 +99,8 @@ ax.set_ylabel("RSS (MB)", color="tab:blue")
 ax.set_ylim(0, max(64, max(rss) * 1.2))
 ax.axvline(dur, color="grey", linestyle=":", linewidth=1)
 ax2 = ax.twinx()
-ax2.plot(secs, waiting, color="tab:orange", linewidth=0.8, label="events waiting")
-ax2.set_ylabel("events waiting (pending + retry + leased)", color="tab:orange")
+ax2.plot(secs, waiting, color="tab:orange", linewidth=0.8, label="events not yet done")
+ax2.set_ylabel("events not yet done (pending, incl. lookups due later)", color="tab:orange")
 ax2.set_ylim(0, max(10, max(waiting) * 1.2))
 ax.set_title(f"dinghook soak: {load['rps']:.0f} events/s for {dur:.0f} s, {load['errors']} errors, p99 {load['p99_ms']:.1f} ms")
 fig.tight_layout()
