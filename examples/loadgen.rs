@@ -113,7 +113,10 @@ async fn worker(shared: Arc<Shared>, task: usize) -> Outcome {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) && (args.requests == 0 || n < max_requests) {
         if let Some(interval) = per_task_interval {
-            let due = start + interval * n as u32;
+            // Tasks are offset within the interval, so the load is steady rather than
+            // `concurrency` requests at once every interval.
+            let offset = interval.mul_f64(task as f64 / args.concurrency as f64);
+            let due = start + offset + interval * n as u32;
             tokio::time::sleep_until(due.into()).await;
         }
         let (url, body) = if args.plain {
