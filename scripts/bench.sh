@@ -3,8 +3,8 @@
 #
 #   1. criterion: verify+decrypt and encrypt+sign of 1 KB and 60 KB events;
 #   2. the constant-200 ceiling (examples/ceiling.rs) and dinghook on SQLite and on PostgreSQL,
+#      receiving only (dispatcher off) and with its workers handling the check-ins (on),
 #      each loaded by the same load generator at 64 connections for $SECONDS_PER_RUN s;
-#      dinghook's dispatcher is on (workers busy with the events as they arrive);
 #   3. the morning storm: 50 000 check-ins from 25 000 users, as fast as the load generator can,
 #      with the built-in handlers calling a fake DingTalk that throttles above 20 QPS;
 #   4. memory: peak RSS under load, idle RSS once the backlog is drained.
@@ -64,7 +64,7 @@ fi
 # One loadgen run; prints its JSON.
 load() { "$loadgen" --concurrency "$CONNECTIONS" --seconds "$SECONDS_PER_RUN" --json "$@"; }
 
-declare -A rps p50 p99 max errors peak idle
+declare -A peak idle
 echo "== ceiling: constant-200 axum server"
 port=$(free_port)
 target/release/examples/ceiling --listen "127.0.0.1:$port" 2>/dev/null &
@@ -74,21 +74,25 @@ load --plain --url "http://127.0.0.1:$port/dingtalk/callback" >"$work/ceiling.js
 cat "$work/ceiling.json"
 kill -TERM "$ceiling"; wait "$ceiling" 2>/dev/null || true
 
-# dinghook on one store, dispatcher on; fills rps/p50/p99/max/errors/peak/idle for $1.
+# dinghook on store $2 with the dispatcher $3 (on|off); fills peak/idle for $1 and leaves the
+# load generator's JSON in $work/$1.json. With the dispatcher on, the workers run the built-in
+# attendance handler on each check-in as it arrives (each schedules its user's lookup).
 run_dinghook() {
-    local name=$1 url=$2 port server
+    local name=$1 url=$2 dispatch=$3 port server
     port=$(free_port)
-    DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$url \
+    DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$url DINGHOOK_DISPATCH=$dispatch \
         "$bin" serve --config config/dev.toml 2>"$work/$name.log" &
     server=$!; pids+=("$server")
     wait_up "http://127.0.0.1:$port/healthz"
     load --url "http://127.0.0.1:$port/dingtalk/callback" >"$work/$name.json"
     cat "$work/$name.json"
     peak[$name]=$(rss_kb "$server" VmHWM)
-    # Let the dispatcher finish what the load left, then read the idle size.
-    for _ in $(seq 1 600); do
+    # Let the dispatcher finish the check-ins the load left (their lookups are due later),
+    # then read the idle size.
+    while [ "$dispatch" = on ]; do
         DINGHOOK_STORE_URL=$url "$bin" events stats --json >"$work/$name.stats" 2>/dev/null || true
-        json 'd["by_state"].get("pending",0)+d["by_state"].get("leased",0)' <"$work/$name.stats" | grep -qx 0 && break
+        json 'sum(n for s, n in d["by_type"].get("attendance_check_record", {}).items() if s != "done")' \
+            <"$work/$name.stats" | grep -qx 0 && break
         sleep 0.5
     done
     sleep 2
@@ -96,17 +100,18 @@ run_dinghook() {
     kill -TERM "$server"; wait "$server" 2>/dev/null || true
 }
 
-echo "== dinghook, SQLite"
-mkdir -p "$work/sqlite"
-run_dinghook sqlite "sqlite://$work/sqlite/dinghook.db"
-
-if ! skip postgres; then
-    echo "== dinghook, PostgreSQL"
-    db="dinghook_bench_$$"
-    psql "$PG_URL" -qc "CREATE DATABASE $db"
-    run_dinghook postgres "${PG_URL%/*}/$db"
-    psql "$PG_URL" -qc "DROP DATABASE $db WITH (FORCE)"
-fi
+for dispatch in off on; do
+    echo "== dinghook, SQLite, dispatcher $dispatch"
+    mkdir -p "$work/sqlite-$dispatch"
+    run_dinghook "sqlite-$dispatch" "sqlite://$work/sqlite-$dispatch/dinghook.db" "$dispatch"
+    if ! skip postgres; then
+        echo "== dinghook, PostgreSQL, dispatcher $dispatch"
+        db="dinghook_bench_$$_$dispatch"
+        psql "$PG_URL" -qc "CREATE DATABASE $db"
+        run_dinghook "postgres-$dispatch" "${PG_URL%/*}/$db" "$dispatch"
+        psql "$PG_URL" -qc "DROP DATABASE $db WITH (FORCE)"
+    fi
+done
 
 {
     echo "## Acknowledged events at $CONNECTIONS connections, ${SECONDS_PER_RUN} s each (\`examples/loadgen\`)"
@@ -127,10 +132,18 @@ fi
             "${3:-}" "${4:-}"
     }
     row ceiling "constant-200 axum (ceiling)" "" ""
-    row sqlite "dinghook, SQLite (durable commit)" "$(mb "${peak[sqlite]}")" "$(mb "${idle[sqlite]}")"
-    if [ -n "${peak[postgres]:-}" ]; then
-        row postgres "dinghook, PostgreSQL" "$(mb "${peak[postgres]}")" "$(mb "${idle[postgres]}")"
-    fi
+    for run in sqlite-off sqlite-on postgres-off postgres-on; do
+        [ -n "${peak[$run]:-}" ] || continue
+        case $run in
+            sqlite-*) label="dinghook, SQLite (durable commit)" ;;
+            postgres-*) label="dinghook, PostgreSQL" ;;
+        esac
+        case $run in
+            *-off) label="$label, receiving only" ;;
+            *-on) label="$label, workers handling the check-ins" ;;
+        esac
+        row "$run" "$label" "$(mb "${peak[$run]}")" "$(mb "${idle[$run]}")"
+    done
     echo
 } >>"$summary"
 
