@@ -15,9 +15,9 @@ for target in callback_request failed_list; do
     echo "== $target for ${seconds}s"
     cargo +nightly fuzz run "$@" "$target" "corpus/$target" "seeds/$target" -- \
         -max_total_time="$seconds" -jobs=1 -workers=1 -print_final_stats=1
-    # -jobs=1 runs the fuzzer in a child that logs to fuzz-0.log; show how it ended.
+    # -jobs=1 runs the fuzzer in a child that logs to fuzz-0.log (printed above when it ends);
+    # keep each target's log apart.
     if [[ -f fuzz-0.log ]]; then
-        grep -E '^(#[0-9]+ +DONE|stat::|Done )' fuzz-0.log || tail -n 20 fuzz-0.log
         mv fuzz-0.log "fuzz-$target.log"
     fi
 done
