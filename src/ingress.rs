@@ -356,39 +356,83 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(String, &'static str, Response), Rejection> {
+    // The query is checked before the body is read, so a request without signature fields
+    // is refused without waiting for its body.
     let signed = SignedQuery::parse(query.as_deref())?;
     let body = read_body(body, headers, state.body_limit).await?;
-    let encrypt = encrypt_field(&body)?;
-    check_timestamp(&signed.timestamp, state.replay_window, now_millis())?;
-    let msg = state.cipher.open(
+    let opened = open_request(
+        &state.cipher,
+        &signed,
+        &body,
+        state.replay_window,
+        now_millis(),
+    )?;
+
+    let (event_type, outcome) = match opened {
+        Opened::Check(envelope) => {
+            tracing::info!(event_type = %envelope.event_type, "answered DingTalk URL check");
+            (envelope.event_type, "check")
+        }
+        Opened::Event(event) => {
+            let event_type = event.event_type.clone();
+            let outcome = match state.store.insert(event).await? {
+                Inserted::Stored { id } => {
+                    state.stored.notify_one();
+                    tracing::debug!(id, %event_type, "event stored");
+                    "stored"
+                }
+                Inserted::Duplicate { id } => {
+                    tracing::info!(id, %event_type, "duplicate delivery acknowledged");
+                    "duplicate"
+                }
+            };
+            (event_type, outcome)
+        }
+    };
+    let sealed = state.cipher.seal_success().map_err(Rejection::Seal)?;
+    Ok((event_type, outcome, Json(sealed).into_response()))
+}
+
+/// What a verified, decrypted callback turned out to be.
+#[derive(Debug, Clone)]
+pub enum Opened {
+    /// One of DingTalk's URL checks: answered, never stored.
+    Check(Envelope),
+    /// An event to store, received at `now_ms`.
+    Event(NewEvent),
+}
+
+/// Everything the callback does between reading the request and touching the store: the body's
+/// `encrypt`, the replay window, the signature, decryption (current key, then previous ones),
+/// the owner key, and the envelope of the decrypted JSON. Pure: no I/O, no clock (`now_ms` is
+/// passed in), so the fuzzer and the tests run exactly what the server runs.
+pub fn open_request(
+    cipher: &CallbackCipher,
+    signed: &SignedQuery,
+    body: &[u8],
+    replay_window: Duration,
+    now_ms: i64,
+) -> Result<Opened, Rejection> {
+    let encrypt = encrypt_field(body)?;
+    check_timestamp(&signed.timestamp, replay_window, now_ms)?;
+    let msg = cipher.open(
         &signed.signature,
         &signed.timestamp,
         &signed.nonce,
         &encrypt,
     )?;
     let (envelope, _) = Envelope::parse(&msg)?;
-
-    let outcome = if envelope.is_check() {
-        tracing::info!(event_type = %envelope.event_type, "answered DingTalk URL check");
-        "check"
-    } else {
-        let payload = String::from_utf8(msg)
-            .map_err(|e| EnvelopeError::NotJson(format!("not UTF-8: {e}")))?;
-        let event = NewEvent::from_envelope(envelope.clone(), payload, Source::Push, now_millis());
-        match state.store.insert(event).await? {
-            Inserted::Stored { id } => {
-                state.stored.notify_one();
-                tracing::debug!(id, event_type = %envelope.event_type, "event stored");
-                "stored"
-            }
-            Inserted::Duplicate { id } => {
-                tracing::info!(id, event_type = %envelope.event_type, "duplicate delivery acknowledged");
-                "duplicate"
-            }
-        }
-    };
-    let sealed = state.cipher.seal_success().map_err(Rejection::Seal)?;
-    Ok((envelope.event_type, outcome, Json(sealed).into_response()))
+    if envelope.is_check() {
+        return Ok(Opened::Check(envelope));
+    }
+    let payload =
+        String::from_utf8(msg).map_err(|e| EnvelopeError::NotJson(format!("not UTF-8: {e}")))?;
+    Ok(Opened::Event(NewEvent::from_envelope(
+        envelope,
+        payload,
+        Source::Push,
+        now_ms,
+    )))
 }
 
 #[cfg(test)]
@@ -458,6 +502,48 @@ mod tests {
         );
         assert!(check_timestamp("abc", Duration::ZERO, now).is_ok());
         assert!(check_timestamp(&i64::MIN.to_string(), hour, now).is_err());
+    }
+
+    #[test]
+    fn open_request_tells_checks_from_events_and_reports_each_step() {
+        let cipher = CallbackCipher::from_strings(
+            "t",
+            "4g5j64qlyl3zvetqxz5jiocdr586fn2zvjpa8zls3ij",
+            &[],
+            "dingowner",
+        )
+        .unwrap();
+        let now = 1_700_000_000_000;
+        let open = |msg: &[u8], timestamp: &str| {
+            let sealed = cipher.seal(msg, timestamp, "n").unwrap();
+            let signed = SignedQuery::parse(Some(&sealed.query())).unwrap();
+            open_request(
+                &cipher,
+                &signed,
+                sealed.body().as_bytes(),
+                Duration::from_secs(60),
+                now,
+            )
+        };
+        let ts = now.to_string();
+        match open(br#"{"EventType":"check_url"}"#, &ts).unwrap() {
+            Opened::Check(envelope) => assert_eq!(envelope.event_type, "check_url"),
+            other => panic!("{other:?}"),
+        }
+        match open(br#"{"EventType":"x","eventId":"e1"}"#, &ts).unwrap() {
+            Opened::Event(event) => {
+                assert_eq!(event.dedup_key, "event:e1");
+                assert_eq!((event.source, event.received_at), (Source::Push, now));
+            }
+            other => panic!("{other:?}"),
+        }
+        let code = |r: Result<Opened, Rejection>| r.unwrap_err().code();
+        assert_eq!(code(open(b"[1]", &ts)), "invalid_event_json");
+        assert_eq!(code(open(b"{}", "1")), "timestamp_out_of_window");
+        let signed = SignedQuery::parse(Some("signature=00&timestamp=1&nonce=n")).unwrap();
+        let body = br#"{"encrypt":"abc"}"#;
+        let rejected = open_request(&cipher, &signed, body, Duration::ZERO, now);
+        assert_eq!(code(rejected), "signature_mismatch");
     }
 
     #[test]

@@ -8,8 +8,10 @@
 use reqwest::Method;
 use serde_json::Value;
 
-use super::client::Request;
+use super::client::{parse_answer, Request};
 use super::{Client, Result};
+
+const PATH: &str = "/call_back/get_call_back_failed_result";
 
 /// One page of failed pushes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -83,12 +85,19 @@ impl FailedCallbackPage {
         };
         FailedCallbackPage { has_more, entries }
     }
+
+    /// Reads the body of a successful answer (DingTalk said `errcode` 0) into a page, exactly as
+    /// [`Client::failed_callbacks`] does: only a body that is not JSON at all is an error.
+    pub fn from_body(body: &[u8]) -> Result<Self> {
+        let answer: Value = parse_answer(PATH, body)?;
+        Ok(Self::from_answer(&answer))
+    }
 }
 
 impl Client {
     /// Reads (and thereby deletes on DingTalk's side) the next page of failed pushes.
     pub async fn failed_callbacks(&self) -> Result<FailedCallbackPage> {
-        let request = Request::old(Method::GET, "/call_back/get_call_back_failed_result");
+        let request = Request::old(Method::GET, PATH);
         let answer: Value = self.execute(request).await?;
         Ok(FailedCallbackPage::from_answer(&answer))
     }

@@ -706,7 +706,8 @@ fn push_segments(url: &mut Url, segments: &[String]) {
     }
 }
 
-fn parse_answer<R: DeserializeOwned>(label: &str, body: &[u8]) -> Result<R> {
+/// Decodes a successful answer's body; an empty body counts as `{}`.
+pub(crate) fn parse_answer<R: DeserializeOwned>(label: &str, body: &[u8]) -> Result<R> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
