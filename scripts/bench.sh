@@ -54,8 +54,13 @@ if ! skip criterion; then
         echo
         echo "| benchmark | median |"
         echo "|---|---|"
-        # "name   time:   [low median high]"
-        awk '/time:/ { name=$1; if (name == "time:") name=prev; for (i=1;i<=NF;i++) if ($i ~ /^\[/) { print "| " name " | " $(i+2) " " $(i+3) " |"; break } } { prev=$1 }' "$work/criterion.txt"
+        # "name   time:   [low median high]"; a "change:" block (against an earlier run) has a
+        # time: line of its own, which is skipped.
+        awk '/change:/ { change = 1; next }
+             /time:/ { if (change) { change = 0; next }
+                       name = $1; if (name == "time:") name = prev
+                       for (i = 1; i <= NF; i++) if ($i ~ /^\[/) { print "| " name " | " $(i+2) " " $(i+3) " |"; break } }
+             { prev = $1 }' "$work/criterion.txt"
         echo
     } >>"$summary"
 fi
