@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.bench_function("seal_success_reply", |b| {
-        b.iter(|| cipher.seal_success().expect("seal"))
+        b.iter(|| cipher.seal_success(1_795_284_000_000).expect("seal"))
     });
     group.finish();
 }

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use dinghook::crypto::{now_millis, random_nonce, CallbackCipher, Sealed};
+use dinghook::crypto::{random_nonce, CallbackCipher, Sealed};
+use dinghook::time::now_millis;
 
 #[derive(Parser, Clone)]
 struct Args {

@@ -4,13 +4,17 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError};
+use crate::dingtalk::{CallCounter, Client, CounterError};
 use crate::dispatch::Dispatcher;
 use crate::handler::{Handler, Registrations, RegistryBuilder, RegistryError};
-use crate::ingress::{self, IngressState};
 use crate::metrics::Metrics;
+use crate::ops::{self, OpsState};
+use crate::sources::push::{self, PushState};
+use crate::sources::recovery::Recovery;
 use crate::store::{self, Store, StoreError};
 
 /// Why the application could not start or stopped with an error.
@@ -53,10 +57,13 @@ impl AppBuilder {
         self
     }
 
-    /// Validates the configuration and the registrations (two handlers for one type is an
-    /// error), opens the store and binds the listen address.
+    /// Validates the configuration and the registrations (two handlers with one name is an
+    /// error), opens the store and binds the listen address. The built-in handlers the
+    /// configuration enables (`[handlers]`) are registered first, then this builder's.
     pub async fn build(self) -> Result<Application, AppError> {
-        let registry = self.handlers.build()?;
+        let registry = crate::builtin::registrations(&self.config.handlers)
+            .merge(self.handlers)
+            .build()?;
         Application::build_with(self.config, registry).await
     }
 }
@@ -70,7 +77,7 @@ pub struct Application {
     router: axum::Router,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
-    client: Option<crate::dingtalk::Client>,
+    client: Option<Client>,
 }
 
 impl Application {
@@ -82,7 +89,7 @@ impl Application {
         }
     }
 
-    /// An application without handlers: events are stored and marked done.
+    /// An application with the built-in handlers the configuration enables and no others.
     pub async fn build(config: Config) -> Result<Self, AppError> {
         Self::builder(config).build().await
     }
@@ -97,14 +104,11 @@ impl Application {
         let cipher = config.cipher()?;
         let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;
-        let store = store::open(&config).await?;
+        let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
         let client = if config.dingtalk_enabled() {
-            let counter = Arc::new(store::StoreCallCounter(Arc::clone(&store)));
-            Some(crate::dingtalk::Client::new(
-                config.dingtalk.clone(),
-                counter,
-            )?)
+            let counter = Arc::new(StoreCallCounter(Arc::clone(&store)));
+            Some(Client::new(config.dingtalk.clone(), counter)?)
         } else {
             tracing::info!("no DingTalk app key configured: handlers cannot call DingTalk");
             None
@@ -118,7 +122,7 @@ impl Application {
             Arc::clone(&wake),
             client.clone(),
         ));
-        let state = Arc::new(IngressState {
+        let push = Arc::new(PushState {
             cipher,
             store: Arc::clone(&store),
             body_limit: config.callback.body_limit,
@@ -126,10 +130,17 @@ impl Application {
             request_timeout: config.request_timeout,
             metrics: Arc::clone(&metrics),
             stored: wake,
-            client: client.clone(),
-            trusted_proxies,
         });
-        let router = ingress::router(state, &config.callback.path);
+        let ops = Arc::new(OpsState {
+            store: Arc::clone(&store),
+            metrics: Arc::clone(&metrics),
+            client: client.clone(),
+            probe_timeout: config.request_timeout,
+        });
+        let router = crate::http::wrap(
+            push::router(push, &config.callback.path).merge(ops::router(ops)),
+            trusted_proxies,
+        );
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AppError::Bind { addr, source })?;
@@ -149,7 +160,7 @@ impl Application {
     }
 
     /// The DingTalk client, when an app key is configured.
-    pub fn client(&self) -> Option<crate::dingtalk::Client> {
+    pub fn client(&self) -> Option<Client> {
         self.client.clone()
     }
 
@@ -188,7 +199,7 @@ impl Application {
         tracing::info!(
             %local_addr,
             callback_path = %config.callback.path,
-            store = %crate::config::redact_url(&config.store.url),
+            store = %crate::store::redact_url(&config.store.url),
             "dinghook listening"
         );
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
@@ -199,8 +210,8 @@ impl Application {
         };
         // Recovery stores what it reads before it stops, so it is joined with the workers,
         // before the store closes.
-        let recovery = crate::recovery::Recovery::from_config(
-            &config,
+        let recovery = Recovery::from_config(
+            &config.recovery,
             client,
             Arc::clone(&store),
             metrics,
@@ -257,6 +268,27 @@ impl Application {
         store.close().await;
         tracing::info!("stopped");
         result
+    }
+}
+
+/// The DingTalk client's monthly call counter, kept in the store so restarts and replicas
+/// share it. Here, in the wiring, so neither the store nor the client knows the other.
+struct StoreCallCounter(Arc<dyn Store>);
+
+#[async_trait]
+impl CallCounter for StoreCallCounter {
+    async fn add_calls(&self, month: &str, n: u64) -> Result<u64, CounterError> {
+        self.0
+            .add_api_calls(month, n)
+            .await
+            .map_err(|e| CounterError(e.to_string()))
+    }
+
+    async fn calls(&self, month: &str) -> Result<u64, CounterError> {
+        self.0
+            .api_calls(month)
+            .await
+            .map_err(|e| CounterError(e.to_string()))
     }
 }
 

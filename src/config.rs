@@ -1,15 +1,30 @@
-//! Typed configuration: compiled-in defaults, then a TOML file, then `DINGHOOK_*` environment
-//! variables, validated once at start-up. Every key is documented in `config/dinghook.toml`.
+//! The whole configuration: compiled-in defaults, then a TOML file, then `DINGHOOK_*`
+//! environment variables, validated once at start-up. Every key is documented in
+//! `config/dinghook.toml`.
+//!
+//! Each section belongs to the module it configures (`[callback]` to
+//! [`sources::push`](crate::sources::push), `[store]` to [`store`](crate::store), and so on);
+//! this module only composes them, layers the sources (figment) and checks what spans
+//! sections. Nothing below the application imports it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
+use crate::builtin::HandlersConfig;
 use crate::crypto::{AesKey, CallbackCipher};
+use crate::dingtalk::ClientConfig;
+use crate::dispatch::DispatchConfig;
 use crate::forwarded::TrustedProxies;
-use crate::secret::Secret;
+use crate::sources::push::CallbackConfig;
+use crate::sources::recovery::RecoveryConfig;
+use crate::store::{redact_url, StoreConfig, StoreLocation};
+use crate::telemetry::LogFormat;
 
 /// A configuration problem, naming the key (and its environment variable) and why.
 #[derive(Debug, thiserror::Error)]
@@ -23,15 +38,15 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{key} ({env}): {message}")]
     Invalid {
-        key: &'static str,
+        key: String,
         env: &'static str,
         message: String,
     },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.to_owned(),
         env: env_name(key),
         message: message.into(),
     }
@@ -82,13 +97,6 @@ fn env_name(key: &str) -> &'static str {
         .unwrap_or("no environment variable")
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// The whole configuration, as loaded (strings not yet parsed into keys and addresses).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -99,88 +107,20 @@ pub struct Config {
     /// A tracing filter, e.g. `info` or `dinghook=debug,tower_http=info`.
     pub log_level: String,
     /// How long a graceful shutdown may take before in-flight work is abandoned.
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::time::duration_str")]
     pub shutdown_timeout: Duration,
     /// Upper bound for one callback request, body read and durable write included.
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::time::duration_str")]
     pub request_timeout: Duration,
     pub callback: CallbackConfig,
     pub store: StoreConfig,
     pub dispatch: DispatchConfig,
     /// The DingTalk API client the handlers use.
-    pub dingtalk: crate::dingtalk::ClientConfig,
+    pub dingtalk: ClientConfig,
     /// The built-in handlers.
-    pub handlers: crate::handlers::HandlersConfig,
+    pub handlers: HandlersConfig,
     /// Reading DingTalk's failed-push list (needs the DingTalk client).
-    pub recovery: crate::recovery::RecoveryConfig,
-}
-
-/// The dispatcher: workers that claim stored events and run their handlers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DispatchConfig {
-    /// Off: this process only receives (another replica, or a later start, dispatches).
-    pub enabled: bool,
-    pub workers: usize,
-    /// Events claimed at once by one worker.
-    pub batch_size: u32,
-    /// How long a claim lasts; a crashed worker's events come back after it.
-    #[serde(with = "duration_str")]
-    pub lease: Duration,
-    /// How often an idle worker looks for due events (new events wake it at once).
-    #[serde(with = "duration_str")]
-    pub poll_interval: Duration,
-    /// Upper bound for one handler run; must be shorter than the lease.
-    #[serde(with = "duration_str")]
-    pub handler_timeout: Duration,
-    /// Delay before each retry; when used up, the event is dead.
-    #[serde(with = "duration_list")]
-    pub retry_schedule: Vec<Duration>,
-    /// Each delay is varied by up to ± this fraction, so retries do not arrive in lockstep.
-    pub retry_jitter: f64,
-}
-
-impl Default for DispatchConfig {
-    fn default() -> Self {
-        DispatchConfig {
-            enabled: true,
-            workers: 4,
-            batch_size: 16,
-            lease: Duration::from_secs(300),
-            poll_interval: Duration::from_secs(1),
-            handler_timeout: Duration::from_secs(60),
-            retry_schedule: [5, 30, 120, 600, 3600]
-                .into_iter()
-                .map(Duration::from_secs)
-                .collect(),
-            retry_jitter: 0.2,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CallbackConfig {
-    pub path: String,
-    pub token: Secret,
-    pub aes_key: Secret,
-    pub previous_aes_keys: Vec<Secret>,
-    pub owner_key: String,
-    pub body_limit: usize,
-    /// Allowed distance between the request's timestamp and now; zero disables the check.
-    #[serde(with = "duration_str")]
-    pub replay_window: Duration,
-    /// Proxies (CIDR ranges or addresses) whose `X-Forwarded-For` names the client in the
-    /// logs; empty: the TCP peer is always the client.
-    pub trusted_proxies: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StoreConfig {
-    pub url: String,
-    /// Most events committed in one group-commit transaction.
-    pub max_batch: usize,
+    pub recovery: RecoveryConfig,
 }
 
 impl Default for Config {
@@ -194,79 +134,11 @@ impl Default for Config {
             callback: CallbackConfig::default(),
             store: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
-            dingtalk: crate::dingtalk::ClientConfig::default(),
-            handlers: crate::handlers::HandlersConfig::default(),
-            recovery: crate::recovery::RecoveryConfig::default(),
+            dingtalk: ClientConfig::default(),
+            handlers: HandlersConfig::default(),
+            recovery: RecoveryConfig::default(),
         }
     }
-}
-
-impl Default for CallbackConfig {
-    fn default() -> Self {
-        CallbackConfig {
-            path: "/dingtalk/callback".into(),
-            token: Secret::default(),
-            aes_key: Secret::default(),
-            previous_aes_keys: Vec::new(),
-            owner_key: String::new(),
-            body_limit: 1024 * 1024,
-            replay_window: Duration::from_secs(3600),
-            trusted_proxies: Vec::new(),
-        }
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            url: "sqlite://data/dinghook.db".into(),
-            max_batch: 512,
-        }
-    }
-}
-
-/// Where the store lives, parsed from `store.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreLocation {
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
-impl StoreLocation {
-    /// `sqlite://data/x.db` is relative to the working directory, `sqlite:///abs/x.db`
-    /// absolute; `postgres://…` / `postgresql://…` select PostgreSQL.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        if let Some(rest) = url.strip_prefix("sqlite://") {
-            let path = rest.split('?').next().unwrap_or_default();
-            if path.is_empty() {
-                return Err("sqlite URL has no file path (sqlite://data/dinghook.db)".into());
-            }
-            Ok(StoreLocation::Sqlite(PathBuf::from(path)))
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(StoreLocation::Postgres(url.to_owned()))
-        } else {
-            Err(format!(
-                "unsupported store URL {:?}: use sqlite://path or postgres://…",
-                redact_url(url)
-            ))
-        }
-    }
-}
-
-/// Hides a password in a URL (`postgres://user:secret@host` → `postgres://user:***@host`).
-pub fn redact_url(url: &str) -> String {
-    if let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) {
-        let userinfo = &url[scheme_end + 3..at];
-        if let Some(colon) = userinfo.find(':') {
-            return format!(
-                "{}{}:***{}",
-                &url[..scheme_end + 3],
-                &userinfo[..colon],
-                &url[at..]
-            );
-        }
-    }
-    url.to_owned()
 }
 
 impl Config {
@@ -297,128 +169,29 @@ impl Config {
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let mut config = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: e.message().to_owned(),
-                })?
-            }
-            None => Config::default(),
-        };
-        for (key, var) in ENV_KEYS {
-            if let Some(value) = env(var) {
-                config.set(key, value)?;
-            }
+        // Missing keys take the serde defaults of each section, so no defaults provider.
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            figment = figment.merge(Toml::string(&text));
         }
-        Ok(config)
-    }
-
-    fn set(&mut self, key: &'static str, value: String) -> Result<(), ConfigError> {
-        let number = |v: &str| {
-            v.trim()
-                .parse::<usize>()
-                .map_err(|_| invalid(key, format!("{v:?} is not a whole number")))
-        };
-        let duration = |v: &str| duration_str::parse(v).map_err(|m| invalid(key, m));
-        match key {
-            "listen" => self.listen = value,
-            "log_format" => {
-                self.log_format = match value.as_str() {
-                    "text" => LogFormat::Text,
-                    "json" => LogFormat::Json,
-                    other => return Err(invalid(key, format!("{other:?} is not text or json"))),
-                }
+        let environment = Environment::read(env);
+        let from_env = !environment.values.is_empty();
+        figment = figment.merge(environment);
+        figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            let in_env = from_env && e.metadata.as_ref().is_some_and(|m| m.name == ENV_SOURCE);
+            match file {
+                Some(path) if !in_env => ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: describe(&e),
+                },
+                _ => invalid(&key, describe(&e)),
             }
-            "log_level" => self.log_level = value,
-            "shutdown_timeout" => self.shutdown_timeout = duration(&value)?,
-            "request_timeout" => self.request_timeout = duration(&value)?,
-            "callback.path" => self.callback.path = value,
-            "callback.token" => self.callback.token = Secret::new(value),
-            "callback.aes_key" => self.callback.aes_key = Secret::new(value),
-            "callback.previous_aes_keys" => {
-                self.callback.previous_aes_keys = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| Secret::new(s.to_owned()))
-                    .collect()
-            }
-            "callback.owner_key" => self.callback.owner_key = value,
-            "callback.body_limit" => self.callback.body_limit = number(&value)?,
-            "callback.replay_window" => self.callback.replay_window = duration(&value)?,
-            "callback.trusted_proxies" => {
-                self.callback.trusted_proxies = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            }
-            "store.url" => self.store.url = value,
-            "store.max_batch" => self.store.max_batch = number(&value)?,
-            "dingtalk.app_key" => self.dingtalk.app_key = value,
-            "dingtalk.app_secret" => self.dingtalk.app_secret = Secret::new(value),
-            "dingtalk.agent_id" => {
-                self.dingtalk.agent_id = match value.trim() {
-                    "" => None,
-                    v => Some(
-                        v.parse()
-                            .map_err(|_| invalid(key, format!("{v:?} is not a number")))?,
-                    ),
-                }
-            }
-            "dingtalk.oapi_url" => self.dingtalk.oapi_url = value,
-            "dingtalk.api_url" => self.dingtalk.api_url = value,
-            "dingtalk.qps" => {
-                self.dingtalk.qps =
-                    u32::try_from(number(&value)?).map_err(|_| invalid(key, "is too large"))?
-            }
-            "dingtalk.monthly_quota" => self.dingtalk.monthly_quota = number(&value)? as u64,
-            "dispatch.enabled" => {
-                self.dispatch.enabled = match value.trim() {
-                    "true" | "on" | "1" => true,
-                    "false" | "off" | "0" => false,
-                    other => return Err(invalid(key, format!("{other:?} is not on or off"))),
-                }
-            }
-            "dispatch.workers" => self.dispatch.workers = number(&value)?,
-            "dispatch.batch_size" => {
-                self.dispatch.batch_size =
-                    u32::try_from(number(&value)?).map_err(|_| invalid(key, "is too large"))?
-            }
-            "dispatch.lease" => self.dispatch.lease = duration(&value)?,
-            "dispatch.poll_interval" => self.dispatch.poll_interval = duration(&value)?,
-            "dispatch.handler_timeout" => self.dispatch.handler_timeout = duration(&value)?,
-            "dispatch.retry_schedule" => {
-                self.dispatch.retry_schedule = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(duration)
-                    .collect::<Result<_, _>>()?
-            }
-            "dispatch.retry_jitter" => {
-                self.dispatch.retry_jitter = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| invalid(key, format!("{value:?} is not a number")))?
-            }
-            "recovery.enabled" => {
-                self.recovery.enabled = match value.trim() {
-                    "true" | "on" | "1" => true,
-                    "false" | "off" | "0" => false,
-                    other => return Err(invalid(key, format!("{other:?} is not on or off"))),
-                }
-            }
-            "recovery.interval" => self.recovery.interval = duration(&value)?,
-            _ => return Err(invalid(key, "unknown key")),
-        }
-        Ok(())
+        })
     }
 
     /// Checks everything that can be checked without I/O. Messages never contain secrets.
@@ -559,46 +332,61 @@ impl Config {
     }
 }
 
-/// Durations written as `10s`, `5m`, `1h 30m`, or `0` (disabled).
-pub mod duration_str {
-    use std::time::Duration;
+/// The name figment gives the environment in its errors.
+const ENV_SOURCE: &str = "DINGHOOK_* environment variables";
 
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let text = text.trim();
-        if text == "0" {
-            return Ok(Duration::ZERO);
-        }
-        humantime::parse_duration(text)
-            .map_err(|e| format!("{text:?} is not a duration like 10s, 5m or 1h ({e})"))
-    }
+/// The `DINGHOOK_*` variables of [`ENV_KEYS`] as a figment provider. Every value stays a
+/// string (figment's own `Env` would turn a numeric secret into a number); the sections'
+/// deserializers read numbers, switches and lists from text.
+struct Environment {
+    values: Vec<(&'static str, String)>,
+}
 
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text: String = serde::Deserialize::deserialize(d)?;
-        parse(&text).map_err(serde::de::Error::custom)
+impl Environment {
+    fn read(env: impl Fn(&str) -> Option<String>) -> Self {
+        let values = ENV_KEYS
+            .iter()
+            .filter_map(|(key, var)| env(var).map(|value| (*key, value)))
+            .collect();
+        Environment { values }
     }
 }
 
-/// A list of durations: `["5s", "30s", "2m"]`.
-pub mod duration_list {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(list: &[Duration], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            list.iter()
-                .map(|d| humantime::format_duration(*d).to_string()),
-        )
+impl Provider for Environment {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ENV_SOURCE)
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
-        let items: Vec<String> = serde::Deserialize::deserialize(d)?;
-        items
-            .iter()
-            .map(|t| super::duration_str::parse(t).map_err(serde::de::Error::custom))
-            .collect()
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (key, value) in &self.values {
+            let mut path: Vec<&str> = key.split('.').collect();
+            let Some(leaf) = path.pop() else { continue };
+            let mut table = &mut root;
+            for part in path {
+                let entry = table
+                    .entry(part.to_owned())
+                    .or_insert_with(|| Value::from(Dict::new()));
+                table = match entry {
+                    Value::Dict(_, inner) => inner,
+                    _ => return Err(figment::Error::from(format!("{key}: not a section"))),
+                };
+            }
+            table.insert(leaf.to_owned(), Value::from(value.clone()));
+        }
+        Ok(Profile::Default.collect(root))
+    }
+}
+
+/// A figment error's reason without its location (the key and variable are named apart) and
+/// without the offending value when it could be a secret.
+fn describe(e: &figment::Error) -> String {
+    use figment::error::Kind;
+    match &e.kind {
+        // "found string \"…\"" would repeat the value, which may be a secret.
+        Kind::InvalidType(_, expected) => format!("has the wrong type: expected {expected}"),
+        Kind::InvalidValue(_, expected) => format!("is not valid: expected {expected}"),
+        other => other.to_string(),
     }
 }
 

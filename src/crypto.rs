@@ -1,4 +1,5 @@
-//! The DingTalk callback cipher ("DingCallbackCrypto"): pure functions, no I/O.
+//! The DingTalk callback cipher ("DingCallbackCrypto"): no I/O and no clock (the caller passes
+//! the time in); sealing draws its 16 random bytes and nonce from the thread's RNG.
 //!
 //! Plaintext layout: `random(16) ‖ msg_len (u32 BE) ‖ msg ‖ owner_key`, PKCS#7-padded to a
 //! **32-byte** block, AES-256-CBC with IV = the first 16 key bytes, base64 (standard, padded,
@@ -447,18 +448,10 @@ impl CallbackCipher {
         })
     }
 
-    /// The reply DingTalk wants: `success`, with the current time in ms and a fresh nonce.
-    pub fn seal_success(&self) -> Result<Sealed, CryptoError> {
-        self.seal(b"success", &now_millis().to_string(), &random_nonce())
+    /// The reply DingTalk wants: `success`, stamped `now_ms`, with a fresh nonce.
+    pub fn seal_success(&self, now_ms: i64) -> Result<Sealed, CryptoError> {
+        self.seal(b"success", &now_ms.to_string(), &random_nonce())
     }
-}
-
-/// Current Unix time in milliseconds.
-pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// A fresh 16-character alphanumeric nonce.

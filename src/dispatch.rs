@@ -7,15 +7,62 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::config::DispatchConfig;
-use crate::crypto::now_millis;
 use crate::event::Event;
 use crate::handler::{Context, HandlerError, Registry};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredEvent};
+use crate::time::now_millis;
+
+/// `[dispatch]`: workers that claim stored events and run their handlers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Off: this process only receives (another replica, or a later start, dispatches).
+    #[serde(deserialize_with = "crate::setting::switch")]
+    pub enabled: bool,
+    #[serde(deserialize_with = "crate::setting::number")]
+    pub workers: usize,
+    /// Events claimed at once by one worker.
+    #[serde(deserialize_with = "crate::setting::number")]
+    pub batch_size: u32,
+    /// How long a claim lasts; a crashed worker's events come back after it.
+    #[serde(with = "crate::time::duration_str")]
+    pub lease: Duration,
+    /// How often an idle worker looks for due events (new events wake it at once).
+    #[serde(with = "crate::time::duration_str")]
+    pub poll_interval: Duration,
+    /// Upper bound for one handler run; must be shorter than the lease.
+    #[serde(with = "crate::time::duration_str")]
+    pub handler_timeout: Duration,
+    /// Delay before each retry; when used up, the event is dead.
+    #[serde(with = "crate::time::duration_list")]
+    pub retry_schedule: Vec<Duration>,
+    /// Each delay is varied by up to ± this fraction, so retries do not arrive in lockstep.
+    #[serde(deserialize_with = "crate::setting::number")]
+    pub retry_jitter: f64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            enabled: true,
+            workers: 4,
+            batch_size: 16,
+            lease: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            handler_timeout: Duration::from_secs(60),
+            retry_schedule: [5, 30, 120, 600, 3600]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            retry_jitter: 0.2,
+        }
+    }
+}
 
 /// What happened to one claimed event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,15 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use serde::{Deserialize, Serialize};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber; a second call is a no-op.
 pub fn init(format: LogFormat, level: &str) {

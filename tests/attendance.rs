@@ -6,10 +6,11 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use dinghook::builtin::attendance::NotifyMode;
 use dinghook::config::Config;
 use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec, RecordedCall};
-use dinghook::handlers::attendance::{NotifyMode, UtcOffset};
 use dinghook::store::EventState;
+use dinghook::time::UtcOffset;
 use serde_json::{json, Value};
 use support::*;
 
@@ -210,7 +211,7 @@ async fn five_check_ins_inside_one_window_make_one_lookup_and_one_message() {
     let (fake, url) = FakeDingTalk::spawn().await.unwrap();
     let app = TestApp::spawn_builtin(&url, short_window).await;
     // Current check times, all inside the next window, so the lookup really waits for it.
-    let now = dinghook::crypto::now_millis();
+    let now = dinghook::time::now_millis();
     let start = (now.div_euclid(WINDOW_MS) + 1) * WINDOW_MS + 10;
     let date = UtcOffset::CHINA.date(start);
     let punch_time = (start + 40).to_string();
@@ -278,7 +279,7 @@ async fn notify_all_tells_the_user_about_an_on_time_check_in_in_text() {
     let app = TestApp::spawn_builtin(&url, |config| {
         short_window(config);
         config.handlers.attendance.notify = NotifyMode::All;
-        config.handlers.attendance.format = dinghook::handlers::attendance::MessageFormat::Text;
+        config.handlers.attendance.format = dinghook::builtin::attendance::MessageFormat::Text;
         config.handlers.attendance.message = dinghook::template::Template::parse(
             "{user_id} {check_type_label} {time} {time_result_label}",
         )

@@ -4,8 +4,9 @@ mod support;
 
 use aes::cipher::{BlockEncryptMut, KeyIvInit};
 use base64::Engine;
-use dinghook::crypto::{self, now_millis, CallbackCipher};
+use dinghook::crypto::{self, CallbackCipher};
 use dinghook::store::{EventState, ListQuery};
+use dinghook::time::now_millis;
 use support::*;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;

@@ -4,8 +4,8 @@ mod support;
 
 use std::process::Command;
 
-use dinghook::crypto::now_millis;
 use dinghook::store::{NewEvent, Source};
+use dinghook::time::now_millis;
 use support::stores::open_url;
 
 fn dinghook(url: &str, args: &[&str]) -> (bool, String, String) {

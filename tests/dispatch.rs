@@ -161,11 +161,7 @@ async fn slow_handlers_do_not_slow_the_acknowledgements() {
         slowest < Duration::from_millis(500),
         "an ack took {slowest:?}"
     );
-    let running = app
-        .store
-        .stats(dinghook::crypto::now_millis())
-        .await
-        .unwrap();
+    let running = app.store.stats(dinghook::time::now_millis()).await.unwrap();
     assert!(running.by_state["running"] >= 1, "{running:?}");
 }
 
@@ -186,7 +182,7 @@ async fn a_crashed_workers_events_come_back_after_the_lease() {
     .await;
     assert_success_reply(app.post_event(&rename("orphan")).await).await;
     // A worker of a process that then died claims the event with a 300 ms lease.
-    let now = dinghook::crypto::now_millis();
+    let now = dinghook::time::now_millis();
     let claimed = app
         .store
         .claim("dead-process-w0", 10, 300, now)

@@ -252,7 +252,7 @@ async fn the_delivery_check_records_a_forbidden_recipient() {
         c.dingtalk.api_url = url;
         c.handlers.send_result_delay = Duration::from_millis(100);
         let handlers = c.handlers.clone();
-        dinghook::handlers::builtin(&c.handlers).merge(RegistryBuilder::new().on(
+        dinghook::builtin::builtin(&c.handlers).merge(RegistryBuilder::new().on(
             "test_notify",
             move |_event, ctx| {
                 let handlers = handlers.clone();
@@ -262,7 +262,7 @@ async fn the_delivery_check_records_a_forbidden_recipient() {
                             content: "hello".into(),
                         },
                     };
-                    dinghook::handlers::notify::send(
+                    dinghook::builtin::notify::send(
                         &ctx,
                         &handlers,
                         "test",

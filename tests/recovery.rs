@@ -12,7 +12,7 @@ use dinghook::dingtalk::fake::FakeDingTalk;
 use dinghook::event::Event;
 use dinghook::handler::{Registrations, RegistryBuilder};
 use dinghook::metrics::Metrics;
-use dinghook::recovery::{Recovery, RecoveryError};
+use dinghook::sources::recovery::{Recovery, RecoveryError};
 use dinghook::store::{EventState, Store};
 use serde_json::{json, Value};
 use support::stores::open_url;

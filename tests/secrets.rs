@@ -10,8 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use dinghook::crypto::{now_millis, random_nonce, signature, CallbackCipher, Sealed};
+use dinghook::crypto::{random_nonce, signature, CallbackCipher, Sealed};
 use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec};
+use dinghook::time::now_millis;
 use serde_json::{json, Value};
 use support::{ServerProcess, AES_KEY, OWNER_KEY, TOKEN};
 

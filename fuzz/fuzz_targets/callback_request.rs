@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use dinghook::crypto::{signature, verify_signature, AesKey, CallbackCipher, CryptoError};
 use dinghook::event::{Envelope, EnvelopeError, Event};
-use dinghook::ingress::{
+use dinghook::sources::push::{
     check_timestamp, encrypt_field, open_request, Opened, Rejection, SignedQuery,
 };
 use dinghook::store::Source;

@@ -10,7 +10,7 @@
 
 use dinghook::dingtalk::FailedCallbackPage;
 use dinghook::event::{Envelope, Event};
-use dinghook::recovery::recovered_event;
+use dinghook::sources::recovery::recovered_event;
 use dinghook::store::Source;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = entry.payload_json();
         let Some(event) = recovered_event(entry, NOW_MS) else {
             // Only URL checks are left out.
-            let json = dinghook::recovery::event_json(entry);
+            let json = dinghook::sources::recovery::event_json(entry);
             let (envelope, _) = Envelope::parse(json.to_string().as_bytes())
                 .expect("a skipped entry's event JSON is an object");
             assert!(envelope.is_check(), "{entry:?} was skipped");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::duration_str;
+use crate::time::duration_str;
 
 /// Old-API base URL (token in the query, `errcode` in the body).
 pub const DEFAULT_OAPI_URL: &str = "https://oapi.dingtalk.com";
@@ -25,6 +25,7 @@ pub struct ClientConfig {
     /// The app's AppSecret (Client Secret).
     pub app_secret: Secret,
     /// The app's AgentId; needed only by work notifications.
+    #[serde(deserialize_with = "crate::setting::optional_number")]
     pub agent_id: Option<i64>,
     /// Old-API base URL, without a trailing slash.
     pub oapi_url: String,
@@ -32,8 +33,10 @@ pub struct ClientConfig {
     pub api_url: String,
     /// Calls per second allowed for this app (Standard edition: 20). Shared by every call this
     /// client makes; several replicas each get the full budget, so divide it between them.
+    #[serde(deserialize_with = "crate::setting::number")]
     pub qps: u32,
     /// API calls per month in the organisation's edition (Standard: 5 000 since 2025-11-19).
+    #[serde(deserialize_with = "crate::setting::number")]
     pub monthly_quota: u64,
     /// Share of the monthly quota at which a warning is logged (0.8 = 80 %).
     pub quota_warn_ratio: f64,

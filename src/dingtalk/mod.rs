@@ -12,7 +12,7 @@ mod callback;
 mod client;
 mod config;
 mod error;
-pub mod fake;
+
 mod group;
 mod lenient;
 mod limits;

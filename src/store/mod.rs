@@ -4,12 +4,75 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use std::path::PathBuf;
 
-use crate::config::{Config, StoreLocation};
+use serde::{Deserialize, Serialize};
 
 pub mod postgres;
 pub mod sqlite;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+/// `[store]`: where the inbox lives.
+pub struct StoreConfig {
+    pub url: String,
+    /// Most events committed in one group-commit transaction.
+    #[serde(deserialize_with = "crate::setting::number")]
+    pub max_batch: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://data/dinghook.db".into(),
+            max_batch: 512,
+        }
+    }
+}
+
+/// Where the store lives, parsed from `store.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// `sqlite://data/x.db` is relative to the working directory, `sqlite:///abs/x.db`
+    /// absolute; `postgres://…` / `postgresql://…` select PostgreSQL.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(rest) = url.strip_prefix("sqlite://") {
+            let path = rest.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err("sqlite URL has no file path (sqlite://data/dinghook.db)".into());
+            }
+            Ok(StoreLocation::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(StoreLocation::Postgres(url.to_owned()))
+        } else {
+            Err(format!(
+                "unsupported store URL {:?}: use sqlite://path or postgres://…",
+                redact_url(url)
+            ))
+        }
+    }
+}
+
+/// Hides a password in a URL (`postgres://user:secret@host` → `postgres://user:***@host`).
+pub fn redact_url(url: &str) -> String {
+    if let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) {
+        let userinfo = &url[scheme_end + 3..at];
+        if let Some(colon) = userinfo.find(':') {
+            return format!(
+                "{}{}:***{}",
+                &url[..scheme_end + 3],
+                &userinfo[..colon],
+                &url[at..]
+            );
+        }
+    }
+    url.to_owned()
+}
 
 /// Where an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -318,40 +381,17 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens (creating and migrating if needed) the store the configuration names.
-pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
-    let location = config
-        .store_location()
-        .map_err(|e| StoreError::Unsupported(e.to_string()))?;
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let location = StoreLocation::parse(&config.url).map_err(StoreError::Unsupported)?;
     match location {
         StoreLocation::Sqlite(path) => {
-            let store = sqlite::SqliteStore::open(&path, config.store.max_batch).await?;
+            let store = sqlite::SqliteStore::open(&path, config.max_batch).await?;
             Ok(Arc::new(store))
         }
         StoreLocation::Postgres(url) => {
             let store = postgres::PostgresStore::open(&url).await?;
             Ok(Arc::new(store))
         }
-    }
-}
-
-/// The DingTalk client's monthly call counter, kept in the store so restarts and replicas
-/// share it.
-pub struct StoreCallCounter(pub Arc<dyn Store>);
-
-#[async_trait]
-impl crate::dingtalk::CallCounter for StoreCallCounter {
-    async fn add_calls(&self, month: &str, n: u64) -> Result<u64, crate::dingtalk::CounterError> {
-        self.0
-            .add_api_calls(month, n)
-            .await
-            .map_err(|e| crate::dingtalk::CounterError(e.to_string()))
-    }
-
-    async fn calls(&self, month: &str) -> Result<u64, crate::dingtalk::CounterError> {
-        self.0
-            .api_calls(month)
-            .await
-            .map_err(|e| crate::dingtalk::CounterError(e.to_string()))
     }
 }
 

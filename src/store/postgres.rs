@@ -22,12 +22,12 @@ use deadpool_postgres::{
 };
 use tokio_postgres::{NoTls, Row};
 
+use super::redact_url;
 use super::{
     Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
     StoredEvent,
 };
-use crate::config::redact_url;
-use crate::crypto::now_millis;
+use crate::time::now_millis;
 
 /// Schema migrations, applied in order; `dinghook_migrations` records which ran. Kept in step
 /// with the SQLite list so both backends have the same tables and indexes.

@@ -18,7 +18,7 @@ use super::{
     Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
     StoredEvent,
 };
-use crate::crypto::now_millis;
+use crate::time::now_millis;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[

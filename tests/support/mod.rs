@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use dinghook::app::Application;
 use dinghook::config::Config;
-use dinghook::crypto::{now_millis, random_nonce, CallbackCipher, Sealed};
+use dinghook::crypto::{random_nonce, CallbackCipher, Sealed};
 use dinghook::handler::RegistryBuilder;
 use dinghook::secret::Secret;
 use dinghook::store::{EventState, Store, StoredEvent};
+use dinghook::time::now_millis;
 
 pub const TOKEN: &str = "test-token-9f8e7d";
 pub const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
@@ -29,6 +30,8 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     config.callback.aes_key = Secret::new(AES_KEY);
     config.callback.owner_key = OWNER_KEY.into();
     config.store.url = format!("sqlite://{}", dir.join("dinghook.db").display());
+    // Tests register the handlers they look at; spawn_builtin turns the built-in ones on.
+    config.handlers.enabled = false;
     config
 }
 
@@ -91,8 +94,9 @@ impl TestApp {
             config.dingtalk.retry_base_delay = Duration::from_millis(5);
             config.dingtalk.retry_max_delay = Duration::from_millis(20);
             config.handlers.send_result_delay = Duration::from_millis(100);
+            config.handlers.enabled = true;
             customize(config);
-            dinghook::handlers::builtin(&config.handlers)
+            RegistryBuilder::new()
         })
         .await
     }

@@ -21,8 +21,10 @@ pub struct TestStore {
 }
 
 pub async fn open_url(url: &str) -> Arc<dyn Store> {
-    let mut config = Config::default();
-    config.store.url = url.to_owned();
+    let config = dinghook::store::StoreConfig {
+        url: url.to_owned(),
+        ..Default::default()
+    };
     dinghook::store::open(&config).await.expect("open store")
 }
 

@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::groups::{self, Group};
 use super::HandlersConfig;
-use crate::crypto::now_millis;
 use crate::event::ChatUpdateTitle;
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::template::Template;
+use crate::time::now_millis;
 
 /// `[handlers.chat]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

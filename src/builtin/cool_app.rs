@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::groups::{self, Group, GroupStatus};
 use super::HandlersConfig;
-use crate::crypto::now_millis;
 use crate::event::CoolAppChange;
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::template::Template;
+use crate::time::now_millis;
 
 /// `[handlers.cool_app]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

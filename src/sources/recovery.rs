@@ -20,12 +20,11 @@ use serde_json::{Map, Value};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::config::duration_str;
-use crate::crypto::now_millis;
 use crate::dingtalk::{Client, FailedCallback, FailedCallbackPage};
 use crate::event::{get_ci, Envelope};
 use crate::metrics::Metrics;
 use crate::store::{Inserted, NewEvent, Source, Store, StoreError};
+use crate::time::{duration_str, now_millis};
 
 /// The name recovery leads under ([`Store::try_lead`]).
 pub const LEADER_NAME: &str = "recovery";
@@ -47,6 +46,7 @@ const STORE_CONCURRENCY: usize = 16;
 #[serde(default, deny_unknown_fields)]
 pub struct RecoveryConfig {
     /// Poll the failed-push list. Takes effect only when a DingTalk app key is configured.
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub enabled: bool,
     /// Time between cycles (the first runs at start-up).
     #[serde(with = "duration_str")]
@@ -120,13 +120,13 @@ impl Recovery {
     /// The task the application runs, or `None` (logged) when recovery is off or there is no
     /// DingTalk client to read the list with.
     pub fn from_config(
-        config: &crate::config::Config,
+        config: &RecoveryConfig,
         client: Option<Client>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
     ) -> Option<Self> {
-        if !config.recovery.enabled {
+        if !config.enabled {
             tracing::info!("failed-push recovery is off (recovery.enabled = false)");
             return None;
         }
@@ -134,13 +134,7 @@ impl Recovery {
             tracing::info!("failed-push recovery is off: no DingTalk app key configured");
             return None;
         };
-        Some(Recovery::new(
-            store,
-            client,
-            config.recovery.interval,
-            metrics,
-            wake,
-        ))
+        Some(Recovery::new(store, client, config.interval, metrics, wake))
     }
 
     /// Runs a cycle now and then every `interval` until `stop` turns true. A cycle in progress

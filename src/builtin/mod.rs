@@ -11,10 +11,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::duration_str;
-use crate::crypto::now_millis;
 use crate::handler::{Context, HandlerError, RegistryBuilder};
 use crate::store::{Inserted, NewEvent, Source};
+use crate::time::duration_str;
+use crate::time::now_millis;
 
 pub mod attendance;
 pub mod chat;
@@ -66,8 +66,10 @@ impl HandlersConfig {
     }
 }
 
-/// The enabled built-in handlers, ready to add to an application builder.
-pub fn builtin(config: &HandlersConfig) -> RegistryBuilder {
+/// The built-in handlers `[handlers]` enables. [`AppBuilder::build`](crate::AppBuilder::build)
+/// registers them before a program's own, so `dinghook serve` and a program built on the
+/// library run the same ones.
+pub fn registrations(config: &HandlersConfig) -> RegistryBuilder {
     let mut builder = RegistryBuilder::new();
     if !config.enabled {
         return builder;

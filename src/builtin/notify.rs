@@ -10,10 +10,10 @@ use serde_json::{json, Value};
 use super::{
     effect_once, notification_budget, notification_outcome, schedule_internal, HandlersConfig,
 };
-use crate::crypto::now_millis;
 use crate::dingtalk::{SendResult, WorkMessage, WorkNotification};
 use crate::event::Event;
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
+use crate::time::now_millis;
 
 /// The internal event type of the delivery check.
 pub const SEND_RESULT_CHECK: &str = "dinghook_send_result_check";

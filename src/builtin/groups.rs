@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{effect_once, notification_budget, notification_outcome};
-use crate::crypto::now_millis;
 use crate::dingtalk::RobotGroupMessage;
 use crate::handler::{Context, HandlerError};
 use crate::store::{Store, StoreError};
+use crate::time::now_millis;
 
 const COLLECTION: &str = "group";
 

@@ -18,12 +18,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{effect_once, notification_budget, notify, HandlersConfig};
-use crate::crypto::now_millis;
 use crate::dingtalk::{OaBody, OaHead, OaMessage, OaStatusBar, TodoTask, WorkMessage};
 use crate::event::TodoTaskChange;
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::store::Store;
 use crate::template::Template;
+use crate::time::{now_millis, UtcOffset};
 
 const COLLECTION: &str = "todo";
 const USER_COLLECTION: &str = "user";
@@ -63,6 +63,8 @@ pub struct TodoConfig {
     /// Where a tap goes; `{url}` is the task's own detail link (app, else PC), else
     /// [`FALLBACK_URL`].
     pub message_url: Template,
+    /// The offset `{due_time}` is shown in (DingTalk's China data centre: `+08:00`).
+    pub utc_offset: UtcOffset,
 }
 
 /// The placeholders of the todo templates.
@@ -89,6 +91,7 @@ impl Default for TodoConfig {
             title: Template::from_default("{subject}"),
             content: Template::from_default("截止时间：{due_time}\n{description}"),
             message_url: Template::from_default("{url}"),
+            utc_offset: UtcOffset::CHINA,
         }
     }
 }
@@ -451,7 +454,9 @@ async fn send_pending(
         .or_else(|| detail.pc_url.clone())
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| FALLBACK_URL.to_owned());
-    let due_time = todo.due_time.map_or_else(|| "—".to_owned(), format_time);
+    let due_time = todo
+        .due_time
+        .map_or_else(|| "—".to_owned(), |t| cfg.utc_offset.date_time(t));
     let fields = [
         ("subject", todo.subject.as_str()),
         ("description", todo.description.as_deref().unwrap_or("")),
@@ -694,52 +699,9 @@ fn uses(cfg: &TodoConfig, name: &str) -> bool {
     asked.get()
 }
 
-/// Epoch ms as `YYYY-MM-DD HH:MM` in China Standard Time (UTC+8, no daylight saving), the
-/// time DingTalk shows its users.
-pub fn format_time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000) + 8 * 3600;
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
-        rest / 3600,
-        rest % 3600 / 60
-    )
-}
-
-/// Year, month, day of a day count since 1970-01-01 (proleptic Gregorian calendar; the days
-/// are shifted to start the year in March, so the leap day comes last).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_are_shown_in_china_standard_time() {
-        assert_eq!(format_time(0), "1970-01-01 08:00");
-        // 2024-02-29 15:59:59 UTC, a leap day.
-        assert_eq!(format_time(1_709_222_399_000), "2024-02-29 23:59");
-        // 2023-12-31 16:00 UTC is already the new year in Beijing.
-        assert_eq!(format_time(1_704_038_400_000), "2024-01-01 00:00");
-        assert_eq!(format_time(-1), "1970-01-01 07:59");
-    }
 
     #[test]
     fn templates_are_checked() {

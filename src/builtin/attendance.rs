@@ -23,8 +23,6 @@ use serde_json::{json, Value};
 
 use super::{notify, schedule_internal, HandlersConfig};
 use crate::batch::{BatchError, Batcher, LoadFuture};
-use crate::config::duration_str;
-use crate::crypto::now_millis;
 use crate::dingtalk::{
     AttendanceListRequest, AttendanceRecord, Client, Markdown, Text, WorkMessage,
 };
@@ -32,6 +30,8 @@ use crate::event::{CheckRecord, Event};
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::store::Inserted;
 use crate::template::Template;
+use crate::time::now_millis;
+use crate::time::{duration_str, UtcOffset};
 
 /// The internal event type of a coalesced lookup.
 pub const LOOKUP: &str = "dinghook_attendance_lookup";
@@ -637,169 +637,9 @@ fn result_label(result: &str) -> String {
     .to_owned()
 }
 
-/// A fixed offset from UTC, written `+08:00`, `-05:30`, `+8` or `Z`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UtcOffset {
-    minutes: i32,
-}
-
-impl UtcOffset {
-    pub const CHINA: UtcOffset = UtcOffset { minutes: 8 * 60 };
-
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let t = text.trim();
-        if t.eq_ignore_ascii_case("z") || t.eq_ignore_ascii_case("utc") {
-            return Ok(UtcOffset { minutes: 0 });
-        }
-        let bad = || format!("{text:?} is not a UTC offset like +08:00 or -05:30");
-        let (sign, rest) = match t.as_bytes().first() {
-            Some(b'+') => (1, &t[1..]),
-            Some(b'-') => (-1, &t[1..]),
-            _ => return Err(bad()),
-        };
-        let (hours, minutes) = match rest.split_once(':') {
-            Some((h, m)) => (h, m),
-            None => (rest, "0"),
-        };
-        let hours: i32 = hours.parse().map_err(|_| bad())?;
-        let minutes: i32 = minutes.parse().map_err(|_| bad())?;
-        if !(0..=14).contains(&hours) || !(0..60).contains(&minutes) {
-            return Err(bad());
-        }
-        Ok(UtcOffset {
-            minutes: sign * (hours * 60 + minutes),
-        })
-    }
-
-    fn shift_ms(self) -> i64 {
-        i64::from(self.minutes) * 60_000
-    }
-
-    /// `yyyy-MM-dd` of `epoch_ms` at this offset.
-    pub fn date(self, epoch_ms: i64) -> String {
-        let local = epoch_ms.saturating_add(self.shift_ms());
-        let (y, m, d) = civil_from_days(local.div_euclid(86_400_000));
-        format!("{y:04}-{m:02}-{d:02}")
-    }
-
-    /// `HH:mm` of `epoch_ms` at this offset.
-    pub fn clock(self, epoch_ms: i64) -> String {
-        let of_day = epoch_ms
-            .saturating_add(self.shift_ms())
-            .rem_euclid(86_400_000)
-            / 60_000;
-        format!("{:02}:{:02}", of_day / 60, of_day % 60)
-    }
-
-    /// A DingTalk time: epoch ms (as digits), or `yyyy-MM-dd HH:mm[:ss]` at this offset.
-    pub fn parse_time(self, text: &str) -> Option<i64> {
-        let t = text.trim();
-        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
-            return t.parse().ok();
-        }
-        let (date, clock) = t.split_once([' ', 'T'])?;
-        let mut d = date.splitn(3, '-').map(str::parse::<i64>);
-        let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-        let mut c = clock.splitn(3, ':').map(str::parse::<i64>);
-        let (h, min) = (c.next()?.ok()?, c.next()?.ok()?);
-        let s = match c.next() {
-            Some(s) => s.ok()?,
-            None => 0,
-        };
-        if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
-            return None;
-        }
-        let days = days_from_civil(y, m, day);
-        let local = days * 86_400_000 + ((h * 60 + min) * 60 + s) * 1000;
-        Some(local - self.shift_ms())
-    }
-}
-
-impl Serialize for UtcOffset {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let sign = if self.minutes < 0 { '-' } else { '+' };
-        let abs = self.minutes.abs();
-        s.serialize_str(&format!("{sign}{:02}:{:02}", abs / 60, abs % 60))
-    }
-}
-
-impl<'de> Deserialize<'de> for UtcOffset {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        UtcOffset::parse(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-/// Civil date of a day count since 1970-01-01 (proleptic Gregorian). Counts in 400-year eras
-/// of 146 097 days with years starting on 1 March, so the leap day ends the year.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// The inverse of [`civil_from_days`].
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_and_times_at_an_offset() {
-        let china = UtcOffset::CHINA;
-        // 2019-10-11 11:04:40 UTC = 19:04:40 in China.
-        assert_eq!(china.date(1_570_791_880_000), "2019-10-11");
-        assert_eq!(china.clock(1_570_791_880_000), "19:04");
-        // 2024-02-29 16:30 UTC is already 1 March in China, still 29 February in UTC.
-        let t = UtcOffset::parse("Z")
-            .unwrap()
-            .parse_time("2024-02-29 16:30:00")
-            .unwrap();
-        assert_eq!(china.date(t), "2024-03-01");
-        assert_eq!(UtcOffset::parse("+00:00").unwrap().date(t), "2024-02-29");
-        assert_eq!(UtcOffset::parse("-05:30").unwrap().clock(t), "11:00");
-        assert_eq!(china.date(-1), "1970-01-01");
-        assert_eq!(UtcOffset { minutes: 0 }.date(-1), "1969-12-31");
-    }
-
-    #[test]
-    fn times_round_trip_and_bad_input_is_refused() {
-        let china = UtcOffset::CHINA;
-        for ms in [0_i64, 951_782_400_000, 1_570_791_880_000, 4_102_444_800_000] {
-            let text = format!("{} {}:00", china.date(ms), china.clock(ms));
-            assert_eq!(
-                china.parse_time(&text),
-                Some(ms - ms.rem_euclid(60_000)),
-                "{text}"
-            );
-        }
-        assert_eq!(china.parse_time("1570791880000"), Some(1_570_791_880_000));
-        for bad in ["", "2019-13-01 09:00:00", "2019-10-11", "09:00", "x y"] {
-            assert_eq!(china.parse_time(bad), None, "{bad}");
-        }
-        for bad in ["8", "+15:00", "+08:60", "08:00", "+x"] {
-            assert!(UtcOffset::parse(bad).is_err(), "{bad}");
-        }
-        assert_eq!(UtcOffset::parse("+8").unwrap(), china);
-        let shown = serde_json::to_string(&UtcOffset::parse("-05:30").unwrap()).unwrap();
-        assert_eq!(shown, "\"-05:30\"");
-    }
 
     /// An `attendance/list` record; like DingTalk, a missed check (no `user`) carries its
     /// planned time as `userCheckTime`.

@@ -1,31 +1,67 @@
-//! The HTTP surface: DingTalk's callback, `/healthz` and `/readyz`.
+//! HTTP Push: the callback DingTalk posts events to.
 //!
 //! A callback is verified, decrypted, checked and parsed here; URL checks are answered at
 //! once; every other event is handed to the store and the encrypted `success` goes out only
 //! after the store says the event is durable. Every rejection is a 4xx with a JSON body
 //! `{"error": {"code", "message"}}` whose `code` is stable; a store that cannot write is 503.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
-use crate::crypto::{now_millis, CallbackCipher, CryptoError};
+use crate::crypto::{CallbackCipher, CryptoError};
 use crate::event::{Envelope, EnvelopeError};
-use crate::forwarded::TrustedProxies;
+use crate::secret::Secret;
 use crate::store::{Inserted, NewEvent, Source, Store, StoreError};
+use crate::time::now_millis;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+/// `[callback]`: the HTTP Push callback DingTalk posts to.
+pub struct CallbackConfig {
+    pub path: String,
+    pub token: Secret,
+    pub aes_key: Secret,
+    /// Old keys still accepted for decryption after a rotation.
+    #[serde(deserialize_with = "crate::setting::secret_list")]
+    pub previous_aes_keys: Vec<Secret>,
+    pub owner_key: String,
+    #[serde(deserialize_with = "crate::setting::number")]
+    pub body_limit: usize,
+    /// Allowed distance between the request's timestamp and now; zero disables the check.
+    #[serde(with = "crate::time::duration_str")]
+    pub replay_window: Duration,
+    /// Proxies (CIDR ranges or addresses) whose `X-Forwarded-For` names the client in the
+    /// logs; empty: the TCP peer is always the client.
+    #[serde(deserialize_with = "crate::setting::list_or_csv")]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        CallbackConfig {
+            path: "/dingtalk/callback".into(),
+            token: Secret::default(),
+            aes_key: Secret::default(),
+            previous_aes_keys: Vec::new(),
+            owner_key: String::new(),
+            body_limit: 1024 * 1024,
+            replay_window: Duration::from_secs(3600),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
 
 /// What the callback route needs, shared by all requests.
-pub struct IngressState {
+pub struct PushState {
     pub cipher: CallbackCipher,
     pub store: Arc<dyn Store>,
     pub body_limit: usize,
@@ -34,10 +70,6 @@ pub struct IngressState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Poked after each new event is committed, so an idle dispatcher starts at once.
     pub stored: Arc<tokio::sync::Notify>,
-    /// For the quota figures in `/metrics`.
-    pub client: Option<crate::dingtalk::Client>,
-    /// Whose `X-Forwarded-For` names the client in the request span.
-    pub trusted_proxies: TrustedProxies,
 }
 
 /// Why a callback was refused.
@@ -122,106 +154,16 @@ impl IntoResponse for Rejection {
     }
 }
 
-/// The router: the callback at `callback_path`, health and readiness, JSON 404s. Every
-/// request runs in a `request` span with its id and, when served over a socket with
-/// [`ConnectInfo`], the client's address (see [`client_addr`]).
-pub fn router(state: Arc<IngressState>, callback_path: &str) -> Router {
-    let trusted = state.trusted_proxies.clone();
+/// The callback route alone, at `callback_path`. The application adds the operator routes
+/// ([`crate::ops`]), request ids, the request span and JSON 404s around it.
+pub fn router(state: Arc<PushState>, callback_path: &str) -> Router {
     Router::new()
         .route(callback_path, post(callback))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
         .with_state(state)
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(
-            TraceLayer::new_for_http().make_span_with(move |req: &Request<Body>| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                // The path only: the query carries nothing secret, but nothing useful either.
-                let span = tracing::info_span!(
-                    "request",
-                    id,
-                    method = %req.method(),
-                    path = %req.uri().path(),
-                    client = tracing::field::Empty,
-                );
-                if let Some(client) = client_addr(&trusted, req) {
-                    span.record("client", tracing::field::display(client));
-                }
-                span
-            }),
-        )
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-}
-
-/// The client's address for the logs: the TCP peer, or, when the peer is a trusted proxy, the
-/// address its `X-Forwarded-For` names ([`TrustedProxies::client_addr`]). `None` without a
-/// peer (a router driven without a socket).
-pub fn client_addr<B>(trusted: &TrustedProxies, req: &Request<B>) -> Option<IpAddr> {
-    let ConnectInfo(peer) = req.extensions().get::<ConnectInfo<SocketAddr>>()?;
-    // A value that is not visible ASCII becomes an entry no address parses from, so the walk
-    // stops there as at any other garbage.
-    let forwarded = req
-        .headers()
-        .get_all("x-forwarded-for")
-        .iter()
-        .map(|v| v.to_str().unwrap_or("?"));
-    Some(trusted.client_addr(peer.ip(), forwarded))
-}
-
-async fn not_found() -> Response {
-    let body = json!({ "error": { "code": "not_found", "message": "no such route" } });
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
-}
-
-async fn healthz() -> Response {
-    Json(json!({ "status": "ok" })).into_response()
-}
-
-async fn metrics(State(state): State<Arc<IngressState>>) -> Response {
-    let stats = tokio::time::timeout(Duration::from_secs(2), state.store.stats(now_millis())).await;
-    state
-        .metrics
-        .set_queue(stats.ok().and_then(Result::ok).as_ref());
-    if let Some(client) = &state.client {
-        if let Ok(quota) = tokio::time::timeout(Duration::from_secs(2), client.quota()).await {
-            state.metrics.set_quota(&quota, &client.stats());
-        }
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
-}
-
-async fn readyz(State(state): State<Arc<IngressState>>) -> Response {
-    match tokio::time::timeout(state.request_timeout, state.store.probe()).await {
-        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
-        Ok(Err(e)) => not_ready(e.to_string()),
-        Err(_) => not_ready(format!(
-            "store probe timed out after {:?}",
-            state.request_timeout
-        )),
-    }
-}
-
-fn not_ready(message: String) -> Response {
-    tracing::warn!(%message, "not ready");
-    let body = json!({ "status": "not_ready", "error": { "code": "store_unavailable", "message": message } });
-    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn callback(
-    State(state): State<Arc<IngressState>>,
+    State(state): State<Arc<PushState>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -351,7 +293,7 @@ async fn read_body(
 }
 
 async fn handle(
-    state: &IngressState,
+    state: &PushState,
     query: Option<String>,
     headers: &HeaderMap,
     body: Body,
@@ -389,7 +331,10 @@ async fn handle(
             (event_type, outcome)
         }
     };
-    let sealed = state.cipher.seal_success().map_err(Rejection::Seal)?;
+    let sealed = state
+        .cipher
+        .seal_success(now_millis())
+        .map_err(Rejection::Seal)?;
     Ok((event_type, outcome, Json(sealed).into_response()))
 }
 
@@ -438,35 +383,6 @@ pub fn open_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_client_address_comes_from_the_peer_and_trusted_forwarding() {
-        let trusted = TrustedProxies::parse(&["127.0.0.1/32"]).unwrap();
-        let request = |peer: &str, forwarded: &[&[u8]]| {
-            let mut req = Request::new(());
-            for value in forwarded {
-                req.headers_mut().append(
-                    "x-forwarded-for",
-                    header::HeaderValue::from_bytes(value).unwrap(),
-                );
-            }
-            req.extensions_mut()
-                .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
-            req
-        };
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let req = request(
-            "127.0.0.1:5000",
-            &[b"198.51.100.1", b"203.0.113.7, 127.0.0.1"],
-        );
-        assert_eq!(client_addr(&trusted, &req), Some(ip("203.0.113.7")));
-        let req = request("127.0.0.2:5000", &[b"203.0.113.7"]);
-        assert_eq!(client_addr(&trusted, &req), Some(ip("127.0.0.2")));
-        // Not ASCII: garbage, so the peer.
-        let req = request("127.0.0.1:5000", &[b"203.0.113.7\xff"]);
-        assert_eq!(client_addr(&trusted, &req), Some(ip("127.0.0.1")));
-        assert_eq!(client_addr(&trusted, &Request::new(())), None);
-    }
 
     #[test]
     fn signature_falls_back_and_timestamp_accepts_either_spelling() {
