@@ -41,11 +41,18 @@ pub enum AppError {
 pub struct AppBuilder {
     config: Config,
     handlers: RegistryBuilder,
+    /// A store given by the program instead of the one `store.url` names.
+    store: Option<Arc<dyn Store>>,
 }
 
 impl Registrations for AppBuilder {
     fn on(mut self, event_type: &str, handler: impl Handler) -> Self {
         self.handlers = self.handlers.on(event_type, handler);
+        self
+    }
+
+    fn named(mut self, name: &str) -> Self {
+        self.handlers = self.handlers.named(name);
         self
     }
 }
@@ -64,7 +71,15 @@ impl AppBuilder {
         let registry = crate::builtin::registrations(&self.config.handlers)
             .merge(self.handlers)
             .build()?;
-        Application::build_with(self.config, registry).await
+        Application::build_with(self.config, registry, self.store).await
+    }
+
+    /// Uses `store` instead of opening the one `store.url` names: a store shared with other
+    /// code, or one wrapped to observe or add to what the application does with it. The
+    /// application closes it when it stops.
+    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
     }
 }
 
@@ -86,6 +101,7 @@ impl Application {
         AppBuilder {
             config,
             handlers: RegistryBuilder::new(),
+            store: None,
         }
     }
 
@@ -99,12 +115,16 @@ impl Application {
     async fn build_with(
         config: Config,
         registry: crate::handler::Registry,
+        store: Option<Arc<dyn Store>>,
     ) -> Result<Self, AppError> {
         config.validate()?;
         let cipher = config.cipher()?;
         let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;
-        let store = store::open(&config.store).await?;
+        let store = match store {
+            Some(store) => store,
+            None => store::open(&config.store).await?,
+        };
         let metrics = Arc::new(Metrics::new());
         let client = if config.dingtalk_enabled() {
             let counter = Arc::new(StoreCallCounter(Arc::clone(&store)));

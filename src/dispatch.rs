@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::event::Event;
-use crate::handler::{Context, HandlerError, Registry};
+use crate::handler::{Context, HandlerError, Registered, Registry};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredEvent};
 use crate::time::now_millis;
@@ -129,11 +129,8 @@ impl Dispatcher {
         wake: Arc<Notify>,
         client: Option<crate::dingtalk::Client>,
     ) -> Self {
-        let node = format!(
-            "{}-{}",
-            std::process::id(),
-            crate::crypto::random_nonce().get(..8).unwrap_or("node")
-        );
+        let simple = uuid::Uuid::new_v4().simple().to_string();
+        let node = format!("{}-{}", std::process::id(), &simple[..8]);
         Dispatcher {
             store,
             registry,
@@ -185,7 +182,7 @@ impl Dispatcher {
 
     async fn worker(self: Arc<Self>, index: usize, mut stop: watch::Receiver<bool>) {
         let owner = self.worker_owner(index);
-        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms = crate::time::millis(self.config.lease);
         while !*stop.borrow() {
             let claimed = self
                 .store
@@ -216,17 +213,17 @@ impl Dispatcher {
         }
     }
 
-    /// Runs the handler for one claimed event and records the outcome.
+    /// Runs the handlers of one claimed event that have not succeeded for it yet, and
+    /// records the outcome with the names of those that have.
     pub async fn run(&self, owner: &str, record: StoredEvent) -> Outcome {
         let id = record.id;
         let event_type = record.event_type.clone();
         let attempts = record.attempts;
         // A claim stamps `updated_at`; the lease lasts `lease` from then.
-        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
-        let lease_until = record.updated_at.saturating_add(lease_ms);
-        let result = self.invoke(record).await;
+        let lease_until = crate::time::after(record.updated_at, self.config.lease);
+        let run = self.invoke(record).await;
         let now = now_millis();
-        let (outcome, error) = match result {
+        let (outcome, error) = match run.result {
             Ok(true) => (Outcome::Done, None),
             Ok(false) => (Outcome::NoHandler, None),
             Err(HandlerError::Permanent(message)) => {
@@ -237,11 +234,12 @@ impl Dispatcher {
                 attempts,
                 self.config.retry_jitter,
             ) {
-                Some(delay) => {
-                    let at_ms =
-                        now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-                    (Outcome::Retry { at_ms }, Some(message))
-                }
+                Some(delay) => (
+                    Outcome::Retry {
+                        at_ms: crate::time::after(now, delay),
+                    },
+                    Some(message),
+                ),
                 None => (
                     Outcome::Dead,
                     Some(format!("{message} (gave up after {attempts} attempts)")),
@@ -249,7 +247,14 @@ impl Dispatcher {
             },
         };
         let recorded = self
-            .record(id, owner, &outcome, error.as_deref(), lease_until)
+            .record(
+                id,
+                owner,
+                &outcome,
+                error.as_deref(),
+                &run.handled,
+                lease_until,
+            )
             .await;
         let outcome = match recorded {
             Ok(true) => outcome,
@@ -264,9 +269,11 @@ impl Dispatcher {
             }
         };
         match &outcome {
-            Outcome::Dead => tracing::error!(id, %event_type, attempts, "event is dead"),
+            Outcome::Dead => {
+                tracing::error!(id, %event_type, attempts, handled = ?run.handled, "event is dead")
+            }
             Outcome::Retry { at_ms } => {
-                tracing::warn!(id, %event_type, attempts, retry_at = at_ms, "handler failed; will retry")
+                tracing::warn!(id, %event_type, attempts, retry_at = at_ms, handled = ?run.handled, "handler failed; will retry")
             }
             _ => tracing::debug!(id, %event_type, outcome = outcome.label(), "event handled"),
         }
@@ -286,6 +293,7 @@ impl Dispatcher {
         owner: &str,
         outcome: &Outcome,
         error: Option<&str>,
+        handled: &[String],
         lease_until: i64,
     ) -> Result<bool, crate::store::StoreError> {
         let error = error.unwrap_or_default();
@@ -298,12 +306,14 @@ impl Dispatcher {
             let result = match outcome {
                 Outcome::Done | Outcome::NoHandler => self.store.mark_done(id, owner, now).await,
                 Outcome::Retry { at_ms } => {
-                    self.store.mark_retry(id, owner, *at_ms, error, now).await
+                    self.store
+                        .mark_retry(id, owner, *at_ms, error, handled, now)
+                        .await
                 }
-                Outcome::Dead => self.store.mark_dead(id, owner, error, now).await,
+                Outcome::Dead => self.store.mark_dead(id, owner, error, handled, now).await,
                 Outcome::LeaseLost => return Ok(false),
             };
-            let pause_ms = i64::try_from(pause.as_millis()).unwrap_or(i64::MAX);
+            let pause_ms = crate::time::millis(pause);
             match result {
                 Err(e) if now_millis().saturating_add(pause_ms) < give_up_at => {
                     tracing::warn!(id, error = %e, retry_in = ?pause, "could not record the outcome; asking the store again");
@@ -315,39 +325,100 @@ impl Dispatcher {
         }
     }
 
-    /// Decodes and runs the handler. `Ok(false)`: no handler for this type.
-    async fn invoke(&self, record: StoredEvent) -> Result<bool, HandlerError> {
-        let Some(handler) = self.registry.get(&record.event_type) else {
-            return Ok(false);
+    /// Decodes the event once and runs its handlers that have not succeeded for it yet,
+    /// concurrently, each bounded by `handler_timeout`. `Ok(false)`: no handler is registered
+    /// for the type. A permanent failure of any handler is the event's; otherwise a
+    /// transient one is.
+    async fn invoke(&self, record: StoredEvent) -> Run {
+        let registered = self.registry.get(&record.event_type);
+        let mut handled = record.handled.clone();
+        if registered.is_empty() {
+            return Run {
+                result: Ok(false),
+                handled,
+            };
+        }
+        let pending: Vec<&Registered> = registered
+            .iter()
+            .filter(|r| !handled.iter().any(|h| **h == *r.name))
+            .collect();
+        if pending.is_empty() {
+            // Every handler succeeded in an earlier run whose outcome was not recorded.
+            return Run {
+                result: Ok(true),
+                handled,
+            };
+        }
+        let event = match Event::decode(&record.payload) {
+            Ok(event) => event,
+            Err(e) => {
+                return Run {
+                    result: Err(HandlerError::permanent(e)),
+                    handled,
+                }
+            }
         };
-        let event = Event::decode(&record.payload).map_err(HandlerError::permanent)?;
         let ctx = Context {
             store: Arc::clone(&self.store),
             record: Arc::new(record),
             client: self.client.clone(),
             metrics: Arc::clone(&self.metrics),
         };
-        // A panicking handler is a failed run, not a dead worker. The guard ends the run with
-        // its worker: an abandoned worker (shutdown) must not leave the handler going on
-        // behind a lease that is being given up.
-        let run = AbortOnDrop(tokio::spawn(
-            async move { handler.handle(event, ctx).await },
-        ));
-        match tokio::time::timeout(self.config.handler_timeout, run).await {
-            Ok(Ok(result)) => result.map(|()| true),
-            Ok(Err(join)) => Err(HandlerError::transient(format!("handler panicked: {join}"))),
-            Err(_) => Err(HandlerError::transient(format!(
-                "handler timed out after {:?}",
-                self.config.handler_timeout
-            ))),
+        let runs = pending.iter().map(|r| {
+            let (handler, event, ctx) = (Arc::clone(&r.handler), event.clone(), ctx.clone());
+            // A panicking handler is a failed run, not a dead worker. The guard ends the run
+            // with its worker: an abandoned worker (shutdown) must not leave the handler
+            // going on behind a lease that is being given up.
+            let run = AbortOnDrop(tokio::spawn(
+                async move { handler.handle(event, ctx).await },
+            ));
+            async move {
+                match tokio::time::timeout(self.config.handler_timeout, run).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(join)) => {
+                        Err(HandlerError::transient(format!("handler panicked: {join}")))
+                    }
+                    Err(_) => Err(HandlerError::transient(format!(
+                        "handler timed out after {:?}",
+                        self.config.handler_timeout
+                    ))),
+                }
+            }
+        });
+        let results = futures_util::future::join_all(runs).await;
+        let several = registered.len() > 1;
+        let (mut permanent, mut transient) = (Vec::new(), Vec::new());
+        for (r, result) in pending.iter().zip(results) {
+            // With one handler the error reads as before; with several it names its handler.
+            let label = |message: String| {
+                if several {
+                    format!("{}: {message}", r.name)
+                } else {
+                    message
+                }
+            };
+            match result {
+                Ok(()) => handled.push(r.name.to_string()),
+                Err(HandlerError::Permanent(m)) => permanent.push(label(m)),
+                Err(HandlerError::Transient(m)) => transient.push(label(m)),
+            }
         }
+        let result = if !permanent.is_empty() {
+            permanent.extend(transient);
+            Err(HandlerError::Permanent(permanent.join("; ")))
+        } else if !transient.is_empty() {
+            Err(HandlerError::Transient(transient.join("; ")))
+        } else {
+            Ok(true)
+        };
+        Run { result, handled }
     }
 
     /// Runs every event that is due now, until none is left; returns how many ran. For tests
     /// and one-shot tools: the workers do the same continuously.
     pub async fn drain(&self) -> Result<usize, crate::store::StoreError> {
         let owner = self.drain_owner();
-        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms = crate::time::millis(self.config.lease);
         let mut total = 0;
         loop {
             let batch = self
@@ -364,6 +435,14 @@ impl Dispatcher {
             .await;
         }
     }
+}
+
+/// What running an event's handlers came to.
+struct Run {
+    /// `Ok(false)`: no handler is registered for the type.
+    result: Result<bool, HandlerError>,
+    /// The handlers that have succeeded for the event, this run and earlier ones.
+    handled: Vec<String>,
 }
 
 /// A spawned task that is aborted when this handle is dropped (tokio's `JoinHandle` detaches

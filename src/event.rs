@@ -5,6 +5,7 @@
 //! Stream), so keys are matched case-insensitively and timestamps may be numbers or strings.
 //! Unknown fields are ignored; unknown event types become [`Event::Unknown`] with the raw JSON.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -115,6 +116,13 @@ pub enum DecodeError {
     Missing {
         event_type: &'static str,
         field: &'static str,
+    },
+    /// An event dinghook scheduled for itself that does not read as its type (written by
+    /// another version, or edited by hand).
+    #[error("{event_type}: {message}")]
+    Internal {
+        event_type: &'static str,
+        message: String,
     },
 }
 
@@ -274,6 +282,10 @@ pub enum Event {
     TodoTaskCreate(TodoTaskChange),
     TodoTaskUpdate(TodoTaskChange),
     TodoTaskDelete(TodoTaskChange),
+    /// Internal: look up one user's attendance day (scheduled by the check-in handler).
+    AttendanceLookup(AttendanceLookup),
+    /// Internal: ask DingTalk what became of a work notification (scheduled after sending).
+    SendResultCheck(SendResultCheck),
     /// Every other type, kept as received.
     Unknown {
         event_type: String,
@@ -290,6 +302,48 @@ pub const ATTENDANCE_OVERTIME_DURATION: &str = "attendance_overtime_duration";
 pub const TODO_TASK_CREATE: &str = "todo_task_create";
 pub const TODO_TASK_UPDATE: &str = "todo_task_update";
 pub const TODO_TASK_DELETE: &str = "todo_task_delete";
+/// Internal event types: dinghook stores them in its own inbox as follow-up work, so they
+/// get the same durability, retries and replay as DingTalk's events.
+pub const ATTENDANCE_LOOKUP: &str = "dinghook_attendance_lookup";
+pub const SEND_RESULT_CHECK: &str = "dinghook_send_result_check";
+
+/// What an attendance lookup carries: one user's day, and the window of check times it
+/// covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttendanceLookup {
+    pub user_id: String,
+    /// `yyyy-MM-dd` at the configured offset.
+    pub work_date: String,
+    /// The window's check times, `[window_start, window_end)` in epoch ms.
+    pub window_start: i64,
+    pub window_end: i64,
+    #[serde(default)]
+    pub corp_id: Option<String>,
+    /// The punches of the event that scheduled it (later punches of the window were
+    /// coalesced into it and are found in DingTalk's answer).
+    #[serde(default)]
+    pub punches: Vec<Punch>,
+}
+
+/// One check-in as the push reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Punch {
+    pub check_time: i64,
+    #[serde(default)]
+    pub location_result: Option<String>,
+    #[serde(default)]
+    pub location_method: Option<String>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub check_by_user: bool,
+}
+
+/// What a delivery check carries: the work notification's task id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResultCheck {
+    pub task_id: i64,
+}
 
 impl Event {
     /// Decodes a stored payload.
@@ -365,12 +419,29 @@ impl Event {
             TODO_TASK_CREATE => Event::TodoTaskCreate(todo(f, TODO_TASK_CREATE)?),
             TODO_TASK_UPDATE => Event::TodoTaskUpdate(todo(f, TODO_TASK_UPDATE)?),
             TODO_TASK_DELETE => Event::TodoTaskDelete(todo(f, TODO_TASK_DELETE)?),
+            ATTENDANCE_LOOKUP => Event::AttendanceLookup(internal(ATTENDANCE_LOOKUP, value)?),
+            SEND_RESULT_CHECK => Event::SendResultCheck(internal(SEND_RESULT_CHECK, value)?),
             _ => Event::Unknown {
                 event_type,
                 raw: value,
             },
         };
         Ok(event)
+    }
+
+    /// The payload an internal event is stored as: its fields and `EventType`. `None` for
+    /// DingTalk's events, which are stored exactly as received.
+    pub fn internal_payload(&self) -> Option<Value> {
+        let mut value = match self {
+            Event::AttendanceLookup(lookup) => serde_json::to_value(lookup).ok()?,
+            Event::SendResultCheck(check) => serde_json::to_value(check).ok()?,
+            _ => return None,
+        };
+        let Value::Object(map) = &mut value else {
+            return None;
+        };
+        map.insert("EventType".into(), Value::String(self.event_type().to_owned()));
+        Some(value)
     }
 
     /// The DingTalk event type this variant stands for.
@@ -385,9 +456,22 @@ impl Event {
             Event::TodoTaskCreate(_) => TODO_TASK_CREATE,
             Event::TodoTaskUpdate(_) => TODO_TASK_UPDATE,
             Event::TodoTaskDelete(_) => TODO_TASK_DELETE,
+            Event::AttendanceLookup(_) => ATTENDANCE_LOOKUP,
+            Event::SendResultCheck(_) => SEND_RESULT_CHECK,
             Event::Unknown { event_type, .. } => event_type,
         }
     }
+}
+
+/// An internal event's payload read back as written by [`Event::internal_payload`].
+fn internal<T: serde::de::DeserializeOwned>(
+    event_type: &'static str,
+    value: Value,
+) -> Result<T, DecodeError> {
+    serde_json::from_value(value).map_err(|e| DecodeError::Internal {
+        event_type,
+        message: e.to_string(),
+    })
 }
 
 fn cool_app(f: Fields<'_>, event_type: &'static str) -> Result<CoolAppChange, DecodeError> {

@@ -1,9 +1,17 @@
-//! Handlers: the code that runs for each event type, registered in code.
+//! The extension API: handlers, the code that runs for each event type.
+//!
+//! Any number of handlers may run for one event type, built-in ones and a program's own. Each
+//! has a name, and the dispatcher records which of an event's handlers succeeded: when one
+//! fails, the retry (or a replay of the dead event) runs only the handlers that have not
+//! succeeded yet. Name a handler with [`Registrations::named`] so that record survives
+//! changes to the registration order; an unnamed one is called `<event type>#<n>`, counting
+//! that type's unnamed registrations from 1.
 //!
 //! ```no_run
 //! # async fn demo(config: dinghook::config::Config) -> Result<(), dinghook::app::AppError> {
 //! use dinghook::handler::{HandlerError, Registrations};
 //! let app = dinghook::app::Application::builder(config)
+//!     .named("crm.rename")
 //!     .on_chat_update_title(|rename, _ctx| async move {
 //!         println!("group renamed to {}", rename.title);
 //!         Ok::<(), HandlerError>(())
@@ -24,7 +32,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::dingtalk::Client;
-use crate::event::{self, ChatUpdateTitle, CheckRecord, CoolAppChange, Event, TodoTaskChange};
+use crate::event::{
+    self, AttendanceLookup, ChatUpdateTitle, CheckRecord, CoolAppChange, Event, SendResultCheck,
+    TodoTaskChange,
+};
 use crate::store::{Store, StoreError, StoredEvent};
 
 /// How a handler failed, which decides what happens to the event. `Clone`, so one failure
@@ -110,29 +121,44 @@ where
 /// A registration problem, reported when the application is built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
-    #[error("two handlers are registered for event type {0:?}; register one (it may call both)")]
+    #[error("two handlers are named {0:?}; handler names must be unique")]
     Duplicate(String),
 }
 
-/// The handlers by event type. Built by [`RegistryBuilder`].
+/// One registered handler.
+#[derive(Clone)]
+pub struct Registered {
+    /// Unique among all registrations; recorded with each event's outcome.
+    pub name: Arc<str>,
+    pub handler: Arc<dyn Handler>,
+}
+
+/// The handlers by event type, each type's in registration order. Built by
+/// [`RegistryBuilder`].
 #[derive(Clone, Default)]
 pub struct Registry {
-    handlers: HashMap<String, Arc<dyn Handler>>,
+    handlers: HashMap<String, Vec<Registered>>,
 }
 
 impl Registry {
-    pub fn get(&self, event_type: &str) -> Option<Arc<dyn Handler>> {
-        self.handlers.get(event_type).cloned()
+    /// The handlers for `event_type` (empty when none is registered).
+    pub fn get(&self, event_type: &str) -> &[Registered] {
+        self.handlers.get(event_type).map_or(&[], Vec::as_slice)
     }
     pub fn event_types(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
     }
 }
 
-/// Collects handler registrations; duplicates are an error at [`RegistryBuilder::build`].
+/// Collects handler registrations; two with one name are an error at
+/// [`RegistryBuilder::build`].
 #[derive(Default)]
 pub struct RegistryBuilder {
-    entries: Vec<(String, Arc<dyn Handler>)>,
+    entries: Vec<(String, String, Arc<dyn Handler>)>,
+    /// The name [`Registrations::named`] gave the next registration.
+    next_name: Option<String>,
+    /// Unnamed registrations so far, per event type (for `<type>#<n>`).
+    unnamed: HashMap<String, usize>,
 }
 
 /// Wraps a typed closure into a handler for one variant.
@@ -159,10 +185,15 @@ macro_rules! typed {
 macro_rules! typed_registrations {
     ($($(#[$doc:meta])* $method:ident => $const:path, $variant:path, $ty:ty;)*) => {
         /// Handler registration, shared by [`RegistryBuilder`] and the application builder:
-        /// [`Registrations::on`] for any event type, and one typed method per known type.
+        /// [`Registrations::on`] for any event type, one typed method per known type, and
+        /// [`Registrations::named`] to name the next one.
         pub trait Registrations: Sized {
-            /// Registers `handler` for `event_type` (any type, known or not).
+            /// Registers `handler` for `event_type` (any type, known or not), beside any
+            /// other handlers of that type.
             fn on(self, event_type: &str, handler: impl Handler) -> Self;
+
+            /// Names the next registration (instead of `<event type>#<n>`).
+            fn named(self, name: &str) -> Self;
 
             $(
                 $(#[$doc])*
@@ -193,12 +224,26 @@ typed_registrations! {
     on_todo_task_update => event::TODO_TASK_UPDATE, Event::TodoTaskUpdate, TodoTaskChange;
     /// `todo_task_delete`.
     on_todo_task_delete => event::TODO_TASK_DELETE, Event::TodoTaskDelete, TodoTaskChange;
+    /// Internal `dinghook_attendance_lookup`.
+    on_attendance_lookup => event::ATTENDANCE_LOOKUP, Event::AttendanceLookup, AttendanceLookup;
+    /// Internal `dinghook_send_result_check`.
+    on_send_result_check => event::SEND_RESULT_CHECK, Event::SendResultCheck, SendResultCheck;
 }
 
 impl Registrations for RegistryBuilder {
     fn on(mut self, event_type: &str, handler: impl Handler) -> Self {
+        let name = self.next_name.take().unwrap_or_else(|| {
+            let n = self.unnamed.entry(event_type.to_owned()).or_insert(0);
+            *n += 1;
+            format!("{event_type}#{n}")
+        });
         self.entries
-            .push((event_type.to_owned(), Arc::new(handler)));
+            .push((name, event_type.to_owned(), Arc::new(handler)));
+        self
+    }
+
+    fn named(mut self, name: &str) -> Self {
+        self.next_name = Some(name.to_owned());
         self
     }
 }
@@ -208,18 +253,24 @@ impl RegistryBuilder {
         Self::default()
     }
 
-    /// Adds every registration of `other`.
+    /// Adds every registration of `other` after this builder's. Their names are kept as they
+    /// are (an unnamed one of `other` keeps the number it got there).
     pub fn merge(mut self, other: RegistryBuilder) -> Self {
         self.entries.extend(other.entries);
         self
     }
 
     pub fn build(self) -> Result<Registry, RegistryError> {
-        let mut handlers = HashMap::new();
-        for (event_type, handler) in self.entries {
-            if handlers.insert(event_type.clone(), handler).is_some() {
-                return Err(RegistryError::Duplicate(event_type));
+        let mut names = std::collections::HashSet::new();
+        let mut handlers: HashMap<String, Vec<Registered>> = HashMap::new();
+        for (name, event_type, handler) in self.entries {
+            if !names.insert(name.clone()) {
+                return Err(RegistryError::Duplicate(name));
             }
+            handlers.entry(event_type).or_default().push(Registered {
+                name: name.into(),
+                handler,
+            });
         }
         Ok(Registry { handlers })
     }
@@ -230,31 +281,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn two_handlers_for_one_type_are_refused() {
-        let err = RegistryBuilder::new()
+    fn several_handlers_for_one_type_run_in_registration_order() {
+        let registry = RegistryBuilder::new()
             .on_chat_update_title(|_, _| async { Ok(()) })
+            .named("audit")
             .on("chat_update_title", |_, _| async { Ok(()) })
+            .on("chat_update_title", |_, _| async { Ok(()) })
+            .on_cool_app_install(|_, _| async { Ok(()) })
             .build()
-            .err();
+            .unwrap();
+        let names: Vec<&str> = registry
+            .get("chat_update_title")
+            .iter()
+            .map(|r| &*r.name)
+            .collect();
         assert_eq!(
-            err,
-            Some(RegistryError::Duplicate("chat_update_title".into()))
+            names,
+            ["chat_update_title#1", "audit", "chat_update_title#2"]
         );
+        assert_eq!(
+            &*registry.get("im_cool_app_install")[0].name,
+            "im_cool_app_install#1"
+        );
+        assert!(registry.get("user_add_org").is_empty());
     }
 
     #[test]
-    fn distinct_types_register() {
-        let registry = RegistryBuilder::new()
+    fn two_handlers_with_one_name_are_refused() {
+        let err = RegistryBuilder::new()
+            .named("x")
             .on_chat_update_title(|_, _| async { Ok(()) })
-            .on_cool_app_install(|_, _| async { Ok(()) })
+            .named("x")
             .on("user_add_org", |_, _| async { Ok(()) })
             .build()
-            .unwrap();
-        let mut types: Vec<_> = registry.event_types().collect();
-        types.sort_unstable();
-        assert_eq!(
-            types,
-            ["chat_update_title", "im_cool_app_install", "user_add_org"]
-        );
+            .err();
+        assert_eq!(err, Some(RegistryError::Duplicate("x".into())));
+    }
+
+    #[test]
+    fn merged_builders_keep_their_names() {
+        let builtin = RegistryBuilder::new()
+            .named("builtin.chat")
+            .on_chat_update_title(|_, _| async { Ok(()) });
+        let own = RegistryBuilder::new().on_chat_update_title(|_, _| async { Ok(()) });
+        let registry = builtin.merge(own).build().unwrap();
+        let names: Vec<&str> = registry
+            .get("chat_update_title")
+            .iter()
+            .map(|r| &*r.name)
+            .collect();
+        assert_eq!(names, ["builtin.chat", "chat_update_title#1"]);
     }
 }

@@ -399,3 +399,32 @@ async fn a_refused_status_bar_update_is_noted_not_retried_forever() {
     );
     app.stop().await;
 }
+
+/// The round trips one `todo_task_create` costs the store, from the callback's insert to the
+/// dispatcher's outcome, with two executors whose user ids are not cached yet. Before the
+/// rearrangement it was 19: the to-do was saved twice (each save reads it back first) and the
+/// quota was read twice for one notification.
+#[tokio::test]
+async fn a_create_costs_sixteen_store_round_trips() {
+    let (_fake, url) = fake().await;
+    let counting = std::sync::Mutex::new(None);
+    let app = TestApp::spawn_builtin_on(&url, configure, |store| {
+        let c = support::counting::CountingStore::new(store);
+        *counting.lock().unwrap() = Some(std::sync::Arc::clone(&c));
+        c
+    })
+    .await;
+    let counting = counting.into_inner().unwrap().expect("wrapped");
+    counting.reset();
+    deliver_and_wait(&app, "todo_task_create", "c-count", &["union-a"]).await;
+    let calls = counting.calls();
+    let total: u64 = calls
+        .iter()
+        .filter(|(op, _)| !matches!(**op, "list" | "find_by_dedup_key"))
+        .map(|(_, n)| n)
+        .sum();
+    eprintln!("store round trips for one todo_task_create: {total} {calls:?}");
+    assert_eq!(calls.get("get_document"), Some(&5), "{calls:?}");
+    assert_eq!(calls.get("api_calls"), Some(&1), "quota read once: {calls:?}");
+    assert_eq!(total, 16, "{calls:?}");
+}

@@ -26,7 +26,7 @@ use crate::batch::{BatchError, Batcher, LoadFuture};
 use crate::dingtalk::{
     AttendanceListRequest, AttendanceRecord, Client, Markdown, Text, WorkMessage,
 };
-use crate::event::{CheckRecord, Event};
+use crate::event::{AttendanceLookup, CheckRecord, Event, Punch};
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::store::Inserted;
 use crate::template::Template;
@@ -34,7 +34,6 @@ use crate::time::now_millis;
 use crate::time::{duration_str, UtcOffset};
 
 /// The internal event type of a coalesced lookup.
-pub const LOOKUP: &str = "dinghook_attendance_lookup";
 /// Where the looked-up days are kept, keyed `user:yyyy-MM-dd`.
 pub const COLLECTION: &str = "attendance";
 /// DingTalk's most users per `attendance/list` call, and its largest page.
@@ -146,9 +145,7 @@ impl AttendanceConfig {
 
     /// The window in ms, at least 1 (a zero window means: every check time on its own).
     fn window_ms(&self) -> i64 {
-        i64::try_from(self.coalesce_window.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1)
+        crate::time::millis(self.coalesce_window).max(1)
     }
 }
 
@@ -161,14 +158,16 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
     // One batcher for all lookups of this registration, so concurrent lookups share calls.
     let days = Arc::new(day_batcher(&config.attendance));
     builder
+        .named("builtin.attendance.check_record")
         .on_attendance_check_record(move |records, ctx| {
             let settings = Arc::clone(&settings);
             async move { schedule_lookups(records, ctx, &settings.attendance).await }
         })
-        .on(LOOKUP, move |event: Event, ctx: Context| {
+        .named("builtin.attendance.lookup")
+        .on_attendance_lookup(move |request, ctx| {
             let settings = Arc::clone(&on_lookup);
             let days = Arc::clone(&days);
-            async move { lookup(event, ctx, &settings, &days).await }
+            async move { lookup(request, ctx, &settings, &days).await }
         })
 }
 
@@ -242,34 +241,6 @@ async fn list_day(
     )))
 }
 
-/// What a lookup event carries: one user's day, and the window of check times it covers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LookupRequest {
-    user_id: String,
-    work_date: String,
-    /// The window's check times, `[window_start, window_end)` in epoch ms.
-    window_start: i64,
-    window_end: i64,
-    #[serde(default)]
-    corp_id: Option<String>,
-    /// The punches of the event that scheduled it (later punches of the window were
-    /// coalesced into it and are found in DingTalk's answer).
-    #[serde(default)]
-    punches: Vec<Punch>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Punch {
-    check_time: i64,
-    #[serde(default)]
-    location_result: Option<String>,
-    #[serde(default)]
-    location_method: Option<String>,
-    #[serde(default)]
-    address: Option<String>,
-    #[serde(default)]
-    check_by_user: bool,
-}
 
 /// The trigger: one lookup per user, work date and window.
 async fn schedule_lookups(
@@ -278,7 +249,7 @@ async fn schedule_lookups(
     config: &AttendanceConfig,
 ) -> Result<(), HandlerError> {
     let window = config.window_ms();
-    let mut lookups: Vec<LookupRequest> = Vec::new();
+    let mut lookups: Vec<AttendanceLookup> = Vec::new();
     for record in records {
         if !record.check_by_user && !config.include_system_replays {
             tracing::debug!(user = %record.user_id, "system replay of a check-in; not looked up");
@@ -302,7 +273,7 @@ async fn schedule_lookups(
                 && l.window_start == window_start
         }) {
             Some(lookup) => lookup.punches.push(punch),
-            None => lookups.push(LookupRequest {
+            None => lookups.push(AttendanceLookup {
                 user_id: record.user_id.clone(),
                 work_date,
                 window_start,
@@ -323,9 +294,7 @@ async fn schedule_lookups(
         // made, so by then the window's later punches have arrived (and were coalesced) and
         // are in DingTalk's data. Old punches (failed-push recovery) are looked up at once.
         let due = now_millis().max(lookup.window_end.saturating_add(window));
-        let payload = serde_json::to_value(&lookup)
-            .map_err(|e| HandlerError::permanent(format!("lookup payload: {e}")))?;
-        match schedule_internal(&ctx, LOOKUP, key.clone(), payload, due).await? {
+        match schedule_internal(&ctx, key.clone(), &Event::AttendanceLookup(lookup), due).await? {
             Inserted::Stored { .. } => {
                 tracing::debug!(lookup = %key, due, "attendance lookup scheduled");
             }
@@ -339,16 +308,11 @@ async fn schedule_lookups(
 
 /// The lookup: read the day, keep it, notify per `notify`.
 async fn lookup(
-    event: Event,
+    request: AttendanceLookup,
     ctx: Context,
     config: &HandlersConfig,
     days: &DayBatcher,
 ) -> Result<(), HandlerError> {
-    let Event::Unknown { raw, .. } = event else {
-        return Err(HandlerError::permanent("not an attendance lookup"));
-    };
-    let request: LookupRequest = serde_json::from_value(raw)
-        .map_err(|e| HandlerError::permanent(format!("attendance lookup payload: {e}")))?;
     let settings = &config.attendance;
     let data = day_data(&ctx, &request, days).await?;
     let offset = settings.utc_offset;
@@ -403,7 +367,7 @@ struct DayData {
 /// stored before they are used.
 async fn day_data(
     ctx: &Context,
-    request: &LookupRequest,
+    request: &AttendanceLookup,
     days: &DayBatcher,
 ) -> Result<DayData, HandlerError> {
     let key = format!("{}:{}", request.user_id, request.work_date);
@@ -479,7 +443,7 @@ impl Item {
 /// planned time has passed by the window's end. If DingTalk's results show none of the
 /// window's punches (a repeated punch that did not count, or data not updated yet), the
 /// event's own punches stand in, with what the event knows (the location result).
-fn concerned(records: &[AttendanceRecord], request: &LookupRequest) -> Vec<Item> {
+fn concerned(records: &[AttendanceRecord], request: &AttendanceLookup) -> Vec<Item> {
     let low = request.window_start.saturating_sub(1000);
     let high = request.window_end;
     let mut items: Vec<Item> = records
@@ -533,7 +497,7 @@ struct MessageFields {
 }
 
 impl MessageFields {
-    fn new(request: &LookupRequest, items: &[Item], offset: UtcOffset) -> Self {
+    fn new(request: &AttendanceLookup, items: &[Item], offset: UtcOffset) -> Self {
         let main = items
             .iter()
             .find(|i| i.is_abnormal())
@@ -667,7 +631,7 @@ mod tests {
     fn only_the_windows_results_and_missed_checks_concern_it() {
         let china = UtcOffset::CHINA;
         let start = china.parse_time("2024-05-06 18:02:00").unwrap();
-        let request = LookupRequest {
+        let request = AttendanceLookup {
             user_id: "u1".into(),
             work_date: "2024-05-06".into(),
             window_start: start,
@@ -715,7 +679,7 @@ mod tests {
     fn without_a_result_the_events_punch_stands_in() {
         let china = UtcOffset::CHINA;
         let at = china.parse_time("2024-05-06 12:00:00").unwrap();
-        let request = LookupRequest {
+        let request = AttendanceLookup {
             user_id: "u1".into(),
             work_date: "2024-05-06".into(),
             window_start: at,

@@ -47,7 +47,7 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
         return builder;
     }
     let settings = Arc::new((config.chat.clone(), config.notify_quota_reserve));
-    builder.on_chat_update_title(move |change, ctx| {
+    builder.named("builtin.chat.update_title").on_chat_update_title(move |change, ctx| {
         let settings = Arc::clone(&settings);
         async move { rename(change, ctx, &settings.0, settings.1).await }
     })

@@ -61,10 +61,12 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
     let settings = Arc::new((config.cool_app.clone(), config.notify_quota_reserve));
     let on_install = Arc::clone(&settings);
     builder
+        .named("builtin.cool_app.install")
         .on_cool_app_install(move |change, ctx| {
             let settings = Arc::clone(&on_install);
             async move { install(change, ctx, &settings.0, settings.1).await }
         })
+        .named("builtin.cool_app.uninstall")
         .on_cool_app_uninstall(|change, ctx| async move { uninstall(change, ctx).await })
 }
 

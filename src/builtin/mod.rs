@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::event::Event;
 use crate::handler::{Context, HandlerError, RegistryBuilder};
 use crate::store::{Inserted, NewEvent, Source};
 use crate::time::duration_str;
@@ -149,18 +150,16 @@ pub fn notification_outcome<T>(
 /// de-duplication key makes repeated scheduling (retries, coalescing) a no-op.
 pub async fn schedule_internal(
     ctx: &Context,
-    event_type: &str,
     dedup_key: String,
-    payload: Value,
+    event: &Event,
     due_at_ms: i64,
 ) -> Result<Inserted, HandlerError> {
-    let mut payload = payload;
-    if let Value::Object(map) = &mut payload {
-        map.insert("EventType".into(), Value::String(event_type.to_owned()));
-    }
+    let payload = event.internal_payload().ok_or_else(|| {
+        HandlerError::permanent(format!("{} is not an internal event", event.event_type()))
+    })?;
     let event = NewEvent {
         dedup_key,
-        event_type: event_type.to_owned(),
+        event_type: event.event_type().to_owned(),
         corp_id: None,
         payload: payload.to_string(),
         source: Source::Internal,

@@ -11,12 +11,11 @@ use super::{
     effect_once, notification_budget, notification_outcome, schedule_internal, HandlersConfig,
 };
 use crate::dingtalk::{SendResult, WorkMessage, WorkNotification};
-use crate::event::Event;
+use crate::event::{Event, SendResultCheck};
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::time::now_millis;
 
 /// The internal event type of the delivery check.
-pub const SEND_RESULT_CHECK: &str = "dinghook_send_result_check";
 const COLLECTION: &str = "notification";
 
 /// A row of the `notifications` view, keyed by DingTalk's `task_id`.
@@ -103,6 +102,22 @@ pub async fn send(
     if !notification_budget(ctx, config.notify_quota_reserve, kind).await {
         return Ok(None);
     }
+    send_within_budget(ctx, config, kind, effect, userids, msg).await
+}
+
+/// [`send`] for a caller that has just checked [`notification_budget`] itself (to skip its
+/// own look-ups when there is no budget), so the quota is not read twice.
+pub async fn send_within_budget(
+    ctx: &Context,
+    config: &HandlersConfig,
+    kind: &str,
+    effect: &str,
+    userids: Vec<String>,
+    msg: WorkMessage,
+) -> Result<Option<i64>, HandlerError> {
+    if userids.is_empty() {
+        return Ok(None);
+    }
     let client = ctx.dingtalk()?;
     let notification = WorkNotification::to_users(userids.clone(), msg);
     let recorded = effect_once(ctx, effect, || async {
@@ -127,32 +142,24 @@ pub async fn send(
     ctx.store
         .insert_document(COLLECTION, &task_id.to_string(), &body, now_millis())
         .await?;
-    let delay = i64::try_from(config.send_result_delay.as_millis()).unwrap_or(i64::MAX);
     schedule_internal(
         ctx,
-        SEND_RESULT_CHECK,
         format!("send-result:{task_id}"),
-        json!({ "task_id": task_id }),
-        now_millis().saturating_add(delay),
+        &Event::SendResultCheck(SendResultCheck { task_id }),
+        crate::time::after(now_millis(), config.send_result_delay),
     )
     .await?;
     Ok(Some(task_id))
 }
 
 pub fn register(builder: RegistryBuilder, _config: &HandlersConfig) -> RegistryBuilder {
-    builder.on(SEND_RESULT_CHECK, |event: Event, ctx: Context| async move {
-        check_delivery(event, ctx).await
-    })
+    builder
+        .named("builtin.notify.send_result_check")
+        .on_send_result_check(|check, ctx| async move { check_delivery(check, ctx).await })
 }
 
-async fn check_delivery(event: Event, ctx: Context) -> Result<(), HandlerError> {
-    let Event::Unknown { raw, .. } = event else {
-        return Err(HandlerError::permanent("not a send-result check"));
-    };
-    let task_id = raw
-        .get("task_id")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| HandlerError::permanent("send-result check without task_id"))?;
+async fn check_delivery(check: SendResultCheck, ctx: Context) -> Result<(), HandlerError> {
+    let task_id = check.task_id;
     let client = ctx.dingtalk()?;
     // Still sending: look again later (the dispatcher's retry schedule).
     let progress = client.work_notification_progress(task_id).await?;

@@ -237,14 +237,17 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
         Arc::clone(&settings),
     );
     builder
+        .named("builtin.todo.create")
         .on_todo_task_create(move |change, ctx| {
             let config = Arc::clone(&on_create);
             async move { created(change, ctx, &config).await }
         })
+        .named("builtin.todo.update")
         .on_todo_task_update(move |change, ctx| {
             let config = Arc::clone(&on_update);
             async move { updated(change, ctx, &config).await }
         })
+        .named("builtin.todo.delete")
         .on_todo_task_delete(move |change, ctx| {
             let config = Arc::clone(&on_delete);
             async move { deleted(change, ctx, &config).await }
@@ -268,15 +271,15 @@ async fn created(
         return Ok(());
     };
     todo.apply(&task, &union_id);
-    save(store, &mut todo).await?;
-
     if !config.todo.notify || todo.notification_task_id.is_some() {
-        return Ok(());
+        return save(store, &mut todo).await;
     }
     if todo.done {
         tracing::info!(task = %todo.task_id, "to-do already done when its create was handled; no notification");
-        return Ok(());
+        return save(store, &mut todo).await;
     }
+    // send_pending saves the to-do once, with the notification linked (or why not). Until
+    // then the fetched state is only in memory: a retry fetches it again anyway.
     send_pending(&ctx, config, &mut todo, &task).await
 }
 
@@ -490,7 +493,9 @@ async fn send_pending(
             },
         },
     };
-    let sent = notify::send(ctx, config, KIND, "todo_notify", userids.clone(), msg).await?;
+    // The budget was checked above, before the look-ups.
+    let sent = notify::send_within_budget(ctx, config, KIND, "todo_notify", userids.clone(), msg)
+        .await?;
     todo.executor_user_ids = userids;
     match sent {
         Some(task_id) => {

@@ -234,7 +234,7 @@ fn parse_since(text: &str) -> Result<i64> {
     let ago = humantime::parse_duration(text.trim()).with_context(|| {
         format!("--since {text:?}: use epoch ms, an RFC 3339 time or a duration such as 2h")
     })?;
-    Ok(now_millis() - i64::try_from(ago.as_millis())?)
+    Ok(now_millis().saturating_sub(crate::time::millis(ago)))
 }
 
 fn parse_state(text: &str) -> Result<EventState> {

@@ -2,6 +2,7 @@
 //! what DingTalk sends.
 #![allow(dead_code)]
 
+pub mod counting;
 pub mod stores;
 
 use std::net::SocketAddr;
@@ -83,8 +84,17 @@ impl TestApp {
     /// A server running the built-in handlers against `fake` (a fake DingTalk's base URL),
     /// configured by `customize`.
     pub async fn spawn_builtin(fake: &str, customize: impl FnOnce(&mut Config)) -> TestApp {
+        Self::spawn_builtin_on(fake, customize, |store| store).await
+    }
+
+    /// [`TestApp::spawn_builtin`] with the store passed through `wrap`.
+    pub async fn spawn_builtin_on(
+        fake: &str,
+        customize: impl FnOnce(&mut Config),
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestApp {
         let fake = fake.to_owned();
-        Self::spawn_with_handlers_from(move |config| {
+        Self::spawn_on(move |config| {
             config.dingtalk.app_key = "dingtestapp".into();
             config.dingtalk.app_secret = Secret::new("test-app-secret");
             config.dingtalk.agent_id = Some(4242);
@@ -97,7 +107,7 @@ impl TestApp {
             config.handlers.enabled = true;
             customize(config);
             RegistryBuilder::new()
-        })
+        }, wrap)
         .await
     }
 
@@ -117,6 +127,15 @@ impl TestApp {
     pub async fn spawn_with_handlers_from(
         setup: impl FnOnce(&mut Config) -> RegistryBuilder,
     ) -> TestApp {
+        Self::spawn_on(setup, |store| store).await
+    }
+
+    /// Like [`TestApp::spawn_with_handlers_from`], with the store the test's SQLite file
+    /// opens passed through `wrap` (to observe what the application does with it).
+    pub async fn spawn_on(
+        setup: impl FnOnce(&mut Config) -> RegistryBuilder,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
         // Fast polling and retries, so tests wait milliseconds, not the production schedule.
@@ -125,8 +144,14 @@ impl TestApp {
         config.dispatch.retry_jitter = 0.0;
         let handlers = setup(&mut config);
         let callback_path = config.callback.path.clone();
+        let store = wrap(
+            dinghook::store::open(&config.store)
+                .await
+                .expect("open store"),
+        );
         let app = Application::builder(config)
             .handlers(handlers)
+            .with_store(store)
             .build()
             .await
             .expect("build app");
