@@ -250,10 +250,13 @@ impl Dispatcher {
             let now = now_millis();
             let result = match outcome {
                 Outcome::Done | Outcome::NoHandler => self.store.mark_done(id, owner, now).await,
+                // Which handlers succeeded is not tracked yet: a retry re-runs them all.
                 Outcome::Retry { at_ms } => {
-                    self.store.mark_retry(id, owner, *at_ms, error, now).await
+                    self.store
+                        .mark_retry(id, owner, *at_ms, error, &[], now)
+                        .await
                 }
-                Outcome::Dead => self.store.mark_dead(id, owner, error, now).await,
+                Outcome::Dead => self.store.mark_dead(id, owner, error, &[], now).await,
                 Outcome::LeaseLost => return Ok(false),
             };
             let pause_ms = i64::try_from(pause.as_millis()).unwrap_or(i64::MAX);
