@@ -48,11 +48,11 @@ async fn list_show_stats_and_replay() {
     // Two die, one is done.
     let claimed = store.claim("w", 3, 60_000, now).await.unwrap();
     store
-        .mark_dead(claimed[0].id, "w", "boom", now)
+        .mark_dead(claimed[0].id, "w", "boom", &[], now)
         .await
         .unwrap();
     store
-        .mark_dead(claimed[1].id, "w", "bang", now)
+        .mark_dead(claimed[1].id, "w", "bang", &[], now)
         .await
         .unwrap();
     store.mark_done(claimed[2].id, "w", now).await.unwrap();

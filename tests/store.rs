@@ -110,7 +110,7 @@ async fn retry_then_dead_then_replay(store: Arc<dyn Store>) {
     let id = ids[0];
     store.claim("w", 1, 10_000, T0).await.unwrap();
     assert!(store
-        .mark_retry(id, "w", T0 + 5_000, "boom 1", T0 + 1)
+        .mark_retry(id, "w", T0 + 5_000, "boom 1", &[], T0 + 1)
         .await
         .unwrap());
     let e = store.get(id).await.unwrap().unwrap();
@@ -127,7 +127,7 @@ async fn retry_then_dead_then_replay(store: Arc<dyn Store>) {
     let again = store.claim("w", 1, 10_000, T0 + 5_000).await.unwrap();
     assert_eq!((again.len(), again[0].attempts), (1, 2));
     assert!(store
-        .mark_dead(id, "w", "boom 2", T0 + 5_001)
+        .mark_dead(id, "w", "boom 2", &[], T0 + 5_001)
         .await
         .unwrap());
     let e = store.get(id).await.unwrap().unwrap();
@@ -153,6 +153,84 @@ async fn retry_then_dead_then_replay(store: Arc<dyn Store>) {
         store.claim("w", 1, 10_000, T0 + 6_000).await.unwrap().len(),
         1
     );
+}
+
+fn names(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+async fn handled_kept_by_retry_dead_replay_and_release_cleared_by_done(store: Arc<dyn Store>) {
+    let ids = insert_n(&*store, 2, T0).await;
+    let (id, other) = (ids[0], ids[1]);
+    let claimed = store.claim("w", 2, 10_000, T0 + 10).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|e| e.handled.is_empty()), "{claimed:?}");
+
+    // A retry records the handlers that succeeded; the next claim and `get` return them.
+    assert!(store
+        .mark_retry(id, "w", T0 + 100, "b failed", &names(&["a"]), T0 + 1)
+        .await
+        .unwrap());
+    assert_eq!(store.get(id).await.unwrap().unwrap().handled, ["a"]);
+    let again = store.claim("w", 2, 10_000, T0 + 100).await.unwrap();
+    assert_eq!((again.len(), again[0].id), (1, id));
+    assert_eq!(again[0].handled, ["a"]);
+
+    // Dead records them too (replacing what the retry recorded), and a replay keeps them, so
+    // the replayed event re-runs only the handlers that had not succeeded.
+    assert!(store
+        .mark_dead(id, "w", "c failed", &names(&["a", "b"]), T0 + 101)
+        .await
+        .unwrap());
+    let dead = store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (dead.state, dead.handled.clone()),
+        (EventState::Dead, names(&["a", "b"]))
+    );
+    let found = store
+        .find_by_dedup_key(&dead.dedup_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.handled, ["a", "b"]);
+    assert_eq!(
+        store
+            .replay(&ReplaySelector::Ids(vec![id]), T0 + 200)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.get(id).await.unwrap().unwrap().handled, ["a", "b"]);
+    let again = store.claim("w", 1, 10_000, T0 + 200).await.unwrap();
+    assert_eq!(
+        (again[0].id, again[0].handled.clone()),
+        (id, names(&["a", "b"]))
+    );
+
+    // Giving the lease up keeps them as well.
+    assert_eq!(store.release(&names(&["w"]), T0 + 201).await.unwrap(), 2);
+    assert_eq!(store.get(id).await.unwrap().unwrap().handled, ["a", "b"]);
+    let again = store.claim("w", 2, 10_000, T0 + 202).await.unwrap();
+    assert_eq!(again.len(), 2);
+
+    // Done forgets them: a done event replayed runs every handler again.
+    assert!(store.mark_done(id, "w", T0 + 203).await.unwrap());
+    let done = store.get(id).await.unwrap().unwrap();
+    assert_eq!((done.state, done.handled.len()), (EventState::Done, 0));
+    store
+        .replay(&ReplaySelector::State(EventState::Done), T0 + 300)
+        .await
+        .unwrap();
+    assert!(store.get(id).await.unwrap().unwrap().handled.is_empty());
+
+    // An outcome with no handler succeeded records none.
+    assert!(store
+        .mark_retry(other, "w", T0 + 400, "all failed", &[], T0 + 204)
+        .await
+        .unwrap());
+    assert!(store.get(other).await.unwrap().unwrap().handled.is_empty());
+    let listed = store.list(&Default::default()).await.unwrap();
+    assert!(listed.iter().all(|e| e.handled.is_empty()), "{listed:?}");
 }
 
 async fn replay_by_ids_and_since_leaves_running_alone(store: Arc<dyn Store>) {
@@ -371,7 +449,11 @@ async fn replicas_migrating_together(url: &str) {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1, 2, 3, 4], "each migration recorded once");
+    assert_eq!(
+        versions,
+        vec![1, 2, 3, 4, 5],
+        "each migration recorded once"
+    );
     drop(client);
     let _ = connection.await;
     for store in opened {
@@ -811,6 +893,7 @@ for_each_backend!(
     claim_with_lease,
     lease_expiry_returns_events,
     retry_then_dead_then_replay,
+    handled_kept_by_retry_dead_replay_and_release_cleared_by_done,
     replay_by_ids_and_since_leaves_running_alone,
     concurrent_claimers_never_share,
     stats_count_states_types_and_age,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub mod postgres;
+mod schema;
 pub mod sqlite;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,6 +190,9 @@ pub struct StoredEvent {
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
     pub updated_at: i64,
+    /// The handlers that already succeeded on this event (empty: none), so a retry re-runs
+    /// only the others. Kept by `retry` and `dead` outcomes and by `replay`; cleared by `done`.
+    pub handled: Vec<String>,
 }
 
 /// A JSON document kept by the built-in handlers (groups, to-dos, notifications, effects),
@@ -300,32 +304,38 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
-    /// `running` → `done`. False (and no change) if `owner` no longer holds the lease.
+    /// `running` → `done`, forgetting `handled` (a done event replayed runs every handler
+    /// again). False (and no change) if `owner` no longer holds the lease.
     async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError>;
-    /// `running` → `retry` at `at_ms`, keeping `error`. False if the lease was lost.
+    /// `running` → `retry` at `at_ms`, keeping `error` and the handlers that succeeded
+    /// (`handled`; empty: none), which the next claim returns. False if the lease was lost.
     async fn mark_retry(
         &self,
         id: i64,
         owner: &str,
         at_ms: i64,
         error: &str,
+        handled: &[String],
         now_ms: i64,
     ) -> Result<bool, StoreError>;
-    /// `running` → `dead`, keeping `error`. False if the lease was lost.
+    /// `running` → `dead`, keeping `error` and `handled` (as [`Store::mark_retry`]). False if
+    /// the lease was lost.
     async fn mark_dead(
         &self,
         id: i64,
         owner: &str,
         error: &str,
+        handled: &[String],
         now_ms: i64,
     ) -> Result<bool, StoreError>;
     /// Gives up the leases `owners` hold: their `running` events go back to `pending`, due as
-    /// they were, and the interrupted run is not counted in `attempts`. For a process that is
+    /// they were, and the interrupted run is not counted in `attempts` (`handled` is kept). For a process that is
     /// stopping with runs it could not finish; never while those owners are still running.
     /// Returns how many changed.
     async fn release(&self, owners: &[String], now_ms: i64) -> Result<u64, StoreError>;
     /// Sends the selected events back to `pending`, due now, with `attempts` reset to 0
-    /// (`last_error` is kept until the next outcome). `running` events are left alone.
+    /// (`last_error` is kept until the next outcome, `handled` too: a dead event replayed
+    /// re-runs only the handlers that had not succeeded). `running` events are left alone.
     /// Returns how many changed.
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError>;
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError>;

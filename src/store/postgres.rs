@@ -23,90 +23,12 @@ use deadpool_postgres::{
 use tokio_postgres::{NoTls, Row};
 
 use super::redact_url;
+use super::schema::{self, Dialect, Statements};
 use super::{
     Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
     StoredEvent,
 };
 use crate::time::now_millis;
-
-/// Schema migrations, applied in order; `dinghook_migrations` records which ran. Kept in step
-/// with the SQLite list so both backends have the same tables and indexes.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE events (
-    id              BIGSERIAL PRIMARY KEY,
-    dedup_key       TEXT    NOT NULL UNIQUE,
-    event_type      TEXT    NOT NULL,
-    corp_id         TEXT,
-    payload         TEXT    NOT NULL,
-    source          TEXT    NOT NULL DEFAULT 'push',
-    received_at     BIGINT  NOT NULL,
-    state           TEXT    NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'running', 'retry', 'done', 'dead')),
-    attempts        BIGINT  NOT NULL DEFAULT 0,
-    next_attempt_at BIGINT  NOT NULL,
-    lease_owner     TEXT,
-    lease_until     BIGINT,
-    last_error      TEXT,
-    updated_at      BIGINT  NOT NULL
-);
-CREATE INDEX events_due ON events (state, next_attempt_at);
-CREATE INDEX events_type ON events (event_type);
-CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at BIGINT NOT NULL);
-"#,
-    r#"
-CREATE INDEX events_lease ON events (state, lease_until);
-CREATE INDEX events_received ON events (received_at);
-CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls BIGINT NOT NULL);
-"#,
-    // Claims read these in order and stop at the limit: no sort over the whole backlog.
-    r#"
-CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
-CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
-DROP INDEX events_due;
-DROP INDEX events_lease;
-"#,
-    // Documents of the built-in handlers, and views that show the main collections as tables.
-    r#"
-CREATE TABLE documents (
-    collection TEXT   NOT NULL,
-    key        TEXT   NOT NULL,
-    body       TEXT   NOT NULL,
-    created_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    PRIMARY KEY (collection, key)
-);
-CREATE INDEX documents_updated ON documents (collection, updated_at);
-CREATE VIEW groups AS SELECT
-    key AS open_conversation_id,
-    body::jsonb ->> 'title' AS title,
-    body::jsonb ->> 'status' AS status,
-    body::jsonb ->> 'robot_code' AS robot_code,
-    body::jsonb ->> 'cool_app_code' AS cool_app_code,
-    body::jsonb ->> 'corp_id' AS corp_id,
-    body::jsonb ->> 'operator' AS operator,
-    body::jsonb ->> 'installed_at' AS installed_at,
-    updated_at
-    FROM documents WHERE collection = 'group';
-CREATE VIEW todos AS SELECT
-    key AS task_id,
-    body::jsonb ->> 'subject' AS subject,
-    body::jsonb ->> 'done' AS done,
-    body::jsonb ->> 'deleted' AS deleted,
-    body::jsonb ->> 'notification_task_id' AS notification_task_id,
-    updated_at
-    FROM documents WHERE collection = 'todo';
-CREATE VIEW notifications AS SELECT
-    key AS task_id,
-    body::jsonb ->> 'kind' AS kind,
-    body::jsonb ->> 'userids' AS userids,
-    body::jsonb ->> 'status' AS status,
-    body::jsonb ->> 'result' AS result,
-    created_at,
-    updated_at
-    FROM documents WHERE collection = 'notification';
-"#,
-];
 
 /// The advisory lock that serialises migrations across replicas ("dinghook" in ASCII). Other
 /// advisory locks (the recovery poller's election) must use different keys.
@@ -149,6 +71,7 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: Pool,
     options: PostgresOptions,
+    sql: Sql,
 }
 
 impl From<PoolError> for StoreError {
@@ -219,7 +142,11 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| open_err(e.to_string()))?;
-        let store = PostgresStore { pool, options };
+        let store = PostgresStore {
+            pool,
+            options,
+            sql: Sql::new(),
+        };
         // Connect first, so "cannot reach the server" is not reported as a failed migration.
         // The connection goes back to the pool for the migration to use.
         let limit = store.options.connect_timeout + store.options.pool_wait_timeout;
@@ -235,6 +162,8 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// Applies the schema migrations not yet run, in order, in one transaction;
+    /// `dinghook_migrations` records which ran.
     async fn migrate(&self) -> Result<(), StoreError> {
         let limit = self.options.migration_timeout + self.options.connect_timeout;
         let work = async {
@@ -263,15 +192,16 @@ impl PostgresStore {
                 .await?
                 .try_get(0)?;
             let done = usize::try_from(done).unwrap_or(0);
-            if done > MIGRATIONS.len() {
+            let migrations = Dialect::Postgres.migrations();
+            if done > migrations.len() {
                 tracing::warn!(
                     schema_version = done,
-                    known = MIGRATIONS.len(),
+                    known = migrations.len(),
                     "the database schema is newer than this binary"
                 );
             }
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
-                tx.batch_execute(sql).await?;
+            for (i, sql) in migrations.enumerate().skip(done) {
+                tx.batch_execute(&sql).await?;
                 let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
                 tx.execute(
                     "INSERT INTO dinghook_migrations (version, applied_at) VALUES ($1, $2)",
@@ -339,46 +269,49 @@ impl PostgresStore {
     }
 }
 
-const EVENT_COLUMNS: &str = "id, dedup_key, event_type, corp_id, payload, source, received_at, \
-     state, attempts, next_attempt_at, last_error, updated_at";
-
-fn event_from_row(row: &Row) -> Result<StoredEvent, StoreError> {
-    let state: String = row.try_get(7)?;
-    Ok(StoredEvent {
-        id: row.try_get(0)?,
-        dedup_key: row.try_get(1)?,
-        event_type: row.try_get(2)?,
-        corp_id: row.try_get(3)?,
-        payload: row.try_get(4)?,
-        source: row.try_get(5)?,
-        received_at: row.try_get(6)?,
-        state: EventState::parse(&state)
-            .ok_or_else(|| StoreError::Invalid(format!("unknown event state {state:?}")))?,
-        attempts: row.try_get(8)?,
-        next_attempt_at: row.try_get(9)?,
-        last_error: row.try_get(10)?,
-        updated_at: row.try_get(11)?,
-    })
+/// What this store runs: the shared statements, and its own claims and replay by ids, all
+/// rendered once at open.
+struct Sql {
+    shared: Statements,
+    /// Expired leases first, then due events (see `claim`).
+    claims: [String; 2],
+    /// now, ids.
+    replay_ids: String,
 }
 
-fn document_from_row(row: &Row) -> Result<Document, StoreError> {
-    let body: String = row.try_get(2)?;
-    Ok(Document {
-        collection: row.try_get(0)?,
-        key: row.try_get(1)?,
-        body: serde_json::from_str(&body)
-            .map_err(|e| StoreError::Invalid(format!("document body is not JSON: {e}")))?,
-        created_at: row.try_get(3)?,
-        updated_at: row.try_get(4)?,
-    })
+impl Sql {
+    fn new() -> Self {
+        let d = Dialect::Postgres;
+        Sql {
+            shared: Statements::new(d),
+            claims: [
+                schema::claim_statement(
+                    d,
+                    "SELECT id FROM events \
+                     WHERE state = 'running' AND lease_until < $3 \
+                     ORDER BY lease_until LIMIT $4 FOR UPDATE SKIP LOCKED",
+                ),
+                schema::claim_statement(
+                    d,
+                    "SELECT id FROM events \
+                     WHERE state IN ('pending', 'retry') AND next_attempt_at <= $3 \
+                     ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                ),
+            ],
+            replay_ids: format!("{} id = ANY($2)", schema::REPLAY_SET),
+        }
+    }
+}
+
+impl std::ops::Deref for Sql {
+    type Target = Statements;
+    fn deref(&self) -> &Statements {
+        &self.shared
+    }
 }
 
 fn events_from_rows(rows: &[Row]) -> Result<Vec<StoredEvent>, StoreError> {
-    rows.iter().map(event_from_row).collect()
-}
-
-fn count(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
+    rows.iter().map(schema::event_from_row).collect()
 }
 
 #[async_trait]
@@ -389,10 +322,7 @@ impl Store for PostgresStore {
             // that transaction; if it commits, this does nothing and the select below sees it.
             let row = Self::query_opt(
                 c,
-                "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
-                 received_at, next_attempt_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $6) \
-                 ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+                &self.sql.insert_event,
                 &[
                     &event.dedup_key,
                     &event.event_type,
@@ -409,15 +339,13 @@ impl Store for PostgresStore {
                     id: row.try_get(0)?,
                 });
             }
-            let row = Self::query_opt(
-                c,
-                "SELECT id FROM events WHERE dedup_key = $1",
-                &[&event.dedup_key],
-            )
-            .await?
-            .ok_or_else(|| {
-                StoreError::Invalid("a conflicting event vanished before it could be read".into())
-            })?;
+            let row = Self::query_opt(c, &self.sql.event_id_by_key, &[&event.dedup_key])
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Invalid(
+                        "a conflicting event vanished before it could be read".into(),
+                    )
+                })?;
             Ok(Inserted::Duplicate {
                 id: row.try_get(0)?,
             })
@@ -428,37 +356,29 @@ impl Store for PostgresStore {
     async fn probe(&self) -> Result<(), StoreError> {
         let now = now_millis();
         self.run(async |c| {
-            Self::execute(
-                c,
-                "INSERT INTO probe (id, at) VALUES (1, $1) \
-                 ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at",
-                &[&now],
-            )
-            .await?;
+            Self::execute(c, &self.sql.probe, &[&now]).await?;
             Ok(())
         })
         .await
     }
 
     async fn get(&self, id: i64) -> Result<Option<StoredEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
         self.run(async |c| {
-            Self::query_opt(c, &sql, &[&id])
+            Self::query_opt(c, &self.sql.get_event, &[&id])
                 .await?
                 .as_ref()
-                .map(event_from_row)
+                .map(schema::event_from_row)
                 .transpose()
         })
         .await
     }
 
     async fn find_by_dedup_key(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE dedup_key = $1");
         self.run(async |c| {
-            Self::query_opt(c, &sql, &[&key])
+            Self::query_opt(c, &self.sql.event_by_key, &[&key])
                 .await?
                 .as_ref()
-                .map(event_from_row)
+                .map(schema::event_from_row)
                 .transpose()
         })
         .await
@@ -468,14 +388,9 @@ impl Store for PostgresStore {
         let state = query.state.map(EventState::as_str);
         let event_type = query.event_type.as_deref();
         let limit = i64::from(query.limit.unwrap_or(100));
-        // The casts give the optional parameters a type the server can infer.
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE ($1::TEXT IS NULL OR state = $1) AND ($2::TEXT IS NULL OR event_type = $2) \
-             ORDER BY id DESC LIMIT $3"
-        );
         self.run(async |c| {
-            let rows = Self::query(c, &sql, &[&state, &event_type, &limit]).await?;
+            let rows =
+                Self::query(c, &self.sql.list_events, &[&state, &event_type, &limit]).await?;
             events_from_rows(&rows)
         })
         .await
@@ -483,12 +398,12 @@ impl Store for PostgresStore {
 
     async fn count(&self) -> Result<u64, StoreError> {
         self.run(async |c| {
-            let rows = Self::query(c, "SELECT COUNT(*) FROM events", &[]).await?;
+            let rows = Self::query(c, &self.sql.count_events, &[]).await?;
             let n: i64 = match rows.first() {
                 Some(row) => row.try_get(0)?,
                 None => 0,
             };
-            Ok(count(n))
+            Ok(schema::count(n))
         })
         .await
     }
@@ -507,28 +422,13 @@ impl Store for PostgresStore {
         // re-check of the WHERE clause under the row lock rejects. So no event is shared.
         // Two statements, each walking a partial index in order (events_leased, then
         // events_waiting), so a claim costs the same with 10 or 10 million waiting events.
-        let expired = format!(
-            "UPDATE events SET state = 'running', lease_owner = $1, lease_until = $2, \
-             attempts = attempts + 1, updated_at = $3 \
-             WHERE id IN (SELECT id FROM events \
-                 WHERE state = 'running' AND lease_until < $3 \
-                 ORDER BY lease_until LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             RETURNING {EVENT_COLUMNS}"
-        );
-        let due = format!(
-            "UPDATE events SET state = 'running', lease_owner = $1, lease_until = $2, \
-             attempts = attempts + 1, updated_at = $3 \
-             WHERE id IN (SELECT id FROM events \
-                 WHERE state IN ('pending', 'retry') AND next_attempt_at <= $3 \
-                 ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             RETURNING {EVENT_COLUMNS}"
-        );
+        let [expired, due] = &self.sql.claims;
         self.run(async |c| {
-            let rows = Self::query(c, &expired, &[&owner, &lease_until, &now_ms, &limit]).await?;
+            let rows = Self::query(c, expired, &[&owner, &lease_until, &now_ms, &limit]).await?;
             let mut events = events_from_rows(&rows)?;
             let left = limit - events.len() as i64;
             if left > 0 {
-                let rows = Self::query(c, &due, &[&owner, &lease_until, &now_ms, &left]).await?;
+                let rows = Self::query(c, due, &[&owner, &lease_until, &now_ms, &left]).await?;
                 events.extend(events_from_rows(&rows)?);
             }
             // RETURNING has no defined order.
@@ -540,13 +440,7 @@ impl Store for PostgresStore {
 
     async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
         self.run(async |c| {
-            let n = Self::execute(
-                c,
-                "UPDATE events SET state = 'done', lease_owner = NULL, lease_until = NULL, \
-                 updated_at = $3 WHERE id = $1 AND state = 'running' AND lease_owner = $2",
-                &[&id, &owner, &now_ms],
-            )
-            .await?;
+            let n = Self::execute(c, &self.sql.mark_done, &[&id, &owner, &now_ms]).await?;
             Ok(n == 1)
         })
         .await
@@ -558,15 +452,15 @@ impl Store for PostgresStore {
         owner: &str,
         at_ms: i64,
         error: &str,
+        handled: &[String],
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let handled = schema::handled_column(handled);
         self.run(async |c| {
             let n = Self::execute(
                 c,
-                "UPDATE events SET state = 'retry', next_attempt_at = $3, last_error = $4, \
-                 lease_owner = NULL, lease_until = NULL, updated_at = $5 \
-                 WHERE id = $1 AND state = 'running' AND lease_owner = $2",
-                &[&id, &owner, &at_ms, &error, &now_ms],
+                &self.sql.mark_retry,
+                &[&id, &owner, &at_ms, &error, &now_ms, &handled],
             )
             .await?;
             Ok(n == 1)
@@ -579,15 +473,15 @@ impl Store for PostgresStore {
         id: i64,
         owner: &str,
         error: &str,
+        handled: &[String],
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let handled = schema::handled_column(handled);
         self.run(async |c| {
             let n = Self::execute(
                 c,
-                "UPDATE events SET state = 'dead', last_error = $3, lease_owner = NULL, \
-                 lease_until = NULL, updated_at = $4 \
-                 WHERE id = $1 AND state = 'running' AND lease_owner = $2",
-                &[&id, &owner, &error, &now_ms],
+                &self.sql.mark_dead,
+                &[&id, &owner, &error, &now_ms, &handled],
             )
             .await?;
             Ok(n == 1)
@@ -610,20 +504,16 @@ impl Store for PostgresStore {
     }
 
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError> {
-        const SET: &str = "UPDATE events SET state = 'pending', attempts = 0, \
-            next_attempt_at = $1, lease_owner = NULL, lease_until = NULL, updated_at = $1 \
-            WHERE state <> 'running' AND ";
         self.run(async |c| {
             let changed = match selector {
                 ReplaySelector::Ids(ids) => {
-                    Self::execute(c, &format!("{SET} id = ANY($2)"), &[&now_ms, ids]).await?
+                    Self::execute(c, &self.sql.replay_ids, &[&now_ms, ids]).await?
                 }
                 ReplaySelector::State(state) => {
-                    Self::execute(c, &format!("{SET} state = $2"), &[&now_ms, &state.as_str()])
-                        .await?
+                    Self::execute(c, &self.sql.replay_state, &[&now_ms, &state.as_str()]).await?
                 }
                 ReplaySelector::Since(since) => {
-                    Self::execute(c, &format!("{SET} received_at >= $2"), &[&now_ms, since]).await?
+                    Self::execute(c, &self.sql.replay_since, &[&now_ms, since]).await?
                 }
             };
             Ok(changed)
@@ -633,40 +523,16 @@ impl Store for PostgresStore {
 
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
         self.run(async |c| {
-            let mut stats = Stats::default();
-            for state in EventState::ALL {
-                stats.by_state.insert(state.as_str().to_owned(), 0);
-            }
-            let rows = Self::query(
-                c,
-                "SELECT event_type, state, COUNT(*) FROM events GROUP BY event_type, state",
-                &[],
-            )
-            .await?;
-            for row in &rows {
-                let event_type: String = row.try_get(0)?;
-                let state: String = row.try_get(1)?;
-                let n = count(row.try_get(2)?);
-                *stats.by_state.entry(state.clone()).or_insert(0) += n;
-                *stats
-                    .by_type
-                    .entry(event_type)
-                    .or_default()
-                    .entry(state)
-                    .or_insert(0) += n;
-            }
-            let oldest: Option<i64> = match Self::query_opt(
-                c,
-                "SELECT MIN(received_at) FROM events WHERE state IN ('pending', 'retry')",
-                &[],
-            )
-            .await?
-            {
+            let rows = Self::query(c, &self.sql.stats_counts, &[]).await?;
+            let counts = rows
+                .iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let oldest: Option<i64> = match Self::query_opt(c, &self.sql.stats_oldest, &[]).await? {
                 Some(row) => row.try_get(0)?,
                 None => None,
             };
-            stats.oldest_pending_age_ms = oldest.map(|t| now_ms.saturating_sub(t).max(0));
-            Ok(stats)
+            Ok(schema::stats_from(counts, oldest, now_ms))
         })
         .await
     }
@@ -682,10 +548,7 @@ impl Store for PostgresStore {
         self.run(async |c| {
             Self::execute(
                 c,
-                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $4) \
-                 ON CONFLICT (collection, key) DO UPDATE SET body = EXCLUDED.body, \
-                 updated_at = EXCLUDED.updated_at",
+                &self.sql.put_document,
                 &[&collection, &key, &body, &now_ms],
             )
             .await?;
@@ -705,8 +568,7 @@ impl Store for PostgresStore {
         self.run(async |c| {
             let n = Self::execute(
                 c,
-                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $4) ON CONFLICT (collection, key) DO NOTHING",
+                &self.sql.insert_document,
                 &[&collection, &key, &body, &now_ms],
             )
             .await?;
@@ -721,14 +583,8 @@ impl Store for PostgresStore {
         key: &str,
     ) -> Result<Option<Document>, StoreError> {
         self.run(async |c| {
-            let row = Self::query_opt(
-                c,
-                "SELECT collection, key, body, created_at, updated_at FROM documents \
-                 WHERE collection = $1 AND key = $2",
-                &[&collection, &key],
-            )
-            .await?;
-            row.as_ref().map(document_from_row).transpose()
+            let row = Self::query_opt(c, &self.sql.get_document, &[&collection, &key]).await?;
+            row.as_ref().map(schema::document_from_row).transpose()
         })
         .await
     }
@@ -740,14 +596,8 @@ impl Store for PostgresStore {
     ) -> Result<Vec<Document>, StoreError> {
         let limit = i64::from(limit);
         self.run(async |c| {
-            let rows = Self::query(
-                c,
-                "SELECT collection, key, body, created_at, updated_at FROM documents \
-                 WHERE collection = $1 ORDER BY updated_at DESC, key LIMIT $2",
-                &[&collection, &limit],
-            )
-            .await?;
-            rows.iter().map(document_from_row).collect()
+            let rows = Self::query(c, &self.sql.list_documents, &[&collection, &limit]).await?;
+            rows.iter().map(schema::document_from_row).collect()
         })
         .await
     }
@@ -757,16 +607,10 @@ impl Store for PostgresStore {
         self.run(async |c| {
             // One statement: replicas adding at once are serialised by the row lock, so no
             // increment is lost.
-            let row = Self::query_opt(
-                c,
-                "INSERT INTO api_calls (month, calls) VALUES ($1, $2) \
-                 ON CONFLICT (month) DO UPDATE SET calls = api_calls.calls + EXCLUDED.calls \
-                 RETURNING calls",
-                &[&month, &n],
-            )
-            .await?
-            .ok_or_else(|| StoreError::Invalid("the counter upsert returned no row".into()))?;
-            Ok(count(row.try_get(0)?))
+            let row = Self::query_opt(c, &self.sql.add_api_calls, &[&month, &n])
+                .await?
+                .ok_or_else(|| StoreError::Invalid("the counter upsert returned no row".into()))?;
+            Ok(schema::count(row.try_get(0)?))
         })
         .await
     }
@@ -774,13 +618,11 @@ impl Store for PostgresStore {
     async fn api_calls(&self, month: &str) -> Result<u64, StoreError> {
         self.run(async |c| {
             let total: Option<i64> =
-                match Self::query_opt(c, "SELECT calls FROM api_calls WHERE month = $1", &[&month])
-                    .await?
-                {
+                match Self::query_opt(c, &self.sql.api_calls, &[&month]).await? {
                     Some(row) => Some(row.try_get(0)?),
                     None => None,
                 };
-            Ok(total.map_or(0, count))
+            Ok(total.map_or(0, schema::count))
         })
         .await
     }

@@ -14,89 +14,12 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::schema::{self, Dialect, Statements};
 use super::{
     Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
     StoredEvent,
 };
 use crate::time::now_millis;
-
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE events (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    dedup_key       TEXT    NOT NULL UNIQUE,
-    event_type      TEXT    NOT NULL,
-    corp_id         TEXT,
-    payload         TEXT    NOT NULL,
-    source          TEXT    NOT NULL DEFAULT 'push',
-    received_at     INTEGER NOT NULL,
-    state           TEXT    NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'running', 'retry', 'done', 'dead')),
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at INTEGER NOT NULL,
-    lease_owner     TEXT,
-    lease_until     INTEGER,
-    last_error      TEXT,
-    updated_at      INTEGER NOT NULL
-);
-CREATE INDEX events_due ON events (state, next_attempt_at);
-CREATE INDEX events_type ON events (event_type);
-CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
-"#,
-    r#"
-CREATE INDEX events_lease ON events (state, lease_until);
-CREATE INDEX events_received ON events (received_at);
-CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL);
-"#,
-    // Claims read these in order and stop at the limit: no sort over the whole backlog.
-    r#"
-CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
-CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
-DROP INDEX events_due;
-DROP INDEX events_lease;
-"#,
-    // Documents of the built-in handlers, and views that show the main collections as tables.
-    r#"
-CREATE TABLE documents (
-    collection TEXT    NOT NULL,
-    key        TEXT    NOT NULL,
-    body       TEXT    NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (collection, key)
-);
-CREATE INDEX documents_updated ON documents (collection, updated_at);
-CREATE VIEW groups AS SELECT
-    key AS open_conversation_id,
-    json_extract(body, '$.title') AS title,
-    json_extract(body, '$.status') AS status,
-    json_extract(body, '$.robot_code') AS robot_code,
-    json_extract(body, '$.cool_app_code') AS cool_app_code,
-    json_extract(body, '$.corp_id') AS corp_id,
-    json_extract(body, '$.operator') AS operator,
-    json_extract(body, '$.installed_at') AS installed_at,
-    updated_at
-    FROM documents WHERE collection = 'group';
-CREATE VIEW todos AS SELECT
-    key AS task_id,
-    json_extract(body, '$.subject') AS subject,
-    json_extract(body, '$.done') AS done,
-    json_extract(body, '$.deleted') AS deleted,
-    json_extract(body, '$.notification_task_id') AS notification_task_id,
-    updated_at
-    FROM documents WHERE collection = 'todo';
-CREATE VIEW notifications AS SELECT
-    key AS task_id,
-    json_extract(body, '$.kind') AS kind,
-    json_extract(body, '$.userids') AS userids,
-    json_extract(body, '$.status') AS status,
-    json_extract(body, '$.result') AS result,
-    created_at,
-    updated_at
-    FROM documents WHERE collection = 'notification';
-"#,
-];
 
 /// What the writer calls after the commit (or its failure) to answer the caller.
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -120,6 +43,8 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     /// Joined on close, so queued writes are committed before the process exits.
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Shared with the closures sent to the writer and the reader.
+    sql: Arc<Sql>,
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -145,11 +70,13 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Applies the schema migrations not yet run, in order, each in its own transaction;
+/// `PRAGMA user_version` records how many ran.
 fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
     let done: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+    for (i, sql) in Dialect::Sqlite.migrations().enumerate().skip(done) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        tx.execute_batch(&sql)?;
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
@@ -193,6 +120,7 @@ impl SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader_conn)),
             writer: Mutex::new(Some(writer)),
+            sql: Arc::new(Sql::new()),
         })
     }
 
@@ -328,57 +256,69 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-const EVENT_COLUMNS: &str = "id, dedup_key, event_type, corp_id, payload, source, received_at, \
-     state, attempts, next_attempt_at, last_error, updated_at";
+/// What this store runs: the shared statements, and its own claims, release and replay by id,
+/// all rendered once at open.
+struct Sql {
+    shared: Statements,
+    /// Expired leases first, then due events (see `claim`).
+    claims: [String; 2],
+    /// owner, now (one statement per owner).
+    release: String,
+    /// now, id (one statement per id).
+    replay_id: String,
+}
+
+impl Sql {
+    fn new() -> Self {
+        let d = Dialect::Sqlite;
+        Sql {
+            shared: Statements::new(d),
+            claims: [
+                schema::claim_statement(
+                    d,
+                    "SELECT id FROM events INDEXED BY events_leased \
+                     WHERE state = 'running' AND lease_until < $3 \
+                     ORDER BY lease_until LIMIT $4",
+                ),
+                schema::claim_statement(
+                    d,
+                    "SELECT id FROM events INDEXED BY events_waiting \
+                     WHERE state IN ('pending', 'retry') \
+                     AND next_attempt_at <= $3 ORDER BY next_attempt_at, id LIMIT $4",
+                ),
+            ],
+            release: d.statement(
+                "UPDATE events SET state = 'pending', attempts = MAX(attempts - 1, 0), \
+                 lease_owner = NULL, lease_until = NULL, updated_at = $2 \
+                 WHERE state = 'running' AND lease_owner = $1",
+            ),
+            replay_id: d.statement(&format!("{} id = $2", schema::REPLAY_SET)),
+        }
+    }
+}
+
+impl std::ops::Deref for Sql {
+    type Target = Statements;
+    fn deref(&self) -> &Statements {
+        &self.shared
+    }
+}
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
-    let state: String = row.get(7)?;
-    Ok(StoredEvent {
-        id: row.get(0)?,
-        dedup_key: row.get(1)?,
-        event_type: row.get(2)?,
-        corp_id: row.get(3)?,
-        payload: row.get(4)?,
-        source: row.get(5)?,
-        received_at: row.get(6)?,
-        state: EventState::parse(&state).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(
-                7,
-                rusqlite::types::Type::Text,
-                format!("unknown state {state:?}").into(),
-            )
-        })?,
-        attempts: row.get(8)?,
-        next_attempt_at: row.get(9)?,
-        last_error: row.get(10)?,
-        updated_at: row.get(11)?,
-    })
+    schema::event_from_row(row)
 }
 
 fn document_from_row(row: &Row<'_>) -> rusqlite::Result<Document> {
-    let body: String = row.get(2)?;
-    Ok(Document {
-        collection: row.get(0)?,
-        key: row.get(1)?,
-        body: serde_json::from_str(&body).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
-        })?,
-        created_at: row.get(3)?,
-        updated_at: row.get(4)?,
-    })
+    schema::document_from_row(row)
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError> {
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             let id: Option<i64> = conn
-                .prepare_cached(
-                    "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
-                     received_at, next_attempt_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6) \
-                     ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-                )?
+                .prepare_cached(&sql.insert_event)?
                 .query_row(
                     params![
                         event.dedup_key,
@@ -396,7 +336,7 @@ impl Store for SqliteStore {
                 Some(id) => Ok(Inserted::Stored { id }),
                 None => {
                     let id = conn
-                        .prepare_cached("SELECT id FROM events WHERE dedup_key = ?1")?
+                        .prepare_cached(&sql.event_id_by_key)?
                         .query_row([&event.dedup_key], |r| r.get(0))?;
                     Ok(Inserted::Duplicate { id })
                 }
@@ -407,20 +347,18 @@ impl Store for SqliteStore {
 
     async fn probe(&self) -> Result<(), StoreError> {
         let now = now_millis();
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO probe (id, at) VALUES (1, ?1) \
-                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-            )?
-            .execute([now])?;
+            conn.prepare_cached(&sql.probe)?.execute([now])?;
             Ok(())
         })
         .await
     }
 
     async fn get(&self, id: i64) -> Result<Option<StoredEvent>, StoreError> {
+        let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
-            conn.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?1"))?
+            conn.prepare_cached(&sql.get_event)?
                 .query_row([id], event_from_row)
                 .optional()
         })
@@ -429,12 +367,11 @@ impl Store for SqliteStore {
 
     async fn find_by_dedup_key(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {
         let key = key.to_owned();
+        let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE dedup_key = ?1"
-            ))?
-            .query_row([key], event_from_row)
-            .optional()
+            conn.prepare_cached(&sql.event_by_key)?
+                .query_row([key], event_from_row)
+                .optional()
         })
         .await
     }
@@ -443,12 +380,9 @@ impl Store for SqliteStore {
         let state = query.state.map(EventState::as_str);
         let event_type = query.event_type.clone();
         let limit = i64::from(query.limit.unwrap_or(100));
+        let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events \
-                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR event_type = ?2) \
-                 ORDER BY id DESC LIMIT ?3"
-            ))?;
+            let mut stmt = conn.prepare_cached(&sql.list_events)?;
             let rows = stmt.query_map(params![state, event_type, limit], event_from_row)?;
             rows.collect()
         })
@@ -456,8 +390,14 @@ impl Store for SqliteStore {
     }
 
     async fn count(&self) -> Result<u64, StoreError> {
-        self.read(|conn| conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)))
-            .await
+        let sql = Arc::clone(&self.sql);
+        self.read(move |conn| {
+            let n: i64 = conn
+                .prepare_cached(&sql.count_events)?
+                .query_row([], |r| r.get(0))?;
+            Ok(schema::count(n))
+        })
+        .await
     }
 
     async fn claim(
@@ -468,6 +408,7 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let owner = owner.to_owned();
+        let sql = Arc::clone(&self.sql);
         // One writer thread: the selects and the updates cannot interleave with another claim.
         // Expired leases first, then due events; each statement walks a partial index in order
         // (events_leased, events_waiting) and stops at the limit, so a claim costs the same
@@ -475,27 +416,14 @@ impl Store for SqliteStore {
         // another index and sort every waiting event (and it errors, rather than silently
         // degrading, if the index ever stops fitting the query).
         self.write(move |conn| {
-            const SET: &str = "UPDATE events SET state = 'running', lease_owner = ?1, \
-                lease_until = ?2, attempts = attempts + 1, updated_at = ?3 WHERE id IN ";
-            let expired = format!(
-                "{SET} (SELECT id FROM events INDEXED BY events_leased \
-                 WHERE state = 'running' AND lease_until < ?3 \
-                 ORDER BY lease_until LIMIT ?4) RETURNING {EVENT_COLUMNS}"
-            );
-            let due = format!(
-                "{SET} (SELECT id FROM events INDEXED BY events_waiting \
-                 WHERE state IN ('pending', 'retry') \
-                 AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id LIMIT ?4) \
-                 RETURNING {EVENT_COLUMNS}"
-            );
             let lease_until = now_ms.saturating_add(lease_ms);
             let mut events: Vec<StoredEvent> = Vec::new();
-            for sql in [expired, due] {
+            for claim in &sql.claims {
                 let left = i64::from(limit) - events.len() as i64;
                 if left <= 0 {
                     break;
                 }
-                let mut stmt = conn.prepare_cached(&sql)?;
+                let mut stmt = conn.prepare_cached(claim)?;
                 let rows =
                     stmt.query_map(params![owner, lease_until, now_ms, left], event_from_row)?;
                 for row in rows {
@@ -510,12 +438,10 @@ impl Store for SqliteStore {
 
     async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
         let owner = owner.to_owned();
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(
-                    "UPDATE events SET state = 'done', lease_owner = NULL, lease_until = NULL, \
-                     updated_at = ?3 WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
-                )?
+                .prepare_cached(&sql.mark_done)?
                 .execute(params![id, owner, now_ms])?;
             Ok(n == 1)
         })
@@ -528,17 +454,16 @@ impl Store for SqliteStore {
         owner: &str,
         at_ms: i64,
         error: &str,
+        handled: &[String],
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let (owner, error) = (owner.to_owned(), error.to_owned());
+        let handled = schema::handled_column(handled);
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(
-                    "UPDATE events SET state = 'retry', next_attempt_at = ?3, last_error = ?4, \
-                     lease_owner = NULL, lease_until = NULL, updated_at = ?5 \
-                     WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
-                )?
-                .execute(params![id, owner, at_ms, error, now_ms])?;
+                .prepare_cached(&sql.mark_retry)?
+                .execute(params![id, owner, at_ms, error, now_ms, handled])?;
             Ok(n == 1)
         })
         .await
@@ -549,17 +474,16 @@ impl Store for SqliteStore {
         id: i64,
         owner: &str,
         error: &str,
+        handled: &[String],
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let (owner, error) = (owner.to_owned(), error.to_owned());
+        let handled = schema::handled_column(handled);
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(
-                    "UPDATE events SET state = 'dead', last_error = ?3, lease_owner = NULL, \
-                     lease_until = NULL, updated_at = ?4 \
-                     WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
-                )?
-                .execute(params![id, owner, error, now_ms])?;
+                .prepare_cached(&sql.mark_dead)?
+                .execute(params![id, owner, error, now_ms, handled])?;
             Ok(n == 1)
         })
         .await
@@ -567,12 +491,9 @@ impl Store for SqliteStore {
 
     async fn release(&self, owners: &[String], now_ms: i64) -> Result<u64, StoreError> {
         let owners = owners.to_vec();
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "UPDATE events SET state = 'pending', attempts = MAX(attempts - 1, 0), \
-                 lease_owner = NULL, lease_until = NULL, updated_at = ?2 \
-                 WHERE state = 'running' AND lease_owner = ?1",
-            )?;
+            let mut stmt = conn.prepare_cached(&sql.release)?;
             let mut total = 0;
             for owner in &owners {
                 total += stmt.execute(params![owner, now_ms])?;
@@ -584,13 +505,11 @@ impl Store for SqliteStore {
 
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError> {
         let selector = selector.clone();
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
-            const SET: &str = "UPDATE events SET state = 'pending', attempts = 0, \
-                next_attempt_at = ?1, lease_owner = NULL, lease_until = NULL, updated_at = ?1 \
-                WHERE state <> 'running' AND ";
             let changed = match selector {
                 ReplaySelector::Ids(ids) => {
-                    let mut stmt = conn.prepare_cached(&format!("{SET} id = ?2"))?;
+                    let mut stmt = conn.prepare_cached(&sql.replay_id)?;
                     let mut total = 0;
                     for id in ids {
                         total += stmt.execute(params![now_ms, id])?;
@@ -598,10 +517,10 @@ impl Store for SqliteStore {
                     total
                 }
                 ReplaySelector::State(state) => conn
-                    .prepare_cached(&format!("{SET} state = ?2"))?
+                    .prepare_cached(&sql.replay_state)?
                     .execute(params![now_ms, state.as_str()])?,
                 ReplaySelector::Since(since) => conn
-                    .prepare_cached(&format!("{SET} received_at >= ?2"))?
+                    .prepare_cached(&sql.replay_since)?
                     .execute(params![now_ms, since])?,
             };
             Ok(changed as u64)
@@ -610,39 +529,16 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
+        let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
-            let mut stats = Stats::default();
-            for state in EventState::ALL {
-                stats.by_state.insert(state.as_str().to_owned(), 0);
-            }
-            let mut stmt = conn.prepare_cached(
-                "SELECT event_type, state, COUNT(*) FROM events GROUP BY event_type, state",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?;
-            for row in rows {
-                let (event_type, state, count) = row?;
-                let count = u64::try_from(count).unwrap_or(0);
-                *stats.by_state.entry(state.clone()).or_insert(0) += count;
-                *stats
-                    .by_type
-                    .entry(event_type)
-                    .or_default()
-                    .entry(state)
-                    .or_insert(0) += count;
-            }
+            let mut stmt = conn.prepare_cached(&sql.stats_counts)?;
+            let counts = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             let oldest: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT MIN(received_at) FROM events WHERE state IN ('pending', 'retry')",
-                )?
+                .prepare_cached(&sql.stats_oldest)?
                 .query_row([], |r| r.get(0))?;
-            stats.oldest_pending_age_ms = oldest.map(|t| now_ms.saturating_sub(t).max(0));
-            Ok(stats)
+            Ok(schema::stats_from(counts, oldest, now_ms))
         })
         .await
     }
@@ -655,14 +551,10 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let (collection, key, body) = (collection.to_owned(), key.to_owned(), body.to_string());
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?4) \
-                 ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body, \
-                 updated_at = excluded.updated_at",
-            )?
-            .execute(params![collection, key, body, now_ms])?;
+            conn.prepare_cached(&sql.put_document)?
+                .execute(params![collection, key, body, now_ms])?;
             Ok(())
         })
         .await
@@ -676,12 +568,10 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let (collection, key, body) = (collection.to_owned(), key.to_owned(), body.to_string());
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(
-                    "INSERT INTO documents (collection, key, body, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (collection, key) DO NOTHING",
-                )?
+                .prepare_cached(&sql.insert_document)?
                 .execute(params![collection, key, body, now_ms])?;
             Ok(n == 1)
         })
@@ -694,13 +584,11 @@ impl Store for SqliteStore {
         key: &str,
     ) -> Result<Option<Document>, StoreError> {
         let (collection, key) = (collection.to_owned(), key.to_owned());
+        let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT collection, key, body, created_at, updated_at FROM documents \
-                 WHERE collection = ?1 AND key = ?2",
-            )?
-            .query_row(params![collection, key], document_from_row)
-            .optional()
+            conn.prepare_cached(&sql.get_document)?
+                .query_row(params![collection, key], document_from_row)
+                .optional()
         })
         .await
     }
@@ -711,11 +599,9 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<Document>, StoreError> {
         let collection = collection.to_owned();
+        let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT collection, key, body, created_at, updated_at FROM documents \
-                 WHERE collection = ?1 ORDER BY updated_at DESC, key LIMIT ?2",
-            )?;
+            let mut stmt = conn.prepare_cached(&sql.list_documents)?;
             let rows = stmt.query_map(params![collection, i64::from(limit)], document_from_row)?;
             rows.collect()
         })
@@ -725,27 +611,25 @@ impl Store for SqliteStore {
     async fn add_api_calls(&self, month: &str, n: u64) -> Result<u64, StoreError> {
         let month = month.to_owned();
         let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             let total: i64 = conn
-                .prepare_cached(
-                    "INSERT INTO api_calls (month, calls) VALUES (?1, ?2) \
-                     ON CONFLICT (month) DO UPDATE SET calls = calls + excluded.calls \
-                     RETURNING calls",
-                )?
+                .prepare_cached(&sql.add_api_calls)?
                 .query_row(params![month, n], |r| r.get(0))?;
-            Ok(u64::try_from(total).unwrap_or(0))
+            Ok(schema::count(total))
         })
         .await
     }
 
     async fn api_calls(&self, month: &str) -> Result<u64, StoreError> {
         let month = month.to_owned();
+        let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
             let total: Option<i64> = conn
-                .prepare_cached("SELECT calls FROM api_calls WHERE month = ?1")?
+                .prepare_cached(&sql.api_calls)?
                 .query_row([month], |r| r.get(0))
                 .optional()?;
-            Ok(total.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+            Ok(total.map_or(0, schema::count))
         })
         .await
     }

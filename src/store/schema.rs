@@ -1,0 +1,752 @@
+//! The schema and the statements both backends share, written once.
+//!
+//! Migrations use a few tokens for what the two SQL dialects spell differently (`{id_pk}`,
+//! `{bigint}`, `{json:field}`); [`Dialect::migrations`] renders them. Statements are written
+//! with PostgreSQL's `$N` placeholders; [`Statements::new`] renders them once per store (SQLite
+//! takes `?N`), so no statement text is built on the insert or claim path.
+//! Also here: one row mapper each for [`StoredEvent`] and [`Document`] (over [`SqlRow`], which
+//! both drivers' rows implement) and the assembly of [`Stats`].
+
+use super::{Document, EventState, Stats, StoredEvent};
+
+/// The SQL dialect a store speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Schema migrations, applied in order (each backend records how many ran). Never edit or
+/// reorder one that has shipped: databases migrated by earlier versions must match what the
+/// tokens render to; a change is a new migration at the end.
+///
+/// Tokens: `{id_pk}` an auto-incrementing 64-bit key, `{bigint}` a 64-bit integer,
+/// `{json:f}` the text of field `f` of the JSON in column `body`.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE events (
+    id              {id_pk},
+    dedup_key       TEXT    NOT NULL UNIQUE,
+    event_type      TEXT    NOT NULL,
+    corp_id         TEXT,
+    payload         TEXT    NOT NULL,
+    source          TEXT    NOT NULL DEFAULT 'push',
+    received_at     {bigint} NOT NULL,
+    state           TEXT    NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'retry', 'done', 'dead')),
+    attempts        {bigint} NOT NULL DEFAULT 0,
+    next_attempt_at {bigint} NOT NULL,
+    lease_owner     TEXT,
+    lease_until     {bigint},
+    last_error      TEXT,
+    updated_at      {bigint} NOT NULL
+);
+CREATE INDEX events_due ON events (state, next_attempt_at);
+CREATE INDEX events_type ON events (event_type);
+CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at {bigint} NOT NULL);
+"#,
+    r#"
+CREATE INDEX events_lease ON events (state, lease_until);
+CREATE INDEX events_received ON events (received_at);
+CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls {bigint} NOT NULL);
+"#,
+    // Claims read these in order and stop at the limit: no sort over the whole backlog.
+    r#"
+CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
+CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
+DROP INDEX events_due;
+DROP INDEX events_lease;
+"#,
+    // Documents of the built-in handlers, and views that show the main collections as tables.
+    r#"
+CREATE TABLE documents (
+    collection TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    body       TEXT    NOT NULL,
+    created_at {bigint} NOT NULL,
+    updated_at {bigint} NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE INDEX documents_updated ON documents (collection, updated_at);
+CREATE VIEW groups AS SELECT
+    key AS open_conversation_id,
+    {json:title} AS title,
+    {json:status} AS status,
+    {json:robot_code} AS robot_code,
+    {json:cool_app_code} AS cool_app_code,
+    {json:corp_id} AS corp_id,
+    {json:operator} AS operator,
+    {json:installed_at} AS installed_at,
+    updated_at
+    FROM documents WHERE collection = 'group';
+CREATE VIEW todos AS SELECT
+    key AS task_id,
+    {json:subject} AS subject,
+    {json:done} AS done,
+    {json:deleted} AS deleted,
+    {json:notification_task_id} AS notification_task_id,
+    updated_at
+    FROM documents WHERE collection = 'todo';
+CREATE VIEW notifications AS SELECT
+    key AS task_id,
+    {json:kind} AS kind,
+    {json:userids} AS userids,
+    {json:status} AS status,
+    {json:result} AS result,
+    created_at,
+    updated_at
+    FROM documents WHERE collection = 'notification';
+"#,
+    // The handlers of an event that already succeeded (a JSON array of names; NULL: none), so
+    // a retry re-runs only the others.
+    r#"
+ALTER TABLE events ADD COLUMN handled TEXT;
+"#,
+];
+
+impl Dialect {
+    /// Every migration, in order, in this dialect.
+    pub fn migrations(self) -> impl ExactSizeIterator<Item = String> {
+        MIGRATIONS.iter().map(move |m| self.render_migration(m))
+    }
+
+    /// Replaces the migration tokens (see [`MIGRATIONS`]); other text is copied as it is.
+    fn render_migration(self, sql: &str) -> String {
+        let mut out = String::with_capacity(sql.len() + 256);
+        let mut rest = sql;
+        while let Some(start) = rest.find('{') {
+            out.push_str(&rest[..start]);
+            let token = &rest[start + 1..];
+            let Some(end) = token.find('}') else {
+                out.push_str(&rest[start..]);
+                return out;
+            };
+            let (name, after) = (&token[..end], &token[end + 1..]);
+            match (self, name, name.strip_prefix("json:")) {
+                (Dialect::Sqlite, "id_pk", _) => out.push_str("INTEGER PRIMARY KEY AUTOINCREMENT"),
+                (Dialect::Postgres, "id_pk", _) => out.push_str("BIGSERIAL PRIMARY KEY"),
+                (Dialect::Sqlite, "bigint", _) => out.push_str("INTEGER"),
+                (Dialect::Postgres, "bigint", _) => out.push_str("BIGINT"),
+                (Dialect::Sqlite, _, Some(field)) => {
+                    out.push_str(&format!("json_extract(body, '$.{field}')"))
+                }
+                (Dialect::Postgres, _, Some(field)) => {
+                    out.push_str(&format!("body::jsonb ->> '{field}'"))
+                }
+                // Not a token: left as written (the unit tests check none is left over).
+                _ => out.push_str(&rest[start..start + end + 2]),
+            }
+            rest = after;
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// A statement written with `$N` placeholders, in this dialect (`?N` for SQLite; the
+    /// numbers stay, so a parameter may be used twice).
+    pub fn statement(self, sql: &str) -> String {
+        match self {
+            Dialect::Postgres => sql.to_owned(),
+            Dialect::Sqlite => {
+                let mut out = String::with_capacity(sql.len());
+                let mut chars = sql.chars().peekable();
+                while let Some(c) = chars.next() {
+                    if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+                        out.push('?');
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// The columns every statement that builds a [`StoredEvent`] selects or returns, in the order
+/// [`event_from_row`] reads them.
+pub const EVENT_COLUMNS: &str = "id, dedup_key, event_type, corp_id, payload, source, \
+     received_at, state, attempts, next_attempt_at, last_error, updated_at, handled";
+
+const DOCUMENT_COLUMNS: &str = "collection, key, body, created_at, updated_at";
+
+/// What a claim sets on the rows it takes (`$1` owner, `$2` lease end, `$3` now); followed by
+/// the backend's choice of rows, `(SELECT id … LIMIT $4)`, and [`CLAIM_RETURNING`].
+pub const CLAIM_SET: &str = "UPDATE events SET state = 'running', lease_owner = $1, \
+     lease_until = $2, attempts = attempts + 1, updated_at = $3 WHERE id IN ";
+
+/// What a claim returns.
+pub fn claim_statement(dialect: Dialect, select_ids: &str) -> String {
+    dialect.statement(&format!(
+        "{CLAIM_SET} ({select_ids}) RETURNING {EVENT_COLUMNS}"
+    ))
+}
+
+/// What a replay sets (`$1` now); followed by the selection, on `$2`.
+pub const REPLAY_SET: &str = "UPDATE events SET state = 'pending', attempts = 0, \
+     next_attempt_at = $1, lease_owner = NULL, lease_until = NULL, updated_at = $1 \
+     WHERE state <> 'running' AND ";
+
+/// The statements both backends run as they are, rendered once for a store's dialect.
+/// Parameters are listed beside each.
+#[derive(Debug)]
+pub struct Statements {
+    /// dedup_key, event_type, corp_id, payload, source, received_at, due_at → `id` or no row.
+    pub insert_event: String,
+    /// dedup_key → `id`.
+    pub event_id_by_key: String,
+    /// now.
+    pub probe: String,
+    /// id → [`EVENT_COLUMNS`].
+    pub get_event: String,
+    /// dedup_key → [`EVENT_COLUMNS`].
+    pub event_by_key: String,
+    /// state or NULL, event_type or NULL, limit → [`EVENT_COLUMNS`], newest first.
+    pub list_events: String,
+    pub count_events: String,
+    /// id, owner, now.
+    pub mark_done: String,
+    /// id, owner, at, error, now, handled.
+    pub mark_retry: String,
+    /// id, owner, error, now, handled.
+    pub mark_dead: String,
+    /// now, state.
+    pub replay_state: String,
+    /// now, received since.
+    pub replay_since: String,
+    /// → (event_type, state, count) rows.
+    pub stats_counts: String,
+    /// → the oldest `received_at` of a waiting event, or NULL.
+    pub stats_oldest: String,
+    /// collection, key, body, now.
+    pub put_document: String,
+    /// collection, key, body, now; changes no row if the document exists.
+    pub insert_document: String,
+    /// collection, key → document columns.
+    pub get_document: String,
+    /// collection, limit → document columns, most recently updated first.
+    pub list_documents: String,
+    /// month, n → the new total.
+    pub add_api_calls: String,
+    /// month → calls.
+    pub api_calls: String,
+}
+
+impl Statements {
+    pub fn new(dialect: Dialect) -> Self {
+        let sql = |text: &str| dialect.statement(text);
+        Statements {
+            insert_event: sql(
+                "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
+                 received_at, next_attempt_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $6) \
+                 ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+            ),
+            event_id_by_key: sql("SELECT id FROM events WHERE dedup_key = $1"),
+            probe: sql("INSERT INTO probe (id, at) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at"),
+            get_event: sql(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1")),
+            event_by_key: sql(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE dedup_key = $1"
+            )),
+            // The casts give the optional parameters a type PostgreSQL can infer.
+            list_events: sql(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events \
+                 WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
+                 AND (CAST($2 AS TEXT) IS NULL OR event_type = $2) \
+                 ORDER BY id DESC LIMIT $3"
+            )),
+            count_events: sql("SELECT COUNT(*) FROM events"),
+            // A done event replayed runs every handler again.
+            mark_done: sql(
+                "UPDATE events SET state = 'done', lease_owner = NULL, lease_until = NULL, \
+                 handled = NULL, updated_at = $3 \
+                 WHERE id = $1 AND state = 'running' AND lease_owner = $2",
+            ),
+            mark_retry: sql(
+                "UPDATE events SET state = 'retry', next_attempt_at = $3, last_error = $4, \
+                 handled = $6, lease_owner = NULL, lease_until = NULL, updated_at = $5 \
+                 WHERE id = $1 AND state = 'running' AND lease_owner = $2",
+            ),
+            mark_dead: sql(
+                "UPDATE events SET state = 'dead', last_error = $3, handled = $5, \
+                 lease_owner = NULL, lease_until = NULL, updated_at = $4 \
+                 WHERE id = $1 AND state = 'running' AND lease_owner = $2",
+            ),
+            replay_state: sql(&format!("{REPLAY_SET} state = $2")),
+            replay_since: sql(&format!("{REPLAY_SET} received_at >= $2")),
+            stats_counts: sql(
+                "SELECT event_type, state, COUNT(*) FROM events GROUP BY event_type, state",
+            ),
+            stats_oldest: sql(
+                "SELECT MIN(received_at) FROM events WHERE state IN ('pending', 'retry')",
+            ),
+            put_document: sql(&format!(
+                "INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $4) \
+                 ON CONFLICT (collection, key) DO UPDATE SET body = EXCLUDED.body, \
+                 updated_at = EXCLUDED.updated_at"
+            )),
+            insert_document: sql(&format!(
+                "INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $4) \
+                 ON CONFLICT (collection, key) DO NOTHING"
+            )),
+            get_document: sql(&format!(
+                "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE collection = $1 AND key = $2"
+            )),
+            list_documents: sql(&format!(
+                "SELECT {DOCUMENT_COLUMNS} FROM documents \
+                 WHERE collection = $1 ORDER BY updated_at DESC, key LIMIT $2"
+            )),
+            // One statement: writers adding at once are serialised by the row lock (or the
+            // one SQLite writer), so no increment is lost.
+            add_api_calls: sql("INSERT INTO api_calls (month, calls) VALUES ($1, $2) \
+                 ON CONFLICT (month) DO UPDATE SET calls = api_calls.calls + EXCLUDED.calls \
+                 RETURNING calls"),
+            api_calls: sql("SELECT calls FROM api_calls WHERE month = $1"),
+        }
+    }
+}
+
+/// A result row, as the mappers need it: both drivers' rows implement it, each with its own
+/// error type.
+pub trait SqlRow {
+    type Error;
+    fn int(&self, idx: usize) -> Result<i64, Self::Error>;
+    fn text(&self, idx: usize) -> Result<String, Self::Error>;
+    fn opt_text(&self, idx: usize) -> Result<Option<String>, Self::Error>;
+    /// Column `idx` holds something this version cannot read.
+    fn invalid(idx: usize, message: String) -> Self::Error;
+}
+
+impl SqlRow for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, idx: usize) -> rusqlite::Result<i64> {
+        self.get(idx)
+    }
+    fn text(&self, idx: usize) -> rusqlite::Result<String> {
+        self.get(idx)
+    }
+    fn opt_text(&self, idx: usize) -> rusqlite::Result<Option<String>> {
+        self.get(idx)
+    }
+    fn invalid(idx: usize, message: String) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, message.into())
+    }
+}
+
+impl SqlRow for tokio_postgres::Row {
+    type Error = super::StoreError;
+    fn int(&self, idx: usize) -> Result<i64, Self::Error> {
+        Ok(self.try_get(idx)?)
+    }
+    fn text(&self, idx: usize) -> Result<String, Self::Error> {
+        Ok(self.try_get(idx)?)
+    }
+    fn opt_text(&self, idx: usize) -> Result<Option<String>, Self::Error> {
+        Ok(self.try_get(idx)?)
+    }
+    fn invalid(_idx: usize, message: String) -> Self::Error {
+        super::StoreError::Invalid(message)
+    }
+}
+
+/// A row of [`EVENT_COLUMNS`].
+pub fn event_from_row<R: SqlRow>(row: &R) -> Result<StoredEvent, R::Error> {
+    let state = row.text(7)?;
+    let handled = match row.opt_text(12)? {
+        None => Vec::new(),
+        Some(json) => serde_json::from_str(&json)
+            .map_err(|e| R::invalid(12, format!("handled is not a JSON list of names: {e}")))?,
+    };
+    Ok(StoredEvent {
+        id: row.int(0)?,
+        dedup_key: row.text(1)?,
+        event_type: row.text(2)?,
+        corp_id: row.opt_text(3)?,
+        payload: row.text(4)?,
+        source: row.text(5)?,
+        received_at: row.int(6)?,
+        state: EventState::parse(&state)
+            .ok_or_else(|| R::invalid(7, format!("unknown event state {state:?}")))?,
+        attempts: row.int(8)?,
+        next_attempt_at: row.int(9)?,
+        last_error: row.opt_text(10)?,
+        updated_at: row.int(11)?,
+        handled,
+    })
+}
+
+/// A row of the document columns.
+pub fn document_from_row<R: SqlRow>(row: &R) -> Result<Document, R::Error> {
+    let body = row.text(2)?;
+    Ok(Document {
+        collection: row.text(0)?,
+        key: row.text(1)?,
+        body: serde_json::from_str(&body)
+            .map_err(|e| R::invalid(2, format!("document body is not JSON: {e}")))?,
+        created_at: row.int(3)?,
+        updated_at: row.int(4)?,
+    })
+}
+
+/// The `handled` column for a list of handler names: NULL when there are none.
+pub fn handled_column(handled: &[String]) -> Option<String> {
+    (!handled.is_empty()).then(|| serde_json::Value::from(handled).to_string())
+}
+
+/// A count from the database (never negative) as `u64`.
+pub fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// [`Stats`] from the rows of [`Statements::stats_counts`] and the result of
+/// [`Statements::stats_oldest`].
+pub fn stats_from(
+    counts: impl IntoIterator<Item = (String, String, i64)>,
+    oldest_pending: Option<i64>,
+    now_ms: i64,
+) -> Stats {
+    let mut stats = Stats::default();
+    for state in EventState::ALL {
+        stats.by_state.insert(state.as_str().to_owned(), 0);
+    }
+    for (event_type, state, n) in counts {
+        let n = count(n);
+        *stats.by_state.entry(state.clone()).or_insert(0) += n;
+        *stats
+            .by_type
+            .entry(event_type)
+            .or_default()
+            .entry(state)
+            .or_insert(0) += n;
+    }
+    stats.oldest_pending_age_ms = oldest_pending.map(|t| now_ms.saturating_sub(t).max(0));
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+
+    // Migrations 1-4 as each store ran them before they were written once (the raw strings
+    // are kept to the letter, unindented): databases in the field were made by these texts.
+    const OLD_SQLITE: &[&str] = &[
+        r#"
+CREATE TABLE events (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    dedup_key       TEXT    NOT NULL UNIQUE,
+    event_type      TEXT    NOT NULL,
+    corp_id         TEXT,
+    payload         TEXT    NOT NULL,
+    source          TEXT    NOT NULL DEFAULT 'push',
+    received_at     INTEGER NOT NULL,
+    state           TEXT    NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'retry', 'done', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    lease_owner     TEXT,
+    lease_until     INTEGER,
+    last_error      TEXT,
+    updated_at      INTEGER NOT NULL
+);
+CREATE INDEX events_due ON events (state, next_attempt_at);
+CREATE INDEX events_type ON events (event_type);
+CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+"#,
+        r#"
+CREATE INDEX events_lease ON events (state, lease_until);
+CREATE INDEX events_received ON events (received_at);
+CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL);
+"#,
+        // Claims read these in order and stop at the limit: no sort over the whole backlog.
+        r#"
+CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
+CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
+DROP INDEX events_due;
+DROP INDEX events_lease;
+"#,
+        // Documents of the built-in handlers, and views that show the main collections as tables.
+        r#"
+CREATE TABLE documents (
+    collection TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    body       TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE INDEX documents_updated ON documents (collection, updated_at);
+CREATE VIEW groups AS SELECT
+    key AS open_conversation_id,
+    json_extract(body, '$.title') AS title,
+    json_extract(body, '$.status') AS status,
+    json_extract(body, '$.robot_code') AS robot_code,
+    json_extract(body, '$.cool_app_code') AS cool_app_code,
+    json_extract(body, '$.corp_id') AS corp_id,
+    json_extract(body, '$.operator') AS operator,
+    json_extract(body, '$.installed_at') AS installed_at,
+    updated_at
+    FROM documents WHERE collection = 'group';
+CREATE VIEW todos AS SELECT
+    key AS task_id,
+    json_extract(body, '$.subject') AS subject,
+    json_extract(body, '$.done') AS done,
+    json_extract(body, '$.deleted') AS deleted,
+    json_extract(body, '$.notification_task_id') AS notification_task_id,
+    updated_at
+    FROM documents WHERE collection = 'todo';
+CREATE VIEW notifications AS SELECT
+    key AS task_id,
+    json_extract(body, '$.kind') AS kind,
+    json_extract(body, '$.userids') AS userids,
+    json_extract(body, '$.status') AS status,
+    json_extract(body, '$.result') AS result,
+    created_at,
+    updated_at
+    FROM documents WHERE collection = 'notification';
+"#,
+    ];
+
+    const OLD_POSTGRES: &[&str] = &[
+        r#"
+CREATE TABLE events (
+    id              BIGSERIAL PRIMARY KEY,
+    dedup_key       TEXT    NOT NULL UNIQUE,
+    event_type      TEXT    NOT NULL,
+    corp_id         TEXT,
+    payload         TEXT    NOT NULL,
+    source          TEXT    NOT NULL DEFAULT 'push',
+    received_at     BIGINT  NOT NULL,
+    state           TEXT    NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'retry', 'done', 'dead')),
+    attempts        BIGINT  NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT  NOT NULL,
+    lease_owner     TEXT,
+    lease_until     BIGINT,
+    last_error      TEXT,
+    updated_at      BIGINT  NOT NULL
+);
+CREATE INDEX events_due ON events (state, next_attempt_at);
+CREATE INDEX events_type ON events (event_type);
+CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at BIGINT NOT NULL);
+"#,
+        r#"
+CREATE INDEX events_lease ON events (state, lease_until);
+CREATE INDEX events_received ON events (received_at);
+CREATE TABLE api_calls (month TEXT PRIMARY KEY, calls BIGINT NOT NULL);
+"#,
+        // Claims read these in order and stop at the limit: no sort over the whole backlog.
+        r#"
+CREATE INDEX events_waiting ON events (next_attempt_at, id) WHERE state IN ('pending', 'retry');
+CREATE INDEX events_leased ON events (lease_until) WHERE state = 'running';
+DROP INDEX events_due;
+DROP INDEX events_lease;
+"#,
+        // Documents of the built-in handlers, and views that show the main collections as tables.
+        r#"
+CREATE TABLE documents (
+    collection TEXT   NOT NULL,
+    key        TEXT   NOT NULL,
+    body       TEXT   NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE INDEX documents_updated ON documents (collection, updated_at);
+CREATE VIEW groups AS SELECT
+    key AS open_conversation_id,
+    body::jsonb ->> 'title' AS title,
+    body::jsonb ->> 'status' AS status,
+    body::jsonb ->> 'robot_code' AS robot_code,
+    body::jsonb ->> 'cool_app_code' AS cool_app_code,
+    body::jsonb ->> 'corp_id' AS corp_id,
+    body::jsonb ->> 'operator' AS operator,
+    body::jsonb ->> 'installed_at' AS installed_at,
+    updated_at
+    FROM documents WHERE collection = 'group';
+CREATE VIEW todos AS SELECT
+    key AS task_id,
+    body::jsonb ->> 'subject' AS subject,
+    body::jsonb ->> 'done' AS done,
+    body::jsonb ->> 'deleted' AS deleted,
+    body::jsonb ->> 'notification_task_id' AS notification_task_id,
+    updated_at
+    FROM documents WHERE collection = 'todo';
+CREATE VIEW notifications AS SELECT
+    key AS task_id,
+    body::jsonb ->> 'kind' AS kind,
+    body::jsonb ->> 'userids' AS userids,
+    body::jsonb ->> 'status' AS status,
+    body::jsonb ->> 'result' AS result,
+    created_at,
+    updated_at
+    FROM documents WHERE collection = 'notification';
+"#,
+    ];
+
+    fn sqlite_schema(conn: &Connection) -> Vec<(String, String, String, Option<String>)> {
+        let mut stmt = conn
+            .prepare("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    }
+
+    fn words(sql: &str) -> Vec<&str> {
+        sql.split_whitespace().collect()
+    }
+
+    #[test]
+    fn every_token_is_rendered_in_both_dialects() {
+        for dialect in [Dialect::Sqlite, Dialect::Postgres] {
+            assert_eq!(dialect.migrations().len(), MIGRATIONS.len());
+            for (i, sql) in dialect.migrations().enumerate() {
+                assert!(
+                    !sql.contains('{') && !sql.contains('}'),
+                    "{dialect:?} #{i}: {sql}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sqlite_renders_the_old_migrations_to_the_letter() {
+        let new: Vec<String> = Dialect::Sqlite.migrations().collect();
+        assert_eq!(new.len(), OLD_SQLITE.len() + 1, "one migration (5) added");
+        for (i, old) in OLD_SQLITE.iter().enumerate() {
+            assert_eq!(&new[i], old, "migration {}", i + 1);
+        }
+        // And so to the same schema: run both on empty databases and compare.
+        let (old_db, new_db) = (
+            Connection::open_in_memory().unwrap(),
+            Connection::open_in_memory().unwrap(),
+        );
+        for (old, new) in OLD_SQLITE.iter().zip(&new) {
+            old_db.execute_batch(old).unwrap();
+            new_db.execute_batch(new).unwrap();
+        }
+        assert_eq!(sqlite_schema(&old_db), sqlite_schema(&new_db));
+        // Migration 5 applies to a database the old texts made.
+        old_db.execute_batch(&new[4]).unwrap();
+        new_db.execute_batch(&new[4]).unwrap();
+        assert_eq!(sqlite_schema(&old_db), sqlite_schema(&new_db));
+        let columns: Vec<String> = old_db
+            .prepare("SELECT name FROM pragma_table_info('events')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(columns.last().map(String::as_str), Some("handled"));
+    }
+
+    #[test]
+    fn postgres_renders_the_old_migrations_word_for_word() {
+        // Only the spacing of the column lists may differ from the old texts; the suite in
+        // tests/store.rs runs the rendering on a real server.
+        let new: Vec<String> = Dialect::Postgres.migrations().collect();
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 1);
+        for (i, old) in OLD_POSTGRES.iter().enumerate() {
+            assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
+        }
+        assert_eq!(
+            words(&new[4]),
+            words("ALTER TABLE events ADD COLUMN handled TEXT;")
+        );
+    }
+
+    #[test]
+    fn placeholders_become_numbered_question_marks_for_sqlite() {
+        let sql = "SELECT $1, $12 FROM t WHERE a = '$' AND b = $2";
+        assert_eq!(Dialect::Postgres.statement(sql), sql);
+        assert_eq!(
+            Dialect::Sqlite.statement(sql),
+            "SELECT ?1, ?12 FROM t WHERE a = '$' AND b = ?2"
+        );
+    }
+
+    #[test]
+    fn every_sqlite_statement_prepares_on_the_migrated_schema() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in Dialect::Sqlite.migrations() {
+            conn.execute_batch(&sql).unwrap();
+        }
+        let s = Statements::new(Dialect::Sqlite);
+        let all = [
+            &s.insert_event,
+            &s.event_id_by_key,
+            &s.probe,
+            &s.get_event,
+            &s.event_by_key,
+            &s.list_events,
+            &s.count_events,
+            &s.mark_done,
+            &s.mark_retry,
+            &s.mark_dead,
+            &s.replay_state,
+            &s.replay_since,
+            &s.stats_counts,
+            &s.stats_oldest,
+            &s.put_document,
+            &s.insert_document,
+            &s.get_document,
+            &s.list_documents,
+            &s.add_api_calls,
+            &s.api_calls,
+        ];
+        for sql in all {
+            assert!(!sql.contains('$'), "{sql}");
+            conn.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        let claim = claim_statement(Dialect::Sqlite, "SELECT id FROM events LIMIT $4");
+        conn.prepare(&claim).unwrap();
+    }
+
+    #[test]
+    fn stored_events_round_trip_handled_and_counts_assemble() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in Dialect::Sqlite.migrations() {
+            conn.execute_batch(&sql).unwrap();
+        }
+        let s = Statements::new(Dialect::Sqlite);
+        let id: i64 = conn
+            .query_row(
+                &s.insert_event,
+                rusqlite::params!["k", "x", None::<String>, "{}", "push", 5, 5],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(id, 1);
+        conn.execute(
+            "UPDATE events SET handled = ?1",
+            [handled_column(&["a".to_owned(), "b\"".to_owned()])],
+        )
+        .unwrap();
+        let e = conn
+            .query_row(&s.get_event, [1], |r| event_from_row(r))
+            .unwrap();
+        assert_eq!(e.handled, ["a", "b\""]);
+        assert_eq!(handled_column(&[]), None);
+        conn.execute("UPDATE events SET handled = 'nope'", [])
+            .unwrap();
+        assert!(conn
+            .query_row(&s.get_event, [1], |r| event_from_row(r))
+            .is_err());
+
+        let stats = stats_from(
+            [
+                ("x".to_owned(), "done".to_owned(), 2),
+                ("y".to_owned(), "done".to_owned(), 1),
+            ],
+            Some(10),
+            4,
+        );
+        assert_eq!(stats.by_state["done"], 3);
+        assert_eq!(stats.by_state["dead"], 0);
+        assert_eq!(stats.by_type["x"]["done"], 2);
+        assert_eq!(stats.oldest_pending_age_ms, Some(0));
+    }
+}
