@@ -6,8 +6,9 @@
 # DingTalk. Both keep running (Ctrl-C stops them) for the README's curl examples.
 #
 # Environment (all optional): DINGHOOK_LISTEN (127.0.0.1:8080), FAKE_LISTEN (127.0.0.1:9000),
-# DINGHOOK_STORE_URL (the config's sqlite://data/dinghook.db), DINGHOOK_BIN and FAKE_BIN
-# (prebuilt binaries; otherwise both are built with cargo --release).
+# DINGHOOK_STORE_URL (the config's sqlite://data/dinghook.db), DATA_DIR (data: the fake's log
+# and the first reply), DINGHOOK_BIN and FAKE_BIN (prebuilt binaries; otherwise both are built
+# with cargo --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,8 @@ if [ -z "${DINGHOOK_BIN:-}" ] || [ -z "${FAKE_BIN:-}" ]; then
     FAKE_BIN="${FAKE_BIN:-$PWD/target/release/fake-dingtalk}"
 fi
 
-mkdir -p data
+DATA_DIR="${DATA_DIR:-data}"
+mkdir -p "$DATA_DIR"
 pids=()
 stop() {
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -36,7 +38,7 @@ stop() {
 trap stop EXIT
 trap 'exit 0' INT TERM
 
-"$FAKE_BIN" --listen "$FAKE_LISTEN" >>data/fake-dingtalk.log 2>&1 &
+"$FAKE_BIN" --listen "$FAKE_LISTEN" >>"$DATA_DIR/fake-dingtalk.log" 2>&1 &
 pids+=($!)
 "$DINGHOOK_BIN" serve &
 pids+=($!)
@@ -58,8 +60,8 @@ echo
 echo "== 1. DingTalk posts a signed, encrypted cool-app install to $BASE/dingtalk/callback"
 reply=$(printf '%s' "$event" | "$DINGHOOK_BIN" encrypt | sh)
 echo "   reply: $reply"
-printf '%s' "$reply" >data/quickstart-reply.json
-echo "   the reply decrypts to: $("$DINGHOOK_BIN" decrypt data/quickstart-reply.json)"
+printf '%s' "$reply" >"$DATA_DIR/quickstart-reply.json"
+echo "   the reply decrypts to: $("$DINGHOOK_BIN" decrypt "$DATA_DIR/quickstart-reply.json")"
 
 echo
 echo "== 2. stored, then handled by the built-in cool-app handler"
