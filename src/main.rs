@@ -78,12 +78,6 @@ enum Command {
     Notifications(NotificationsCommand),
     /// Print the effective configuration with secrets redacted.
     CheckConfig(ConfigArg),
-    /// Run a fake DingTalk API (both base URLs) with in-memory state, for trying dinghook
-    /// without a DingTalk account. Scripted through its /_fake/ admin routes.
-    FakeDingtalk {
-        #[arg(long, default_value = "127.0.0.1:9000")]
-        listen: std::net::SocketAddr,
-    },
     /// Exit 0 if URL answers 2xx within 3 s (for container health checks; no curl needed).
     Healthcheck {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
@@ -518,12 +512,6 @@ async fn run() -> ExitCode {
         Command::Notifications(command) => notifications(command).await,
         Command::CheckConfig(config) => config.load().map(|c| print!("{}", c.to_redacted_toml())),
         Command::Healthcheck { url } => healthcheck(&url).await,
-        Command::FakeDingtalk { listen } => {
-            dinghook::telemetry::init(dinghook::config::LogFormat::Text, "info");
-            dinghook::dingtalk::fake::run(listen)
-                .await
-                .with_context(|| format!("fake DingTalk on {listen}"))
-        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

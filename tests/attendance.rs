@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use dinghook::config::Config;
-use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec, RecordedCall};
 use dinghook::handlers::attendance::{NotifyMode, UtcOffset};
 use dinghook::store::EventState;
+use fake_dingtalk::{FakeDingTalk, FaultSpec, RecordedCall};
 use serde_json::{json, Value};
 use support::*;
 

@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec};
 use dinghook::store::EventState;
+use fake_dingtalk::{FakeDingTalk, FaultSpec};
 use serde_json::{json, Value};
 use support::*;
 
@@ -288,7 +288,7 @@ async fn the_delivery_check_records_a_forbidden_recipient() {
     let task_id = fake.sent_messages()[0].task_id;
     fake.set_send_result(
         task_id,
-        dinghook::dingtalk::fake::FakeSendResult {
+        fake_dingtalk::FakeSendResult {
             read_user_id_list: vec!["u1".into()],
             forbidden_user_id_list: vec!["u2".into()],
             ..Default::default()

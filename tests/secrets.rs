@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use dinghook::crypto::{now_millis, random_nonce, signature, CallbackCipher, Sealed};
-use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec};
+use fake_dingtalk::{FakeDingTalk, FaultSpec};
 use serde_json::{json, Value};
 use support::{ServerProcess, AES_KEY, OWNER_KEY, TOKEN};
 

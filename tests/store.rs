@@ -622,9 +622,7 @@ async fn server_going_away_after_open_errors_fast(url: &str) {
 async fn client_counter_survives_restart(store: Arc<dyn Store>, url: &str) {
     use dinghook::dingtalk::{Client, ClientConfig};
     use dinghook::store::StoreCallCounter;
-    let (fake, base) = dinghook::dingtalk::fake::FakeDingTalk::spawn()
-        .await
-        .unwrap();
+    let (fake, base) = fake_dingtalk::FakeDingTalk::spawn().await.unwrap();
     fake.add_user(serde_json::json!({"userid": "u1", "name": "Ada", "unionid": "un1"}));
     let config = ClientConfig {
         app_key: "dingkey".into(),
