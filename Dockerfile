@@ -12,7 +12,10 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
 COPY examples ./examples
-RUN cargo build --release --locked --bin dinghook \
+# The workspace lists crates/fake-dingtalk, so cargo needs it to load the manifest; only the
+# dinghook binary is built and shipped (the fake DingTalk is for tests and local use).
+COPY crates ./crates
+RUN cargo build --release --locked -p dinghook --bin dinghook \
     && mkdir -p /out/data \
     && cp target/release/dinghook /out/dinghook \
     && strip /out/dinghook

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use dinghook::dingtalk::fake::FakeDingTalk;
 use dinghook::dingtalk::{Client, ClientConfig, MemoryCounter, Secret};
+use fake_dingtalk::FakeDingTalk;
 use serde_json::{json, Value};
 
 fn client_overhead(c: &mut Criterion) {

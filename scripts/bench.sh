@@ -35,7 +35,7 @@ summary="$out/summary.md"
 source scripts/common.sh
 
 echo "== building (release)"
-cargo build --release --quiet --bin dinghook --example loadgen --example ceiling
+cargo build --release --quiet --bin dinghook --bin fake-dingtalk --example loadgen --example ceiling
 mb() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 
 {

@@ -10,6 +10,7 @@ cleanup() {
 trap cleanup EXIT
 
 bin=target/release/dinghook
+fake_bin=target/release/fake-dingtalk
 loadgen=target/release/examples/loadgen
 
 # The free port of a fresh listener, from the kernel.
@@ -21,10 +22,12 @@ json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 # kB of a process's VmHWM (peak) or VmRSS (now): rss_kb PID VmHWM|VmRSS
 rss_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 
-# Starts `dinghook fake-dingtalk` on a free port (background, cleaned up); sets fake_url.
+# Starts the fake DingTalk (target/release/fake-dingtalk, built with
+# `cargo build --release -p fake-dingtalk`) on a free port (background, cleaned up); sets fake_url.
 start_fake() {
     local port; port=$(free_port)
-    "$bin" fake-dingtalk --listen "127.0.0.1:$port" 2>"$work/fake.log" &
+    [ -x "$fake_bin" ] || { echo "no $fake_bin: cargo build --release -p fake-dingtalk" >&2; return 1; }
+    "$fake_bin" --listen "127.0.0.1:$port" 2>"$work/fake.log" &
     pids+=("$!")
     fake_url="http://127.0.0.1:$port"
     for _ in $(seq 1 100); do curl -s -o /dev/null "$fake_url/_fake/state" && return 0; sleep 0.05; done

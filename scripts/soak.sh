@@ -21,7 +21,7 @@ out=target/soak
 mkdir -p "$out"
 source scripts/common.sh
 
-cargo build --release --quiet --bin dinghook --example loadgen
+cargo build --release --quiet --bin dinghook --bin fake-dingtalk --example loadgen
 start_fake
 port=$(free_port)
 mkdir -p "$work/data"

@@ -293,7 +293,7 @@ impl Application {
 
 /// The DingTalk client's monthly call counter, kept in the store so restarts and replicas
 /// share it. Here, in the wiring, so neither the store nor the client knows the other.
-struct StoreCallCounter(Arc<dyn Store>);
+pub struct StoreCallCounter(pub Arc<dyn Store>);
 
 #[async_trait]
 impl CallCounter for StoreCallCounter {

@@ -440,7 +440,10 @@ impl Event {
         let Value::Object(map) = &mut value else {
             return None;
         };
-        map.insert("EventType".into(), Value::String(self.event_type().to_owned()));
+        map.insert(
+            "EventType".into(),
+            Value::String(self.event_type().to_owned()),
+        );
         Some(value)
     }
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use dinghook::builtin::attendance::NotifyMode;
 use dinghook::config::Config;
-use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec, RecordedCall};
 use dinghook::store::EventState;
 use dinghook::time::UtcOffset;
+use fake_dingtalk::{FakeDingTalk, FaultSpec, RecordedCall};
 use serde_json::{json, Value};
 use support::*;
 

@@ -1,4 +1,5 @@
-//! Runs every `tests/curl/*.sh` against the built binary, so `cargo test` covers them.
+//! Runs every `tests/curl/*.sh` against the built binaries (`dinghook`, and `fake-dingtalk` for
+//! the scripts that need DingTalk), so `cargo test` covers them.
 
 mod support;
 
@@ -22,6 +23,7 @@ fn curl_scripts_pass() {
         .filter(|p| p.extension().is_some_and(|e| e == "sh") && !p.ends_with("common.sh"))
         .collect();
     scripts.sort();
+    let fake_bin = support::fake_dingtalk_bin();
     assert!(
         scripts.len() >= 2,
         "expected the curl scripts, found {scripts:?}"
@@ -30,6 +32,7 @@ fn curl_scripts_pass() {
         let output = std::process::Command::new("bash")
             .arg(&script)
             .env("DINGHOOK_BIN", env!("CARGO_BIN_EXE_dinghook"))
+            .env("FAKE_BIN", &fake_bin)
             .env("PORT", support::free_port().to_string())
             // For scripts that also start a fake DingTalk.
             .env("FAKE_PORT", support::free_port().to_string())

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dinghook::dingtalk::fake::{FakeSendResult, FaultSpec, RecordedCall};
 use dinghook::dingtalk::{
     current_month, ActionCard, AttendanceListRequest, CallCounter, Client, CounterError, Error,
     Link, Markdown, OaBody, OaForm, OaHead, OaMessage, OaStatusBar, RobotGroupMessage, Text,
     TodoTaskUpdate, WorkMessage, WorkNotification,
 };
+use fake_dingtalk::{FakeSendResult, FaultSpec, RecordedCall};
 use serde_json::{json, Value};
 use support::{start, start_with, CapturedLogs, AGENT_ID, APP_KEY, APP_SECRET};
 use tokio::time::Instant;
@@ -1023,9 +1023,7 @@ impl CallCounter for BrokenCounter {
 
 #[tokio::test]
 async fn counter_failures_do_not_fail_calls() {
-    let (fake, base) = dinghook::dingtalk::fake::FakeDingTalk::spawn()
-        .await
-        .unwrap();
+    let (fake, base) = fake_dingtalk::FakeDingTalk::spawn().await.unwrap();
     fake.add_user(json!({"userid": "alice"}));
     let client = Client::new(support::test_config(&base), Arc::new(BrokenCounter)).unwrap();
     let user = client.get_user("alice", None).await.unwrap();

@@ -1,14 +1,14 @@
-//! The fake DingTalk itself: its `/_fake` admin routes (what curl scripts use) and the protocol
-//! checks it applies, driven with plain HTTP requests.
+//! dinghook's DingTalk client against the fake DingTalk scripted over its `/_fake` admin routes
+//! (what curl scripts use). The fake's own checks, with plain HTTP and no client, are tested in
+//! its crate (`crates/fake-dingtalk/tests/`).
 
 // Loaded by path so it cannot collide with other test helpers under tests/support/.
 #[path = "support/dingtalk.rs"]
 mod support;
 
-use dinghook::dingtalk::fake::FakeDingTalk;
 use dinghook::dingtalk::Error;
 use serde_json::{json, Value};
-use support::{start, APP_KEY, APP_SECRET};
+use support::start;
 
 async fn post(http: &reqwest::Client, url: String, body: &str) -> (u16, Value) {
     // No Content-Type on purpose: `curl -d` does not send a JSON one either.
@@ -19,12 +19,6 @@ async fn post(http: &reqwest::Client, url: String, body: &str) -> (u16, Value) {
 
 async fn get_json(http: &reqwest::Client, url: String) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
-}
-
-async fn raw_token(http: &reqwest::Client, base: &str) -> String {
-    let url = format!("{base}/gettoken?appkey={APP_KEY}&appsecret={APP_SECRET}");
-    let answer = get_json(http, url).await;
-    answer["access_token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test]
@@ -154,120 +148,6 @@ async fn admin_routes_script_the_fake_over_http() {
     // The fake forgot its token (the client refetches) and its users (so: not found).
     let err = t.client.get_user("alice", None).await.unwrap_err();
     assert_eq!(err.errcode(), Some(60121), "{err:?}");
-}
-
-#[tokio::test]
-async fn fake_checks_where_the_token_goes_and_what_the_body_looks_like() {
-    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
-    let http = reqwest::Client::new();
-    let token = raw_token(&http, &base).await;
-
-    // Old API without a token, new API with the token in the query instead of the header.
-    let answer: Value = http
-        .post(format!("{base}/topapi/v2/user/get"))
-        .json(&json!({"userid": "alice"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(answer["errcode"], 40014);
-    let response = http
-        .post(format!(
-            "{base}/v1.0/im/sceneGroups/query?access_token={token}"
-        ))
-        .json(&json!({"openConversationId": "cid"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 400);
-    let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["code"], "InvalidAuthentication");
-
-    // Wrong method, unknown path.
-    let response = http
-        .get(format!("{base}/topapi/v2/user/get?access_token={token}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 405);
-    let response = http
-        .post(format!("{base}/topapi/nope?access_token={token}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 404);
-
-    // msgParam must be a JSON string, not an object.
-    let response = http
-        .post(format!("{base}/v1.0/robot/groupMessages/send"))
-        .header("x-acs-dingtalk-access-token", &token)
-        .json(
-            &json!({"robotCode": "r", "openConversationId": "cid", "msgKey": "sampleText",
-                      "msgParam": {"content": "x"}}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 400);
-    let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["code"], "invalidParameter.msgParam.invalid");
-
-    // userid_list must be a comma-separated string, not a JSON list.
-    let answer: Value = http
-        .post(format!(
-            "{base}/topapi/message/corpconversation/asyncsend_v2?access_token={token}"
-        ))
-        .json(&json!({"agent_id": 1, "userid_list": ["a", "b"],
-                      "msg": {"msgtype": "text", "text": {"content": "x"}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(answer["errcode"], 40035);
-    assert!(fake.sent_messages().is_empty());
-
-    // Asking for a token while it is valid returns the same one, as DingTalk does.
-    assert_eq!(raw_token(&http, &base).await, token);
-}
-
-#[tokio::test]
-async fn fake_throttles_above_its_qps_and_bans_on_request() {
-    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
-    fake.add_user(json!({"userid": "alice"}));
-    let http = reqwest::Client::new();
-    let token = raw_token(&http, &base).await;
-    fake.set_qps_limit(Some(5));
-    let mut codes = Vec::new();
-    for _ in 0..8 {
-        let answer: Value = http
-            .post(format!("{base}/topapi/v2/user/get?access_token={token}"))
-            .json(&json!({"userid": "alice"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        codes.push(answer["errcode"].as_i64().unwrap());
-    }
-    assert_eq!(codes, [0, 0, 0, 0, 0, 90018, 90018, 90018]);
-    assert_eq!(fake.quota_used(), 5, "throttled calls are not served");
-
-    fake.set_qps_limit(None);
-    fake.ban_next(7, 1);
-    let response = http
-        .post(format!("{base}/topapi/v2/user/get?access_token={token}"))
-        .json(&json!({"userid": "alice"}))
-        .send()
-        .await
-        .unwrap();
-    let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["status"], 1111);
-    assert_eq!(answer["wait"], 7);
 }
 
 #[tokio::test]

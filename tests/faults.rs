@@ -486,7 +486,7 @@ impl Drop for PrivatePostgres {
     }
 }
 
-/// `dinghook fake-dingtalk` as its own process, scripted over its `/_fake` routes.
+/// The `fake-dingtalk` binary as its own process, scripted over its `/_fake` routes.
 struct FakeProcess {
     /// Killed when dropped.
     _child: tokio::process::Child,
@@ -497,8 +497,8 @@ struct FakeProcess {
 impl FakeProcess {
     async fn start() -> FakeProcess {
         let port = free_port();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dinghook"))
-            .args(["fake-dingtalk", "--listen", &format!("127.0.0.1:{port}")])
+        let child = tokio::process::Command::new(fake_dingtalk_bin())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
             .env_clear()
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

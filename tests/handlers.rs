@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec};
 use dinghook::store::EventState;
+use fake_dingtalk::{FakeDingTalk, FaultSpec};
 use serde_json::{json, Value};
 use support::*;
 
@@ -251,30 +251,28 @@ async fn the_delivery_check_records_a_forbidden_recipient() {
         c.dingtalk.oapi_url = url.clone();
         c.dingtalk.api_url = url;
         c.handlers.send_result_delay = Duration::from_millis(100);
+        c.handlers.enabled = true;
         let handlers = c.handlers.clone();
-        dinghook::builtin::builtin(&c.handlers).merge(RegistryBuilder::new().on(
-            "test_notify",
-            move |_event, ctx| {
-                let handlers = handlers.clone();
-                async move {
-                    let msg = WorkMessage::Text {
-                        text: Text {
-                            content: "hello".into(),
-                        },
-                    };
-                    dinghook::builtin::notify::send(
-                        &ctx,
-                        &handlers,
-                        "test",
-                        "notify",
-                        vec!["u1".into(), "u2".into()],
-                        msg,
-                    )
-                    .await?;
-                    Ok(())
-                }
-            },
-        ))
+        RegistryBuilder::new().on("test_notify", move |_event, ctx| {
+            let handlers = handlers.clone();
+            async move {
+                let msg = WorkMessage::Text {
+                    text: Text {
+                        content: "hello".into(),
+                    },
+                };
+                dinghook::builtin::notify::send(
+                    &ctx,
+                    &handlers,
+                    "test",
+                    "notify",
+                    vec!["u1".into(), "u2".into()],
+                    msg,
+                )
+                .await?;
+                Ok(())
+            }
+        })
     })
     .await;
     assert_success_reply(
@@ -288,7 +286,7 @@ async fn the_delivery_check_records_a_forbidden_recipient() {
     let task_id = fake.sent_messages()[0].task_id;
     fake.set_send_result(
         task_id,
-        dinghook::dingtalk::fake::FakeSendResult {
+        fake_dingtalk::FakeSendResult {
             read_user_id_list: vec!["u1".into()],
             forbidden_user_id_list: vec!["u2".into()],
             ..Default::default()

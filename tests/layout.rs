@@ -14,7 +14,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "foundations",
         &["time", "crypto", "event", "template", "batch", "forwarded"],
     ),
-    ("the inbox and the client", &["store", "dingtalk", "telemetry"]),
+    (
+        "the inbox and the client",
+        &["store", "dingtalk", "telemetry"],
+    ),
     ("observability and HTTP", &["metrics", "http"]),
     ("the extension API", &["handler"]),
     ("the rooms", &["sources", "dispatch", "builtin", "ops"]),
@@ -92,7 +95,10 @@ fn every_module_imports_only_from_lower_layers() {
                 continue;
             }
             let Some(theirs) = layer_of(&imported) else {
-                panic!("{} imports crate::{imported}, which is in no layer", file.display());
+                panic!(
+                    "{} imports crate::{imported}, which is in no layer",
+                    file.display()
+                );
             };
             if theirs >= own {
                 broken

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dinghook::dingtalk::fake::FakeDingTalk;
+use fake_dingtalk::FakeDingTalk;
 use support::*;
 
 const TEST: &str = "nginx_in_front_of_two_replicas_loses_and_repeats_nothing";

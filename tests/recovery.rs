@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dinghook::config::Config;
-use dinghook::dingtalk::fake::FakeDingTalk;
 use dinghook::event::Event;
 use dinghook::handler::{Registrations, RegistryBuilder};
 use dinghook::metrics::Metrics;
 use dinghook::sources::recovery::{Recovery, RecoveryError};
 use dinghook::store::{EventState, Store};
+use fake_dingtalk::FakeDingTalk;
 use serde_json::{json, Value};
 use support::stores::open_url;
 use support::*;
@@ -356,7 +356,7 @@ async fn a_dingtalk_error_ends_the_cycle_and_the_next_one_reads_the_list() {
     let (fake, base) = fake().await;
     fake.load_failed_callbacks(vec![failed_rename("d1")]);
     // 60011: no permission (qyapi_base missing): permanent, so no client retries.
-    fake.fail_next(dinghook::dingtalk::fake::FaultSpec::errcode(60011).on_path(FAILED_PATH));
+    fake.fail_next(fake_dingtalk::FaultSpec::errcode(60011).on_path(FAILED_PATH));
     let d = direct(&base).await;
     let result = d.recovery.run_cycle(&d.stop).await;
     assert!(

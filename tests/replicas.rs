@@ -28,7 +28,7 @@ async fn child_server() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    dinghook::telemetry::init(dinghook::config::LogFormat::Text, "info");
+    dinghook::telemetry::init(dinghook::telemetry::LogFormat::Text, "info");
     let config = dinghook::config::Config::load(None).expect("config from the environment");
     let app = dinghook::app::Application::builder(config)
         .on_chat_update_title(move |rename, ctx| {

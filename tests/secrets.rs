@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use dinghook::crypto::{random_nonce, signature, CallbackCipher, Sealed};
-use dinghook::dingtalk::fake::{FakeDingTalk, FaultSpec};
 use dinghook::time::now_millis;
+use fake_dingtalk::{FakeDingTalk, FaultSpec};
 use serde_json::{json, Value};
 use support::{ServerProcess, AES_KEY, OWNER_KEY, TOKEN};
 

@@ -495,8 +495,10 @@ const FAIL_FAST: std::time::Duration = std::time::Duration::from_secs(6);
 
 async fn unreachable_server_fails_fast() {
     let started = std::time::Instant::now();
-    let mut config = dinghook::config::Config::default();
-    config.store.url = "postgres://dinghook:s3cret-pw@127.0.0.1:1/dinghook".into();
+    let config = dinghook::store::StoreConfig {
+        url: "postgres://dinghook:s3cret-pw@127.0.0.1:1/dinghook".into(),
+        ..Default::default()
+    };
     let result = tokio::time::timeout(
         std::time::Duration::from_secs(30),
         dinghook::store::open(&config),
@@ -702,11 +704,9 @@ async fn server_going_away_after_open_errors_fast(url: &str) {
 /// The DingTalk client counts its calls in the store: a new client on a reopened store (a
 /// restart, or another replica) continues from the same total.
 async fn client_counter_survives_restart(store: Arc<dyn Store>, url: &str) {
+    use dinghook::app::StoreCallCounter;
     use dinghook::dingtalk::{Client, ClientConfig};
-    use dinghook::store::StoreCallCounter;
-    let (fake, base) = dinghook::dingtalk::fake::FakeDingTalk::spawn()
-        .await
-        .unwrap();
+    let (fake, base) = fake_dingtalk::FakeDingTalk::spawn().await.unwrap();
     fake.add_user(serde_json::json!({"userid": "u1", "name": "Ada", "unionid": "un1"}));
     let config = ClientConfig {
         app_key: "dingkey".into(),

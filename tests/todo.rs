@@ -6,9 +6,9 @@ mod support;
 use std::time::Duration;
 
 use dinghook::config::Config;
-use dinghook::dingtalk::fake::FakeDingTalk;
 use dinghook::store::EventState;
 use dinghook::template::Template;
+use fake_dingtalk::FakeDingTalk;
 use serde_json::{json, Value};
 use support::*;
 
@@ -384,7 +384,7 @@ async fn a_refused_status_bar_update_is_noted_not_retried_forever() {
     let app = TestApp::spawn_builtin(&url, configure).await;
     deliver_and_wait(&app, "todo_task_create", "c-1", &["union-a"]).await;
     // DingTalk refuses status bars of messages older than 7 days with a parameter error.
-    fake.fail_next(dinghook::dingtalk::fake::FaultSpec::errcode(40035).on_path(STATUS_BAR));
+    fake.fail_next(fake_dingtalk::FaultSpec::errcode(40035).on_path(STATUS_BAR));
     fake.add_todo_task("union-a", task(true, 2, &["union-a", "union-b"]));
     deliver_and_wait(&app, "todo_task_update", "u-1", &["union-a"]).await;
 
@@ -425,6 +425,10 @@ async fn a_create_costs_sixteen_store_round_trips() {
         .sum();
     eprintln!("store round trips for one todo_task_create: {total} {calls:?}");
     assert_eq!(calls.get("get_document"), Some(&5), "{calls:?}");
-    assert_eq!(calls.get("api_calls"), Some(&1), "quota read once: {calls:?}");
+    assert_eq!(
+        calls.get("api_calls"),
+        Some(&1),
+        "quota read once: {calls:?}"
+    );
     assert_eq!(total, 16, "{calls:?}");
 }

@@ -241,7 +241,6 @@ async fn list_day(
     )))
 }
 
-
 /// The trigger: one lookup per user, work date and window.
 async fn schedule_lookups(
     records: Vec<CheckRecord>,

@@ -47,10 +47,12 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
         return builder;
     }
     let settings = Arc::new((config.chat.clone(), config.notify_quota_reserve));
-    builder.named("builtin.chat.update_title").on_chat_update_title(move |change, ctx| {
-        let settings = Arc::clone(&settings);
-        async move { rename(change, ctx, &settings.0, settings.1).await }
-    })
+    builder
+        .named("builtin.chat.update_title")
+        .on_chat_update_title(move |change, ctx| {
+            let settings = Arc::clone(&settings);
+            async move { rename(change, ctx, &settings.0, settings.1).await }
+        })
 }
 
 async fn rename(

@@ -494,8 +494,8 @@ async fn send_pending(
         },
     };
     // The budget was checked above, before the look-ups.
-    let sent = notify::send_within_budget(ctx, config, KIND, "todo_notify", userids.clone(), msg)
-        .await?;
+    let sent =
+        notify::send_within_budget(ctx, config, KIND, "todo_notify", userids.clone(), msg).await?;
     todo.executor_user_ids = userids;
     match sent {
         Some(task_id) => {

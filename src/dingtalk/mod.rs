@@ -1,18 +1,17 @@
-//! The one client for every outbound DingTalk call, and a fake DingTalk to test it against.
+//! The one client for every outbound DingTalk call.
 //!
 //! [`Client`] owns the access token (cached, refreshed ahead of expiry, one fetch in flight),
 //! a QPS limiter shared by all calls, the monthly call counter (persisted through
 //! [`CallCounter`], so restarts and replicas share it) and the retry policy for DingTalk's
 //! throttling and system-busy answers. Each API family lives in its own module and adds typed
-//! methods to [`Client`]. [`fake`] is a real HTTP server that speaks the same endpoints, so tests
-//! and scripts point the client's base URLs at loopback.
+//! methods to [`Client`]. Tests and scripts point the client's base URLs at the fake DingTalk, a
+//! separate crate (`crates/fake-dingtalk`) that shares no code with this one.
 
 mod attendance;
 mod callback;
 mod client;
 mod config;
 mod error;
-
 mod group;
 mod lenient;
 mod limits;

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A late check-in end to end with real processes: `dinghook fake-dingtalk` scripted through
+# A late check-in end to end with real processes: the `fake-dingtalk` binary scripted through
 # its admin routes, `dinghook serve` pointed at it through the environment, the push signed by
 # `dinghook encrypt`; the user's work notification must reach the fake within 10 s.
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
+need_fake_bin
 
 # The runner passes a second free port; by hand, the one after PORT.
 FAKE_PORT=${FAKE_PORT:-$((PORT + 1))}
@@ -18,7 +19,7 @@ stop_fake() {
 trap 'stop_fake; cleanup' EXIT
 
 if curl -s -o /dev/null "$FAKE/"; then fail "port $FAKE_PORT is already in use"; fi
-"$DINGHOOK_BIN" fake-dingtalk --listen "127.0.0.1:$FAKE_PORT" >>"$WORK/fake.log" 2>&1 &
+"$FAKE_BIN" --listen "127.0.0.1:$FAKE_PORT" >>"$WORK/fake.log" 2>&1 &
 FAKE_PID=$!
 for _ in $(seq 1 100); do
     curl -s -o /dev/null "$FAKE/_fake/state" && break

@@ -1,9 +1,16 @@
 # Shared helpers for the curl scripts. Sourced, not run.
-# The runner (tests/curl.rs) sets DINGHOOK_BIN (the built binary) and PORT (a free port).
+# The runner (tests/curl.rs) sets DINGHOOK_BIN (the built binary), PORT (a free port) and, for
+# the scripts that start a fake DingTalk, FAKE_BIN (the fake-dingtalk binary).
 set -euo pipefail
 
 : "${DINGHOOK_BIN:?set DINGHOOK_BIN to the dinghook binary}"
 : "${PORT:?set PORT to a free port}"
+
+# need_fake_bin: for scripts that start the fake DingTalk; stops at once without FAKE_BIN.
+need_fake_bin() {
+    : "${FAKE_BIN:?set FAKE_BIN to the fake-dingtalk binary (cargo build -p fake-dingtalk; target/debug/fake-dingtalk)}"
+    [ -x "$FAKE_BIN" ] || { echo "FAKE_BIN=$FAKE_BIN is not an executable" >&2; exit 1; }
+}
 
 WORK=$(mktemp -d)
 SERVER_PID=""

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# `dinghook fake-dingtalk` by hand: the DingTalk endpoints answer, the admin routes script it,
+# The `fake-dingtalk` binary by hand: the DingTalk endpoints answer, the admin routes script it,
 # and it records what it was sent.
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
+need_fake_bin
 
 FAKE="http://127.0.0.1:$PORT"
-"$DINGHOOK_BIN" fake-dingtalk --listen "127.0.0.1:$PORT" >>"$WORK/server.log" 2>&1 &
+"$FAKE_BIN" --listen "127.0.0.1:$PORT" >>"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 100); do
     curl -s -o /dev/null "$FAKE/_fake/state" && break

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# A cool app installed in a group, end to end with the real binaries: `dinghook fake-dingtalk`
+# A cool app installed in a group, end to end with the real binaries: the `fake-dingtalk` binary
 # stands in for DingTalk, `dinghook serve` receives the signed callback, looks the group up and
 # greets it once, even when DingTalk delivers the install three times.
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
+need_fake_bin
 : "${FAKE_PORT:?set FAKE_PORT to a second free port}"
 
 FAKE="http://127.0.0.1:$FAKE_PORT"
-"$DINGHOOK_BIN" fake-dingtalk --listen "127.0.0.1:$FAKE_PORT" >>"$WORK/fake.log" 2>&1 &
+"$FAKE_BIN" --listen "127.0.0.1:$FAKE_PORT" >>"$WORK/fake.log" 2>&1 &
 FAKE_PID=$!
 trap 'kill -KILL $FAKE_PID 2>/dev/null || true; cleanup' EXIT
 for _ in $(seq 1 100); do curl -s -o /dev/null "$FAKE/_fake/state" && break; sleep 0.05; done

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# To-do ↔ work notification with the real binaries: `dinghook fake-dingtalk` plays DingTalk,
+# To-do ↔ work notification with the real binaries: the `fake-dingtalk` binary plays DingTalk,
 # `dinghook serve` (configured through the environment) handles todo_task_create / _update /
 # _delete: one OA notification with a pending status bar, one status-bar update to done, one
 # recall.
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
+need_fake_bin
 
 # The fake takes any free port (0) and says which in its log.
 FAKE_PID=""
@@ -16,7 +17,7 @@ stop_fake() {
     cleanup
 }
 trap stop_fake EXIT
-"$DINGHOOK_BIN" fake-dingtalk --listen 127.0.0.1:0 >>"$WORK/fake.log" 2>&1 &
+"$FAKE_BIN" --listen 127.0.0.1:0 >>"$WORK/fake.log" 2>&1 &
 FAKE_PID=$!
 FAKE=""
 for _ in $(seq 1 100); do

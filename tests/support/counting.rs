@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use dinghook::store::{
-    Document, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store,
-    StoreError, StoredEvent,
+    Document, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
+    StoredEvent,
 };
 
 pub struct CountingStore {

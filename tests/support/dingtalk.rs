@@ -5,8 +5,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dinghook::dingtalk::fake::FakeDingTalk;
 use dinghook::dingtalk::{Client, ClientConfig, MemoryCounter, Secret};
+use fake_dingtalk::FakeDingTalk;
 
 pub const APP_KEY: &str = "dingtestappkey";
 pub const APP_SECRET: &str = "test-app-secret-do-not-log";
@@ -68,7 +68,7 @@ impl TestDingTalk {
     }
 
     /// Calls recorded on a path.
-    pub fn calls(&self, path: &str) -> Vec<dinghook::dingtalk::fake::RecordedCall> {
+    pub fn calls(&self, path: &str) -> Vec<fake_dingtalk::RecordedCall> {
         self.fake.calls_to(path)
     }
 

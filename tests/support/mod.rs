@@ -94,20 +94,23 @@ impl TestApp {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> TestApp {
         let fake = fake.to_owned();
-        Self::spawn_on(move |config| {
-            config.dingtalk.app_key = "dingtestapp".into();
-            config.dingtalk.app_secret = Secret::new("test-app-secret");
-            config.dingtalk.agent_id = Some(4242);
-            config.dingtalk.oapi_url = fake.clone();
-            config.dingtalk.api_url = fake;
-            // Fast client retries, so fault tests take milliseconds.
-            config.dingtalk.retry_base_delay = Duration::from_millis(5);
-            config.dingtalk.retry_max_delay = Duration::from_millis(20);
-            config.handlers.send_result_delay = Duration::from_millis(100);
-            config.handlers.enabled = true;
-            customize(config);
-            RegistryBuilder::new()
-        }, wrap)
+        Self::spawn_on(
+            move |config| {
+                config.dingtalk.app_key = "dingtestapp".into();
+                config.dingtalk.app_secret = Secret::new("test-app-secret");
+                config.dingtalk.agent_id = Some(4242);
+                config.dingtalk.oapi_url = fake.clone();
+                config.dingtalk.api_url = fake;
+                // Fast client retries, so fault tests take milliseconds.
+                config.dingtalk.retry_base_delay = Duration::from_millis(5);
+                config.dingtalk.retry_max_delay = Duration::from_millis(20);
+                config.handlers.send_result_delay = Duration::from_millis(100);
+                config.handlers.enabled = true;
+                customize(config);
+                RegistryBuilder::new()
+            },
+            wrap,
+        )
         .await
     }
 
@@ -314,6 +317,70 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// The `fake-dingtalk` binary (another package of the workspace, so no `CARGO_BIN_EXE_` for it):
+/// `target/<profile>/fake-dingtalk` next to this test's `deps` directory. Built once per test
+/// process with `$CARGO build -p fake-dingtalk` (same profile) if it is missing or older than
+/// the fake's sources, so running one test target after editing the fake does not use a stale
+/// fake.
+pub fn fake_dingtalk_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current test executable");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .expect("target/<profile>/deps/<test>")
+            .to_path_buf();
+        let bin = profile_dir.join(format!("fake-dingtalk{}", std::env::consts::EXE_SUFFIX));
+        let crate_dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/fake-dingtalk");
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        if built.is_none_or(|built| newest_mtime(&crate_dir).is_some_and(|src| src > built)) {
+            let mut cargo = std::process::Command::new(env!("CARGO"));
+            cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--quiet",
+                "-p",
+                "fake-dingtalk",
+                "--bin",
+                "fake-dingtalk",
+            ]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cargo.arg("--release");
+            }
+            let status = cargo.status().expect("run cargo build -p fake-dingtalk");
+            assert!(status.success(), "cargo build -p fake-dingtalk failed");
+        }
+        assert!(
+            bin.is_file(),
+            "no fake-dingtalk binary at {}",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
+/// The newest modification time of the fake's manifest and sources.
+fn newest_mtime(crate_dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = std::fs::metadata(crate_dir.join("Cargo.toml"))
+        .and_then(|m| m.modified())
+        .ok();
+    let mut dirs = vec![crate_dir.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if let Ok(modified) = meta.modified() {
+                newest = newest.max(Some(modified));
+            }
+        }
+    }
+    newest
 }
 
 /// The real `dinghook` binary, configured only through the environment, as the container

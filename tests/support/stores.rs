@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use dinghook::config::Config;
 use dinghook::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,928 @@
+//! The DingTalk side: every request not under `/_fake` is recorded, then answered like
+//! DingTalk would (or with a scripted fault).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+use tokio::time::Instant;
+
+use crate::{
+    dates, FakeDingTalk, FakeSendResult, FakeState, FakeToken, RecordedCall, SentMessage,
+    MAX_RECORDED_CALLS, TOKEN_HEADER,
+};
+
+/// What to answer: status, JSON body (or nothing), and an optional delay before answering.
+struct Reply {
+    status: StatusCode,
+    body: Option<Value>,
+    delay: Option<Duration>,
+}
+
+impl Reply {
+    fn json(status: StatusCode, body: Value) -> Reply {
+        Reply {
+            status,
+            body: Some(body),
+            delay: None,
+        }
+    }
+
+    fn answer_code(&self) -> Option<String> {
+        let body = self.body.as_ref()?;
+        if let Some(errcode) = body.get("errcode") {
+            return Some(errcode.to_string());
+        }
+        if let Some(code) = body.get("code").and_then(Value::as_str) {
+            return Some(code.to_owned());
+        }
+        if body.get("status").and_then(Value::as_i64) == Some(1111) {
+            return Some("1111".into());
+        }
+        self.status.is_success().then(|| "ok".to_owned())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Old,
+    New,
+}
+
+fn family_of(path: &str) -> Family {
+    if path.starts_with("/v1.0/") {
+        Family::New
+    } else {
+        Family::Old
+    }
+}
+
+/// Calls DingTalk does not count toward the monthly quota.
+fn is_metered(path: &str) -> bool {
+    !matches!(path, "/gettoken" | "/topapi/v2/user/getbymobile")
+}
+
+pub(crate) fn default_errmsg(errcode: i64) -> &'static str {
+    match errcode {
+        -1 => "系统繁忙",
+        40001 => "Secret错误或access_token无效",
+        40014 => "不合法的access_token",
+        42001 => "access_token超时",
+        90002 => "应用调用该接口的并发量超过限制",
+        90018 => "当前应用调用该接口的并发量超过限制",
+        90020 => "当前企业调用接口次数已达到上限",
+        _ => "fake error",
+    }
+}
+
+pub(crate) fn ban_body(wait_secs: u64) -> Value {
+    json!({"status": 1111, "wait": wait_secs, "punish": "deny", "msg": "fake per-IP ban"})
+}
+
+enum Route {
+    AsyncSend,
+    SendProgress,
+    SendResult,
+    StatusBar,
+    Recall,
+    RobotSend,
+    GroupQuery,
+    AttendanceUpdate,
+    AttendanceList,
+    AttendanceListRecord,
+    TodoGet { union_id: String, task_id: String },
+    TodoPut { union_id: String, task_id: String },
+    WorkRecordUpdate,
+    WorkRecordGet,
+    UserByMobile,
+    UserGet,
+    UserByUnionId,
+    FailedCallbacks,
+}
+
+/// Maps method + path to an endpoint; a known path with the wrong method is a 405, an unknown
+/// path a 404, both of which a test will notice.
+fn route(method: &Method, path: &str) -> Result<Route, Reply> {
+    let post_only = |route: Route| {
+        if method == Method::POST {
+            Ok(route)
+        } else {
+            Err(Reply::json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"errcode": 405, "errmsg": "method not allowed"}),
+            ))
+        }
+    };
+    match path {
+        "/topapi/message/corpconversation/asyncsend_v2" => post_only(Route::AsyncSend),
+        "/topapi/message/corpconversation/getsendprogress" => post_only(Route::SendProgress),
+        "/topapi/message/corpconversation/getsendresult" => post_only(Route::SendResult),
+        "/topapi/message/corpconversation/status_bar/update" => post_only(Route::StatusBar),
+        "/topapi/message/corpconversation/recall" => post_only(Route::Recall),
+        "/v1.0/robot/groupMessages/send" => post_only(Route::RobotSend),
+        "/v1.0/im/sceneGroups/query" => post_only(Route::GroupQuery),
+        "/topapi/attendance/getupdatedata" => post_only(Route::AttendanceUpdate),
+        "/attendance/list" => post_only(Route::AttendanceList),
+        "/attendance/listRecord" => post_only(Route::AttendanceListRecord),
+        "/topapi/workrecord/update" => post_only(Route::WorkRecordUpdate),
+        "/topapi/workrecord/getbyuserid" => post_only(Route::WorkRecordGet),
+        "/topapi/v2/user/getbymobile" => post_only(Route::UserByMobile),
+        "/topapi/v2/user/get" => post_only(Route::UserGet),
+        "/topapi/user/getbyunionid" => post_only(Route::UserByUnionId),
+        "/call_back/get_call_back_failed_result" if method == Method::GET => {
+            Ok(Route::FailedCallbacks)
+        }
+        _ => {
+            let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+            if let ["v1.0", "todo", "users", union_id, "tasks", task_id] = segments.as_slice() {
+                let union_id = decode_segment(union_id);
+                let task_id = decode_segment(task_id);
+                if *method == Method::GET {
+                    return Ok(Route::TodoGet { union_id, task_id });
+                }
+                if *method == Method::PUT {
+                    return Ok(Route::TodoPut { union_id, task_id });
+                }
+                return Err(Reply::json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    json!({"code": "MethodNotAllowed", "message": "method not allowed"}),
+                ));
+            }
+            Err(Reply::json(
+                StatusCode::NOT_FOUND,
+                json!({"errcode": 404, "errmsg": format!("fake DingTalk has no {path}")}),
+            ))
+        }
+    }
+}
+
+fn decode_segment(segment: &str) -> String {
+    // A path segment decodes like a form value (`%XX`, and `+` for a space as before).
+    let field = format!("v={segment}");
+    form_urlencoded::parse(field.as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| segment.to_owned())
+}
+
+fn parse_query(uri: &Uri) -> BTreeMap<String, String> {
+    match uri.query() {
+        Some(query) => form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect(),
+        None => BTreeMap::new(),
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+pub(crate) async fn dingtalk_endpoint(
+    State(fake): State<FakeDingTalk>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let arrived = Instant::now();
+    let path = uri.path().to_owned();
+    let query = parse_query(&uri);
+    let body = if body.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned())),
+        )
+    };
+    let token_header = header(&headers, TOKEN_HEADER);
+    let (seq, delay) = {
+        let mut state = fake.state();
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        if state.calls.len() >= MAX_RECORDED_CALLS {
+            state.calls.pop_front();
+        }
+        state.calls.push_back(RecordedCall {
+            seq,
+            method: method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            token_header: token_header.clone(),
+            user_agent: header(&headers, "user-agent"),
+            content_type: header(&headers, "content-type"),
+            body: body.clone(),
+            at_ms: (arrived - fake.shared.started).as_secs_f64() * 1000.0,
+            at: arrived,
+            status: None,
+            answer_code: None,
+        });
+        let delay = state.path_delays.get(&path).copied().or(state.delay);
+        (seq, delay)
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let reply = {
+        let mut state = fake.state();
+        let reply = state.respond(
+            Instant::now(),
+            &method,
+            &path,
+            &query,
+            token_header.as_deref(),
+            body.as_ref(),
+        );
+        let answer_code = reply.answer_code();
+        if let Some(call) = state.calls.iter_mut().rev().find(|c| c.seq == seq) {
+            call.status = Some(reply.status.as_u16());
+            call.answer_code = answer_code;
+        }
+        reply
+    };
+    if let Some(delay) = reply.delay {
+        tokio::time::sleep(delay).await;
+    }
+    let request_id = format!("fake-req-{seq}");
+    let mut response = match reply.body {
+        Some(body) => (reply.status, axum::Json(body)).into_response(),
+        None => reply.status.into_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-acs-request-id", value);
+    }
+    response
+}
+
+fn str_field<'a>(body: Option<&'a Value>, key: &str) -> Option<&'a str> {
+    body?.get(key)?.as_str()
+}
+
+fn i64_field(body: Option<&Value>, key: &str) -> Option<i64> {
+    body?.get(key)?.as_i64()
+}
+
+impl FakeState {
+    fn request_id(&mut self) -> String {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        format!("fake-{id:08}")
+    }
+
+    fn old_ok(&mut self, fields: Value) -> Reply {
+        let mut body = Map::new();
+        body.insert("errcode".into(), json!(0));
+        body.insert("errmsg".into(), json!("ok"));
+        if let Value::Object(fields) = fields {
+            body.extend(fields);
+        }
+        body.insert("request_id".into(), json!(self.request_id()));
+        Reply::json(StatusCode::OK, Value::Object(body))
+    }
+
+    fn old_err(&mut self, errcode: i64, errmsg: &str) -> Reply {
+        let request_id = self.request_id();
+        Reply::json(
+            StatusCode::OK,
+            json!({"errcode": errcode, "errmsg": errmsg, "request_id": request_id}),
+        )
+    }
+
+    fn new_err(&mut self, status: StatusCode, code: &str, message: &str) -> Reply {
+        let request_id = self.request_id();
+        Reply::json(
+            status,
+            json!({"code": code, "message": message, "requestid": request_id}),
+        )
+    }
+
+    /// The answer to one DingTalk call. Runs under the state lock, without awaiting.
+    fn respond(
+        &mut self,
+        now: Instant,
+        method: &Method,
+        path: &str,
+        query: &BTreeMap<String, String>,
+        token_header: Option<&str>,
+        body: Option<&Value>,
+    ) -> Reply {
+        let family = family_of(path);
+        if let Some(reply) = self.take_fault(path) {
+            return reply;
+        }
+        if path == "/gettoken" {
+            return self.gettoken(now, method, query);
+        }
+        let route = match route(method, path) {
+            Ok(route) => route,
+            Err(reply) => return reply,
+        };
+        let token = match family {
+            Family::Old => query.get("access_token").map(String::as_str),
+            Family::New => token_header,
+        };
+        if let Some(reply) = self.check_token(now, family, token) {
+            return reply;
+        }
+        if let Some(reply) = self.throttle(now, family, path) {
+            return reply;
+        }
+        if is_metered(path) {
+            if let Some(limit) = self.quota_limit {
+                if self.quota_used >= limit {
+                    let message = format!(
+                        "当前企业调用接口次数已达到上限, 次数:{}, 额度:{limit}",
+                        self.quota_used
+                    );
+                    return match family {
+                        Family::Old => self.old_err(90020, &message),
+                        Family::New => self.new_err(
+                            StatusCode::FORBIDDEN,
+                            "Forbidden.AccessDenied.ApiCountLimitForOrg",
+                            &message,
+                        ),
+                    };
+                }
+            }
+            self.quota_used += 1;
+        }
+        self.handle(route, query, body)
+    }
+
+    fn take_fault(&mut self, path: &str) -> Option<Reply> {
+        let index = self.faults.iter().position(|f| match &f.path {
+            Some(p) => p == path,
+            None => path != "/gettoken",
+        })?;
+        let fault = {
+            let fault = self.faults.get_mut(index)?;
+            fault.times = fault.times.saturating_sub(1);
+            fault.clone()
+        };
+        if fault.times == 0 {
+            self.faults.remove(index);
+        }
+        let delay = fault.delay_ms.map(Duration::from_millis);
+        let status = |default: u16| {
+            fault
+                .status
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::from_u16(default).unwrap_or(StatusCode::OK))
+        };
+        let mut reply = if let Some(body) = fault.body.clone() {
+            Reply::json(status(200), body)
+        } else if let Some(errcode) = fault.errcode {
+            let errmsg = fault
+                .errmsg
+                .clone()
+                .unwrap_or_else(|| default_errmsg(errcode).to_owned());
+            let mut reply = self.old_err(errcode, &errmsg);
+            reply.status = status(200);
+            reply
+        } else if let Some(code) = fault.code.clone() {
+            let default = if code.starts_with("Forbidden") {
+                403
+            } else {
+                400
+            };
+            let message = fault.message.clone().unwrap_or_else(|| code.clone());
+            self.new_err(status(default), &code, &message)
+        } else {
+            Reply {
+                status: status(500),
+                body: None,
+                delay: None,
+            }
+        };
+        reply.delay = delay;
+        Some(reply)
+    }
+
+    fn gettoken(
+        &mut self,
+        now: Instant,
+        method: &Method,
+        query: &BTreeMap<String, String>,
+    ) -> Reply {
+        if *method != Method::GET {
+            return Reply::json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"errcode": 405, "errmsg": "gettoken is a GET"}),
+            );
+        }
+        let key = query.get("appkey").map(String::as_str).unwrap_or("");
+        let secret = query.get("appsecret").map(String::as_str).unwrap_or("");
+        let accepted = match &self.credentials {
+            Some((k, s)) => k == key && s == secret,
+            None => !key.is_empty() && !secret.is_empty(),
+        };
+        if !accepted {
+            return self.old_err(40089, "不合法的appKey或appSecret");
+        }
+        let ttl = self.token_ttl;
+        // Like DingTalk: asking again while the token is valid returns it with a fresh lifetime.
+        let value = match &mut self.token {
+            Some(token) if now < token.expires_at => {
+                token.expires_at = now + ttl;
+                token.value.clone()
+            }
+            _ => {
+                if let Some(old) = self.token.take() {
+                    self.retired_tokens.insert(old.value);
+                }
+                self.issued_tokens += 1;
+                let value = format!(
+                    "fake-token-{}-{}",
+                    self.issued_tokens,
+                    uuid::Uuid::new_v4().simple()
+                );
+                self.token = Some(FakeToken {
+                    value: value.clone(),
+                    expires_at: now + ttl,
+                });
+                value
+            }
+        };
+        self.old_ok(json!({"access_token": value, "expires_in": ttl.as_secs()}))
+    }
+
+    fn check_token(&mut self, now: Instant, family: Family, token: Option<&str>) -> Option<Reply> {
+        let valid = match (&self.token, token) {
+            (Some(current), Some(given)) => current.value == given && now < current.expires_at,
+            _ => false,
+        };
+        if valid {
+            return None;
+        }
+        let expired = token.is_some_and(|t| {
+            self.retired_tokens.contains(t) || self.token.as_ref().is_some_and(|c| c.value == t)
+        });
+        Some(match (family, expired) {
+            (Family::Old, true) => self.old_err(42001, "access_token超时"),
+            (Family::Old, false) => self.old_err(40014, "不合法的access_token"),
+            (Family::New, _) => self.new_err(
+                StatusCode::BAD_REQUEST,
+                "InvalidAuthentication",
+                "不合法的access_token",
+            ),
+        })
+    }
+
+    fn throttle(&mut self, now: Instant, family: Family, path: &str) -> Option<Reply> {
+        let limit = self.qps_limit? as usize;
+        let window = self.qps_windows.entry(path.to_owned()).or_default();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            window.pop_front();
+        }
+        if window.len() < limit {
+            window.push_back(now);
+            return None;
+        }
+        Some(match family {
+            Family::Old => self.old_err(90018, default_errmsg(90018)),
+            Family::New => self.new_err(
+                StatusCode::FORBIDDEN,
+                "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
+                "QPS limit exceeded",
+            ),
+        })
+    }
+
+    fn handle(
+        &mut self,
+        route: Route,
+        _query: &BTreeMap<String, String>,
+        body: Option<&Value>,
+    ) -> Reply {
+        match route {
+            Route::AsyncSend => self.async_send(body),
+            Route::SendProgress => match self.task_of(body, "task_id") {
+                Ok(_) => {
+                    self.old_ok(json!({"progress": {"progress_in_percent": 100, "status": 2}}))
+                }
+                Err(reply) => reply,
+            },
+            Route::SendResult => match self.task_of(body, "task_id") {
+                Ok(index) => {
+                    let task_id = self.messages[index].task_id;
+                    let result = match self.send_results.get(&task_id) {
+                        Some(result) => result.clone(),
+                        None => FakeSendResult {
+                            unread_user_id_list: split_commas(str_field(
+                                Some(&self.messages[index].request),
+                                "userid_list",
+                            )),
+                            ..FakeSendResult::default()
+                        },
+                    };
+                    self.old_ok(json!({"send_result": result}))
+                }
+                Err(reply) => reply,
+            },
+            Route::StatusBar => match self.task_of(body, "task_id") {
+                Ok(index) => {
+                    let is_oa = self.messages[index].request["msg"]["msgtype"] == "oa";
+                    match str_field(body, "status_value") {
+                        Some(_) if is_oa => {
+                            self.messages[index].status_bar = body.cloned();
+                            self.old_ok(json!({}))
+                        }
+                        Some(_) => self.old_err(41052, "only OA messages have a status bar"),
+                        None => self.old_err(40035, "缺少参数 status_value"),
+                    }
+                }
+                Err(reply) => reply,
+            },
+            Route::Recall => match self.task_of(body, "msg_task_id") {
+                Ok(index) => {
+                    self.messages[index].recalled = true;
+                    self.old_ok(json!({}))
+                }
+                Err(reply) => reply,
+            },
+            Route::RobotSend => self.robot_send(body),
+            Route::GroupQuery => {
+                let Some(id) = str_field(body, "openConversationId") else {
+                    return self.new_err(
+                        StatusCode::BAD_REQUEST,
+                        "MissingopenConversationId",
+                        "openConversationId is mandatory",
+                    );
+                };
+                match self.groups.get(id).cloned() {
+                    Some(mut group) => {
+                        if let Some(obj) = group.as_object_mut() {
+                            obj.insert("success".into(), json!(true));
+                            obj.remove("coolAppCode");
+                        }
+                        Reply::json(StatusCode::OK, group)
+                    }
+                    None => self.new_err(
+                        StatusCode::BAD_REQUEST,
+                        "invalid.openConversationId",
+                        "群不存在",
+                    ),
+                }
+            }
+            Route::AttendanceUpdate => {
+                let (Some(userid), Some(work_date)) =
+                    (str_field(body, "userid"), str_field(body, "work_date"))
+                else {
+                    return self.old_err(40035, "缺少参数 userid 或 work_date");
+                };
+                let key = (userid.to_owned(), work_date.to_owned());
+                let result = self.attendance_update.get(&key).cloned().unwrap_or_else(|| {
+                    json!({"work_date": work_date, "userid": userid, "attendance_result_list": [],
+                           "check_record_list": [], "approve_list": []})
+                });
+                self.old_ok(json!({"result": result}))
+            }
+            Route::AttendanceList => self.attendance_list(body),
+            Route::AttendanceListRecord => {
+                let (Some(users), Some(_), Some(_)) = (
+                    body.and_then(|b| b.get("userIds"))
+                        .and_then(Value::as_array),
+                    str_field(body, "checkDateFrom"),
+                    str_field(body, "checkDateTo"),
+                ) else {
+                    return self.old_err(40035, "缺少参数 userIds, checkDateFrom 或 checkDateTo");
+                };
+                let records: Vec<Value> = self
+                    .attendance_records
+                    .iter()
+                    .filter(|r| users.contains(&r["userId"]))
+                    .cloned()
+                    .collect();
+                self.old_ok(json!({"recordresult": records}))
+            }
+            Route::TodoGet { union_id, task_id } => {
+                match self.todos.get(&(union_id, task_id)).cloned() {
+                    Some(mut task) => {
+                        let request_id = self.request_id();
+                        if let Some(obj) = task.as_object_mut() {
+                            obj.insert("requestId".into(), json!(request_id));
+                        }
+                        Reply::json(StatusCode::OK, task)
+                    }
+                    None => self.new_err(StatusCode::NOT_FOUND, "taskNotExist", "待办不存在"),
+                }
+            }
+            Route::TodoPut { union_id, task_id } => {
+                let Some(Value::Object(changes)) = body else {
+                    return self.new_err(
+                        StatusCode::BAD_REQUEST,
+                        "todo.taskUpdate.paramError",
+                        "body must be an object",
+                    );
+                };
+                const UPDATABLE: [&str; 6] = [
+                    "subject",
+                    "description",
+                    "dueTime",
+                    "done",
+                    "executorIds",
+                    "participantIds",
+                ];
+                if let Some(unknown) = changes.keys().find(|k| !UPDATABLE.contains(&k.as_str())) {
+                    let message = format!("unknown field {unknown}");
+                    return self.new_err(
+                        StatusCode::BAD_REQUEST,
+                        "todo.taskUpdate.paramError",
+                        &message,
+                    );
+                }
+                match self.todos.get_mut(&(union_id, task_id)) {
+                    Some(Value::Object(task)) => {
+                        for (key, value) in changes {
+                            task.insert(key.clone(), value.clone());
+                        }
+                        Reply::json(StatusCode::OK, json!({"result": true}))
+                    }
+                    _ => self.new_err(StatusCode::NOT_FOUND, "taskNotExist", "待办不存在"),
+                }
+            }
+            Route::WorkRecordUpdate => {
+                let (Some(userid), Some(record_id)) =
+                    (str_field(body, "userid"), str_field(body, "record_id"))
+                else {
+                    return self.old_err(40035, "缺少参数 userid 或 record_id");
+                };
+                let found = self
+                    .work_records
+                    .get_mut(userid)
+                    .and_then(|records| records.iter_mut().find(|r| r["record_id"] == record_id));
+                match found {
+                    Some(record) => {
+                        record["status"] = json!(1);
+                        self.old_ok(json!({"result": true}))
+                    }
+                    None => self.old_err(400002, "待办不存在"),
+                }
+            }
+            Route::WorkRecordGet => {
+                let (Some(userid), Some(offset), Some(limit), Some(status)) = (
+                    str_field(body, "userid"),
+                    i64_field(body, "offset"),
+                    i64_field(body, "limit"),
+                    i64_field(body, "status"),
+                ) else {
+                    return self.old_err(40035, "缺少参数 userid, offset, limit 或 status");
+                };
+                if !(1..=50).contains(&limit) || offset < 0 {
+                    return self.old_err(40035, "limit must be 1..=50");
+                }
+                let matching: Vec<Value> = self
+                    .work_records
+                    .get(userid)
+                    .map(|records| {
+                        records
+                            .iter()
+                            .filter(|r| r["status"].as_i64().unwrap_or(0) == status)
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let (page, has_more) = paginate(&matching, offset as usize, limit as usize);
+                self.old_ok(json!({"records": {"has_more": has_more, "list": page}}))
+            }
+            Route::UserByMobile => {
+                let Some(mobile) = str_field(body, "mobile") else {
+                    return self.old_err(40035, "缺少参数 mobile");
+                };
+                match self.users.iter().find(|u| u["mobile"] == mobile) {
+                    Some(user) => {
+                        let userid = user["userid"].clone();
+                        self.old_ok(json!({"result": {"userid": userid}}))
+                    }
+                    None => self.old_err(60121, "找不到该用户"),
+                }
+            }
+            Route::UserGet => {
+                let Some(userid) = str_field(body, "userid") else {
+                    return self.old_err(40035, "缺少参数 userid");
+                };
+                match self.users.iter().find(|u| u["userid"] == userid).cloned() {
+                    Some(user) => self.old_ok(json!({"result": user})),
+                    None => self.old_err(60121, "找不到该用户"),
+                }
+            }
+            Route::UserByUnionId => {
+                let Some(unionid) = str_field(body, "unionid") else {
+                    return self.old_err(40035, "缺少参数 unionid");
+                };
+                match self.users.iter().find(|u| u["unionid"] == unionid) {
+                    Some(user) => {
+                        let userid = user["userid"].clone();
+                        self.old_ok(json!({"result": {"contact_type": 0, "userid": userid}}))
+                    }
+                    None => self.old_err(60121, "找不到该用户"),
+                }
+            }
+            Route::FailedCallbacks => {
+                let take = self.failed_page_size.min(self.failed_callbacks.len());
+                // Reading a page deletes it, as on DingTalk.
+                let page: Vec<Value> = self.failed_callbacks.drain(..take).collect();
+                let has_more = !self.failed_callbacks.is_empty();
+                self.old_ok(json!({"has_more": has_more, "failed_list": page}))
+            }
+        }
+    }
+
+    fn async_send(&mut self, body: Option<&Value>) -> Reply {
+        if i64_field(body, "agent_id").is_none() {
+            return self.old_err(40035, "缺少参数 agent_id (a number)");
+        }
+        for list in ["userid_list", "dept_id_list"] {
+            if body
+                .and_then(|b| b.get(list))
+                .is_some_and(|v| !v.is_string())
+            {
+                let message = format!("{list} must be a comma-separated string");
+                return self.old_err(40035, &message);
+            }
+        }
+        let to_all = body
+            .and_then(|b| b.get("to_all_user"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if !to_all
+            && str_field(body, "userid_list").is_none()
+            && str_field(body, "dept_id_list").is_none()
+        {
+            return self.old_err(
+                40035,
+                "no receivers: userid_list, dept_id_list or to_all_user",
+            );
+        }
+        let msg = body.and_then(|b| b.get("msg"));
+        let msgtype = msg.and_then(|m| m.get("msgtype")).and_then(Value::as_str);
+        const TYPES: [&str; 8] = [
+            "text",
+            "markdown",
+            "link",
+            "action_card",
+            "oa",
+            "image",
+            "voice",
+            "file",
+        ];
+        let well_formed = match msgtype {
+            Some(t) if TYPES.contains(&t) => {
+                msg.and_then(|m| m.get(t)).is_some_and(Value::is_object)
+            }
+            _ => false,
+        };
+        if !well_formed {
+            return self.old_err(40035, "msg must be {msgtype, <msgtype>: {...}}");
+        }
+        let task_id = self.next_task_id;
+        self.next_task_id += 1;
+        self.messages.push(SentMessage {
+            task_id,
+            request: body.cloned().unwrap_or(Value::Null),
+            recalled: false,
+            status_bar: None,
+        });
+        self.old_ok(json!({"task_id": task_id}))
+    }
+
+    /// Finds the work notification named by `body[key]`; answers 400002 if there is none.
+    fn task_of(&mut self, body: Option<&Value>, key: &str) -> Result<usize, Reply> {
+        if i64_field(body, "agent_id").is_none() {
+            return Err(self.old_err(40035, "缺少参数 agent_id"));
+        }
+        let task_id = i64_field(body, key);
+        match self
+            .messages
+            .iter()
+            .position(|m| Some(m.task_id) == task_id)
+        {
+            Some(index) => Ok(index),
+            None => Err(self.old_err(400002, "无效的agentId或taskId")),
+        }
+    }
+
+    fn robot_send(&mut self, body: Option<&Value>) -> Reply {
+        for field in ["robotCode", "openConversationId", "msgKey"] {
+            if str_field(body, field).is_none() {
+                let message = format!("{field} is mandatory");
+                return self.new_err(
+                    StatusCode::BAD_REQUEST,
+                    &format!("Missing{field}"),
+                    &message,
+                );
+            }
+        }
+        let param_is_json_object = str_field(body, "msgParam")
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
+            .is_some_and(|v| v.is_object());
+        if !param_is_json_object {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.msgParam.invalid",
+                "msgParam must be a JSON object encoded as a string",
+            );
+        }
+        let group = str_field(body, "openConversationId").and_then(|id| self.groups.get(id));
+        if let Some(required) = group
+            .and_then(|g| g.get("coolAppCode"))
+            .and_then(Value::as_str)
+        {
+            if str_field(body, "coolAppCode") != Some(required) {
+                return self.new_err(
+                    StatusCode::BAD_REQUEST,
+                    "invalidParameter.robotCode.coolApp",
+                    "coolAppCode missing or wrong",
+                );
+            }
+        }
+        self.robot_messages
+            .push(body.cloned().unwrap_or(Value::Null));
+        let key = format!("fake-pqk-{}", self.robot_messages.len());
+        Reply::json(StatusCode::OK, json!({"processQueryKey": key}))
+    }
+
+    /// Like DingTalk's: the results of the listed users (at most 50) for the work dates from
+    /// `workDateFrom` to `workDateTo` (whole days, at most 7 apart), user by user in the list's
+    /// order, `limit` (at most 50) from `offset`, `hasMore` while more follow. Broken limits
+    /// get DingTalk's invalid-parameter errcode (40035), which the client does not retry.
+    fn attendance_list(&mut self, body: Option<&Value>) -> Reply {
+        let users = body
+            .and_then(|b| b.get("userIdList"))
+            .and_then(Value::as_array);
+        let (Some(users), Some(from), Some(to), Some(offset), Some(limit)) = (
+            users,
+            str_field(body, "workDateFrom"),
+            str_field(body, "workDateTo"),
+            i64_field(body, "offset"),
+            i64_field(body, "limit"),
+        ) else {
+            return self.old_err(
+                40035,
+                "缺少参数 workDateFrom, workDateTo, userIdList, offset 或 limit",
+            );
+        };
+        if users.len() > 50 {
+            let message = format!("userIdList 最多 50 个, 收到 {}", users.len());
+            return self.old_err(40035, &message);
+        }
+        if !(1..=50).contains(&limit) || offset < 0 {
+            return self.old_err(40035, "limit 必须在 1 到 50 之间, offset 不能为负");
+        }
+        let (start, end) = match dates::work_date_span(from, to) {
+            Ok(span) => span,
+            Err(message) => return self.old_err(40035, &message),
+        };
+        let mut asked: Vec<&str> = Vec::new();
+        for user in users {
+            match user.as_str() {
+                Some(u) if !asked.contains(&u) => asked.push(u),
+                Some(_) => {}
+                None => return self.old_err(40035, "userIdList 必须是字符串列表"),
+            }
+        }
+        let matching: Vec<Value> = asked
+            .iter()
+            .filter_map(|u| self.attendance_list.get(*u))
+            .flatten()
+            .filter(|r| lenient_i64(&r["workDate"]).is_some_and(|d| d >= start && d < end))
+            .cloned()
+            .collect();
+        let (page, has_more) = paginate(&matching, offset as usize, limit as usize);
+        self.old_ok(json!({"recordresult": page, "hasMore": has_more}))
+    }
+}
+
+fn split_commas(list: Option<&str>) -> Vec<String> {
+    list.map(|l| {
+        l.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A number, or a string of digits (DingTalk writes ids and times both ways).
+fn lenient_i64(value: &Value) -> Option<i64> {
+    value
+        .as_i64()
+        .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+fn paginate(items: &[Value], offset: usize, limit: usize) -> (Vec<Value>, bool) {
+    let page: Vec<Value> = items.iter().skip(offset).take(limit).cloned().collect();
+    let has_more = offset.saturating_add(limit) < items.len();
+    (page, has_more)
+}
