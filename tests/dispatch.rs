@@ -199,18 +199,18 @@ async fn a_crashed_workers_events_come_back_after_the_lease() {
 }
 
 #[tokio::test]
-async fn registering_two_handlers_for_one_type_fails_at_start_up() {
+async fn two_handlers_with_one_name_fail_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let result = dinghook::app::Application::builder(test_config(dir.path()))
+    let mut config = test_config(dir.path());
+    // A program's handler may not take a built-in one's name either.
+    config.handlers.enabled = true;
+    let result = dinghook::app::Application::builder(config)
+        .named("builtin.chat.update_title")
         .on_chat_update_title(|_, _| async { Ok(()) })
-        .on("chat_update_title", |_, _| async { Ok(()) })
         .build()
         .await;
-    let err = result
-        .err()
-        .expect("duplicate registration refused")
-        .to_string();
-    assert!(err.contains("chat_update_title"), "{err}");
+    let err = result.err().expect("duplicate name refused").to_string();
+    assert!(err.contains("builtin.chat.update_title"), "{err}");
 }
 
 #[tokio::test]
@@ -236,5 +236,89 @@ async fn metrics_report_receipts_rejections_queue_and_handler_runs() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+    app.stop().await;
+}
+
+/// Three handlers for one type: one succeeds at once, one fails twice, one fails for good.
+/// Each retry runs only the handlers that have not succeeded; the event dies of the
+/// permanent failure with the successes recorded, and a replay runs only the failed one.
+#[tokio::test]
+async fn several_handlers_per_type_each_keep_their_own_outcome() {
+    let runs: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (ok_runs, flaky_runs, broken_runs) =
+        (Arc::clone(&runs), Arc::clone(&runs), Arc::clone(&runs));
+    let broken_fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fixed = Arc::clone(&broken_fixed);
+    let handlers = RegistryBuilder::new()
+        .named("steady")
+        .on_chat_update_title(move |_, _| {
+            ok_runs.lock().unwrap().push("steady".into());
+            async { Ok(()) }
+        })
+        .named("flaky")
+        .on_chat_update_title(move |_, ctx| {
+            flaky_runs
+                .lock()
+                .unwrap()
+                .push(format!("flaky@{}", ctx.record.attempts));
+            async move {
+                if ctx.record.attempts <= 2 {
+                    Err(HandlerError::transient("not yet"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .on(
+            "chat_update_title",
+            move |_, ctx: dinghook::handler::Context| {
+                broken_runs
+                    .lock()
+                    .unwrap()
+                    .push(format!("broken@{}", ctx.record.attempts));
+                let ok = fixed.load(Ordering::SeqCst);
+                async move {
+                    if ok || ctx.record.attempts < 3 {
+                        if ok {
+                            return Ok(());
+                        }
+                        return Err(HandlerError::transient("warming up"));
+                    }
+                    Err(HandlerError::permanent("bad data"))
+                }
+            },
+        );
+    let app = TestApp::spawn_with_handlers(|_| {}, handlers).await;
+    assert_success_reply(app.post_event(&rename("multi")).await).await;
+    let dead = app.wait_for_state("event:multi", EventState::Dead).await;
+    assert_eq!(dead.attempts, 3);
+    let error = dead.last_error.clone().unwrap();
+    assert!(
+        error.contains("chat_update_title#1: bad data") && !error.contains("flaky"),
+        "the failing handler is named: {error}"
+    );
+    assert_eq!(dead.handled, ["steady", "flaky"]);
+    let seen = runs.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|r| *r == "steady").count(),
+        1,
+        "a handler that succeeded is not run again: {seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|r| r.starts_with("flaky")).count(),
+        3,
+        "{seen:?}"
+    );
+
+    broken_fixed.store(true, Ordering::SeqCst);
+    runs.lock().unwrap().clear();
+    app.cli(&["events", "replay", "--state", "dead"]);
+    let done = app.wait_for_state("event:multi", EventState::Done).await;
+    assert!(done.handled.is_empty(), "done forgets the list");
+    assert_eq!(
+        *runs.lock().unwrap(),
+        ["broken@1"],
+        "the replay ran only the handler that had failed"
+    );
     app.stop().await;
 }

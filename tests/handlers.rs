@@ -317,3 +317,53 @@ async fn the_delivery_check_records_a_forbidden_recipient() {
     assert_eq!(shown["result"]["forbidden"], json!(["u2"]));
     app.stop().await;
 }
+
+/// A program's own handler runs beside the built-in one for the same type: both run, each
+/// records its own outcome, and the program's failure retries only the program's handler.
+#[tokio::test]
+async fn a_programs_handler_runs_beside_the_built_in_one() {
+    use dinghook::handler::{HandlerError, Registrations, RegistryBuilder};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (fake, url) = FakeDingTalk::spawn().await.unwrap();
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&runs);
+    let app = TestApp::spawn_with_handlers_from(move |c| {
+        c.dingtalk.app_key = "dingtestapp".into();
+        c.dingtalk.app_secret = dinghook::secret::Secret::new("s");
+        c.dingtalk.oapi_url = url.clone();
+        c.dingtalk.api_url = url;
+        c.handlers.enabled = true;
+        // Recovery would read the failed-push list from the fake at start-up.
+        c.recovery.enabled = false;
+        RegistryBuilder::new()
+            .named("crm.rename")
+            .on_chat_update_title(move |rename, _ctx| {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    assert_eq!(rename.title, "新名");
+                    if n == 0 {
+                        Err(HandlerError::transient("crm is down"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+    })
+    .await;
+    assert_success_reply(app.post_event(&rename("own", "cidOwn", "新名")).await).await;
+    let done = app.wait_for_state("event:own", EventState::Done).await;
+    assert_eq!(done.attempts, 2, "the program's handler failed once");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        done.last_error.as_deref(),
+        Some("crm.rename: crm is down"),
+        "the failure names its handler"
+    );
+    // The built-in one kept the title (tests/dispatch.rs shows a success is not run again).
+    assert_eq!(group(&app, "cidOwn").await["title"], "新名");
+    assert!(
+        fake.calls().is_empty(),
+        "no announcement configured, no call"
+    );
+    app.stop().await;
+}

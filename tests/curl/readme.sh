@@ -16,11 +16,17 @@ export DINGHOOK_BIN FAKE_BIN DATA_DIR="$WORK"
 FAKE="http://$FAKE_LISTEN"
 
 start=$(grep -m1 '^scripts/quickstart.sh' "$root/README.md") || fail "no quick start command in README.md"
-(cd "$root" && eval "$start") >"$WORK/quickstart.log" 2>&1 &
-SERVER_PID=$!
+# Its own process group, so stopping it reaches the fake and the server it started.
+(cd "$root" && exec setsid bash -c "$start") >"$WORK/quickstart.log" 2>&1 &
+QS_PID=$!
+stop_quickstart() {
+    kill -TERM -- "-$QS_PID" 2>/dev/null || true
+    wait "$QS_PID" 2>/dev/null || true
+}
+trap 'stop_quickstart; cleanup' EXIT
 for _ in $(seq 1 600); do
     grep -q 'Ctrl-C stops both' "$WORK/quickstart.log" && break
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/quickstart.log" >&2; fail "the quick start stopped"; }
+    kill -0 "$QS_PID" 2>/dev/null || { cat "$WORK/quickstart.log" >&2; fail "the quick start stopped"; }
     sleep 0.05
 done
 grep -q 'Ctrl-C stops both' "$WORK/quickstart.log" || { cat "$WORK/quickstart.log" >&2; fail "the quick start did not finish its loop"; }
