@@ -30,8 +30,7 @@ use crate::event::{AttendanceLookup, CheckRecord, Event, Punch};
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 use crate::store::Inserted;
 use crate::template::Template;
-use crate::time::now_millis;
-use crate::time::{duration_str, UtcOffset};
+use crate::time::{duration_str, now_millis, UtcOffset};
 
 /// The internal event type of a coalesced lookup.
 /// Where the looked-up days are kept, keyed `user:yyyy-MM-dd`.

@@ -2,7 +2,7 @@
 //!
 //! Each family lives in its own module with its own configuration section (`[handlers.*]` in
 //! `config/dinghook.toml`). Shared here: the `[handlers]` configuration, the registration of
-//! every enabled handler ([`builtin`]), effects recorded once per event ([`effect_once`]),
+//! every enabled handler ([`registrations`]), effects recorded once per event ([`effect_once`]),
 //! the monthly-quota reserve for notifications ([`notification_budget`]), and internal
 //! follow-up events ([`schedule_internal`]).
 
@@ -14,8 +14,7 @@ use serde_json::Value;
 use crate::event::Event;
 use crate::handler::{Context, HandlerError, RegistryBuilder};
 use crate::store::{Inserted, NewEvent, Source};
-use crate::time::duration_str;
-use crate::time::now_millis;
+use crate::time::{duration_str, now_millis};
 
 pub mod attendance;
 pub mod chat;

@@ -255,6 +255,7 @@ fn event_json(e: &StoredEvent) -> serde_json::Value {
         "source": e.source,
         "received_at": e.received_at,
         "next_attempt_at": e.next_attempt_at,
+        "handled": e.handled,
     })
 }
 

@@ -678,7 +678,7 @@ impl Store for PostgresStore {
 
 /// The advisory-lock key for the leadership called `name`: the first 8 bytes of
 /// SHA-256("dinghook-leader:" + name), so every replica and version agrees on it without a
-/// table of numbers. Never [`MIGRATION_LOCK`] (checked in the tests).
+/// table of numbers. Never `MIGRATION_LOCK` (checked in the tests).
 pub fn leader_lock_key(name: &str) -> i64 {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(format!("dinghook-leader:{name}").as_bytes());
