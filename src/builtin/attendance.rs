@@ -240,8 +240,9 @@ async fn list_day(
     )))
 }
 
-/// The trigger: one lookup per user, work date and window.
-async fn schedule_lookups(
+/// The trigger: one lookup per user, work date and window. Public, so a program that turns
+/// this built-in off can wrap it in its own handler.
+pub async fn schedule_lookups(
     records: Vec<CheckRecord>,
     ctx: Context,
     config: &AttendanceConfig,

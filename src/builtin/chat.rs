@@ -55,7 +55,9 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
         })
 }
 
-async fn rename(
+/// The built-in `chat_update_title` handler. Public, so a program that turns it off
+/// (`[handlers.chat] enabled = false`) can wrap it in its own.
+pub async fn rename(
     change: ChatUpdateTitle,
     ctx: Context,
     config: &ChatConfig,

@@ -70,7 +70,9 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
         .on_cool_app_uninstall(|change, ctx| async move { uninstall(change, ctx).await })
 }
 
-async fn install(
+/// The built-in `im_cool_app_install` handler. Public, so a program that turns it off
+/// (`[handlers.cool_app] enabled = false`) can wrap it in its own.
+pub async fn install(
     change: CoolAppChange,
     ctx: Context,
     config: &CoolAppConfig,
@@ -133,7 +135,8 @@ async fn install(
     Ok(())
 }
 
-async fn uninstall(change: CoolAppChange, ctx: Context) -> Result<(), HandlerError> {
+/// The built-in `im_cool_app_uninstall` handler (public for the same reason).
+pub async fn uninstall(change: CoolAppChange, ctx: Context) -> Result<(), HandlerError> {
     let store = &*ctx.store;
     let at = change.operate_time.unwrap_or_else(now_millis);
     let mut group = groups::load(store, &change.open_conversation_id)

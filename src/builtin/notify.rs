@@ -158,7 +158,8 @@ pub fn register(builder: RegistryBuilder, _config: &HandlersConfig) -> RegistryB
         .on_send_result_check(|check, ctx| async move { check_delivery(check, ctx).await })
 }
 
-async fn check_delivery(check: SendResultCheck, ctx: Context) -> Result<(), HandlerError> {
+/// The built-in delivery check of a work notification (`dinghook_send_result_check`).
+pub async fn check_delivery(check: SendResultCheck, ctx: Context) -> Result<(), HandlerError> {
     let task_id = check.task_id;
     let client = ctx.dingtalk()?;
     // Still sending: look again later (the dispatcher's retry schedule).

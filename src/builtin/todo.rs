@@ -254,7 +254,9 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
         })
 }
 
-async fn created(
+/// The built-in `todo_task_create` handler. Public, so a program that turns it off
+/// (`[handlers.todo] enabled = false`) can wrap it in its own; so are `updated` and `deleted`.
+pub async fn created(
     change: TodoTaskChange,
     ctx: Context,
     config: &HandlersConfig,
@@ -283,7 +285,8 @@ async fn created(
     send_pending(&ctx, config, &mut todo, &task).await
 }
 
-async fn updated(
+/// The built-in `todo_task_update` handler.
+pub async fn updated(
     change: TodoTaskChange,
     ctx: Context,
     config: &HandlersConfig,
@@ -311,7 +314,8 @@ async fn updated(
     Ok(())
 }
 
-async fn deleted(
+/// The built-in `todo_task_delete` handler.
+pub async fn deleted(
     change: TodoTaskChange,
     ctx: Context,
     config: &HandlersConfig,
