@@ -1,6 +1,6 @@
 //! POST /dingtalk/callback without the HTTP: query string + body → signature → replay window →
 //! decryption (current key, then the previous one) → owner key → envelope → stored event, through
-//! `ingress::open_request`, the function the handler calls. Then what the dispatcher does with a
+//! `sources::push::open_request`, the function the handler calls. Then what the dispatcher does with a
 //! stored payload: `Event::decode`.
 //!
 //! Input: the first byte picks a mode, the rest is data.

@@ -369,7 +369,7 @@ pub fn event_json(entry: &FailedCallback) -> Value {
     Value::Object(event)
 }
 
-/// The event to store for one entry (see [`event_json`]), de-duplicated exactly as ingress
+/// The event to store for one entry (see [`event_json`]), de-duplicated exactly as a push
 /// does. `None` for DingTalk's URL checks, which are not events.
 pub fn recovered_event(entry: &FailedCallback, now_ms: i64) -> Option<NewEvent> {
     let json = event_json(entry);
