@@ -259,6 +259,13 @@ pub fn encrypt_field(body: &[u8]) -> Result<String, Rejection> {
     struct Body {
         encrypt: Option<serde_json::Value>,
     }
+    // serde reads a struct from a JSON array too (`["…"]` as `{"encrypt": "…"}`), so the
+    // object is checked for first.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Rejection::InvalidBody(
+            "expected a JSON object {\"encrypt\": \"…\"}".into(),
+        ));
+    }
     let parsed: Body =
         serde_json::from_slice(body).map_err(|e| Rejection::InvalidBody(e.to_string()))?;
     match parsed.encrypt {
@@ -475,5 +482,11 @@ mod tests {
             "invalid_body"
         );
         assert_eq!(encrypt_field(b"[]").unwrap_err().code(), "invalid_body");
+        // An array whose item would fill the struct's only field is still not an object.
+        assert_eq!(
+            encrypt_field(br#"["abc"]"#).unwrap_err().code(),
+            "invalid_body"
+        );
+        assert_eq!(encrypt_field(b" \n {\"encrypt\":\"x\"}").unwrap(), "x");
     }
 }
