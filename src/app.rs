@@ -133,6 +133,15 @@ impl Application {
             tracing::info!("no DingTalk app key configured: handlers cannot call DingTalk");
             None
         };
+        if let Some((reads, quota)) = config.recovery_quota_share() {
+            tracing::warn!(
+                reads_per_month = reads,
+                monthly_quota = quota,
+                interval = %crate::time::format_duration(config.recovery.interval),
+                "the failed-push reads alone take more than half the monthly DingTalk quota; \
+                 raise recovery.interval"
+            );
+        }
         let wake = Arc::new(tokio::sync::Notify::new());
         let dispatcher = Arc::new(Dispatcher::new(
             Arc::clone(&store),

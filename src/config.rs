@@ -197,10 +197,9 @@ impl Config {
     /// Checks everything that can be checked without I/O. Messages never contain secrets.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.check_ranges()?;
         let c = &self.callback;
-        if !c.path.starts_with('/') {
-            return Err(invalid("callback.path", "must start with '/'"));
-        }
+        check_literal_path("callback.path", &c.path)?;
         if c.token.is_empty() {
             return Err(invalid(
                 "callback.token",
@@ -230,29 +229,14 @@ impl Config {
                  (register_call_back API) or the suite key (third-party apps)",
             ));
         }
-        if c.body_limit < 64 {
-            return Err(invalid("callback.body_limit", "must be at least 64 bytes"));
-        }
         self.trusted_proxies()?;
         StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))?;
-        if self.store.max_batch == 0 {
-            return Err(invalid("store.max_batch", "must be at least 1"));
-        }
         let d = &self.dispatch;
-        if d.workers == 0 || d.batch_size == 0 {
-            return Err(invalid(
-                "dispatch.workers",
-                "workers and batch_size must be at least 1 (set dispatch.enabled = false to stop dispatching)",
-            ));
-        }
         if d.handler_timeout >= d.lease {
             return Err(invalid(
                 "dispatch.handler_timeout",
                 "must be shorter than dispatch.lease, or a slow handler's event would run twice",
             ));
-        }
-        if d.poll_interval.is_zero() {
-            return Err(invalid("dispatch.poll_interval", "must be more than zero"));
         }
         if !(0.0..1.0).contains(&d.retry_jitter) {
             return Err(invalid("dispatch.retry_jitter", "must be in 0.0..1.0"));
@@ -272,15 +256,110 @@ impl Config {
         self.handlers
             .validate()
             .map_err(|m| invalid("handlers", m))?;
-        if self.recovery.enabled && self.recovery.interval.is_zero() {
-            return Err(invalid(
-                "recovery.interval",
-                "must be more than zero (set recovery.enabled = false to stop recovery)",
-            ));
-        }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
         Ok(())
+    }
+
+    /// Every number and duration within a range that works: outside it a value crashes the
+    /// process (a batch size that allocates terabytes), refuses every request (a zero request
+    /// time-out) or spends the month's DingTalk quota in minutes (a millisecond recovery
+    /// interval). The message names the key and the range.
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        const MS: Duration = Duration::from_millis(1);
+        const SEC: Duration = Duration::from_secs(1);
+        const MIN: Duration = Duration::from_secs(60);
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(86_400);
+        let (c, d, t) = (&self.callback, &self.dispatch, &self.dingtalk);
+        let numbers: [(&str, u64, u64, u64); 7] = [
+            ("callback.body_limit", c.body_limit as u64, 64, 64 << 20),
+            ("store.max_batch", self.store.max_batch as u64, 1, 10_000),
+            ("dispatch.workers", d.workers as u64, 1, 1_024),
+            ("dispatch.batch_size", u64::from(d.batch_size), 1, 10_000),
+            ("dingtalk.qps", u64::from(t.qps), 1, 100_000),
+            ("dingtalk.monthly_quota", t.monthly_quota, 1, 1 << 40),
+            ("dingtalk.max_retries", u64::from(t.max_retries), 0, 100),
+        ];
+        for (key, value, min, max) in numbers {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(key, format!("{value} is outside {min}..={max}")));
+            }
+        }
+        let mut durations: Vec<(&str, Duration, Duration, Duration)> = vec![
+            (
+                "shutdown_timeout",
+                self.shutdown_timeout,
+                Duration::ZERO,
+                HOUR,
+            ),
+            ("request_timeout", self.request_timeout, 100 * MS, 5 * MIN),
+            (
+                "callback.replay_window",
+                c.replay_window,
+                Duration::ZERO,
+                30 * DAY,
+            ),
+            ("dispatch.lease", d.lease, SEC, DAY),
+            ("dispatch.poll_interval", d.poll_interval, MS, HOUR),
+            ("dispatch.handler_timeout", d.handler_timeout, MS, DAY),
+            ("dingtalk.connect_timeout", t.connect_timeout, MS, 5 * MIN),
+            ("dingtalk.request_timeout", t.request_timeout, MS, 5 * MIN),
+            (
+                "dingtalk.retry_base_delay",
+                t.retry_base_delay,
+                Duration::ZERO,
+                HOUR,
+            ),
+            (
+                "dingtalk.retry_max_delay",
+                t.retry_max_delay,
+                Duration::ZERO,
+                DAY,
+            ),
+            ("dingtalk.max_ban_wait", t.max_ban_wait, Duration::ZERO, DAY),
+            (
+                "dingtalk.token_refresh_margin",
+                t.token_refresh_margin,
+                Duration::ZERO,
+                HOUR,
+            ),
+        ];
+        if self.recovery.enabled {
+            // Each read of the failed-push list is a metered call.
+            durations.push(("recovery.interval", self.recovery.interval, SEC, 30 * DAY));
+        }
+        if d.retry_schedule.len() > 100 {
+            return Err(invalid(
+                "dispatch.retry_schedule",
+                "has more than 100 delays",
+            ));
+        }
+        for delay in &d.retry_schedule {
+            durations.push(("dispatch.retry_schedule", *delay, Duration::ZERO, 30 * DAY));
+        }
+        for (key, value, min, max) in durations {
+            if value < min || value > max {
+                let show = crate::time::format_duration;
+                return Err(invalid(
+                    key,
+                    format!("{} is outside {}..={}", show(value), show(min), show(max)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How many metered calls a month the failed-push reads make, when that is more than half
+    /// the monthly quota (so the start-up can warn); `None` otherwise.
+    pub fn recovery_quota_share(&self) -> Option<(u64, u64)> {
+        if !self.recovery.enabled || !self.dingtalk_enabled() {
+            return None;
+        }
+        let month = 30 * 86_400_000_u64;
+        let per_month = month / (crate::time::millis(self.recovery.interval).max(1) as u64);
+        (per_month * 2 > self.dingtalk.monthly_quota)
+            .then_some((per_month, self.dingtalk.monthly_quota))
     }
 
     /// True when an app key is configured, so handlers get a DingTalk client.
@@ -330,6 +409,28 @@ impl Config {
         shown.store.url = redact_url(&shown.store.url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// A path the router takes literally: `/`, then letters, digits and `-._~/` only. The router
+/// reads `{name}` and `{*rest}` as captures and refuses `*`/`:` segments at start-up (a panic),
+/// so those characters never reach it.
+fn check_literal_path(key: &str, path: &str) -> Result<(), ConfigError> {
+    if !path.starts_with('/') {
+        return Err(invalid(key, "must start with '/'"));
+    }
+    if let Some(bad) = path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._~/".contains(*c)))
+    {
+        return Err(invalid(
+            key,
+            format!("{bad:?} is not allowed: use letters, digits and - . _ ~ /"),
+        ));
+    }
+    if path.contains("//") {
+        return Err(invalid(key, "must not contain an empty segment (//)"));
+    }
+    Ok(())
 }
 
 /// The name figment gives the environment in its errors.

@@ -180,7 +180,12 @@ async fn every_bad_input_gets_its_4xx_and_code_and_nothing_is_harmed() {
     // A validly signed encrypt inside an array is not the body DingTalk sends: refused, and
     // nothing is stored (checked with the others below).
     let array = format!("[{:?}]", sealed.encrypt);
-    assert_error(app.post_raw(&sealed.query(), array).await, 400, "invalid_body").await;
+    assert_error(
+        app.post_raw(&sealed.query(), array).await,
+        400,
+        "invalid_body",
+    )
+    .await;
     // Signature mismatch: a wrong nonce, and a tampered ciphertext.
     let wrong_nonce = sealed.query().replace(&sealed.nonce, "othernonce");
     assert_error(

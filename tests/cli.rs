@@ -112,3 +112,94 @@ async fn list_show_stats_and_replay() {
     let (ok, _, err) = dinghook(&url, &["events", "show", "999"]);
     assert!(!ok && err.contains("no event with id 999"), "{err}");
 }
+
+/// Values that used to crash the process, wedge the router or spend the quota are refused by
+/// `check-config` and `serve` alike, naming the key and its variable, with no panic.
+#[test]
+fn out_of_range_values_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("x.db").display());
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "DINGHOOK_STORE_MAX_BATCH",
+            "1000000000000",
+            "store.max_batch",
+        ),
+        (
+            "DINGHOOK_STORE_MAX_BATCH",
+            "2305843009213693952",
+            "store.max_batch",
+        ),
+        (
+            "DINGHOOK_STORE_MAX_BATCH",
+            "18446744073709551615",
+            "store.max_batch",
+        ),
+        ("DINGHOOK_STORE_MAX_BATCH", "0", "store.max_batch"),
+        ("DINGHOOK_WORKERS", "100000000", "dispatch.workers"),
+        ("DINGHOOK_CALLBACK_PATH", "/a/*rest", "callback.path"),
+        ("DINGHOOK_CALLBACK_PATH", "/{id}", "callback.path"),
+        ("DINGHOOK_CALLBACK_PATH", "/a/:id", "callback.path"),
+        ("DINGHOOK_CALLBACK_PATH", "dingtalk", "callback.path"),
+        ("DINGHOOK_REQUEST_TIMEOUT", "0", "request_timeout"),
+        ("DINGHOOK_REQUEST_TIMEOUT", "300000y", "request_timeout"),
+        ("DINGHOOK_BODY_LIMIT", "10", "callback.body_limit"),
+        ("DINGHOOK_RECOVERY_INTERVAL", "1ms", "recovery.interval"),
+        ("DINGHOOK_POLL_INTERVAL", "0", "dispatch.poll_interval"),
+        (
+            "DINGHOOK_RETRY_SCHEDULE",
+            "1s,400d",
+            "dispatch.retry_schedule",
+        ),
+    ];
+    for (var, value, key) in cases {
+        for command in ["check-config", "serve"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_dinghook"))
+                .arg(command)
+                .env_clear()
+                .env("DINGHOOK_TOKEN", "t")
+                .env(
+                    "DINGHOOK_AES_KEY",
+                    "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+                )
+                .env("DINGHOOK_OWNER_KEY", "dingowner")
+                .env("DINGHOOK_LISTEN", "127.0.0.1:0")
+                .env("DINGHOOK_STORE_URL", &store)
+                .env(var, value)
+                .output()
+                .expect("run dinghook");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{command} {var}={value}: {stderr}"
+            );
+            assert!(
+                stderr.contains(key) && stderr.contains(var),
+                "{command} {var}={value} must name {key} and {var}: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    // The edges that are allowed still load.
+    let out = Command::new(env!("CARGO_BIN_EXE_dinghook"))
+        .arg("check-config")
+        .env_clear()
+        .env("DINGHOOK_TOKEN", "t")
+        .env(
+            "DINGHOOK_AES_KEY",
+            "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+        )
+        .env("DINGHOOK_OWNER_KEY", "dingowner")
+        .env("DINGHOOK_STORE_MAX_BATCH", "10000")
+        .env("DINGHOOK_CALLBACK_PATH", "/dingtalk/callback-v2.ops_1~x")
+        .env("DINGHOOK_RECOVERY_INTERVAL", "1s")
+        .output()
+        .expect("run dinghook");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("interval = \"1s\""));
+}

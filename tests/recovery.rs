@@ -133,7 +133,7 @@ async fn the_interval_comes_from_the_environment_and_a_later_batch_is_picked_up(
     assert_eq!(parsed.recovery.interval, Duration::from_secs(2));
     assert!(parsed.recovery.enabled);
     let defaults = Config::load_with_env(None, env(&[])).unwrap();
-    assert_eq!(defaults.recovery.interval, Duration::from_secs(300));
+    assert_eq!(defaults.recovery.interval, Duration::from_secs(1800));
     let off = Config::load_with_env(None, env(&[("DINGHOOK_RECOVERY", "off")])).unwrap();
     assert!(!off.recovery.enabled);
     let err = Config::load_with_env(None, env(&[("DINGHOOK_RECOVERY_INTERVAL", "soon")]))
