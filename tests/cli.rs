@@ -203,3 +203,101 @@ fn out_of_range_values_are_refused_naming_the_key() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("interval = \"1s\""));
 }
+
+/// `encrypt` prints a curl command for `sh`: a URL with a quote in it stays one argument.
+#[test]
+fn the_printed_curl_command_quotes_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("injected");
+    let url = format!("http://127.0.0.1:9/x' ; touch {} ; '", marker.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dinghook"))
+        .args(["encrypt", "--url", &url])
+        .env_clear()
+        .env("DINGHOOK_TOKEN", "t")
+        .env(
+            "DINGHOOK_AES_KEY",
+            "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+        )
+        .env("DINGHOOK_OWNER_KEY", "dingowner")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dinghook");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"EventType":"x"}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let command = String::from_utf8(out.stdout).unwrap();
+    // Run it with curl replaced by a function that prints its arguments one per line.
+    let script = format!("curl() {{ printf '%s\\n' \"$@\"; }}\n{command}");
+    let run = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert!(run.status.success());
+    assert!(!marker.exists(), "the URL ran as a command: {command}");
+    let args = String::from_utf8(run.stdout).unwrap();
+    assert!(
+        args.lines().any(|a| a.starts_with(&format!("{url}?"))),
+        "the URL arrives whole: {args}"
+    );
+}
+
+/// `events list` escapes control characters of stored values; `--since` errors name the flag;
+/// a reader that goes away does not make the command panic.
+#[tokio::test]
+async fn the_event_list_is_safe_to_print_and_to_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let store = open_url(&url).await;
+    let now = now_millis();
+    for i in 0..2000 {
+        let event_type = if i == 0 {
+            "evil\n       1  done       0  forged\u{1b}[2J".to_owned()
+        } else {
+            format!("type{i}")
+        };
+        store
+            .insert(NewEvent {
+                dedup_key: format!("k{i}"),
+                event_type,
+                corp_id: None,
+                payload: "{}".into(),
+                source: Source::Push,
+                received_at: now,
+            })
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    let (ok, out, err) = dinghook(&url, &["events", "list", "--limit", "5000"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2000, "one line per event, none forged");
+    assert!(
+        out.contains(r"evil\u{a}") && !out.contains('\u{1b}'),
+        "{out:.300}"
+    );
+
+    let (ok, _, err) = dinghook(&url, &["events", "replay", "--since", "300000000y"]);
+    assert!(!ok && err.contains("--since"), "{err}");
+    let (ok, _, err) = dinghook(
+        &url,
+        &["events", "replay", "--since", "1960-01-01T00:00:00Z"],
+    );
+    assert!(!ok && err.contains("--since"), "{err}");
+
+    // `dinghook events list | head -1`: the reader leaves after one line.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "DINGHOOK_STORE_URL='{url}' '{}' events list --limit 5000 | head -1",
+            env!("CARGO_BIN_EXE_dinghook")
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

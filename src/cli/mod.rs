@@ -221,20 +221,49 @@ async fn notifications(command: NotificationsCommand) -> Result<()> {
 
 /// Epoch ms from `1795284000000`, `2026-11-21T08:00:00Z` or `2h` (ago).
 fn parse_since(text: &str) -> Result<i64> {
+    let usage =
+        || format!("--since {text:?}: use epoch ms, an RFC 3339 time or a duration such as 2h");
     if let Ok(ms) = text.trim().parse::<i64>() {
         return Ok(ms);
     }
     if let Ok(time) = humantime::parse_rfc3339_weak(text.trim()) {
         let ms = time
             .duration_since(std::time::UNIX_EPOCH)
-            .context("time before 1970")?
-            .as_millis();
-        return Ok(i64::try_from(ms)?);
+            .map_err(|_| anyhow::anyhow!("--since {text:?}: the time is before 1970"))?;
+        return Ok(crate::time::millis(ms));
     }
-    let ago = humantime::parse_duration(text.trim()).with_context(|| {
-        format!("--since {text:?}: use epoch ms, an RFC 3339 time or a duration such as 2h")
-    })?;
-    Ok(now_millis().saturating_sub(crate::time::millis(ago)))
+    let ago = humantime::parse_duration(text.trim()).with_context(usage)?;
+    let now = now_millis();
+    let ago = crate::time::millis(ago);
+    if ago > now {
+        bail!("--since {text:?}: that is before 1970");
+    }
+    Ok(now - ago)
+}
+
+/// `text` as one shell word: single-quoted, a `'` inside written `'\''`. The curl command
+/// `encrypt` prints is meant to be piped to `sh`, so no argument may end its quotes early.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// `text` for a terminal: control characters (a newline, an escape sequence) written as
+/// `\u{..}` escapes, so a stored value cannot forge lines or move the cursor.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
 }
 
 fn parse_state(text: &str) -> Result<EventState> {
@@ -295,8 +324,8 @@ async fn events(command: EventsCommand) -> Result<()> {
                         e.id,
                         e.state.as_str(),
                         e.attempts,
-                        e.event_type,
-                        e.dedup_key
+                        printable(&e.event_type),
+                        printable(&e.dedup_key)
                     );
                 }
             }
@@ -404,9 +433,9 @@ fn encrypt(
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "curl -sS -X POST '{url}?{}' -H 'Content-Type: application/json' -d '{}'",
-            sealed.query(),
-            sealed.body()
+            "curl -sS -X POST {} -H 'Content-Type: application/json' -d {}",
+            shell_quote(&format!("{url}?{}", sealed.query())),
+            shell_quote(&sealed.body())
         );
     }
     Ok(())
@@ -475,6 +504,19 @@ async fn serve(config: Config, customize: Customize) -> Result<()> {
 /// What a program adds to the application before `serve` builds it.
 type Customize = Box<dyn FnOnce(AppBuilder) -> AppBuilder + Send>;
 
+/// A command whose reader went away (`dinghook events list | head -1`) ends as Unix tools do,
+/// killed by SIGPIPE without a word, instead of panicking in `println!` on EPIPE. Not for
+/// `serve`: the server's sockets must never kill it (Rust's socket writes pass MSG_NOSIGNAL;
+/// this only changes what a write to a closed pipe does).
+fn exit_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal; called before this process
+    // writes to standard output, with no handler of ours installed for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// glibc gives every thread that allocates its own malloc arena (up to 8 per core), and memory
 /// freed in one arena is not reused by the others: in the ten-minute soak the server's RSS
 /// wandered between 47 and 71 MB with them, and stayed at 28 MB with two
@@ -513,6 +555,9 @@ pub fn run(customize: impl FnOnce(AppBuilder) -> AppBuilder + Send + 'static) ->
 
 async fn dispatch_command(customize: Customize) -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        exit_quietly_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Serve(config) => match config.load() {
             Ok(config) => serve(config, customize).await,
