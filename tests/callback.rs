@@ -436,3 +436,62 @@ async fn a_locked_database_times_out_with_503_and_readyz_says_not_ready() {
     assert_eq!(health.status(), 200);
     app.stop().await;
 }
+
+/// Values from requests cannot forge log lines: a signed event type with a newline and an
+/// escape sequence, and (without any key) a timestamp with CR/LF and U+2028, reach the text
+/// log escaped. Every line the server wrote starts like a log line.
+#[tokio::test]
+async fn request_values_cannot_forge_text_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data").join("dinghook.db");
+    let mut server = ServerProcess::start(
+        &db,
+        free_port(),
+        &[
+            ("DINGHOOK_LOG_FORMAT", "text"),
+            ("DINGHOOK_DISPATCH", "off"),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let callback = server.url("/dingtalk/callback");
+    let evil = "evil\n2026-01-01T00:00:00.000000Z  INFO FORGED line\u{1b}[2J";
+    let msg = serde_json::json!({"EventType": evil, "eventId": "inject-1"}).to_string();
+    let sealed = seal(&sender(), &msg);
+    // Twice: the duplicate is logged at info with its event type.
+    for _ in 0..2 {
+        let reply = client
+            .post(format!("{callback}?{}", sealed.query()))
+            .body(sealed.body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+    }
+    let reply = client
+        .post(format!(
+            "{callback}?msg_signature=00&timestamp=%0d%0a1%e2%80%a8%0a&nonce=n"
+        ))
+        .body(r#"{"encrypt":"AAAA"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    server.terminate().await;
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(
+        log.contains("evil\\u{a}"),
+        "the event type was logged, escaped:\n{log}"
+    );
+    assert!(
+        log.contains("timestamp \\u{d}\\u{a}1\\u{2028}\\u{a} is"),
+        "the timestamp was logged, escaped:\n{log}"
+    );
+    for line in log.lines() {
+        assert!(
+            line.starts_with("20") && !line.contains("FORGED line") || line.contains("\\u{a}"),
+            "a line the server did not write: {line:?}\n{log}"
+        );
+    }
+    assert!(!log.contains('\u{1b}') && !log.contains('\u{2028}') && !log.contains('\r'));
+}
