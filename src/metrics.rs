@@ -49,7 +49,18 @@ pub struct Metrics {
     recipients_undelivered: Counter,
     recovered_events: Family<Outcome, Counter>,
     recovery_runs: Family<Outcome, Counter>,
+    /// The event types given a label of their own so far (see [`Metrics::type_label`]). A std
+    /// mutex: held only to look up and insert a short string, never across an await.
+    type_labels: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// At most this many event types get a label of their own; the rest count as `other`. An
+/// event type is whatever a signed request says, so without a bound `/metrics` grows with
+/// every new type (20 000 types made it 11 MB).
+pub const MAX_EVENT_TYPE_LABELS: usize = 100;
+
+/// The label for every event type beyond [`MAX_EVENT_TYPE_LABELS`] or not written like one.
+pub const OTHER_EVENT_TYPE: &str = "other";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Kind {
@@ -175,13 +186,41 @@ impl Metrics {
             oldest_pending_seconds,
             store_up,
             dingtalk,
+            type_labels: std::sync::Mutex::default(),
         }
+    }
+
+    /// The `event_type` label for `event_type`: the type itself when it is written like one
+    /// (letters, digits, `_ . -`, at most 64) and is among the first
+    /// [`MAX_EVENT_TYPE_LABELS`] seen, else `other`. So a forged type can neither break the
+    /// exposition (no quote, backslash or newline reaches it) nor grow it without end.
+    fn type_label(&self, event_type: &str) -> String {
+        let well_formed = !event_type.is_empty()
+            && event_type.len() <= 64
+            && event_type
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !well_formed || event_type == OTHER_EVENT_TYPE {
+            return OTHER_EVENT_TYPE.to_owned();
+        }
+        let mut seen = self
+            .type_labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(event_type) {
+            return event_type.to_owned();
+        }
+        if seen.len() < MAX_EVENT_TYPE_LABELS {
+            seen.insert(event_type.to_owned());
+            return event_type.to_owned();
+        }
+        OTHER_EVENT_TYPE.to_owned()
     }
 
     pub fn event_received(&self, event_type: &str, outcome: &'static str, seconds: f64) {
         self.events_received
             .get_or_create(&TypeOutcome {
-                event_type: event_type.to_owned(),
+                event_type: self.type_label(event_type),
                 outcome,
             })
             .inc();
@@ -197,7 +236,7 @@ impl Metrics {
     pub fn handler_run(&self, event_type: &str, outcome: &'static str) {
         self.handler_runs
             .get_or_create(&TypeOutcome {
-                event_type: event_type.to_owned(),
+                event_type: self.type_label(event_type),
                 outcome,
             })
             .inc();

@@ -84,17 +84,17 @@ mod tests {
     #[test]
     fn control_characters_are_escaped_but_the_line_end_is_kept() {
         let mut out = Vec::new();
-        write!(
-            EscapingWriter(&mut out),
-            "WARN type=evil\nINFO forged \u{1b}[2J\r\u{2028}x\n"
-        )
-        .unwrap();
+        EscapingWriter(&mut out)
+            .write_all("WARN type=evil\nINFO forged \u{1b}[2J\r\u{2028}x\n".as_bytes())
+            .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "WARN type=evil\\u{a}INFO forged \\u{1b}[2J\\u{d}\\u{2028}x\n"
         );
         let mut plain = Vec::new();
-        write!(EscapingWriter(&mut plain), "INFO 群名 ok\n").unwrap();
+        EscapingWriter(&mut plain)
+            .write_all("INFO 群名 ok\n".as_bytes())
+            .unwrap();
         assert_eq!(String::from_utf8(plain).unwrap(), "INFO 群名 ok\n");
     }
 }

@@ -322,3 +322,41 @@ async fn several_handlers_per_type_each_keep_their_own_outcome() {
     );
     app.stop().await;
 }
+
+/// A signed event type cannot forge a metric line, and thousands of distinct types do not
+/// grow `/metrics` without bound: past the first 100, and for anything not written like a
+/// type, the label is `other`.
+#[tokio::test]
+async fn event_types_cannot_break_or_bloat_the_metrics() {
+    let app = TestApp::spawn_with(|c| c.dispatch.enabled = false).await;
+    let evil = "evil\"} 1\ndinghook_store_up 0\nINJECTED_METRIC{a=\"b";
+    let msg = serde_json::json!({"EventType": evil, "eventId": "m-evil"}).to_string();
+    assert_success_reply(app.post_event(&msg).await).await;
+    for i in 0..300 {
+        let msg = format!(r#"{{"EventType":"type_{i}","eventId":"m-{i}"}}"#);
+        assert_success_reply(app.post_event(&msg).await).await;
+    }
+    let text = app.metrics().await;
+    assert!(!text.contains("INJECTED"), "{text}");
+    assert!(
+        !text.lines().any(|l| l.trim() == "dinghook_store_up 0"),
+        "a forged line"
+    );
+    let types: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("dinghook_events_received_total{"))
+        .filter_map(|l| l.split("event_type=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        types.contains("other") && types.contains("type_0"),
+        "{types:?}"
+    );
+    assert!(types.len() <= 101, "{} labels", types.len());
+    let other: u64 = text
+        .lines()
+        .filter(|l| l.contains("event_type=\"other\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(other, 301 - 100, "the rest count as other");
+    app.stop().await;
+}
