@@ -403,6 +403,10 @@ async fn a_store_that_cannot_write_answers_503_never_200() {
         "store_unavailable",
     )
     .await;
+    // /readyz answers 503 whenever a callback would, although its own probe write (another
+    // table) still succeeds.
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
     conn.execute_batch("DROP TRIGGER broken").unwrap();
     // The failed event comes back on DingTalk's retry and is stored then.
     assert_success_reply(
@@ -411,6 +415,8 @@ async fn a_store_that_cannot_write_answers_503_never_200() {
     )
     .await;
     assert_eq!(app.store.count().await.unwrap(), 2);
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "ready again once an event is stored");
     app.stop().await;
 }
 

@@ -7,6 +7,7 @@
 //! Reads use a separate connection; WAL lets them run beside the writer.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -45,7 +46,15 @@ pub struct SqliteStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Shared with the closures sent to the writer and the reader.
     sql: Arc<Sql>,
+    /// When an event insert last failed (epoch ms; 0: the last one succeeded). The probe's own
+    /// write can succeed while inserts fail (on a full volume it rewrites one row in WAL space
+    /// that already exists), so `/readyz` also asks this.
+    insert_failed_at: AtomicI64,
 }
+
+/// How long after a failed event insert the probe still reports the store not ready (unless
+/// an insert has succeeded since).
+const INSERT_FAILURE_MEMORY_MS: i64 = 10_000;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let open_err = |e: rusqlite::Error| StoreError::Open {
@@ -121,6 +130,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader_conn)),
             writer: Mutex::new(Some(writer)),
             sql: Arc::new(Sql::new()),
+            insert_failed_at: AtomicI64::new(0),
         })
     }
 
@@ -316,37 +326,48 @@ fn document_from_row(row: &Row<'_>) -> rusqlite::Result<Document> {
 impl Store for SqliteStore {
     async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError> {
         let sql = Arc::clone(&self.sql);
-        self.write(move |conn| {
-            let id: Option<i64> = conn
-                .prepare_cached(&sql.insert_event)?
-                .query_row(
-                    params![
-                        event.dedup_key,
-                        event.event_type,
-                        event.corp_id,
-                        event.payload,
-                        event.source.as_str(),
-                        event.received_at,
-                        due_at_ms,
-                    ],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            match id {
-                Some(id) => Ok(Inserted::Stored { id }),
-                None => {
-                    let id = conn
-                        .prepare_cached(&sql.event_id_by_key)?
-                        .query_row([&event.dedup_key], |r| r.get(0))?;
-                    Ok(Inserted::Duplicate { id })
+        let result = self
+            .write(move |conn| {
+                let id: Option<i64> = conn
+                    .prepare_cached(&sql.insert_event)?
+                    .query_row(
+                        params![
+                            event.dedup_key,
+                            event.event_type,
+                            event.corp_id,
+                            event.payload,
+                            event.source.as_str(),
+                            event.received_at,
+                            due_at_ms,
+                        ],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                match id {
+                    Some(id) => Ok(Inserted::Stored { id }),
+                    None => {
+                        let id = conn
+                            .prepare_cached(&sql.event_id_by_key)?
+                            .query_row([&event.dedup_key], |r| r.get(0))?;
+                        Ok(Inserted::Duplicate { id })
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await;
+        let failed_at = if result.is_ok() { 0 } else { now_millis() };
+        self.insert_failed_at.store(failed_at, Ordering::Relaxed);
+        result
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
         let now = now_millis();
+        let failed_at = self.insert_failed_at.load(Ordering::Relaxed);
+        if failed_at != 0 && now.saturating_sub(failed_at) < INSERT_FAILURE_MEMORY_MS {
+            return Err(StoreError::Unavailable(format!(
+                "an event insert failed {} ms ago and none has succeeded since",
+                now.saturating_sub(failed_at)
+            )));
+        }
         let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             conn.prepare_cached(&sql.probe)?.execute([now])?;
