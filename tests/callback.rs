@@ -501,3 +501,46 @@ async fn request_values_cannot_forge_text_log_lines() {
     }
     assert!(!log.contains('\u{1b}') && !log.contains('\u{2028}') && !log.contains('\r'));
 }
+
+/// A client that sends less than its Content-Length stalls itself: 408 `body_timeout` (the
+/// client's fault, a warning), not 503 `timeout` (the server's), and the server goes on.
+#[tokio::test]
+async fn a_client_that_sends_less_than_its_content_length_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app =
+        TestApp::spawn_with(|c| c.request_timeout = std::time::Duration::from_millis(500)).await;
+    let sealed = seal(&sender(), r#"{"EventType":"x","eventId":"short"}"#);
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST {}?{} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"encrypt\":",
+        app.callback_path,
+        sealed.query()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut answer))
+        .await
+        .expect("an answer, not a hang")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(app
+        .metrics()
+        .await
+        .contains(r#"dinghook_callbacks_rejected_total{reason="body_timeout"} 1"#));
+    assert!(app
+        .store
+        .find_by_dedup_key("event:short")
+        .await
+        .unwrap()
+        .is_none());
+    assert_success_reply(
+        app.post_event(r#"{"EventType":"x","eventId":"after"}"#)
+            .await,
+    )
+    .await;
+    app.stop().await;
+}

@@ -101,6 +101,8 @@ pub enum Rejection {
     StoreUnavailable(#[from] StoreError),
     #[error("the request did not complete within {0:?}")]
     Timeout(Duration),
+    #[error("the request's body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     #[error("the reply could not be sealed: {0}")]
     Seal(CryptoError),
 }
@@ -120,6 +122,7 @@ impl Rejection {
             Rejection::InvalidEvent(_) => "invalid_event_json",
             Rejection::StoreUnavailable(_) => "store_unavailable",
             Rejection::Timeout(_) => "timeout",
+            Rejection::BodyTimeout(_) => "body_timeout",
             Rejection::Seal(_) => "internal_error",
         }
     }
@@ -127,6 +130,8 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // The client's stall, not ours: DingTalk never sends less than it announces.
+            Rejection::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Rejection::Crypto(CryptoError::SignatureMismatch) => StatusCode::UNAUTHORIZED,
             // Retryable from DingTalk's side: nothing was stored, nothing was acknowledged.
             Rejection::StoreUnavailable(_) | Rejection::Timeout(_) => {
@@ -170,10 +175,24 @@ async fn callback(
 ) -> Result<Response, Rejection> {
     let timeout = state.request_timeout;
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(timeout, handle(&state, query, &headers, body))
-        .await
-        .map_err(|_| Rejection::Timeout(timeout))
-        .and_then(|r| r);
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Reading the request is the client's part: one that stalls (sends less than its
+    // Content-Length, or nothing) gets 408. Storing is ours: a store too slow is 503.
+    let read = async {
+        // The query is checked before the body is read, so a request without signature
+        // fields is refused without waiting for its body.
+        let signed = SignedQuery::parse(query.as_deref())?;
+        let body = read_body(body, &headers, state.body_limit).await?;
+        Ok::<_, Rejection>((signed, body))
+    };
+    let result = match tokio::time::timeout_at(deadline, read).await {
+        Err(_) => Err(Rejection::BodyTimeout(timeout)),
+        Ok(Err(rejection)) => Err(rejection),
+        Ok(Ok((signed, body))) => tokio::time::timeout_at(deadline, handle(&state, &signed, &body))
+            .await
+            .map_err(|_| Rejection::Timeout(timeout))
+            .and_then(|r| r),
+    };
     match result {
         Ok((event_type, outcome, response)) => {
             state
@@ -301,18 +320,13 @@ async fn read_body(
 
 async fn handle(
     state: &PushState,
-    query: Option<String>,
-    headers: &HeaderMap,
-    body: Body,
+    signed: &SignedQuery,
+    body: &[u8],
 ) -> Result<(String, &'static str, Response), Rejection> {
-    // The query is checked before the body is read, so a request without signature fields
-    // is refused without waiting for its body.
-    let signed = SignedQuery::parse(query.as_deref())?;
-    let body = read_body(body, headers, state.body_limit).await?;
     let opened = open_request(
         &state.cipher,
-        &signed,
-        &body,
+        signed,
+        body,
         state.replay_window,
         now_millis(),
     )?;
