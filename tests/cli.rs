@@ -113,6 +113,17 @@ async fn list_show_stats_and_replay() {
     assert!(!ok && err.contains("no event with id 999"), "{err}");
 }
 
+/// The binary with a clean environment and the callback keys every command needs.
+fn with_keys() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dinghook"));
+    command
+        .env_clear()
+        .env("DINGHOOK_TOKEN", "t")
+        .env("DINGHOOK_AES_KEY", support::AES_KEY)
+        .env("DINGHOOK_OWNER_KEY", "dingowner");
+    command
+}
+
 /// Values that used to crash the process, wedge the router or spend the quota are refused by
 /// `check-config` and `serve` alike, naming the key and its variable, with no panic.
 #[test]
@@ -154,15 +165,8 @@ fn out_of_range_values_are_refused_naming_the_key() {
     ];
     for (var, value, key) in cases {
         for command in ["check-config", "serve"] {
-            let out = Command::new(env!("CARGO_BIN_EXE_dinghook"))
+            let out = with_keys()
                 .arg(command)
-                .env_clear()
-                .env("DINGHOOK_TOKEN", "t")
-                .env(
-                    "DINGHOOK_AES_KEY",
-                    "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
-                )
-                .env("DINGHOOK_OWNER_KEY", "dingowner")
                 .env("DINGHOOK_LISTEN", "127.0.0.1:0")
                 .env("DINGHOOK_STORE_URL", &store)
                 .env(var, value)
@@ -182,15 +186,8 @@ fn out_of_range_values_are_refused_naming_the_key() {
         }
     }
     // The edges that are allowed still load.
-    let out = Command::new(env!("CARGO_BIN_EXE_dinghook"))
+    let out = with_keys()
         .arg("check-config")
-        .env_clear()
-        .env("DINGHOOK_TOKEN", "t")
-        .env(
-            "DINGHOOK_AES_KEY",
-            "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
-        )
-        .env("DINGHOOK_OWNER_KEY", "dingowner")
         .env("DINGHOOK_STORE_MAX_BATCH", "10000")
         .env("DINGHOOK_CALLBACK_PATH", "/dingtalk/callback-v2.ops_1~x")
         .env("DINGHOOK_RECOVERY_INTERVAL", "1s")
@@ -210,15 +207,8 @@ fn the_printed_curl_command_quotes_the_url() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("injected");
     let url = format!("http://127.0.0.1:9/x' ; touch {} ; '", marker.display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dinghook"))
+    let mut child = with_keys()
         .args(["encrypt", "--url", &url])
-        .env_clear()
-        .env("DINGHOOK_TOKEN", "t")
-        .env(
-            "DINGHOOK_AES_KEY",
-            "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
-        )
-        .env("DINGHOOK_OWNER_KEY", "dingowner")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
