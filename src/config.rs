@@ -187,7 +187,11 @@ impl Config {
             match file {
                 Some(path) if !in_env => ConfigError::Parse {
                     path: path.to_owned(),
-                    message: describe(&e),
+                    message: if key.is_empty() {
+                        describe(&e)
+                    } else {
+                        format!("{key}: {}", describe(&e))
+                    },
                 },
                 _ => invalid(&key, describe(&e)),
             }
@@ -692,6 +696,20 @@ mod tests {
         Config::load_with_env(Some(&root.join("config/dinghook.toml")), env(&minimal())).unwrap();
         // The development config runs as it is.
         Config::load_with_env(Some(&root.join("config/dev.toml")), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn a_bad_file_value_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[store]\nmax_batch = \"lots\"\n").unwrap();
+        let err = Config::load_with_env(Some(&path), env(&minimal()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c.toml") && err.contains("store.max_batch") && err.contains("lots"),
+            "{err}"
+        );
     }
 
     #[test]
