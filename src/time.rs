@@ -160,15 +160,6 @@ impl UtcOffset {
         let ts = self.0.to_timestamp(local).ok()?;
         Some(ts.as_millisecond())
     }
-
-    /// The start (00:00 at this offset) of the local date `yyyy-MM-dd`.
-    pub fn start_of_date(self, date: &str) -> Option<i64> {
-        let date: jiff::civil::Date = date.trim().parse().ok()?;
-        let ts = self
-            .0
-            .to_timestamp(date.to_datetime(jiff::civil::Time::midnight()));
-        Some(ts.ok()?.as_millisecond())
-    }
 }
 
 impl Default for UtcOffset {
@@ -258,11 +249,6 @@ mod tests {
         assert_eq!(UtcOffset::parse("+8").unwrap(), china);
         let shown = serde_json::to_string(&UtcOffset::parse("-05:30").unwrap()).unwrap();
         assert_eq!(shown, "\"-05:30\"");
-        assert_eq!(
-            china.start_of_date("2019-10-11"),
-            china.parse_time("2019-10-11 00:00:00")
-        );
-        assert_eq!(china.start_of_date("2019-10-32"), None);
     }
 
     #[test]
