@@ -24,12 +24,15 @@ RUN cargo build --release --locked -p dinghook --bin dinghook \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/dinghook /usr/local/bin/dinghook
 COPY --from=build --chown=65532:65532 /out/data /data
+# 8080: the callback (publish it). 9464: /metrics and the probes for operators (publish it only
+# to the monitoring network, if at all).
 ENV DINGHOOK_LISTEN=0.0.0.0:8080 \
+    DINGHOOK_OPS_LISTEN=0.0.0.0:9464 \
     DINGHOOK_STORE_URL=sqlite:///data/dinghook.db \
     DINGHOOK_LOG_FORMAT=json
 VOLUME ["/data"]
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8080 9464
 # No curl in the image: the binary checks itself.
 HEALTHCHECK --interval=10s --timeout=4s --start-period=5s --retries=3 \
     CMD ["/usr/local/bin/dinghook", "healthcheck", "http://127.0.0.1:8080/healthz"]

@@ -85,7 +85,7 @@ kill -TERM "$ceiling"; wait "$ceiling" 2>/dev/null || true
 run_dinghook() {
     local name=$1 url=$2 dispatch=$3 port server
     port=$(free_port)
-    DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$url DINGHOOK_DISPATCH=$dispatch \
+    DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_OPS_LISTEN= DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$url DINGHOOK_DISPATCH=$dispatch \
         "$bin" serve --config config/dev.toml 2>"$work/$name.log" &
     server=$!; pids+=("$server")
     wait_up "http://127.0.0.1:$port/healthz"
@@ -185,7 +185,7 @@ coalesce_window = "5s"
 EOF
     mkdir -p "$work/storm"
     surl="sqlite://$work/storm/dinghook.db"
-    DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$surl \
+    DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_OPS_LISTEN= DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$surl \
         DINGHOOK_APP_KEY=dingstorm DINGHOOK_APP_SECRET=storm-secret DINGHOOK_AGENT_ID=1 \
         DINGHOOK_DINGTALK_OAPI_URL=$fake_url DINGHOOK_DINGTALK_API_URL=$fake_url \
         DINGHOOK_DINGTALK_QPS=$STORM_QPS DINGHOOK_RECOVERY=off DINGHOOK_BATCH_SIZE=50 \

@@ -5,7 +5,8 @@
 # script shows it received, handled, and the welcome message dinghook sent to the fake
 # DingTalk. Both keep running (Ctrl-C stops them) for the README's curl examples.
 #
-# Environment (all optional): DINGHOOK_LISTEN (127.0.0.1:8080), FAKE_LISTEN (127.0.0.1:9000),
+# Environment (all optional): DINGHOOK_LISTEN (127.0.0.1:8080), DINGHOOK_OPS_LISTEN
+# (127.0.0.1:9464: /metrics), FAKE_LISTEN (127.0.0.1:9000),
 # DINGHOOK_STORE_URL (the config's sqlite://data/dinghook.db), DATA_DIR (data: the fake's log
 # and the first reply), DINGHOOK_BIN and FAKE_BIN (prebuilt binaries; otherwise both are built
 # with cargo --release).
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 export DINGHOOK_CONFIG="$PWD/config/dev.toml"
 export DINGHOOK_LISTEN="${DINGHOOK_LISTEN:-127.0.0.1:8080}"
+export DINGHOOK_OPS_LISTEN="${DINGHOOK_OPS_LISTEN:-127.0.0.1:9464}"
 FAKE_LISTEN="${FAKE_LISTEN:-127.0.0.1:9000}"
 # config/dev.toml points the DingTalk client at 127.0.0.1:9000; follow FAKE_LISTEN.
 export DINGHOOK_DINGTALK_OAPI_URL="http://$FAKE_LISTEN"
@@ -81,7 +83,7 @@ echo
 
 cat <<EOF
 
-dinghook listens on $BASE (callback: $BASE/dingtalk/callback, metrics: $BASE/metrics);
+dinghook listens on $BASE (callback: $BASE/dingtalk/callback, metrics: http://$DINGHOOK_OPS_LISTEN/metrics);
 the fake DingTalk on $FAKE (its calls: $FAKE/_fake/calls). Try the README's curl examples.
 Ctrl-C stops both.
 EOF

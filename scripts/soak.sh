@@ -24,9 +24,10 @@ source scripts/common.sh
 cargo build --release --quiet --bin dinghook --bin fake-dingtalk --example loadgen
 start_fake
 port=$(free_port)
+ops_port=$(free_port)
 mkdir -p "$work/data"
 url="sqlite://$work/data/dinghook.db"
-DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$url \
+DINGHOOK_LISTEN=127.0.0.1:$port DINGHOOK_OPS_LISTEN=127.0.0.1:$ops_port DINGHOOK_LOG=warn DINGHOOK_STORE_URL=$url \
     DINGHOOK_APP_KEY=dingsoak DINGHOOK_APP_SECRET=soak-secret DINGHOOK_AGENT_ID=1 \
     DINGHOOK_DINGTALK_OAPI_URL=$fake_url DINGHOOK_DINGTALK_API_URL=$fake_url \
     DINGHOOK_RECOVERY=off \
@@ -41,7 +42,7 @@ sample() {
     while kill -0 "$server" 2>/dev/null; do
         local rss waiting
         rss=$(awk '$1 == "VmRSS:" {print $2}' "/proc/$server/status" 2>/dev/null) || break
-        waiting=$(curl -s "http://127.0.0.1:$port/metrics" |
+        waiting=$(curl -s "http://127.0.0.1:$ops_port/metrics" |
             awk '/^dinghook_queue_depth\{state="(pending|retry|leased)"\}/ {n += $2} END {print n + 0}')
         echo "$(( $(date +%s) - t0 )),$rss,$waiting" >>"$out/samples.csv"
         sleep 1
@@ -57,7 +58,7 @@ echo "== soak: $SOAK_SECONDS s at $SOAK_RATE events/s ($SOAK_USERS users)"
 sleep 15
 kill "$sampler" 2>/dev/null || true
 peak=$(rss_kb "$server" VmHWM)
-curl -s "http://127.0.0.1:$port/metrics" >"$out/metrics.txt"
+curl -s "http://127.0.0.1:$ops_port/metrics" >"$out/metrics.txt"
 kill -TERM "$server"; wait "$server" 2>/dev/null || true
 DINGHOOK_STORE_URL=$url "$bin" events stats --json >"$out/stats.json"
 curl -s "$fake_url/_fake/state" >"$out/fake-state.json" || true

@@ -13,6 +13,7 @@ use crate::dispatch::Dispatcher;
 use crate::handler::{Handler, Registrations, RegistryBuilder, RegistryError};
 use crate::metrics::Metrics;
 use crate::ops::{self, OpsState};
+use crate::server::{self, Limits, Table};
 use crate::sources::push::{self, PushState};
 use crate::sources::recovery::Recovery;
 use crate::store::{self, Store, StoreError};
@@ -88,8 +89,12 @@ pub struct Application {
     config: Config,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The operator listener (`/metrics`), unless `ops.listen` is empty.
+    ops_listener: Option<(TcpListener, SocketAddr)>,
+    limits: Limits,
     store: Arc<dyn Store>,
     router: axum::Router,
+    ops_router: axum::Router,
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
     client: Option<Client>,
@@ -121,6 +126,15 @@ impl Application {
         let cipher = config.cipher()?;
         let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;
+        let ops_addr = config.ops_addr()?;
+        let open_files = server::raise_open_file_limit();
+        let limits = Limits::resolve(&config.server, open_files, trusted_proxies.clone());
+        tracing::info!(
+            open_file_limit = open_files,
+            max_connections = limits.max_connections,
+            max_connections_per_client = limits.max_per_client,
+            "connection limits"
+        );
         let store = match store {
             Some(store) => store,
             None => store::open(&config.store).await?,
@@ -155,6 +169,7 @@ impl Application {
             cipher,
             store: Arc::clone(&store),
             body_limit: config.callback.body_limit,
+            body_budget: push::BodyBudget::new(config.callback.body_budget),
             replay_window: config.callback.replay_window,
             request_timeout: config.request_timeout,
             metrics: Arc::clone(&metrics),
@@ -166,22 +181,26 @@ impl Application {
             client: client.clone(),
             probe_timeout: config.request_timeout,
         });
+        // The public port answers the callback and the probes; `/metrics` is for operators.
         let router = crate::http::wrap(
-            push::router(push, &config.callback.path).merge(ops::router(ops)),
-            trusted_proxies,
+            push::router(push, &config.callback.path).merge(ops::probes(Arc::clone(&ops))),
+            trusted_proxies.clone(),
         );
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind { addr, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| AppError::Bind { addr, source })?;
+        let ops_router = crate::http::wrap(ops::router(ops), trusted_proxies);
+        let (listener, local_addr) = bind(addr).await?;
+        let ops_listener = match ops_addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         Ok(Application {
             config,
             listener,
             local_addr,
+            ops_listener,
+            limits,
             store,
             router,
+            ops_router,
             dispatcher,
             metrics,
             client,
@@ -205,12 +224,20 @@ impl Application {
         self.local_addr
     }
 
+    /// The operator listener's address, unless `ops.listen` is empty.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_listener.as_ref().map(|(_, addr)| *addr)
+    }
+
     pub fn store(&self) -> Arc<dyn Store> {
         Arc::clone(&self.store)
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
-    /// finish (at most `shutdown_timeout`), and flushes the store.
+    /// Serves until `shutdown` completes, then stops accepting and drains two things side by
+    /// side, each against its own deadline: the HTTP connections (those between requests close
+    /// at once, requests in flight get at most `request_timeout`), and the workers (at most
+    /// `shutdown_timeout`, then their runs are abandoned). A slow client cannot eat the
+    /// workers' time. Then the store is flushed and closed.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -219,19 +246,24 @@ impl Application {
             config,
             listener,
             local_addr,
+            ops_listener,
+            limits,
             store,
             router,
+            ops_router,
             dispatcher,
             metrics,
             client,
         } = self;
+        let ops_addr = ops_listener.as_ref().map(|(_, addr)| *addr);
         tracing::info!(
             %local_addr,
+            ops_addr = ops_addr.map(tracing::field::display),
             callback_path = %config.callback.path,
             store = %crate::store::redact_url(&config.store.url),
             "dinghook listening"
         );
-        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let workers = if config.dispatch.enabled {
             dispatcher.start(stopping.clone())
         } else {
@@ -243,45 +275,58 @@ impl Application {
             &config.recovery,
             client,
             Arc::clone(&store),
-            metrics,
+            Arc::clone(&metrics),
             dispatcher.wake(),
         )
         .map(|r| r.start(stopping.clone()));
-        // The peer address reaches the request span through ConnectInfo.
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        let server = axum::serve(listener, service).with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections, finishing in-flight requests");
-            let _ = stopping_tx.send(true);
-        });
-        let grace = config.shutdown_timeout;
-        let deadline = async move {
-            let _ = stopping.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::pin!(deadline);
-        // `deadline` is polled again below only if it has not completed here.
-        let (result, mut out_of_time) = tokio::select! {
-            r = server => (r.map_err(AppError::Serve), false),
-            () = &mut deadline => {
-                tracing::warn!(?grace, "shutdown timed out; abandoning in-flight requests");
-                (Ok(()), true)
+        let table = Table::new(limits, metrics);
+        let drain = config.request_timeout;
+        let mut listeners = vec![tokio::spawn(server::serve(
+            "public",
+            listener,
+            router,
+            Arc::clone(&table),
+            stopping.clone(),
+            drain,
+        ))];
+        if let Some((ops_listener, _)) = ops_listener {
+            listeners.push(tokio::spawn(server::serve(
+                "ops",
+                ops_listener,
+                ops_router,
+                Arc::clone(&table),
+                stopping.clone(),
+                drain,
+            )));
+        }
+
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests and runs");
+        let _ = stopping_tx.send(true);
+
+        let http = async {
+            let mut result = Ok(());
+            for joined in futures_util::future::join_all(listeners).await {
+                if let Err(e) = joined {
+                    result = Err(AppError::Serve(std::io::Error::other(e.to_string())));
+                }
             }
+            result
         };
         // Workers stop between events. Runs still going when the grace period ends are
         // abandoned, and their events go back to `pending` rather than wait out the lease.
+        let grace = config.shutdown_timeout;
         let tasks: Vec<_> = workers.into_iter().chain(recovery).collect();
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let all_tasks = futures_util::future::join_all(tasks);
         tokio::pin!(all_tasks);
-        if !out_of_time {
-            out_of_time = tokio::select! {
-                _ = &mut all_tasks => false,
-                () = &mut deadline => true,
-            };
-        }
-        if out_of_time {
-            tracing::warn!("workers did not stop in time; abandoning their runs");
+        let workers_stopped = tokio::time::timeout(grace, &mut all_tasks);
+        let (result, workers_stopped) = tokio::join!(http, workers_stopped);
+        if workers_stopped.is_err() {
+            tracing::warn!(
+                ?grace,
+                "workers did not stop in time; abandoning their runs"
+            );
             aborts.iter().for_each(tokio::task::AbortHandle::abort);
             // An aborted task ends at its next await; give them a moment to get there, so no
             // handler is still going when its lease is given up.
@@ -298,6 +343,16 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr, source })?;
+    Ok((listener, local))
 }
 
 /// The DingTalk client's monthly call counter, kept in the store so restarts and replicas

@@ -21,6 +21,8 @@ use crate::crypto::{AesKey, CallbackCipher};
 use crate::dingtalk::ClientConfig;
 use crate::dispatch::DispatchConfig;
 use crate::forwarded::TrustedProxies;
+use crate::ops::OpsConfig;
+use crate::server::ServerConfig;
 use crate::sources::push::CallbackConfig;
 use crate::sources::recovery::RecoveryConfig;
 use crate::store::{redact_url, StoreConfig, StoreLocation};
@@ -60,12 +62,20 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("log_level", "DINGHOOK_LOG"),
     ("shutdown_timeout", "DINGHOOK_SHUTDOWN_TIMEOUT"),
     ("request_timeout", "DINGHOOK_REQUEST_TIMEOUT"),
+    ("server.header_timeout", "DINGHOOK_HEADER_TIMEOUT"),
+    ("server.max_connections", "DINGHOOK_MAX_CONNECTIONS"),
+    (
+        "server.max_connections_per_client",
+        "DINGHOOK_MAX_CONNECTIONS_PER_CLIENT",
+    ),
+    ("ops.listen", "DINGHOOK_OPS_LISTEN"),
     ("callback.path", "DINGHOOK_CALLBACK_PATH"),
     ("callback.token", "DINGHOOK_TOKEN"),
     ("callback.aes_key", "DINGHOOK_AES_KEY"),
     ("callback.previous_aes_keys", "DINGHOOK_PREVIOUS_AES_KEYS"),
     ("callback.owner_key", "DINGHOOK_OWNER_KEY"),
     ("callback.body_limit", "DINGHOOK_BODY_LIMIT"),
+    ("callback.body_budget", "DINGHOOK_BODY_BUDGET"),
     ("callback.replay_window", "DINGHOOK_REPLAY_WINDOW"),
     ("callback.trusted_proxies", "DINGHOOK_TRUSTED_PROXIES"),
     ("store.url", "DINGHOOK_STORE_URL"),
@@ -109,9 +119,14 @@ pub struct Config {
     /// How long a graceful shutdown may take before in-flight work is abandoned.
     #[serde(with = "crate::time::duration_str")]
     pub shutdown_timeout: Duration,
-    /// Upper bound for one callback request, body read and durable write included.
+    /// Upper bound for one callback request, body read and durable write included. Also how
+    /// long a shutdown waits for requests in flight.
     #[serde(with = "crate::time::duration_str")]
     pub request_timeout: Duration,
+    /// How the listeners treat connections: timeouts and caps.
+    pub server: ServerConfig,
+    /// The operator listener (`/metrics`, `/healthz`, `/readyz`).
+    pub ops: OpsConfig,
     pub callback: CallbackConfig,
     pub store: StoreConfig,
     pub dispatch: DispatchConfig,
@@ -131,6 +146,8 @@ impl Default for Config {
             log_level: "info".into(),
             shutdown_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            server: ServerConfig::default(),
+            ops: OpsConfig::default(),
             callback: CallbackConfig::default(),
             store: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
@@ -201,6 +218,7 @@ impl Config {
     /// Checks everything that can be checked without I/O. Messages never contain secrets.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.ops_addr()?;
         self.check_ranges()?;
         let c = &self.callback;
         check_literal_path("callback.path", &c.path)?;
@@ -276,8 +294,26 @@ impl Config {
         const HOUR: Duration = Duration::from_secs(3600);
         const DAY: Duration = Duration::from_secs(86_400);
         let (c, d, t) = (&self.callback, &self.dispatch, &self.dingtalk);
-        let numbers: [(&str, u64, u64, u64); 7] = [
+        let numbers: [(&str, u64, u64, u64); 10] = [
             ("callback.body_limit", c.body_limit as u64, 64, 64 << 20),
+            (
+                "callback.body_budget",
+                c.body_budget as u64,
+                c.body_limit as u64,
+                16 << 30,
+            ),
+            (
+                "server.max_connections",
+                self.server.max_connections.unwrap_or(1).max(0) as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "server.max_connections_per_client",
+                self.server.max_connections_per_client as u64,
+                1,
+                1_000_000,
+            ),
             ("store.max_batch", self.store.max_batch as u64, 1, 10_000),
             ("dispatch.workers", d.workers as u64, 1, 1_024),
             ("dispatch.batch_size", u64::from(d.batch_size), 1, 10_000),
@@ -298,6 +334,12 @@ impl Config {
                 HOUR,
             ),
             ("request_timeout", self.request_timeout, 100 * MS, 5 * MIN),
+            (
+                "server.header_timeout",
+                self.server.header_timeout,
+                100 * MS,
+                HOUR,
+            ),
             (
                 "callback.replay_window",
                 c.replay_window,
@@ -376,6 +418,20 @@ impl Config {
             invalid(
                 "listen",
                 format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
+            )
+        })
+    }
+
+    /// The operator listener's address; `None` when `ops.listen` is empty (off).
+    pub fn ops_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let listen = self.ops.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "ops.listen",
+                format!("{listen:?} is not an address like 127.0.0.1:9464 (empty: off)"),
             )
         })
     }

@@ -34,6 +34,7 @@ pub mod http;
 pub mod metrics;
 pub mod ops;
 pub mod secret;
+pub mod server;
 pub mod setting;
 pub mod sources;
 pub mod store;

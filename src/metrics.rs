@@ -52,6 +52,50 @@ pub struct Metrics {
     /// The event types given a label of their own so far (see [`Metrics::type_label`]). A std
     /// mutex: held only to look up and insert a short string, never across an await.
     type_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    connections: ConnectionMetrics,
+}
+
+/// What the accept loop ([`crate::server`]) reports.
+struct ConnectionMetrics {
+    open: Gauge,
+    refused: Family<Reason, Counter>,
+    evicted: Family<Reason, Counter>,
+    accept_errors: Counter,
+}
+
+impl ConnectionMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Open HTTP connections, all listeners",
+            open.clone(),
+        );
+        let refused = Family::<Reason, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed on accept because a cap was reached with every connection busy, by cap (per_client, total)",
+            refused.clone(),
+        );
+        let evicted = Family::<Reason, Counter>::default();
+        registry.register(
+            "connections_evicted",
+            "Idle or slow connections closed to make room for a new one, by cap (per_client, total)",
+            evicted.clone(),
+        );
+        let accept_errors = Counter::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts on a listener (e.g. out of file descriptors)",
+            accept_errors.clone(),
+        );
+        ConnectionMetrics {
+            open,
+            refused,
+            evicted,
+            accept_errors,
+        }
+    }
 }
 
 /// At most this many event types get a label of their own; the rest count as `other`. An
@@ -170,7 +214,9 @@ impl Metrics {
             "Failed-push recovery cycles, by outcome (ok, not_leader, dingtalk_error, store_error, leadership_lost)",
             recovery_runs.clone(),
         );
+        let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
+            connections,
             notifications_sent,
             notifications_skipped,
             recipients_undelivered,
@@ -215,6 +261,30 @@ impl Metrics {
             return event_type.to_owned();
         }
         OTHER_EVENT_TYPE.to_owned()
+    }
+
+    pub fn set_connections_open(&self, n: usize) {
+        self.connections
+            .open
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections
+            .refused
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn connection_evicted(&self, reason: &'static str) {
+        self.connections
+            .evicted
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn accept_error(&self) {
+        self.connections.accept_errors.inc();
     }
 
     pub fn event_received(&self, event_type: &str, outcome: &'static str, seconds: f64) {

@@ -10,6 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::metrics::Metrics;
@@ -19,6 +20,29 @@ use crate::time::now_millis;
 /// How long `/metrics` waits for the queue counts and the quota before it answers without
 /// them.
 const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `[ops]`: the operator listener. `/metrics` shows event types and volumes, queue depth and
+/// quota use, so it is served here, on a loopback address by default, and not on the public
+/// callback port; `/healthz` and `/readyz` are served on both (load balancers probe the
+/// public port).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Address of the operator listener; empty: no operator listener (and no `/metrics`).
+    pub listen: String,
+}
+
+/// The operator listener's default address: loopback, so only the host (or, in a container,
+/// what publishes the port on purpose) reaches it.
+pub const DEFAULT_OPS_LISTEN: &str = "127.0.0.1:9464";
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            listen: DEFAULT_OPS_LISTEN.into(),
+        }
+    }
+}
 
 /// What the operator routes read.
 pub struct OpsState {
@@ -30,12 +54,20 @@ pub struct OpsState {
     pub probe_timeout: Duration,
 }
 
-pub fn router(state: Arc<OpsState>) -> Router {
+/// The probes, for the public listener.
+pub fn probes(state: Arc<OpsState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// Everything operators read, for the operator listener: the probes and `/metrics`.
+pub fn router(state: Arc<OpsState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Arc::clone(&state))
+        .merge(probes(state))
 }
 
 async fn healthz() -> Response {

@@ -34,6 +34,7 @@ fn curl_scripts_pass() {
             .env("DINGHOOK_BIN", env!("CARGO_BIN_EXE_dinghook"))
             .env("FAKE_BIN", &fake_bin)
             .env("PORT", support::free_port().to_string())
+            .env("OPS_PORT", support::free_port().to_string())
             // For scripts that also start a fake DingTalk.
             .env("FAKE_PORT", support::free_port().to_string())
             .output()

@@ -20,7 +20,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("observability and HTTP", &["metrics", "http"]),
     ("the extension API", &["handler"]),
-    ("the rooms", &["sources", "dispatch", "builtin", "ops"]),
+    (
+        "the rooms",
+        &["sources", "dispatch", "builtin", "ops", "server"],
+    ),
     ("composition", &["config"]),
     ("wiring", &["app"]),
     ("the command line", &["cli"]),

@@ -222,7 +222,7 @@ async fn start_replica(
 
 /// The value of one Prometheus sample line, 0 if absent (or the replica unreachable).
 async fn metric(client: &reqwest::Client, replica: &ServerProcess, sample: &str) -> u64 {
-    let Ok(response) = client.get(replica.url("/metrics")).send().await else {
+    let Ok(response) = client.get(replica.ops_url("/metrics")).send().await else {
         return 0;
     };
     let text = response.text().await.unwrap_or_default();

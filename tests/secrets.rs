@@ -273,12 +273,15 @@ async fn secrets_never_reach_logs_error_bodies_or_cli_output() {
         bodies.push_str(&text);
         bodies.push('\n');
     }
-    for path in ["/healthz", "/readyz", "/metrics", "/nope"] {
-        let r = reqwest::Client::new()
-            .get(server.url(path))
-            .send()
-            .await
-            .expect("get");
+    let pages = [
+        server.url("/healthz"),
+        server.url("/readyz"),
+        server.url("/nope"),
+        server.ops_url("/metrics"),
+        server.ops_url("/readyz"),
+    ];
+    for page in pages {
+        let r = reqwest::Client::new().get(page).send().await.expect("get");
         bodies.push_str(&r.text().await.expect("body"));
     }
 

@@ -517,17 +517,32 @@ fn exit_quietly_on_closed_stdout() {
     }
 }
 
-/// glibc gives every thread that allocates its own malloc arena (up to 8 per core), and memory
-/// freed in one arena is not reused by the others: in the ten-minute soak the server's RSS
-/// wandered between 47 and 71 MB with them, and stayed at 28 MB with two
-/// (`docs/reliability.md`, "Soak"). An explicit `MALLOC_ARENA_MAX` from the environment wins.
-fn limit_malloc_arenas() {
+/// Two glibc malloc settings, each from a measurement:
+///
+/// - glibc gives every thread that allocates its own arena (up to 8 per core), and memory
+///   freed in one arena is not reused by the others: in the ten-minute soak the server's RSS
+///   wandered between 47 and 71 MB with them, and stayed at 28 MB with two
+///   (`docs/reliability.md`, "Soak"). An explicit `MALLOC_ARENA_MAX` wins.
+/// - Blocks of 64 KiB and more (request bodies near the limit) are mapped on their own and
+///   unmapped when freed. By default glibc raises that threshold as such blocks are freed and
+///   then keeps them in the heap: after a flood of 1 MiB bodies the RSS stayed twice the
+///   baseline (`docs/reliability.md`, "Hostile clients"). An explicit
+///   `MALLOC_MMAP_THRESHOLD_` wins.
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    {
         // SAFETY: mallopt only sets an allocator parameter; it is called before any other
         // thread exists (the runtime is built after it).
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            unsafe {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // SAFETY: as above.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+            }
         }
     }
 }
@@ -540,7 +555,7 @@ pub fn main() -> ExitCode {
 /// The command line, with `customize` applied to the application `serve` builds (register
 /// handlers on it). Parses the process arguments, runs the command and returns its exit code.
 pub fn run(customize: impl FnOnce(AppBuilder) -> AppBuilder + Send + 'static) -> ExitCode {
-    limit_malloc_arenas();
+    tune_malloc();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

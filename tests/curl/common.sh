@@ -1,10 +1,12 @@
 # Shared helpers for the curl scripts. Sourced, not run.
-# The runner (tests/curl.rs) sets DINGHOOK_BIN (the built binary), PORT (a free port) and, for
+# The runner (tests/curl.rs) sets DINGHOOK_BIN (the built binary), PORT and OPS_PORT (free
+# ports: the public and the operator listener) and, for
 # the scripts that start a fake DingTalk, FAKE_BIN (the fake-dingtalk binary).
 set -euo pipefail
 
 : "${DINGHOOK_BIN:?set DINGHOOK_BIN to the dinghook binary}"
 : "${PORT:?set PORT to a free port}"
+: "${OPS_PORT:?set OPS_PORT to a free port}"
 
 # need_fake_bin: for scripts that start the fake DingTalk; stops at once without FAKE_BIN.
 need_fake_bin() {
@@ -25,6 +27,7 @@ trap cleanup EXIT
 
 # Configuration through the environment only, as in the container image.
 export DINGHOOK_LISTEN="127.0.0.1:$PORT"
+export DINGHOOK_OPS_LISTEN="127.0.0.1:$OPS_PORT"
 export DINGHOOK_TOKEN="curl-test-token"
 export DINGHOOK_AES_KEY="CurlTestKey0123456789abcdefghijklmnopqrstuv"
 export DINGHOOK_OWNER_KEY="dingcurltest"
@@ -33,6 +36,7 @@ export DINGHOOK_LOG_FORMAT=json
 unset DINGHOOK_CONFIG
 
 BASE="http://127.0.0.1:$PORT"
+OPS="http://127.0.0.1:$OPS_PORT"
 
 fail() { echo "FAIL: $*" >&2; [ -f "$WORK/server.log" ] && tail -20 "$WORK/server.log" >&2; exit 1; }
 

@@ -28,8 +28,12 @@ case "$out" in
     *) fail "wrong signature answered: $out" ;;
 esac
 # Not JSON: 400.
-out=$(curl -sS -o - -w ' %{http_code}' -X POST "$BASE/dingtalk/callback?msg_signature=a&timestamp=1&nonce=b" -d 'hello')
+now_ms="$(date +%s)000"
+out=$(curl -sS -o - -w ' %{http_code}' -X POST "$BASE/dingtalk/callback?msg_signature=a&timestamp=$now_ms&nonce=b" -d 'hello')
 case "$out" in *'"code":"invalid_body"'*' 400') ;; *) fail "non-JSON body answered: $out" ;; esac
+# A timestamp outside the replay window is refused before the body is read.
+out=$(curl -sS -o - -w ' %{http_code}' -X POST "$BASE/dingtalk/callback?msg_signature=a&timestamp=1&nonce=b" -d 'hello')
+case "$out" in *'"code":"timestamp_out_of_window"'*' 400') ;; *) fail "old timestamp answered: $out" ;; esac
 
 # Ready, and a graceful stop on SIGTERM.
 [ "$(curl -sS -o /dev/null -w '%{http_code}' "$BASE/readyz")" = 200 ] || fail "not ready"

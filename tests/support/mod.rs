@@ -27,6 +27,7 @@ pub fn test_config(dir: &std::path::Path) -> Config {
         listen: "127.0.0.1:0".into(),
         ..Default::default()
     };
+    config.ops.listen = "127.0.0.1:0".into();
     config.callback.token = Secret::new(TOKEN);
     config.callback.aes_key = Secret::new(AES_KEY);
     config.callback.owner_key = OWNER_KEY.into();
@@ -61,6 +62,8 @@ pub fn seal(cipher: &CallbackCipher, msg: &str) -> Sealed {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The operator listener (`/metrics`).
+    pub ops_addr: Option<SocketAddr>,
     pub store: Arc<dyn Store>,
     pub client: reqwest::Client,
     pub db_path: PathBuf,
@@ -159,6 +162,7 @@ impl TestApp {
             .await
             .expect("build app");
         let addr = app.local_addr();
+        let ops_addr = app.ops_addr();
         let store = app.store();
         let dispatcher = Some(app.dispatcher());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -171,6 +175,7 @@ impl TestApp {
         });
         TestApp {
             addr,
+            ops_addr,
             store,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
@@ -209,11 +214,20 @@ impl TestApp {
         self.post_sealed(&seal(&sender(), msg)).await
     }
 
-    /// The Prometheus text of `/metrics`.
+    /// A URL on the operator listener.
+    pub fn ops_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{}",
+            self.ops_addr.expect("an operator listener"),
+            path
+        )
+    }
+
+    /// The Prometheus text of `/metrics` (on the operator listener).
     pub async fn metrics(&self) -> String {
         let response = self
             .client
-            .get(self.url("/metrics"))
+            .get(self.ops_url("/metrics"))
             .send()
             .await
             .expect("metrics");
@@ -388,6 +402,8 @@ fn newest_mtime(crate_dir: &std::path::Path) -> Option<std::time::SystemTime> {
 pub struct ServerProcess {
     pub child: tokio::process::Child,
     pub port: u16,
+    /// The operator listener's port (`/metrics`), unless `env` turned it off.
+    pub ops_port: u16,
     pub log: PathBuf,
 }
 
@@ -427,11 +443,13 @@ impl ServerProcess {
             .append(true)
             .open(&log)
             .expect("log file");
+        let ops_port = free_port();
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
             .env_clear()
             .env("DINGHOOK_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DINGHOOK_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
             .env("DINGHOOK_TOKEN", TOKEN)
             .env("DINGHOOK_AES_KEY", AES_KEY)
             .env("DINGHOOK_OWNER_KEY", OWNER_KEY)
@@ -443,13 +461,23 @@ impl ServerProcess {
             command.env(k, v);
         }
         let child = command.spawn().expect("spawn dinghook");
-        let server = ServerProcess { child, port, log };
+        let server = ServerProcess {
+            child,
+            port,
+            ops_port,
+            log,
+        };
         server.wait_healthy().await;
         server
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// A URL on the operator listener.
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.ops_port, path)
     }
 
     async fn wait_healthy(&self) {
