@@ -362,3 +362,47 @@ async fn a_half_sent_request_does_not_hold_up_shutdown() {
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(!log.contains("abandoning"), "{log}");
 }
+
+/// With `max_connections` set above the open-file limit, the process does run out of
+/// descriptors: the accept errors are logged (once a second, not once per attempt) and
+/// counted, the loop does not spin, and the server serves again once the sockets go.
+#[tokio::test]
+async fn running_out_of_descriptors_is_logged_counted_and_survived() {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_limited(
+        dir.path(),
+        &[
+            ("DINGHOOK_MAX_CONNECTIONS", "5000"),
+            ("DINGHOOK_MAX_CONNECTIONS_PER_CLIENT", "5000"),
+            ("DINGHOOK_DISPATCH", "off"),
+        ],
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..1_100 {
+        held.push(connect_from(4, server.port).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::new();
+    let errors = metric(&client, &server, "dinghook_accept_errors_total").await;
+    assert!(errors > 0.0, "no accept error counted");
+    assert!(
+        deliver(
+            &client,
+            &server.url("/dingtalk/callback"),
+            r#"{"EventType":"chat_update_title","eventId":"after-emfile","ChatId":"c"}"#
+        )
+        .await,
+        "not serving after the descriptors came back"
+    );
+    server.terminate().await;
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    let lines = log.matches("could not accept a connection").count();
+    assert!(
+        (1..=5).contains(&lines),
+        "{lines} accept-error lines for {errors} errors:\n{log}"
+    );
+}
