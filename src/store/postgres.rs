@@ -25,8 +25,8 @@ use tokio_postgres::{NoTls, Row};
 use super::redact_url;
 use super::schema::{self, Dialect, Statements};
 use super::{
-    Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
-    StoredEvent,
+    Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
+    Store, StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -72,6 +72,9 @@ pub struct PostgresStore {
     pool: Pool,
     options: PostgresOptions,
     sql: Sql,
+    /// Failed event inserts, which `/readyz` also asks: the probe writes another table, which
+    /// can take a row while `events` refuses them.
+    inserts: InsertHealth,
 }
 
 impl From<PoolError> for StoreError {
@@ -146,6 +149,7 @@ impl PostgresStore {
             pool,
             options,
             sql: Sql::new(),
+            inserts: InsertHealth::default(),
         };
         // Connect first, so "cannot reach the server" is not reported as a failed migration.
         // The connection goes back to the pool for the migration to use.
@@ -317,44 +321,48 @@ fn events_from_rows(rows: &[Row]) -> Result<Vec<StoredEvent>, StoreError> {
 #[async_trait]
 impl Store for PostgresStore {
     async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError> {
-        self.run(async |c| {
-            // A concurrent insert of the same key by another replica makes this one wait for
-            // that transaction; if it commits, this does nothing and the select below sees it.
-            let row = Self::query_opt(
-                c,
-                &self.sql.insert_event,
-                &[
-                    &event.dedup_key,
-                    &event.event_type,
-                    &event.corp_id,
-                    &event.payload,
-                    &event.source.as_str(),
-                    &event.received_at,
-                    &due_at_ms,
-                ],
-            )
-            .await?;
-            if let Some(row) = row {
-                return Ok(Inserted::Stored {
+        let result = self
+            .run(async |c| {
+                // A concurrent insert of the same key by another replica makes this one wait for
+                // that transaction; if it commits, this does nothing and the select below sees it.
+                let row = Self::query_opt(
+                    c,
+                    &self.sql.insert_event,
+                    &[
+                        &event.dedup_key,
+                        &event.event_type,
+                        &event.corp_id,
+                        &event.payload,
+                        &event.source.as_str(),
+                        &event.received_at,
+                        &due_at_ms,
+                    ],
+                )
+                .await?;
+                if let Some(row) = row {
+                    return Ok(Inserted::Stored {
+                        id: row.try_get(0)?,
+                    });
+                }
+                let row = Self::query_opt(c, &self.sql.event_id_by_key, &[&event.dedup_key])
+                    .await?
+                    .ok_or_else(|| {
+                        StoreError::Invalid(
+                            "a conflicting event vanished before it could be read".into(),
+                        )
+                    })?;
+                Ok(Inserted::Duplicate {
                     id: row.try_get(0)?,
-                });
-            }
-            let row = Self::query_opt(c, &self.sql.event_id_by_key, &[&event.dedup_key])
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Invalid(
-                        "a conflicting event vanished before it could be read".into(),
-                    )
-                })?;
-            Ok(Inserted::Duplicate {
-                id: row.try_get(0)?,
+                })
             })
-        })
-        .await
+            .await;
+        self.inserts.record(&result);
+        result
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
         let now = now_millis();
+        self.inserts.check(now)?;
         self.run(async |c| {
             Self::execute(c, &self.sql.probe, &[&now]).await?;
             Ok(())

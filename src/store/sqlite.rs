@@ -7,7 +7,6 @@
 //! Reads use a separate connection; WAL lets them run beside the writer.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -17,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::schema::{self, Dialect, Statements};
 use super::{
-    Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
-    StoredEvent,
+    Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
+    Store, StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -46,15 +45,11 @@ pub struct SqliteStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Shared with the closures sent to the writer and the reader.
     sql: Arc<Sql>,
-    /// When an event insert last failed (epoch ms; 0: the last one succeeded). The probe's own
-    /// write can succeed while inserts fail (on a full volume it rewrites one row in WAL space
-    /// that already exists), so `/readyz` also asks this.
-    insert_failed_at: AtomicI64,
+    /// Failed event inserts, which `/readyz` also asks: the probe's own write can succeed
+    /// while inserts fail (on a full volume it rewrites one row in WAL space that already
+    /// exists).
+    inserts: InsertHealth,
 }
-
-/// How long after a failed event insert the probe still reports the store not ready (unless
-/// an insert has succeeded since).
-const INSERT_FAILURE_MEMORY_MS: i64 = 10_000;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let open_err = |e: rusqlite::Error| StoreError::Open {
@@ -130,7 +125,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader_conn)),
             writer: Mutex::new(Some(writer)),
             sql: Arc::new(Sql::new()),
-            insert_failed_at: AtomicI64::new(0),
+            inserts: InsertHealth::default(),
         })
     }
 
@@ -354,20 +349,13 @@ impl Store for SqliteStore {
                 }
             })
             .await;
-        let failed_at = if result.is_ok() { 0 } else { now_millis() };
-        self.insert_failed_at.store(failed_at, Ordering::Relaxed);
+        self.inserts.record(&result);
         result
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
         let now = now_millis();
-        let failed_at = self.insert_failed_at.load(Ordering::Relaxed);
-        if failed_at != 0 && now.saturating_sub(failed_at) < INSERT_FAILURE_MEMORY_MS {
-            return Err(StoreError::Unavailable(format!(
-                "an event insert failed {} ms ago and none has succeeded since",
-                now.saturating_sub(failed_at)
-            )));
-        }
+        self.inserts.check(now)?;
         let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             conn.prepare_cached(&sql.probe)?.execute([now])?;
