@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::time::now_millis;
 
 pub mod postgres;
+mod rekey;
 mod schema;
 pub mod sqlite;
 

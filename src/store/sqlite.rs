@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::rekey;
 use super::schema::{self, Dialect, Statements};
 use super::{
     Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
@@ -81,9 +82,60 @@ fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
     for (i, sql) in Dialect::Sqlite.migrations().enumerate().skip(done) {
         let tx = conn.transaction()?;
         tx.execute_batch(&sql)?;
+        if i + 1 == rekey::MIGRATION {
+            rekey_events(&tx)?;
+        }
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
+    Ok(())
+}
+
+/// Migration 6's data step (see `rekey`): re-keys the events whose key changed, and the
+/// documents that name them, inside the migration's transaction.
+fn rekey_events(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let mut renames = rekey::Renames::default();
+    {
+        let mut stmt = conn.prepare(rekey::candidates(Dialect::Sqlite))?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let payload: String = row.get(2)?;
+            renames.consider(row.get(0)?, row.get(1)?, &payload);
+        }
+    }
+    if renames.is_empty() {
+        return Ok(());
+    }
+    let mut update = conn.prepare("UPDATE events SET dedup_key = ?2 WHERE id = ?1")?;
+    for (id, key) in &renames.events {
+        update.execute(params![id, key])?;
+    }
+    let effects: Vec<String> = conn
+        .prepare("SELECT key FROM documents WHERE collection = ?1")?
+        .query_map([rekey::EFFECT_COLLECTION], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut rename =
+        conn.prepare("UPDATE documents SET key = ?3 WHERE collection = ?1 AND key = ?2")?;
+    for key in effects {
+        if let Some(new) = renames.effect_key(&key) {
+            rename.execute(params![rekey::EFFECT_COLLECTION, key, new])?;
+        }
+    }
+    let claims: Vec<(String, String)> = conn
+        .prepare("SELECT key, body FROM documents WHERE collection = ?1")?
+        .query_map([rekey::CLAIM_COLLECTION], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut rewrite =
+        conn.prepare("UPDATE documents SET body = ?3 WHERE collection = ?1 AND key = ?2")?;
+    for (key, body) in claims {
+        if let Some(body) = renames.claim_body(&body) {
+            rewrite.execute(params![rekey::CLAIM_COLLECTION, key, body])?;
+        }
+    }
+    tracing::info!(
+        events = renames.events.len(),
+        "migration 6: events re-keyed (numeric ids, types holding a ':')"
+    );
     Ok(())
 }
 
