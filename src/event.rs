@@ -5,7 +5,10 @@
 //! Stream), so keys are matched case-insensitively and timestamps may be numbers or strings.
 //! Unknown fields are ignored; unknown event types become [`Event::Unknown`] with the raw JSON.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -22,10 +25,32 @@ pub struct Envelope {
     /// `EventType`; `unknown` when the payload has none (it is kept, not dropped).
     pub event_type: String,
     pub corp_id: Option<String>,
-    pub event_id: Option<String>,
-    pub biz_id: Option<String>,
+    /// `eventId`: DingTalk's id of this event, unique per event whatever its type.
+    pub event_id: Option<IdText>,
+    /// `BizId`: unique within an event type only.
+    pub biz_id: Option<IdText>,
     /// `EventTime`, else `TimeStamp`, in epoch milliseconds.
     pub event_time: Option<i64>,
+}
+
+/// An id as the decrypted JSON wrote it. A string and a number with the same digits are
+/// different ids: `"1"` is not `1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdText {
+    /// A JSON string: its value (escapes decoded), never empty.
+    String(String),
+    /// A JSON number: its text exactly as written (`12345678901234567890123`, `1.50`), never
+    /// through `f64`, which rounds distinct big ids onto one value.
+    Number(String),
+}
+
+impl IdText {
+    /// The string's value or the number's text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            IdText::String(text) | IdText::Number(text) => text,
+        }
+    }
 }
 
 /// Why a decrypted message is not an event.
@@ -39,12 +64,52 @@ pub enum EnvelopeError {
 
 /// Looks a key up ignoring ASCII case (`EventType`, `eventType`, `eventtype`).
 pub fn get_ci<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    object.get(key).or_else(|| {
-        object
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
-    })
+    entry_ci(object, key).map(|(_, v)| v)
+}
+
+/// [`get_ci`] with the key as the object spells it: the exact spelling if present, else the
+/// first that matches ignoring ASCII case.
+fn entry_ci<'a>(object: &'a Map<String, Value>, key: &str) -> Option<(&'a String, &'a Value)> {
+    object
+        .get_key_value(key)
+        .or_else(|| object.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)))
+}
+
+/// The top-level members of a JSON object as written (read only when an id is a number).
+type RawMembers<'a> = BTreeMap<String, &'a RawValue>;
+
+/// An id field (`key` in any case): a non-empty string, or a number with its text as written
+/// in `msg`. Anything else (empty, null, true, a list) is no id.
+fn id_ci<'a>(
+    object: &Map<String, Value>,
+    key: &str,
+    msg: &'a [u8],
+    raw: &mut Option<RawMembers<'a>>,
+) -> Option<IdText> {
+    let (name, value) = entry_ci(object, key)?;
+    match value {
+        Value::String(s) if !s.is_empty() => Some(IdText::String(s.clone())),
+        Value::Number(n) => {
+            // `Value` keeps only an f64 of a number beyond 64 bits, so the text is read again
+            // from the message. Only here: ids are strings in every payload DingTalk documents,
+            // and those cost no second read. A duplicated member counts as its last occurrence,
+            // as in `Value`.
+            if raw.is_none() {
+                *raw = serde_json::from_slice(msg).ok();
+            }
+            let text = raw
+                .as_ref()
+                .and_then(|members| members.get(name.as_str()))
+                .map(|v| v.get().trim())
+                .filter(|text| text.starts_with(|c: char| c == '-' || c.is_ascii_digit()));
+            // The message parsed as `Value` a moment ago, so it parses again; the fallback only
+            // keeps this free of panics.
+            Some(IdText::Number(
+                text.map_or_else(|| n.to_string(), str::to_owned),
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// A string field that may be sent as a string or a number.
@@ -73,11 +138,12 @@ impl Envelope {
         let Value::Object(object) = &value else {
             return Err(EnvelopeError::NotObject);
         };
+        let mut raw = None;
         let envelope = Envelope {
             event_type: string_ci(object, "EventType").unwrap_or_else(|| "unknown".into()),
             corp_id: string_ci(object, "CorpId"),
-            event_id: string_ci(object, "eventId"),
-            biz_id: string_ci(object, "BizId"),
+            event_id: id_ci(object, "eventId", msg, &mut raw),
+            biz_id: id_ci(object, "BizId", msg, &mut raw),
             event_time: i64_ci(object, "EventTime").or_else(|| i64_ci(object, "TimeStamp")),
         };
         Ok((envelope, value))
@@ -88,8 +154,25 @@ impl Envelope {
         CHECK_TYPES.contains(&self.event_type.as_str())
     }
 
-    /// The key that makes a re-delivery the same event: `eventId` if present, else `BizId` +
-    /// event type, else the SHA-256 of the decrypted message.
+    /// The key that makes a re-delivery the same event, whichever source (push, recovery)
+    /// brought it, and keeps distinct events apart. In order of preference:
+    ///
+    /// | the payload has | key |
+    /// | --- | --- |
+    /// | `eventId`, a string | `event:` + the string |
+    /// | `eventId`, a number | `event-number:` + the number exactly as written |
+    /// | else `BizId`, a string or a number | `biz:` or `biz-number:`, the event type, `:`, the id (as above) |
+    /// | else | `sha256:` + the SHA-256 of the decrypted message, in hex |
+    ///
+    /// `eventId` alone names the event: DingTalk makes it unique per event of any type, and
+    /// the type or corp id of one event may be spelled differently by another source (recovery
+    /// fills a missing `EventType` from the failed list's tag and `CorpId` from its entry).
+    /// `BizId` is unique within a type only, so the type is part of that key; a type holding
+    /// a `:` puts its length in bytes in the prefix (`biz/5:a:b:c:id`), so no two (type, id)
+    /// pairs share a key. Each kind has its own prefix, so keys of different kinds never meet.
+    /// Keys stored before migration 6 differ for numeric ids and types holding a `:`; that
+    /// migration re-keys those rows from their payloads (`src/store/rekey.rs`). Any change
+    /// here changes the keys of stored rows, and needs such a migration too.
     pub fn dedup_key(&self, msg: &[u8]) -> String {
         dedup_key(self, msg)
     }
@@ -97,12 +180,23 @@ impl Envelope {
 
 /// See [`Envelope::dedup_key`].
 pub fn dedup_key(envelope: &Envelope, msg: &[u8]) -> String {
-    if let Some(id) = &envelope.event_id {
-        format!("event:{id}")
-    } else if let Some(biz) = &envelope.biz_id {
-        format!("biz:{}:{biz}", envelope.event_type)
-    } else {
-        format!("sha256:{}", hex::encode(Sha256::digest(msg)))
+    match (&envelope.event_id, &envelope.biz_id) {
+        (Some(IdText::String(id)), _) => format!("event:{id}"),
+        (Some(IdText::Number(id)), _) => format!("event-number:{id}"),
+        (None, Some(biz)) => {
+            let kind = match biz {
+                IdText::String(_) => "biz",
+                IdText::Number(_) => "biz-number",
+            };
+            let event_type = &envelope.event_type;
+            let biz = biz.as_str();
+            if event_type.contains(':') {
+                format!("{kind}/{}:{event_type}:{biz}", event_type.len())
+            } else {
+                format!("{kind}:{event_type}:{biz}")
+            }
+        }
+        (None, None) => format!("sha256:{}", hex::encode(Sha256::digest(msg))),
     }
 }
 
@@ -510,7 +604,7 @@ mod tests {
         .unwrap();
         assert_eq!(e.event_type, "chat_update_title");
         assert_eq!(e.corp_id.as_deref(), Some("ding1"));
-        assert_eq!(e.event_id.as_deref(), Some("e1"));
+        assert_eq!(e.event_id, Some(IdText::String("e1".into())));
         assert_eq!(e.event_time, Some(1_608_027_247_528));
     }
 
@@ -526,6 +620,75 @@ mod tests {
         let (e, _) = Envelope::parse(msg).unwrap();
         let key = e.dedup_key(msg);
         assert!(key.starts_with("sha256:") && key.len() == 7 + 64, "{key}");
+    }
+
+    fn key(msg: &str) -> String {
+        let (e, _) = Envelope::parse(msg.as_bytes()).unwrap();
+        e.dedup_key(msg.as_bytes())
+    }
+
+    #[test]
+    fn numeric_ids_keep_their_text_and_differ_from_strings() {
+        let a = key(r#"{"EventType":"x","eventId":12345678901234567890123}"#);
+        let b = key(r#"{"EventType":"x","eventId":12345678901234567890124}"#);
+        assert_eq!(a, "event-number:12345678901234567890123");
+        assert_eq!(b, "event-number:12345678901234567890124");
+        // As written: whitespace around it is not part of it, its spelling is.
+        assert_eq!(
+            key("{ \"eventId\" :\t 1.50 , \"EventType\":\"x\"}"),
+            "event-number:1.50"
+        );
+        assert_eq!(key(r#"{"eventId":-0}"#), "event-number:-0");
+        // A number and a string with the same digits are different ids, in any event type.
+        assert_eq!(key(r#"{"EventType":"x","eventId":1}"#), "event-number:1");
+        assert_eq!(key(r#"{"EventType":"x","eventId":"1"}"#), "event:1");
+        assert_eq!(key(r#"{"EventType":"y","eventId":1}"#), "event-number:1");
+        // Any spelling of the member, escapes in its name, the last of duplicates (as `Value`).
+        assert_eq!(
+            key(r#"{"EVENTID":99999999999999999999}"#),
+            "event-number:99999999999999999999"
+        );
+        assert_eq!(
+            key(r#"{"event\u0049d":99999999999999999999}"#),
+            "event-number:99999999999999999999"
+        );
+        assert_eq!(
+            key(r#"{"eventId":1,"eventId":22222222222222222222222}"#),
+            "event-number:22222222222222222222222"
+        );
+        // Nested members are not the event's id.
+        assert!(key(r#"{"x":{"eventId":5}}"#).starts_with("sha256:"));
+    }
+
+    #[test]
+    fn biz_ids_are_typed_and_cannot_meet_across_types() {
+        assert_eq!(
+            key(r#"{"EventType":"t","BizId":12345678901234567890123}"#),
+            "biz-number:t:12345678901234567890123"
+        );
+        assert_eq!(key(r#"{"EventType":"t","BizId":"7"}"#), "biz:t:7");
+        assert_ne!(
+            key(r#"{"EventType":"t","BizId":7}"#),
+            key(r#"{"EventType":"t","BizId":"7"}"#)
+        );
+        // ("a:b", "c") and ("a", "b:c") would both be biz:a:b:c.
+        assert_eq!(key(r#"{"EventType":"a:b","BizId":"c"}"#), "biz/3:a:b:c");
+        assert_eq!(key(r#"{"EventType":"a","BizId":"b:c"}"#), "biz:a:b:c");
+        // An eventId of any kind comes first.
+        assert_eq!(
+            key(r#"{"EventType":"t","BizId":"b","eventId":5}"#),
+            "event-number:5"
+        );
+        // Empty, null or boolean ids are no ids.
+        assert_eq!(
+            key(r#"{"EventType":"t","BizId":"b","eventId":""}"#),
+            "biz:t:b"
+        );
+        assert_eq!(
+            key(r#"{"EventType":"t","BizId":"b","eventId":null}"#),
+            "biz:t:b"
+        );
+        assert!(key(r#"{"EventType":"t","BizId":true}"#).starts_with("sha256:"));
     }
 
     #[test]

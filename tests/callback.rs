@@ -544,3 +544,83 @@ async fn a_client_that_sends_less_than_its_content_length_gets_408() {
     .await;
     app.stop().await;
 }
+
+async fn readyz(app: &TestApp) -> reqwest::StatusCode {
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    response.status()
+}
+
+/// The PostgreSQL half of `a_store_that_cannot_write_answers_503_never_200`: inserts into `events` fail (a trigger raises,
+/// as a full tablespace or a broken table would) while the probe's own write to another table
+/// still succeeds; `/readyz` must answer 503 as the callback does, and 200 once an event is
+/// stored again.
+#[tokio::test]
+async fn postgres_readyz_answers_503_while_event_inserts_fail() {
+    let Some(url) = support::stores::fresh_postgres_database().await else {
+        return;
+    };
+    let app = TestApp::spawn_with({
+        let url = url.clone();
+        move |c| {
+            c.store.url = url;
+            c.dispatch.enabled = false;
+        }
+    })
+    .await;
+    assert_success_reply(
+        app.post_event(r#"{"EventType":"x","eventId":"first"}"#)
+            .await,
+    )
+    .await;
+    assert_eq!(readyz(&app).await, 200);
+
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    db.batch_execute(
+        "CREATE FUNCTION refuse_events() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'tablespace on fire'; END $$; \
+         CREATE TRIGGER broken BEFORE INSERT ON events \
+         FOR EACH ROW EXECUTE FUNCTION refuse_events();",
+    )
+    .await
+    .unwrap();
+    // The probe alone would still succeed: it writes another table.
+    db.execute(
+        "INSERT INTO probe (id, at) VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET at = 0",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_error(
+        app.post_event(r#"{"EventType":"x","eventId":"second"}"#)
+            .await,
+        503,
+        "store_unavailable",
+    )
+    .await;
+    assert_eq!(readyz(&app).await, 503);
+    assert_eq!(
+        readyz(&app).await,
+        503,
+        "still, while no insert has succeeded"
+    );
+
+    db.batch_execute("DROP TRIGGER broken ON events")
+        .await
+        .unwrap();
+    // DingTalk's retry stores the event, and the store is ready again.
+    assert_success_reply(
+        app.post_event(r#"{"EventType":"x","eventId":"second"}"#)
+            .await,
+    )
+    .await;
+    assert_eq!(app.store.count().await.unwrap(), 2);
+    assert_eq!(
+        readyz(&app).await,
+        200,
+        "ready again once an event is stored"
+    );
+    app.stop().await;
+}

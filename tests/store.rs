@@ -449,11 +449,10 @@ async fn replicas_migrating_together(url: &str) {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(
-        versions,
-        vec![1, 2, 3, 4, 5],
-        "each migration recorded once"
-    );
+    // 1..=n without a gap or a repeat, whatever n this version has (6 or more).
+    let expected: Vec<i32> = (1..=versions.len() as i32).collect();
+    assert_eq!(versions, expected, "each migration recorded once");
+    assert!(versions.len() >= 6, "{versions:?}");
     drop(client);
     let _ = connection.await;
     for store in opened {

@@ -1,6 +1,7 @@
 //! The inbox: one durable row per distinct event, behind a [`Store`] trait so SQLite (the
 //! embedded default) and PostgreSQL (several replicas) behave the same.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -8,7 +9,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::time::now_millis;
+
 pub mod postgres;
+mod rekey;
 mod schema;
 pub mod sqlite;
 
@@ -388,6 +392,40 @@ pub trait Store: Send + Sync + 'static {
     /// guard is released or dropped, and with the process: a crashed leader never blocks the
     /// others.
     async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError>;
+}
+
+/// What `/readyz` remembers of event inserts, for both stores: a probe's own write can
+/// succeed while inserts fail (a full SQLite volume has room to rewrite the probe's one row in
+/// the WAL; a PostgreSQL table can refuse rows another accepts), and the probe must answer
+/// 503 whenever a callback would.
+#[derive(Debug, Default)]
+struct InsertHealth {
+    /// When an insert last failed, epoch ms; 0: the last one succeeded.
+    failed_at: AtomicI64,
+}
+
+impl InsertHealth {
+    /// How long after a failed insert the probe reports not ready, unless an insert has
+    /// succeeded since.
+    const MEMORY_MS: i64 = 10_000;
+
+    /// Records the outcome of an event insert.
+    fn record<T>(&self, result: &Result<T, StoreError>) {
+        let failed_at = if result.is_ok() { 0 } else { now_millis() };
+        self.failed_at.store(failed_at, Ordering::Relaxed);
+    }
+
+    /// Not ready while a failed insert is recent and none has succeeded since.
+    fn check(&self, now_ms: i64) -> Result<(), StoreError> {
+        let failed_at = self.failed_at.load(Ordering::Relaxed);
+        let ago = now_ms.saturating_sub(failed_at);
+        if failed_at != 0 && ago < Self::MEMORY_MS {
+            return Err(StoreError::Unavailable(format!(
+                "an event insert failed {ago} ms ago and none has succeeded since"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Opens (creating and migrating if needed) the store the configuration names.

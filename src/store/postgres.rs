@@ -23,10 +23,11 @@ use deadpool_postgres::{
 use tokio_postgres::{NoTls, Row};
 
 use super::redact_url;
+use super::rekey;
 use super::schema::{self, Dialect, Statements};
 use super::{
-    Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
-    StoredEvent,
+    Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
+    Store, StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -72,6 +73,9 @@ pub struct PostgresStore {
     pool: Pool,
     options: PostgresOptions,
     sql: Sql,
+    /// Failed event inserts, which `/readyz` also asks: the probe writes another table, which
+    /// can take a row while `events` refuses them.
+    inserts: InsertHealth,
 }
 
 impl From<PoolError> for StoreError {
@@ -146,6 +150,7 @@ impl PostgresStore {
             pool,
             options,
             sql: Sql::new(),
+            inserts: InsertHealth::default(),
         };
         // Connect first, so "cannot reach the server" is not reported as a failed migration.
         // The connection goes back to the pool for the migration to use.
@@ -202,6 +207,9 @@ impl PostgresStore {
             }
             for (i, sql) in migrations.enumerate().skip(done) {
                 tx.batch_execute(&sql).await?;
+                if i + 1 == rekey::MIGRATION {
+                    rekey_events(&tx).await?;
+                }
                 let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
                 tx.execute(
                     "INSERT INTO dinghook_migrations (version, applied_at) VALUES ($1, $2)",
@@ -269,6 +277,76 @@ impl PostgresStore {
     }
 }
 
+/// Migration 6's data step (see `rekey`): re-keys the events whose key changed, and the
+/// documents that name them, inside the migration's transaction. Each table takes one
+/// statement over arrays, so many re-keyed rows cost no round trip each.
+async fn rekey_events(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    let mut renames = rekey::Renames::default();
+    for row in tx.query(rekey::candidates(Dialect::Postgres), &[]).await? {
+        let payload: String = row.try_get(2)?;
+        renames.consider(row.try_get(0)?, row.try_get(1)?, &payload);
+    }
+    if renames.is_empty() {
+        return Ok(());
+    }
+    let (ids, keys): (Vec<i64>, Vec<String>) = renames.events.iter().cloned().unzip();
+    tx.execute(
+        "UPDATE events SET dedup_key = v.new_key \
+         FROM unnest($1::bigint[], $2::text[]) AS v(id, new_key) WHERE events.id = v.id",
+        &[&ids, &keys],
+    )
+    .await?;
+    let mut old_keys = Vec::new();
+    let mut new_keys = Vec::new();
+    for row in tx
+        .query(
+            "SELECT key FROM documents WHERE collection = $1",
+            &[&rekey::EFFECT_COLLECTION],
+        )
+        .await?
+    {
+        let key: String = row.try_get(0)?;
+        if let Some(new) = renames.effect_key(&key) {
+            old_keys.push(key);
+            new_keys.push(new);
+        }
+    }
+    tx.execute(
+        "UPDATE documents SET key = v.new_key \
+         FROM unnest($2::text[], $3::text[]) AS v(old_key, new_key) \
+         WHERE documents.collection = $1 AND documents.key = v.old_key",
+        &[&rekey::EFFECT_COLLECTION, &old_keys, &new_keys],
+    )
+    .await?;
+    let mut claim_keys = Vec::new();
+    let mut bodies = Vec::new();
+    for row in tx
+        .query(
+            "SELECT key, body FROM documents WHERE collection = $1",
+            &[&rekey::CLAIM_COLLECTION],
+        )
+        .await?
+    {
+        let body: String = row.try_get(1)?;
+        if let Some(body) = renames.claim_body(&body) {
+            claim_keys.push(row.try_get::<_, String>(0)?);
+            bodies.push(body);
+        }
+    }
+    tx.execute(
+        "UPDATE documents SET body = v.body \
+         FROM unnest($2::text[], $3::text[]) AS v(key, body) \
+         WHERE documents.collection = $1 AND documents.key = v.key",
+        &[&rekey::CLAIM_COLLECTION, &claim_keys, &bodies],
+    )
+    .await?;
+    tracing::info!(
+        events = renames.events.len(),
+        "migration 6: events re-keyed (numeric ids, types holding a ':')"
+    );
+    Ok(())
+}
+
 /// What this store runs: the shared statements, and its own claims and replay by ids, all
 /// rendered once at open.
 struct Sql {
@@ -317,44 +395,48 @@ fn events_from_rows(rows: &[Row]) -> Result<Vec<StoredEvent>, StoreError> {
 #[async_trait]
 impl Store for PostgresStore {
     async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError> {
-        self.run(async |c| {
-            // A concurrent insert of the same key by another replica makes this one wait for
-            // that transaction; if it commits, this does nothing and the select below sees it.
-            let row = Self::query_opt(
-                c,
-                &self.sql.insert_event,
-                &[
-                    &event.dedup_key,
-                    &event.event_type,
-                    &event.corp_id,
-                    &event.payload,
-                    &event.source.as_str(),
-                    &event.received_at,
-                    &due_at_ms,
-                ],
-            )
-            .await?;
-            if let Some(row) = row {
-                return Ok(Inserted::Stored {
+        let result = self
+            .run(async |c| {
+                // A concurrent insert of the same key by another replica makes this one wait for
+                // that transaction; if it commits, this does nothing and the select below sees it.
+                let row = Self::query_opt(
+                    c,
+                    &self.sql.insert_event,
+                    &[
+                        &event.dedup_key,
+                        &event.event_type,
+                        &event.corp_id,
+                        &event.payload,
+                        &event.source.as_str(),
+                        &event.received_at,
+                        &due_at_ms,
+                    ],
+                )
+                .await?;
+                if let Some(row) = row {
+                    return Ok(Inserted::Stored {
+                        id: row.try_get(0)?,
+                    });
+                }
+                let row = Self::query_opt(c, &self.sql.event_id_by_key, &[&event.dedup_key])
+                    .await?
+                    .ok_or_else(|| {
+                        StoreError::Invalid(
+                            "a conflicting event vanished before it could be read".into(),
+                        )
+                    })?;
+                Ok(Inserted::Duplicate {
                     id: row.try_get(0)?,
-                });
-            }
-            let row = Self::query_opt(c, &self.sql.event_id_by_key, &[&event.dedup_key])
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Invalid(
-                        "a conflicting event vanished before it could be read".into(),
-                    )
-                })?;
-            Ok(Inserted::Duplicate {
-                id: row.try_get(0)?,
+                })
             })
-        })
-        .await
+            .await;
+        self.inserts.record(&result);
+        result
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
         let now = now_millis();
+        self.inserts.check(now)?;
         self.run(async |c| {
             Self::execute(c, &self.sql.probe, &[&now]).await?;
             Ok(())

@@ -7,7 +7,6 @@
 //! Reads use a separate connection; WAL lets them run beside the writer.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -15,10 +14,11 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::rekey;
 use super::schema::{self, Dialect, Statements};
 use super::{
-    Document, EventState, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
-    StoredEvent,
+    Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
+    Store, StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -46,15 +46,11 @@ pub struct SqliteStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Shared with the closures sent to the writer and the reader.
     sql: Arc<Sql>,
-    /// When an event insert last failed (epoch ms; 0: the last one succeeded). The probe's own
-    /// write can succeed while inserts fail (on a full volume it rewrites one row in WAL space
-    /// that already exists), so `/readyz` also asks this.
-    insert_failed_at: AtomicI64,
+    /// Failed event inserts, which `/readyz` also asks: the probe's own write can succeed
+    /// while inserts fail (on a full volume it rewrites one row in WAL space that already
+    /// exists).
+    inserts: InsertHealth,
 }
-
-/// How long after a failed event insert the probe still reports the store not ready (unless
-/// an insert has succeeded since).
-const INSERT_FAILURE_MEMORY_MS: i64 = 10_000;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let open_err = |e: rusqlite::Error| StoreError::Open {
@@ -86,9 +82,60 @@ fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
     for (i, sql) in Dialect::Sqlite.migrations().enumerate().skip(done) {
         let tx = conn.transaction()?;
         tx.execute_batch(&sql)?;
+        if i + 1 == rekey::MIGRATION {
+            rekey_events(&tx)?;
+        }
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
+    Ok(())
+}
+
+/// Migration 6's data step (see `rekey`): re-keys the events whose key changed, and the
+/// documents that name them, inside the migration's transaction.
+fn rekey_events(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let mut renames = rekey::Renames::default();
+    {
+        let mut stmt = conn.prepare(rekey::candidates(Dialect::Sqlite))?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let payload: String = row.get(2)?;
+            renames.consider(row.get(0)?, row.get(1)?, &payload);
+        }
+    }
+    if renames.is_empty() {
+        return Ok(());
+    }
+    let mut update = conn.prepare("UPDATE events SET dedup_key = ?2 WHERE id = ?1")?;
+    for (id, key) in &renames.events {
+        update.execute(params![id, key])?;
+    }
+    let effects: Vec<String> = conn
+        .prepare("SELECT key FROM documents WHERE collection = ?1")?
+        .query_map([rekey::EFFECT_COLLECTION], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut rename =
+        conn.prepare("UPDATE documents SET key = ?3 WHERE collection = ?1 AND key = ?2")?;
+    for key in effects {
+        if let Some(new) = renames.effect_key(&key) {
+            rename.execute(params![rekey::EFFECT_COLLECTION, key, new])?;
+        }
+    }
+    let claims: Vec<(String, String)> = conn
+        .prepare("SELECT key, body FROM documents WHERE collection = ?1")?
+        .query_map([rekey::CLAIM_COLLECTION], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut rewrite =
+        conn.prepare("UPDATE documents SET body = ?3 WHERE collection = ?1 AND key = ?2")?;
+    for (key, body) in claims {
+        if let Some(body) = renames.claim_body(&body) {
+            rewrite.execute(params![rekey::CLAIM_COLLECTION, key, body])?;
+        }
+    }
+    tracing::info!(
+        events = renames.events.len(),
+        "migration 6: events re-keyed (numeric ids, types holding a ':')"
+    );
     Ok(())
 }
 
@@ -130,7 +177,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader_conn)),
             writer: Mutex::new(Some(writer)),
             sql: Arc::new(Sql::new()),
-            insert_failed_at: AtomicI64::new(0),
+            inserts: InsertHealth::default(),
         })
     }
 
@@ -354,20 +401,13 @@ impl Store for SqliteStore {
                 }
             })
             .await;
-        let failed_at = if result.is_ok() { 0 } else { now_millis() };
-        self.insert_failed_at.store(failed_at, Ordering::Relaxed);
+        self.inserts.record(&result);
         result
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
         let now = now_millis();
-        let failed_at = self.insert_failed_at.load(Ordering::Relaxed);
-        if failed_at != 0 && now.saturating_sub(failed_at) < INSERT_FAILURE_MEMORY_MS {
-            return Err(StoreError::Unavailable(format!(
-                "an event insert failed {} ms ago and none has succeeded since",
-                now.saturating_sub(failed_at)
-            )));
-        }
+        self.inserts.check(now)?;
         let sql = Arc::clone(&self.sql);
         self.write(move |conn| {
             conn.prepare_cached(&sql.probe)?.execute([now])?;
