@@ -123,6 +123,16 @@ impl Application {
         store: Option<Arc<dyn Store>>,
     ) -> Result<Self, AppError> {
         config.validate()?;
+        if !config.apps.is_empty() {
+            // Resolved and checked by `validate`, but not served yet: refuse rather than
+            // silently leave them out.
+            return Err(AppError::Config(ConfigError::Invalid {
+                key: "apps".into(),
+                env: crate::config::apps::ENV_PREFIX.to_owned() + "…",
+                message: "[apps.*] are checked but not served yet by this version;                           use the top-level [callback] and [dingtalk] keys"
+                    .into(),
+            }));
+        }
         let cipher = config.cipher()?;
         let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;

@@ -117,30 +117,29 @@ async fn five_failed_pushes_over_two_pages_are_stored_and_handled_once_at_start_
 #[tokio::test]
 async fn the_interval_comes_from_the_environment_and_a_later_batch_is_picked_up() {
     let env = |extra: &'static [(&'static str, &'static str)]| {
-        move |name: &str| {
-            let base = [
-                ("DINGHOOK_TOKEN", TOKEN),
-                ("DINGHOOK_AES_KEY", AES_KEY),
-                ("DINGHOOK_OWNER_KEY", OWNER_KEY),
-            ];
-            base.iter()
-                .chain(extra)
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        }
+        let base = [
+            ("DINGHOOK_TOKEN", TOKEN),
+            ("DINGHOOK_AES_KEY", AES_KEY),
+            ("DINGHOOK_OWNER_KEY", OWNER_KEY),
+        ];
+        base.iter()
+            .chain(extra)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
     };
-    let parsed = Config::load_with_env(None, env(&[("DINGHOOK_RECOVERY_INTERVAL", "2s")])).unwrap();
+    let parsed =
+        Config::load_with_env(None, &env(&[("DINGHOOK_RECOVERY_INTERVAL", "2s")])).unwrap();
     assert_eq!(parsed.recovery.interval, Duration::from_secs(2));
     assert!(parsed.recovery.enabled);
-    let defaults = Config::load_with_env(None, env(&[])).unwrap();
+    let defaults = Config::load_with_env(None, &env(&[])).unwrap();
     assert_eq!(defaults.recovery.interval, Duration::from_secs(1800));
-    let off = Config::load_with_env(None, env(&[("DINGHOOK_RECOVERY", "off")])).unwrap();
+    let off = Config::load_with_env(None, &env(&[("DINGHOOK_RECOVERY", "off")])).unwrap();
     assert!(!off.recovery.enabled);
-    let err = Config::load_with_env(None, env(&[("DINGHOOK_RECOVERY_INTERVAL", "soon")]))
+    let err = Config::load_with_env(None, &env(&[("DINGHOOK_RECOVERY_INTERVAL", "soon")]))
         .unwrap_err()
         .to_string();
     assert!(err.contains("DINGHOOK_RECOVERY_INTERVAL"), "{err}");
-    let err = Config::load_with_env(None, env(&[("DINGHOOK_RECOVERY_INTERVAL", "0")]))
+    let err = Config::load_with_env(None, &env(&[("DINGHOOK_RECOVERY_INTERVAL", "0")]))
         .unwrap_err()
         .to_string();
     assert!(err.contains("recovery.interval"), "{err}");

@@ -65,11 +65,13 @@ pub enum MessageFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AttendanceConfig {
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub enabled: bool,
     /// `abnormal`, `all` or `off`.
     pub notify: NotifyMode,
     /// Also look up records DingTalk replays itself (`checkByUser: false`, after a
     /// re-scheduling); they are not something the user just did, so by default they are not.
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub include_system_replays: bool,
     /// Punches of one user whose check times fall into the same window of this length share
     /// one lookup. The lookup runs one window after the window ends, so late pushes of the
@@ -78,6 +80,7 @@ pub struct AttendanceConfig {
     pub coalesce_window: Duration,
     /// Lookups running at the same time share `attendance/list` calls: a call is made as soon
     /// as this many distinct users of one work date wait (at most 50, DingTalk's limit) …
+    #[serde(deserialize_with = "crate::setting::number")]
     pub batch_size: usize,
     /// … or once the first of them has waited this long.
     #[serde(with = "duration_str")]

@@ -15,8 +15,10 @@ use crate::time::now_millis;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ChatConfig {
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub enabled: bool,
     /// Announce the new name in the group (only where our cool app is installed).
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub announce: bool,
     /// Placeholders: {title} {operator} {open_conversation_id} {chat_id}.
     pub announce_message: Template,

@@ -16,10 +16,13 @@ use crate::time::now_millis;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoolAppConfig {
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub enabled: bool,
     /// Look the group's name up with `sceneGroups/query` (permission `qyapi_chat_manage`).
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub lookup_title: bool,
     /// Send `welcome_message` into the group (permission `qyapi_robot_sendmsg`).
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub welcome: bool,
     /// Placeholders: {title} {open_conversation_id} {operator} {cool_app_code} {corp_id}.
     pub welcome_message: Template,

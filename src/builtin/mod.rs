@@ -28,9 +28,11 @@ pub mod todo;
 #[serde(default, deny_unknown_fields)]
 pub struct HandlersConfig {
     /// Register the built-in handlers at all (a library user may want only their own).
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub enabled: bool,
     /// When fewer monthly API calls than this remain, notifications (work notifications,
     /// group messages) are skipped and counted; bookkeeping calls still run.
+    #[serde(deserialize_with = "crate::setting::number")]
     pub notify_quota_reserve: u64,
     /// How long after a work notification its delivery is checked (`getsendresult`).
     #[serde(with = "duration_str")]

@@ -44,9 +44,11 @@ const MAX_FETCH_TRIES: usize = 3;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TodoConfig {
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub enabled: bool,
     /// Send the executors a work notification and keep its status bar in step (needs
     /// `dingtalk.agent_id`). Off: the to-dos are only recorded.
+    #[serde(deserialize_with = "crate::setting::switch")]
     pub notify: bool,
     /// Status bar text and colour (ARGB, e.g. `0xFFFF9900`) while the to-do is open.
     pub pending_status: String,

@@ -7,6 +7,9 @@
 //! this module only composes them, layers the sources (figment) and checks what spans
 //! sections. Nothing below the application imports it.
 
+pub mod apps;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +20,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use crate::builtin::HandlersConfig;
-use crate::crypto::{AesKey, CallbackCipher};
+use crate::crypto::CallbackCipher;
 use crate::dingtalk::ClientConfig;
 use crate::dispatch::DispatchConfig;
 use crate::forwarded::TrustedProxies;
@@ -27,6 +30,8 @@ use crate::sources::push::CallbackConfig;
 use crate::sources::recovery::RecoveryConfig;
 use crate::store::{redact_url, StoreConfig, StoreLocation};
 use crate::telemetry::LogFormat;
+
+pub use apps::{AppSpec, DEFAULT_APP};
 
 /// A configuration problem, naming the key (and its environment variable) and why.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +46,7 @@ pub enum ConfigError {
     #[error("{key} ({env}): {message}")]
     Invalid {
         key: String,
-        env: &'static str,
+        env: String,
         message: String,
     },
 }
@@ -49,7 +54,7 @@ pub enum ConfigError {
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
-        env: env_name(key),
+        env: env_name(key).to_owned(),
         message: message.into(),
     }
 }
@@ -136,6 +141,9 @@ pub struct Config {
     pub handlers: HandlersConfig,
     /// Reading DingTalk's failed-push list (needs the DingTalk client).
     pub recovery: RecoveryConfig,
+    /// `[apps.NAME]` tables as written; [`Config::apps`] resolves them (see [`apps`]).
+    #[serde(skip_serializing)]
+    pub apps: BTreeMap<String, Value>,
 }
 
 impl Default for Config {
@@ -154,6 +162,7 @@ impl Default for Config {
             dingtalk: ClientConfig::default(),
             handlers: HandlersConfig::default(),
             recovery: RecoveryConfig::default(),
+            apps: BTreeMap::new(),
         }
     }
 }
@@ -161,13 +170,13 @@ impl Default for Config {
 impl Config {
     /// Defaults, then `file` (if any), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_with_env(file, |name| std::env::var(name).ok())
+        Self::load_with_env(file, &process_env())
     }
 
-    /// Like [`Config::load`] with an explicit environment, for tests.
+    /// Like [`Config::load`] with an explicit environment (name, value), for tests.
     pub fn load_with_env(
         file: Option<&Path>,
-        env: impl Fn(&str) -> Option<String>,
+        env: &[(String, String)],
     ) -> Result<Self, ConfigError> {
         let config = Self::load_unvalidated(file, env)?;
         config.validate()?;
@@ -177,14 +186,14 @@ impl Config {
     /// Loads the store settings only, for commands that need no callback keys
     /// (`dinghook events …`).
     pub fn load_for_store(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let config = Self::load_unvalidated(file, |name| std::env::var(name).ok())?;
+        let config = Self::load_unvalidated(file, &process_env())?;
         config.store_location()?;
         Ok(config)
     }
 
     fn load_unvalidated(
         file: Option<&Path>,
-        env: impl Fn(&str) -> Option<String>,
+        env: &[(String, String)],
     ) -> Result<Self, ConfigError> {
         // Missing keys take the serde defaults of each section, so no defaults provider.
         let mut figment = Figment::new();
@@ -195,7 +204,13 @@ impl Config {
             })?;
             figment = figment.merge(Toml::string(&text));
         }
-        let environment = Environment::read(env);
+        let file_apps: Vec<String> = figment
+            .find_value("apps")
+            .ok()
+            .and_then(|v| v.into_dict())
+            .map(|apps| apps.into_keys().collect())
+            .unwrap_or_default();
+        let environment = Environment::read(env, &file_apps);
         let from_env = !environment.values.is_empty();
         figment = figment.merge(environment);
         figment.extract().map_err(|e| {
@@ -210,6 +225,11 @@ impl Config {
                         format!("{key}: {}", describe(&e))
                     },
                 },
+                _ if key.starts_with("apps.") => {
+                    let mut parts = key.splitn(3, '.').skip(1);
+                    let (app, rest) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                    apps::app_invalid(app, rest, describe(&e))
+                }
                 _ => invalid(&key, describe(&e)),
             }
         })
@@ -220,37 +240,6 @@ impl Config {
         self.listen_addr()?;
         self.ops_addr()?;
         self.check_ranges()?;
-        let c = &self.callback;
-        check_literal_path("callback.path", &c.path)?;
-        if c.token.is_empty() {
-            return Err(invalid(
-                "callback.token",
-                "is required: the token from the DingTalk console's event subscription page",
-            ));
-        }
-        if c.aes_key.is_empty() {
-            return Err(invalid(
-                "callback.aes_key",
-                "is required: the 43-character aes_key from the DingTalk console",
-            ));
-        }
-        AesKey::parse(c.aes_key.expose())
-            .map_err(|e| invalid("callback.aes_key", e.to_string()))?;
-        for (i, key) in c.previous_aes_keys.iter().enumerate() {
-            AesKey::parse(key.expose()).map_err(|e| {
-                invalid(
-                    "callback.previous_aes_keys",
-                    format!("entry {}: {e}", i + 1),
-                )
-            })?;
-        }
-        if c.owner_key.is_empty() {
-            return Err(invalid(
-                "callback.owner_key",
-                "is required: the app key / Client ID (console subscriptions), the corp id \
-                 (register_call_back API) or the suite key (third-party apps)",
-            ));
-        }
         self.trusted_proxies()?;
         StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))?;
         let d = &self.dispatch;
@@ -263,21 +252,8 @@ impl Config {
         if !(0.0..1.0).contains(&d.retry_jitter) {
             return Err(invalid("dispatch.retry_jitter", "must be in 0.0..1.0"));
         }
-        // The client is optional (without an app key, handlers cannot call DingTalk); when an
-        // app key is given, everything the client needs must be right.
-        if self.dingtalk_enabled() {
-            self.dingtalk
-                .validate()
-                .map_err(|m| invalid("dingtalk.app_key", m))?;
-        } else if !self.dingtalk.app_secret.is_empty() {
-            return Err(invalid(
-                "dingtalk.app_key",
-                "is empty while dingtalk.app_secret is set: set both or neither",
-            ));
-        }
-        self.handlers
-            .validate()
-            .map_err(|m| invalid("handlers", m))?;
+        // Each app's keys, client, handler options and recovery; paths distinct.
+        self.apps()?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
         Ok(())
@@ -288,13 +264,8 @@ impl Config {
     /// time-out) or spends the month's DingTalk quota in minutes (a millisecond recovery
     /// interval). The message names the key and the range.
     fn check_ranges(&self) -> Result<(), ConfigError> {
-        const MS: Duration = Duration::from_millis(1);
-        const SEC: Duration = Duration::from_secs(1);
-        const MIN: Duration = Duration::from_secs(60);
-        const HOUR: Duration = Duration::from_secs(3600);
-        const DAY: Duration = Duration::from_secs(86_400);
-        let (c, d, t) = (&self.callback, &self.dispatch, &self.dingtalk);
-        let numbers: [(&str, u64, u64, u64); 10] = [
+        let (c, d) = (&self.callback, &self.dispatch);
+        let numbers: [(&str, u64, u64, u64); 7] = [
             ("callback.body_limit", c.body_limit as u64, 64, 64 << 20),
             (
                 "callback.body_budget",
@@ -317,9 +288,6 @@ impl Config {
             ("store.max_batch", self.store.max_batch as u64, 1, 10_000),
             ("dispatch.workers", d.workers as u64, 1, 1_024),
             ("dispatch.batch_size", u64::from(d.batch_size), 1, 10_000),
-            ("dingtalk.qps", u64::from(t.qps), 1, 100_000),
-            ("dingtalk.monthly_quota", t.monthly_quota, 1, 1 << 40),
-            ("dingtalk.max_retries", u64::from(t.max_retries), 0, 100),
         ];
         for (key, value, min, max) in numbers {
             if !(min..=max).contains(&value) {
@@ -349,32 +317,7 @@ impl Config {
             ("dispatch.lease", d.lease, SEC, DAY),
             ("dispatch.poll_interval", d.poll_interval, MS, HOUR),
             ("dispatch.handler_timeout", d.handler_timeout, MS, DAY),
-            ("dingtalk.connect_timeout", t.connect_timeout, MS, 5 * MIN),
-            ("dingtalk.request_timeout", t.request_timeout, MS, 5 * MIN),
-            (
-                "dingtalk.retry_base_delay",
-                t.retry_base_delay,
-                Duration::ZERO,
-                HOUR,
-            ),
-            (
-                "dingtalk.retry_max_delay",
-                t.retry_max_delay,
-                Duration::ZERO,
-                DAY,
-            ),
-            ("dingtalk.max_ban_wait", t.max_ban_wait, Duration::ZERO, DAY),
-            (
-                "dingtalk.token_refresh_margin",
-                t.token_refresh_margin,
-                Duration::ZERO,
-                HOUR,
-            ),
         ];
-        if self.recovery.enabled {
-            // Each read of the failed-push list is a metered call.
-            durations.push(("recovery.interval", self.recovery.interval, SEC, 30 * DAY));
-        }
         if d.retry_schedule.len() > 100 {
             return Err(invalid(
                 "dispatch.retry_schedule",
@@ -384,16 +327,7 @@ impl Config {
         for delay in &d.retry_schedule {
             durations.push(("dispatch.retry_schedule", *delay, Duration::ZERO, 30 * DAY));
         }
-        for (key, value, min, max) in durations {
-            if value < min || value > max {
-                let show = crate::time::format_duration;
-                return Err(invalid(
-                    key,
-                    format!("{} is outside {}..={}", show(value), show(min), show(max)),
-                ));
-            }
-        }
-        Ok(())
+        check_durations(&durations, invalid)
     }
 
     /// How many metered calls a month the failed-push reads make, when that is more than half
@@ -420,6 +354,12 @@ impl Config {
                 format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
             )
         })
+    }
+
+    /// Every app, resolved and checked (see [`apps`]): `default` from the top-level keys, then
+    /// each `[apps.NAME]`. Reads secret files.
+    pub fn apps(&self) -> Result<Vec<AppSpec>, ConfigError> {
+        apps::resolve(self)
     }
 
     /// The operator listener's address; `None` when `ops.listen` is empty (off).
@@ -467,8 +407,84 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.url = redact_url(&shown.store.url);
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let mut text =
+            toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        // The apps' own tables, resolved (inherited keys filled in), secrets redacted.
+        #[derive(Serialize)]
+        struct Apps {
+            apps: BTreeMap<String, AppSpec>,
+        }
+        let apps: BTreeMap<String, AppSpec> = self
+            .apps()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| self.apps.contains_key(&a.name))
+            .map(|a| (a.name.clone(), a))
+            .collect();
+        if !apps.is_empty() {
+            text.push('\n');
+            text.push_str(
+                &toml::to_string_pretty(&Apps { apps })
+                    .unwrap_or_else(|e| format!("# cannot render apps: {e}\n")),
+            );
+        }
+        text
     }
+}
+
+const MS: Duration = Duration::from_millis(1);
+const SEC: Duration = Duration::from_secs(1);
+const MIN: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn check_durations(
+    durations: &[(&str, Duration, Duration, Duration)],
+    invalid: impl Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for &(key, value, min, max) in durations {
+        if value < min || value > max {
+            let show = crate::time::format_duration;
+            return Err(invalid(
+                key,
+                format!("{} is outside {}..={}", show(value), show(min), show(max)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The ranges of an app's DingTalk client and recovery (see `check_ranges`).
+fn check_client_ranges(app: &AppSpec) -> Result<(), ConfigError> {
+    let t = &app.dingtalk;
+    let numbers: [(&str, u64, u64, u64); 3] = [
+        ("qps", u64::from(t.qps), 1, 100_000),
+        ("monthly_quota", t.monthly_quota, 1, 1 << 40),
+        ("max_retries", u64::from(t.max_retries), 0, 100),
+    ];
+    for (key, value, min, max) in numbers {
+        if !(min..=max).contains(&value) {
+            return Err(app.invalid(key, format!("{value} is outside {min}..={max}")));
+        }
+    }
+    let mut durations = vec![
+        ("connect_timeout", t.connect_timeout, MS, 5 * MIN),
+        ("request_timeout", t.request_timeout, MS, 5 * MIN),
+        ("retry_base_delay", t.retry_base_delay, Duration::ZERO, HOUR),
+        ("retry_max_delay", t.retry_max_delay, Duration::ZERO, DAY),
+        ("max_ban_wait", t.max_ban_wait, Duration::ZERO, DAY),
+        (
+            "token_refresh_margin",
+            t.token_refresh_margin,
+            Duration::ZERO,
+            HOUR,
+        ),
+    ];
+    if app.recovery.enabled {
+        // Each read of the failed-push list is a metered call.
+        durations.push(("recovery.interval", app.recovery.interval, SEC, 30 * DAY));
+    }
+    check_durations(&durations, |key, message| app.invalid(key, message))
 }
 
 /// A path the router takes literally: `/`, then letters, digits and `-._~/` only. The router
@@ -500,17 +516,28 @@ const ENV_SOURCE: &str = "DINGHOOK_* environment variables";
 /// string (figment's own `Env` would turn a numeric secret into a number); the sections'
 /// deserializers read numbers, switches and lists from text.
 struct Environment {
-    values: Vec<(&'static str, String)>,
+    values: Vec<(String, String)>,
 }
 
 impl Environment {
-    fn read(env: impl Fn(&str) -> Option<String>) -> Self {
-        let values = ENV_KEYS
+    /// The variables of [`ENV_KEYS`] and the `DINGHOOK_APPS__…` ones (`file_apps`: the app
+    /// names the file uses, so `OPS_EU` finds `ops-eu`).
+    fn read(env: &[(String, String)], file_apps: &[String]) -> Self {
+        let lookup = |var: &str| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone());
+        let mut values: Vec<(String, String)> = ENV_KEYS
             .iter()
-            .filter_map(|(key, var)| env(var).map(|value| (*key, value)))
+            .filter_map(|(key, var)| lookup(var).map(|value| ((*key).to_owned(), value)))
             .collect();
+        values.extend(apps::from_environment(env, file_apps));
         Environment { values }
     }
+}
+
+/// This process's environment, for [`Config::load`].
+fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 impl Provider for Environment {
@@ -557,17 +584,11 @@ mod tests {
 
     const KEY: &str = "1234567890123456789012345678901234567890123";
 
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let pairs: Vec<(String, String)> = pairs
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |name| {
-            pairs
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        }
+            .collect()
     }
 
     fn minimal() -> Vec<(&'static str, &'static str)> {
@@ -585,7 +606,7 @@ mod tests {
         vars.push(("DINGHOOK_STORE_URL", "sqlite:///data/x.db"));
         vars.push(("DINGHOOK_CALLBACK_PATH", "/hook"));
         vars.push(("DINGHOOK_REPLAY_WINDOW", "0"));
-        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        let c = Config::load_with_env(None, &env(&vars)).unwrap();
         assert_eq!(c.listen, "0.0.0.0:9999");
         assert_eq!(c.callback.path, "/hook");
         assert_eq!(c.callback.replay_window, Duration::ZERO);
@@ -601,7 +622,7 @@ mod tests {
         vars.push(("DINGHOOK_RETRY_SCHEDULE", "1s, 2s,3m"));
         vars.push(("DINGHOOK_WORKERS", "2"));
         vars.push(("DINGHOOK_DISPATCH", "off"));
-        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        let c = Config::load_with_env(None, &env(&vars)).unwrap();
         assert_eq!(
             c.dispatch.retry_schedule,
             [1, 2, 180].map(Duration::from_secs).to_vec()
@@ -610,7 +631,7 @@ mod tests {
         assert!(!c.dispatch.enabled);
         let mut vars = minimal();
         vars.push(("DINGHOOK_HANDLER_TIMEOUT", "10m"));
-        let err = Config::load_with_env(None, env(&vars))
+        let err = Config::load_with_env(None, &env(&vars))
             .unwrap_err()
             .to_string();
         assert!(err.contains("dispatch.handler_timeout"), "{err}");
@@ -628,7 +649,7 @@ mod tests {
             ("DINGHOOK_DINGTALK_QPS", "40"),
             ("DINGHOOK_DINGTALK_MONTHLY_QUOTA", "200000"),
         ]);
-        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        let c = Config::load_with_env(None, &env(&vars)).unwrap();
         assert!(c.dingtalk_enabled());
         assert_eq!(c.dingtalk.agent_id, Some(123));
         assert_eq!(c.dingtalk.qps, 40);
@@ -638,7 +659,7 @@ mod tests {
 
         let mut vars = minimal();
         vars.push(("DINGHOOK_APP_SECRET", "x"));
-        let err = Config::load_with_env(None, env(&vars))
+        let err = Config::load_with_env(None, &env(&vars))
             .unwrap_err()
             .to_string();
         assert!(err.contains("DINGHOOK_APP_KEY"), "{err}");
@@ -648,7 +669,7 @@ mod tests {
             ("DINGHOOK_APP_SECRET", "s"),
             ("DINGHOOK_DINGTALK_QPS", "0"),
         ]);
-        let err = Config::load_with_env(None, env(&vars))
+        let err = Config::load_with_env(None, &env(&vars))
             .unwrap_err()
             .to_string();
         assert!(err.contains("qps"), "{err}");
@@ -656,7 +677,7 @@ mod tests {
 
     #[test]
     fn trusted_proxies_from_the_environment_and_the_file() {
-        let c = Config::load_with_env(None, env(&minimal())).unwrap();
+        let c = Config::load_with_env(None, &env(&minimal())).unwrap();
         assert!(c.trusted_proxies().unwrap().is_empty(), "none by default");
 
         let mut vars = minimal();
@@ -664,7 +685,7 @@ mod tests {
             "DINGHOOK_TRUSTED_PROXIES",
             "127.0.0.1/32, 10.0.0.0/8,,fd00::/8",
         ));
-        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        let c = Config::load_with_env(None, &env(&vars)).unwrap();
         assert_eq!(
             c.callback.trusted_proxies,
             ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]
@@ -675,7 +696,7 @@ mod tests {
 
         let mut vars = minimal();
         vars.push(("DINGHOOK_TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.0/40"));
-        let err = Config::load_with_env(None, env(&vars))
+        let err = Config::load_with_env(None, &env(&vars))
             .unwrap_err()
             .to_string();
         assert!(err.contains("callback.trusted_proxies"), "{err}");
@@ -689,13 +710,13 @@ mod tests {
             "[callback]\ntrusted_proxies = [\"::1\", \"172.16.0.0/12\"]\n",
         )
         .unwrap();
-        let c = Config::load_with_env(Some(&path), env(&minimal())).unwrap();
+        let c = Config::load_with_env(Some(&path), &env(&minimal())).unwrap();
         assert!(c
             .trusted_proxies()
             .unwrap()
             .contains("172.20.0.1".parse().unwrap()));
         std::fs::write(&path, "[callback]\ntrusted_proxies = [\"proxy.local\"]\n").unwrap();
-        let err = Config::load_with_env(Some(&path), env(&minimal()))
+        let err = Config::load_with_env(Some(&path), &env(&minimal()))
             .unwrap_err()
             .to_string();
         assert!(
@@ -718,7 +739,7 @@ mod tests {
     fn a_bad_value_names_the_key_and_variable_but_not_the_secret() {
         let mut vars = minimal();
         vars[1] = ("DINGHOOK_AES_KEY", "short-secret-value");
-        let err = Config::load_with_env(None, env(&vars))
+        let err = Config::load_with_env(None, &env(&vars))
             .unwrap_err()
             .to_string();
         assert!(err.contains("callback.aes_key"), "{err}");
@@ -727,7 +748,7 @@ mod tests {
 
         let mut vars = minimal();
         vars.push(("DINGHOOK_REPLAY_WINDOW", "soon"));
-        let err = Config::load_with_env(None, env(&vars))
+        let err = Config::load_with_env(None, &env(&vars))
             .unwrap_err()
             .to_string();
         assert!(err.contains("DINGHOOK_REPLAY_WINDOW"), "{err}");
@@ -736,7 +757,7 @@ mod tests {
     #[test]
     fn missing_owner_key_is_explained() {
         let vars = &minimal()[..2];
-        let err = Config::load_with_env(None, env(vars))
+        let err = Config::load_with_env(None, &env(vars))
             .unwrap_err()
             .to_string();
         assert!(
@@ -749,9 +770,9 @@ mod tests {
     fn the_shipped_config_files_load() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         // The production template needs secrets from the environment.
-        Config::load_with_env(Some(&root.join("config/dinghook.toml")), env(&minimal())).unwrap();
+        Config::load_with_env(Some(&root.join("config/dinghook.toml")), &env(&minimal())).unwrap();
         // The development config runs as it is.
-        Config::load_with_env(Some(&root.join("config/dev.toml")), env(&[])).unwrap();
+        Config::load_with_env(Some(&root.join("config/dev.toml")), &env(&[])).unwrap();
     }
 
     #[test]
@@ -759,7 +780,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[store]\nmax_batch = \"lots\"\n").unwrap();
-        let err = Config::load_with_env(Some(&path), env(&minimal()))
+        let err = Config::load_with_env(Some(&path), &env(&minimal()))
             .unwrap_err()
             .to_string();
         assert!(
@@ -773,7 +794,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "listne = \"x\"\n").unwrap();
-        let err = Config::load_with_env(Some(&path), env(&minimal())).unwrap_err();
+        let err = Config::load_with_env(Some(&path), &env(&minimal())).unwrap_err();
         assert!(err.to_string().contains("listne"), "{err}");
     }
 
@@ -781,7 +802,7 @@ mod tests {
     fn redacted_output_hides_secrets_and_passwords() {
         let mut vars = minimal();
         vars.push(("DINGHOOK_STORE_URL", "postgres://u:hunter2@db/x"));
-        let c = Config::load_with_env(None, env(&vars)).unwrap();
+        let c = Config::load_with_env(None, &env(&vars)).unwrap();
         let shown = c.to_redacted_toml();
         assert!(!shown.contains(KEY), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
