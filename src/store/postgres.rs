@@ -14,6 +14,7 @@
 //! statements that run too long. A connection whose operation timed out is thrown away rather
 //! than handed to the next caller, since its state (and the network path) is unknown.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,12 +72,20 @@ impl Default for PostgresOptions {
 
 pub struct PostgresStore {
     pool: Pool,
+    /// One connection for `stats`, apart from `pool`: a scrape never waits for a connection
+    /// the handlers hold, and scrapes (however many) never take one from them.
+    stats_pool: Pool,
+    /// When `stats` last folded the counter shards (epoch ms; see [`PostgresStore::compact_counts`]).
+    compacted_at: AtomicI64,
     options: PostgresOptions,
     sql: Sql,
     /// Failed event inserts, which `/readyz` also asks: the probe writes another table, which
     /// can take a row while `events` refuses them.
     inserts: InsertHealth,
 }
+
+/// How often `stats` folds the counter shards back into one row per (type, state).
+const COMPACT_EVERY_MS: i64 = 60_000;
 
 impl From<PoolError> for StoreError {
     fn from(e: PoolError) -> Self {
@@ -131,23 +140,33 @@ impl PostgresStore {
         pg.keepalives(true);
         pg.keepalives_idle(Duration::from_secs(30));
 
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .wait_timeout(Some(options.pool_wait_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.connect_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| open_err(e.to_string()))?;
+        let pool_of = |pg: tokio_postgres::Config, size: usize| {
+            let manager = Manager::from_config(
+                pg,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(options.pool_wait_timeout))
+                .create_timeout(Some(options.connect_timeout))
+                .recycle_timeout(Some(options.connect_timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| open_err(e.to_string()))
+        };
+        let mut stats_pg = pg.clone();
+        if stats_pg.get_application_name() == Some("dinghook") {
+            stats_pg.application_name("dinghook-stats");
+        }
+        let stats_pool = pool_of(stats_pg, 1)?;
+        let pool = pool_of(pg, options.pool_size.max(1))?;
         let store = PostgresStore {
             pool,
+            stats_pool,
+            compacted_at: AtomicI64::new(0),
             options,
             sql: Sql::new(),
             inserts: InsertHealth::default(),
@@ -232,21 +251,24 @@ impl PostgresStore {
     where
         F: AsyncFnOnce(&Object) -> Result<T, StoreError>,
     {
-        let limit = self.options.operation_timeout;
-        let deadline = tokio::time::Instant::now() + limit;
-        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(client) => client?,
-            Err(_) => return Err(StoreError::Timeout(limit)),
-        };
-        match tokio::time::timeout_at(deadline, op(&client)).await {
-            Ok(result) => result,
-            Err(_) => {
-                // The server or the path to it is stuck: a fresh connection is the only safe
-                // choice for the next caller. Dropping the taken connection closes it.
-                drop(Object::take(client));
-                Err(StoreError::Timeout(limit))
-            }
-        }
+        self.run_on(&self.pool, op).await
+    }
+
+    /// [`PostgresStore::run`] on a connection of `pool`.
+    async fn run_on<T, F>(&self, pool: &Pool, op: F) -> Result<T, StoreError>
+    where
+        F: AsyncFnOnce(&Object) -> Result<T, StoreError>,
+    {
+        run_bounded(pool, self.options.operation_timeout, op).await
+    }
+
+    /// Folds the shards of the maintained counts (migration 7) into shard 0 and drops rows
+    /// that count nothing, so `stats` reads about one row per (type, state) it reports. Sums
+    /// are unchanged: each statement moves counts inside its own transaction. Rows a writer
+    /// holds are skipped, not waited for. `stats` runs this in the background at most once a
+    /// minute (per replica). Returns how many rows it took out.
+    pub async fn compact_counts(&self) -> Result<u64, StoreError> {
+        compact_counts(&self.stats_pool, self.options.operation_timeout).await
     }
 
     async fn query(
@@ -345,6 +367,57 @@ async fn rekey_events(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreE
         "migration 6: events re-keyed (numeric ids, types holding a ':')"
     );
     Ok(())
+}
+
+/// Runs `op` on a connection of `pool`, the whole of it (getting the connection included)
+/// bounded by `limit`.
+async fn run_bounded<T, F>(pool: &Pool, limit: Duration, op: F) -> Result<T, StoreError>
+where
+    F: AsyncFnOnce(&Object) -> Result<T, StoreError>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let client = match tokio::time::timeout_at(deadline, pool.get()).await {
+        Ok(client) => client?,
+        Err(_) => return Err(StoreError::Timeout(limit)),
+    };
+    match tokio::time::timeout_at(deadline, op(&client)).await {
+        Ok(result) => result,
+        Err(_) => {
+            // The server or the path to it is stuck: a fresh connection is the only safe
+            // choice for the next caller. Dropping the taken connection closes it.
+            drop(Object::take(client));
+            Err(StoreError::Timeout(limit))
+        }
+    }
+}
+
+/// Folds the other shards of the counts into shard 0, then drops rows of shard 0 that count
+/// nothing (see [`PostgresStore::compact_counts`]). SKIP LOCKED: a row a writer holds is left
+/// for the next time, so compacting never waits for a writer of another shard; and it locks
+/// in the writers' order (type, state), so it cannot deadlock with one of shard 0.
+const COMPACT_COUNTS: [&str; 2] = [
+    "WITH taken AS (DELETE FROM event_counts WHERE (event_type, state, shard) IN \
+         (SELECT event_type, state, shard FROM event_counts WHERE shard <> 0 \
+          ORDER BY event_type, state, shard FOR UPDATE SKIP LOCKED) \
+         RETURNING event_type, state, n) \
+     INSERT INTO event_counts (event_type, state, shard, n) \
+     SELECT event_type, state, 0, CAST(SUM(n) AS BIGINT) FROM taken \
+     GROUP BY event_type, state ORDER BY event_type, state \
+     ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n",
+    "DELETE FROM event_counts WHERE (event_type, state, shard) IN \
+         (SELECT event_type, state, shard FROM event_counts \
+          WHERE shard = 0 AND n = 0 FOR UPDATE SKIP LOCKED)",
+];
+
+async fn compact_counts(pool: &Pool, limit: Duration) -> Result<u64, StoreError> {
+    run_bounded(pool, limit, async |c| {
+        let mut taken = 0;
+        for sql in COMPACT_COUNTS {
+            taken += PostgresStore::execute(c, sql, &[]).await?;
+        }
+        Ok(taken)
+    })
+    .await
 }
 
 /// What this store runs: the shared statements, and its own claims and replay by ids, all
@@ -604,19 +677,38 @@ impl Store for PostgresStore {
     }
 
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
-        self.run(async |c| {
-            let rows = Self::query(c, &self.sql.stats_counts, &[]).await?;
-            let counts = rows
-                .iter()
-                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            let oldest: Option<i64> = match Self::query_opt(c, &self.sql.stats_oldest, &[]).await? {
-                Some(row) => row.try_get(0)?,
-                None => None,
-            };
-            Ok(schema::stats_from(counts, oldest, now_ms))
-        })
-        .await
+        let stats = self
+            .run_on(&self.stats_pool, async |c| {
+                let rows = Self::query(c, &self.sql.stats_counts, &[]).await?;
+                let counts = rows
+                    .iter()
+                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                let oldest: Option<i64> =
+                    match Self::query_opt(c, &self.sql.stats_oldest, &[]).await? {
+                        Some(row) => row.try_get(0)?,
+                        None => None,
+                    };
+                Ok(schema::stats_from(counts, oldest, now_ms))
+            })
+            .await?;
+        let last = self.compacted_at.load(Ordering::Relaxed);
+        if now_millis().saturating_sub(last) >= COMPACT_EVERY_MS
+            && self
+                .compacted_at
+                .compare_exchange(last, now_millis(), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // In the background, on the stats connection: this scrape does not wait for it,
+            // the next may (milliseconds), the handlers never do.
+            let (pool, limit) = (self.stats_pool.clone(), self.options.operation_timeout);
+            tokio::spawn(async move {
+                if let Err(e) = compact_counts(&pool, limit).await {
+                    tracing::warn!(error = %e, "could not compact the event counts");
+                }
+            });
+        }
+        Ok(stats)
     }
 
     async fn put_document(
@@ -713,6 +805,7 @@ impl Store for PostgresStore {
         // Every write has committed by the time its caller got an answer, so there is no
         // queue to drain: closing drops idle connections and refuses new operations.
         self.pool.close();
+        self.stats_pool.close();
     }
 
     async fn try_lead(&self, name: &str) -> Result<Option<super::LeaderGuard>, StoreError> {

@@ -21,7 +21,8 @@ pub enum Dialect {
 /// tokens render to; a change is a new migration at the end.
 ///
 /// Tokens: `{id_pk}` an auto-incrementing 64-bit key, `{bigint}` a 64-bit integer,
-/// `{json:f}` the text of field `f` of the JSON in column `body`.
+/// `{json:f}` the text of field `f` of the JSON in column `body`, `{event_counts}` migration 7
+/// in the dialect's own words.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -107,7 +108,99 @@ ALTER TABLE events ADD COLUMN handled TEXT;
     r#"
 -- de-duplication keys keep the exact text of the id: rows re-keyed by the store (rekey.rs)
 "#,
+    // 7: the counts `stats` reads (by type and state, kept by triggers in the writing
+    // transaction, so they cannot drift), and the index the oldest waiting event is read from.
+    // The dialects differ too much for tokens: see `SQLITE_EVENT_COUNTS`,
+    // `POSTGRES_EVENT_COUNTS`.
+    "{event_counts}",
 ];
+
+/// Migration 7 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
+/// updated by row triggers. A change of state (or type) moves one from the old row to the new.
+const SQLITE_EVENT_COUNTS: &str = r#"
+CREATE TABLE event_counts (
+    event_type TEXT    NOT NULL,
+    state      TEXT    NOT NULL,
+    shard      INTEGER NOT NULL,
+    n          INTEGER NOT NULL,
+    PRIMARY KEY (event_type, state, shard)
+) WITHOUT ROWID;
+CREATE TRIGGER events_count_insert AFTER INSERT ON events BEGIN
+    INSERT INTO event_counts (event_type, state, shard, n) VALUES (NEW.event_type, NEW.state, 0, 1)
+    ON CONFLICT (event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER events_count_update AFTER UPDATE OF state, event_type ON events
+WHEN OLD.state IS NOT NEW.state OR OLD.event_type IS NOT NEW.event_type BEGIN
+    INSERT INTO event_counts (event_type, state, shard, n) VALUES (OLD.event_type, OLD.state, 0, -1)
+    ON CONFLICT (event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+    INSERT INTO event_counts (event_type, state, shard, n) VALUES (NEW.event_type, NEW.state, 0, 1)
+    ON CONFLICT (event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER events_count_delete AFTER DELETE ON events BEGIN
+    INSERT INTO event_counts (event_type, state, shard, n) VALUES (OLD.event_type, OLD.state, 0, -1)
+    ON CONFLICT (event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE INDEX events_waiting_since ON events (received_at) WHERE state IN ('pending', 'retry');
+INSERT INTO event_counts (event_type, state, shard, n)
+    SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state;
+"#;
+
+/// Migration 7 for PostgreSQL. Replicas write at once, and a counter row stays locked until
+/// its transaction's commit is flushed; one row per (type, state) would make every insert of
+/// a type wait for the previous one's fsync. So each session adds to its own shard
+/// (`pg_backend_pid() % 32`: a pool's connections, opened together, get distinct ones), `stats`
+/// sums the shards, and `PostgresStore` folds them back into shard 0 now and then. Statement
+/// triggers with transition tables write one row per (type, state) a statement touched (a
+/// claim of 64 events is one update, not 64), in one order for every session, so two writers
+/// sharing a shard wait for each other but never deadlock. The table is locked first, so no
+/// event is written between the count below and the triggers taking over.
+const POSTGRES_EVENT_COUNTS: &str = r#"
+LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
+CREATE TABLE event_counts (
+    event_type TEXT    NOT NULL,
+    state      TEXT    NOT NULL,
+    shard      INTEGER NOT NULL,
+    n          BIGINT  NOT NULL,
+    PRIMARY KEY (event_type, state, shard)
+);
+CREATE FUNCTION dinghook_count_events() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO event_counts (event_type, state, shard, n)
+        SELECT event_type, state, pg_backend_pid() % 32, COUNT(*) FROM new_rows
+        GROUP BY event_type, state ORDER BY event_type, state
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO event_counts (event_type, state, shard, n)
+        SELECT event_type, state, pg_backend_pid() % 32, -COUNT(*) FROM old_rows
+        GROUP BY event_type, state ORDER BY event_type, state
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+    ELSE
+        INSERT INTO event_counts (event_type, state, shard, n)
+        SELECT event_type, state, pg_backend_pid() % 32, SUM(d) FROM (
+            SELECT event_type, state, 1 AS d FROM new_rows
+            UNION ALL
+            SELECT event_type, state, -1 AS d FROM old_rows
+        ) AS moved
+        GROUP BY event_type, state HAVING SUM(d) <> 0 ORDER BY event_type, state
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER events_count_insert AFTER INSERT ON events
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_events();
+CREATE TRIGGER events_count_update AFTER UPDATE ON events
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_events();
+CREATE TRIGGER events_count_delete AFTER DELETE ON events
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_events();
+CREATE INDEX events_waiting_since ON events (received_at) WHERE state IN ('pending', 'retry');
+INSERT INTO event_counts (event_type, state, shard, n)
+    SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state;
+"#;
 
 impl Dialect {
     /// Every migration, in order, in this dialect.
@@ -128,6 +221,8 @@ impl Dialect {
             };
             let (name, after) = (&token[..end], &token[end + 1..]);
             match (self, name, name.strip_prefix("json:")) {
+                (Dialect::Sqlite, "event_counts", _) => out.push_str(SQLITE_EVENT_COUNTS),
+                (Dialect::Postgres, "event_counts", _) => out.push_str(POSTGRES_EVENT_COUNTS),
                 (Dialect::Sqlite, "id_pk", _) => out.push_str("INTEGER PRIMARY KEY AUTOINCREMENT"),
                 (Dialect::Postgres, "id_pk", _) => out.push_str("BIGSERIAL PRIMARY KEY"),
                 (Dialect::Sqlite, "bigint", _) => out.push_str("INTEGER"),
@@ -219,9 +314,11 @@ pub struct Statements {
     pub replay_state: String,
     /// now, received since.
     pub replay_since: String,
-    /// → (event_type, state, count) rows.
+    /// → (event_type, state, count) rows, counts not zero: the maintained counts (migration 7),
+    /// whose size is the number of types, not of events.
     pub stats_counts: String,
-    /// → the oldest `received_at` of a waiting event, or NULL.
+    /// → the oldest `received_at` of a waiting event, or no row: the first entry of the partial
+    /// index `events_waiting_since`, which holds only waiting events.
     pub stats_oldest: String,
     /// collection, key, body, now.
     pub put_document: String,
@@ -280,12 +377,22 @@ impl Statements {
             ),
             replay_state: sql(&format!("{REPLAY_SET} state = $2")),
             replay_since: sql(&format!("{REPLAY_SET} received_at >= $2")),
+            // Shards are summed (PostgreSQL); a count of zero is a type that had events in
+            // that state once.
             stats_counts: sql(
-                "SELECT event_type, state, COUNT(*) FROM events GROUP BY event_type, state",
+                "SELECT event_type, state, CAST(SUM(n) AS BIGINT) FROM event_counts \
+                 GROUP BY event_type, state HAVING SUM(n) <> 0",
             ),
-            stats_oldest: sql(
-                "SELECT MIN(received_at) FROM events WHERE state IN ('pending', 'retry')",
-            ),
+            // INDEXED BY (SQLite) pins the plan, as for claims: `events_received` also gives
+            // this order, but walks every done event older than the oldest waiting one.
+            stats_oldest: sql(&format!(
+                "SELECT received_at FROM events {} \
+                 WHERE state IN ('pending', 'retry') ORDER BY received_at LIMIT 1",
+                match dialect {
+                    Dialect::Sqlite => "INDEXED BY events_waiting_since",
+                    Dialect::Postgres => "",
+                }
+            )),
             put_document: sql(&format!(
                 "INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $4) \
                  ON CONFLICT (collection, key) DO UPDATE SET body = EXCLUDED.body, \
@@ -620,7 +727,7 @@ CREATE VIEW notifications AS SELECT
     #[test]
     fn sqlite_renders_the_old_migrations_to_the_letter() {
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
-        assert_eq!(new.len(), OLD_SQLITE.len() + 2, "migrations 5 and 6 added");
+        assert_eq!(new.len(), OLD_SQLITE.len() + 3, "migrations 5, 6 and 7 added");
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
         }
@@ -653,7 +760,7 @@ CREATE VIEW notifications AS SELECT
         // Only the spacing of the column lists may differ from the old texts; the suite in
         // tests/store.rs runs the rendering on a real server.
         let new: Vec<String> = Dialect::Postgres.migrations().collect();
-        assert_eq!(new.len(), OLD_POSTGRES.len() + 2);
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 3);
         for (i, old) in OLD_POSTGRES.iter().enumerate() {
             assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
         }
@@ -708,6 +815,75 @@ CREATE VIEW notifications AS SELECT
         }
         let claim = claim_statement(Dialect::Sqlite, "SELECT id FROM events LIMIT $4");
         conn.prepare(&claim).unwrap();
+    }
+
+    #[test]
+    fn sqlite_counts_of_a_database_the_old_texts_made_are_computed_on_upgrade() {
+        let conn = Connection::open_in_memory().unwrap();
+        let new: Vec<String> = Dialect::Sqlite.migrations().collect();
+        for old in OLD_SQLITE {
+            conn.execute_batch(old).unwrap();
+        }
+        conn.execute_batch(&new[4]).unwrap();
+        conn.execute_batch(
+            "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < 99) \
+             INSERT INTO events (dedup_key, event_type, payload, received_at, state, \
+                 next_attempt_at, updated_at) \
+             SELECT 'k' || i, 't' || (i % 3), '{}', i, \
+                 CASE i % 4 WHEN 0 THEN 'done' WHEN 1 THEN 'retry' ELSE 'pending' END, i, i \
+             FROM s",
+        )
+        .unwrap();
+        for later in &new[5..] {
+            conn.execute_batch(later).unwrap();
+        }
+        let s = Statements::new(Dialect::Sqlite);
+        let read = |sql: &str| -> Vec<(String, String, i64)> {
+            let mut stmt = conn.prepare(sql).unwrap();
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap();
+            let mut rows: Vec<_> = rows.collect::<Result<_, _>>().unwrap();
+            rows.sort();
+            rows
+        };
+        let truth = "SELECT event_type, state, COUNT(*) FROM events GROUP BY event_type, state";
+        assert_eq!(read(&s.stats_counts), read(truth));
+        conn.execute(
+            "UPDATE events SET state = 'dead' WHERE received_at < 10",
+            [],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM events WHERE received_at >= 90", [])
+            .unwrap();
+        assert_eq!(read(&s.stats_counts), read(truth));
+        let oldest: i64 = conn.query_row(&s.stats_oldest, [], |r| r.get(0)).unwrap();
+        assert_eq!(oldest, 10);
+    }
+
+    #[test]
+    fn sqlite_stats_never_walk_the_events() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in Dialect::Sqlite.migrations() {
+            conn.execute_batch(&sql).unwrap();
+        }
+        let s = Statements::new(Dialect::Sqlite);
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
+            rows.collect::<Result<Vec<_>, _>>().unwrap().join("; ")
+        };
+        let counts = plan(&s.stats_counts);
+        assert!(
+            counts.contains("event_counts") && !counts.contains("events "),
+            "{counts}"
+        );
+        let oldest = plan(&s.stats_oldest);
+        // In received_at order over waiting events only; LIMIT 1 stops at the first entry.
+        assert!(
+            oldest.contains("INDEX events_waiting_since") && !oldest.contains("TEMP B-TREE"),
+            "{oldest}"
+        );
     }
 
     #[test]

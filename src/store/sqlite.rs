@@ -4,7 +4,9 @@
 //! write that is waiting (up to `max_batch`), runs each inside its own savepoint, commits once
 //! (WAL + `synchronous=FULL`, so the commit is fsynced), and only then answers each caller.
 //! Concurrent callbacks therefore share one fsync instead of queueing for one each.
-//! Reads use a separate connection; WAL lets them run beside the writer.
+//! Reads use a separate connection; WAL lets them run beside the writer. `stats` (scraped by
+//! `/metrics`) has a third connection of its own, so a scrape never waits for a handler's read
+//! nor a handler for a scrape.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,9 @@ pub struct SqliteStore {
     writes: mpsc::Sender<Msg>,
     /// std mutex: held only inside `spawn_blocking`, never across an await.
     reader: Arc<Mutex<Connection>>,
+    /// `stats` only (the maintained counts and one index entry: microseconds), apart from the
+    /// handlers' and the dispatcher's reads on `reader`.
+    stats_reader: Arc<Mutex<Connection>>,
     /// Joined on close, so queued writes are committed before the process exits.
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Shared with the closures sent to the writer and the reader.
@@ -144,9 +149,9 @@ impl SqliteStore {
     /// writer thread.
     pub async fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
         let path = path.to_owned();
-        let (writer_conn, reader_conn) = tokio::task::spawn_blocking({
+        let (writer_conn, reader_conn, stats_conn) = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || -> Result<(Connection, Connection), StoreError> {
+            move || -> Result<(Connection, Connection, Connection), StoreError> {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
                         path: path.display().to_string(),
@@ -159,7 +164,8 @@ impl SqliteStore {
                     message: format!("migration failed: {e}"),
                 })?;
                 let reader = open_connection(&path)?;
-                Ok((writer, reader))
+                let stats = open_connection(&path)?;
+                Ok((writer, reader, stats))
             }
         })
         .await
@@ -175,6 +181,7 @@ impl SqliteStore {
             path,
             writes,
             reader: Arc::new(Mutex::new(reader_conn)),
+            stats_reader: Arc::new(Mutex::new(stats_conn)),
             writer: Mutex::new(Some(writer)),
             sql: Arc::new(Sql::new()),
             inserts: InsertHealth::default(),
@@ -220,7 +227,16 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let reader = Arc::clone(&self.reader);
+        Self::read_on(&self.reader, f).await
+    }
+
+    /// Runs `f` on `reader` in a blocking task.
+    async fn read_on<T, F>(reader: &Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let reader = Arc::clone(reader);
         tokio::task::spawn_blocking(move || {
             let conn = reader
                 .lock()
@@ -591,14 +607,18 @@ impl Store for SqliteStore {
 
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
         let sql = Arc::clone(&self.sql);
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&sql.stats_counts)?;
-            let counts = stmt
+        // One read transaction, so the counts and the oldest event are of the same moment.
+        Self::read_on(&self.stats_reader, move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let counts = tx
+                .prepare_cached(&sql.stats_counts)?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            let oldest: Option<i64> = conn
+            let oldest: Option<i64> = tx
                 .prepare_cached(&sql.stats_oldest)?
-                .query_row([], |r| r.get(0))?;
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            tx.finish()?;
             Ok(schema::stats_from(counts, oldest, now_ms))
         })
         .await
