@@ -1,6 +1,9 @@
 //! The operator surface: `/healthz` (the process answers), `/readyz` (the store takes a real
 //! write) and `/metrics` (Prometheus text). It reads the store and the DingTalk client; it
 //! never touches an event.
+//!
+//! `/metrics` reads the store at most once per [`SCRAPE_CACHE_TTL`], however many scrape at
+//! once ([`StoreFigures`]): a burst of scrapers costs one read, not one each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +16,19 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::dingtalk::QuotaStatus;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Stats, Store};
 use crate::time::now_millis;
 
 /// How long `/metrics` waits for the queue counts and the quota before it answers without
 /// them.
 const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long what a scrape read from the store is shown to the scrapes after it, instead of
+/// reading again. Short next to any scrape interval; long enough that scrapers in a loop (or
+/// many Prometheus replicas) cost one read a second.
+const SCRAPE_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// `[ops]`: the operator listener. `/metrics` shows event types and volumes, queue depth and
 /// quota use, so it is served here, on a loopback address by default, and not on the public
@@ -64,25 +73,115 @@ pub fn probes(state: Arc<OpsState>) -> Router {
 
 /// Everything operators read, for the operator listener: the probes and `/metrics`.
 pub fn router(state: Arc<OpsState>) -> Router {
+    let scrape = Arc::new(Scrape {
+        state: Arc::clone(&state),
+        figures: StoreFigures::default(),
+    });
     Router::new()
         .route("/metrics", get(metrics))
-        .with_state(Arc::clone(&state))
+        .with_state(scrape)
         .merge(probes(state))
+}
+
+/// What `/metrics` shares between scrapes: the state and the last store figures.
+struct Scrape {
+    state: Arc<OpsState>,
+    figures: StoreFigures,
+}
+
+/// What `/metrics` reads from the store, and when.
+#[derive(Debug, Clone)]
+struct Figures {
+    read_at: tokio::time::Instant,
+    /// `None`: the store did not answer (`dinghook_store_up 0`).
+    stats: Option<Stats>,
+    /// `None`: no DingTalk client, or the counter read did not finish in time.
+    quota: Option<QuotaStatus>,
+}
+
+impl Figures {
+    /// The statistics as of now: the oldest waiting event has aged since they were read.
+    fn stats_now(&self) -> Option<Stats> {
+        let mut stats = self.stats.clone()?;
+        let since = i64::try_from(self.read_at.elapsed().as_millis()).unwrap_or(i64::MAX);
+        stats.oldest_pending_age_ms = stats
+            .oldest_pending_age_ms
+            .map(|age| age.saturating_add(since));
+        Some(stats)
+    }
+}
+
+/// The store figures of `/metrics`, read once for every scrape that arrives while a read is
+/// under way or within [`SCRAPE_CACHE_TTL`] of one.
+#[derive(Default)]
+struct StoreFigures {
+    /// Held across the read (a tokio mutex, so across awaits): a scrape arriving while another
+    /// reads waits here, then finds the fresh figures and reads nothing (single flight).
+    last: tokio::sync::Mutex<Option<Figures>>,
+}
+
+impl StoreFigures {
+    /// Fresh figures, reading the store only if the last read is older than the TTL. A failed
+    /// read is kept for the TTL too, so a store in trouble is not asked by every scraper.
+    async fn get(&self, state: &OpsState) -> Figures {
+        let mut last = self.last.lock().await;
+        if let Some(figures) = last.as_ref() {
+            if figures.read_at.elapsed() < SCRAPE_CACHE_TTL {
+                return figures.clone();
+            }
+        }
+        let stats = async {
+            let read = state.store.stats(now_millis());
+            match tokio::time::timeout(SCRAPE_READ_TIMEOUT, read).await {
+                Ok(Ok(stats)) => Some(stats),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "metrics: could not read the queue counts");
+                    None
+                }
+                Err(_) => {
+                    let timeout = SCRAPE_READ_TIMEOUT;
+                    tracing::warn!(?timeout, "metrics: reading the queue counts timed out");
+                    None
+                }
+            }
+        };
+        let quota = async {
+            let client = state.client.as_ref()?;
+            tokio::time::timeout(SCRAPE_READ_TIMEOUT, client.quota())
+                .await
+                .ok()
+        };
+        let (stats, quota) = tokio::join!(stats, quota);
+        let figures = Figures {
+            read_at: tokio::time::Instant::now(),
+            stats,
+            quota,
+        };
+        *last = Some(figures.clone());
+        figures
+    }
 }
 
 async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-async fn metrics(State(state): State<Arc<OpsState>>) -> Response {
-    let stats = tokio::time::timeout(SCRAPE_READ_TIMEOUT, state.store.stats(now_millis())).await;
+async fn metrics(State(scrape): State<Arc<Scrape>>) -> Response {
+    let state = &scrape.state;
+    // The read is bounded inside; this bounds the wait for another scrape's read (whose
+    // failure is shared too), and a read of our own if that scrape was cancelled.
+    let bound = SCRAPE_READ_TIMEOUT + Duration::from_millis(250);
+    let figures = tokio::time::timeout(bound, scrape.figures.get(state))
+        .await
+        .ok();
     state
         .metrics
-        .set_queue(stats.ok().and_then(Result::ok).as_ref());
-    if let Some(client) = &state.client {
-        if let Ok(quota) = tokio::time::timeout(SCRAPE_READ_TIMEOUT, client.quota()).await {
-            state.metrics.set_quota(&quota, &client.stats());
-        }
+        .set_queue(figures.as_ref().and_then(Figures::stats_now).as_ref());
+    if let (Some(client), Some(quota)) = (
+        &state.client,
+        figures.as_ref().and_then(|f| f.quota.as_ref()),
+    ) {
+        state.metrics.set_quota(quota, &client.stats());
     }
     (
         [(

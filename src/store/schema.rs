@@ -727,7 +727,11 @@ CREATE VIEW notifications AS SELECT
     #[test]
     fn sqlite_renders_the_old_migrations_to_the_letter() {
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
-        assert_eq!(new.len(), OLD_SQLITE.len() + 3, "migrations 5, 6 and 7 added");
+        assert_eq!(
+            new.len(),
+            OLD_SQLITE.len() + 3,
+            "migrations 5, 6 and 7 added"
+        );
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
         }

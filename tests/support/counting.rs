@@ -13,6 +13,8 @@ use dinghook::store::{
 pub struct CountingStore {
     inner: Arc<dyn Store>,
     calls: Mutex<BTreeMap<&'static str, u64>>,
+    /// Added before each `stats`, to stand for a slow store.
+    stats_delay: Mutex<std::time::Duration>,
 }
 
 impl CountingStore {
@@ -20,7 +22,13 @@ impl CountingStore {
         Arc::new(CountingStore {
             inner,
             calls: Mutex::new(BTreeMap::new()),
+            stats_delay: Mutex::new(std::time::Duration::ZERO),
         })
+    }
+
+    /// Makes every later `stats` take `delay` longer.
+    pub fn set_stats_delay(&self, delay: std::time::Duration) {
+        *self.stats_delay.lock().unwrap() = delay;
     }
 
     fn count(&self, op: &'static str) {
@@ -122,6 +130,8 @@ impl Store for CountingStore {
     }
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
         self.count("stats");
+        let delay = *self.stats_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         self.inner.stats(now_ms).await
     }
     async fn put_document(
