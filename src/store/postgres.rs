@@ -75,7 +75,8 @@ pub struct PostgresStore {
     /// One connection for `stats`, apart from `pool`: a scrape never waits for a connection
     /// the handlers hold, and scrapes (however many) never take one from them.
     stats_pool: Pool,
-    /// When `stats` last folded the counter shards (epoch ms; see [`PostgresStore::compact_counts`]).
+    /// When `stats` last folded the counter shards (epoch ms; see
+    /// [`PostgresStore::compact_counts`]).
     compacted_at: AtomicI64,
     options: PostgresOptions,
     sql: Sql,
@@ -391,10 +392,11 @@ where
     }
 }
 
-/// Folds the other shards of the counts into shard 0, then drops rows of shard 0 that count
-/// nothing (see [`PostgresStore::compact_counts`]). SKIP LOCKED: a row a writer holds is left
-/// for the next time, so compacting never waits for a writer of another shard; and it locks
-/// in the writers' order (type, state), so it cannot deadlock with one of shard 0.
+/// Folds the sessions' shards of the counts into shard 0 (no session's), then drops rows of
+/// shard 0 that count nothing (see [`PostgresStore::compact_counts`]). SKIP LOCKED: a row its
+/// session is writing is left for the next time, so compacting never waits for a writer. It
+/// can wait only for another compaction's rows of shard 0, and both lock those in (type,
+/// state) order, so they cannot deadlock.
 const COMPACT_COUNTS: [&str; 2] = [
     "WITH taken AS (DELETE FROM event_counts WHERE (event_type, state, shard) IN \
          (SELECT event_type, state, shard FROM event_counts WHERE shard <> 0 \

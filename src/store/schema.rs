@@ -145,15 +145,17 @@ INSERT INTO event_counts (event_type, state, shard, n)
     SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state;
 "#;
 
-/// Migration 7 for PostgreSQL. Replicas write at once, and a counter row stays locked until
-/// its transaction's commit is flushed; one row per (type, state) would make every insert of
-/// a type wait for the previous one's fsync. So each session adds to its own shard
-/// (`pg_backend_pid() % 32`: a pool's connections, opened together, get distinct ones), `stats`
-/// sums the shards, and `PostgresStore` folds them back into shard 0 now and then. Statement
-/// triggers with transition tables write one row per (type, state) a statement touched (a
-/// claim of 64 events is one update, not 64), in one order for every session, so two writers
-/// sharing a shard wait for each other but never deadlock. The table is locked first, so no
-/// event is written between the count below and the triggers taking over.
+/// Migration 7 for PostgreSQL. Replicas write at once, and a counter row stays locked until its
+/// transaction's commit is flushed: with one row per (type, state), every insert of a type
+/// would wait for the previous one's fsync (a storm of one type: about five times fewer inserts
+/// a second, `docs/benchmarks.md`). So each session adds to rows of its own, `shard =
+/// pg_backend_pid()`: no two live sessions share a pid, so no writer ever waits for another's
+/// counter row, and a statement touching several rows cannot deadlock on them. `stats` sums
+/// the shards; `PostgresStore::compact_counts` folds them into shard 0 (no session's) now and
+/// then. Row triggers, because an insert is one row: one upsert (statement triggers with
+/// transition tables cost more there); an update calls the function only when `WHEN` sees the
+/// state or type move. The table is locked first, so a replica of the version before cannot
+/// write between the count at the end and the triggers.
 const POSTGRES_EVENT_COUNTS: &str = r#"
 LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
 CREATE TABLE event_counts (
@@ -163,40 +165,29 @@ CREATE TABLE event_counts (
     n          BIGINT  NOT NULL,
     PRIMARY KEY (event_type, state, shard)
 );
-CREATE FUNCTION dinghook_count_events() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION dinghook_count_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP <> 'INSERT' THEN
         INSERT INTO event_counts (event_type, state, shard, n)
-        SELECT event_type, state, pg_backend_pid() % 32, COUNT(*) FROM new_rows
-        GROUP BY event_type, state ORDER BY event_type, state
-        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
-    ELSIF TG_OP = 'DELETE' THEN
+        VALUES (OLD.event_type, OLD.state, pg_backend_pid(), -1)
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n - 1;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
         INSERT INTO event_counts (event_type, state, shard, n)
-        SELECT event_type, state, pg_backend_pid() % 32, -COUNT(*) FROM old_rows
-        GROUP BY event_type, state ORDER BY event_type, state
-        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
-    ELSE
-        INSERT INTO event_counts (event_type, state, shard, n)
-        SELECT event_type, state, pg_backend_pid() % 32, SUM(d) FROM (
-            SELECT event_type, state, 1 AS d FROM new_rows
-            UNION ALL
-            SELECT event_type, state, -1 AS d FROM old_rows
-        ) AS moved
-        GROUP BY event_type, state HAVING SUM(d) <> 0 ORDER BY event_type, state
-        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+        VALUES (NEW.event_type, NEW.state, pg_backend_pid(), 1)
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + 1;
     END IF;
     RETURN NULL;
 END;
 $$;
 CREATE TRIGGER events_count_insert AFTER INSERT ON events
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_events();
-CREATE TRIGGER events_count_update AFTER UPDATE ON events
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_events();
+    FOR EACH ROW EXECUTE FUNCTION dinghook_count_event();
+CREATE TRIGGER events_count_update AFTER UPDATE OF state, event_type ON events
+    FOR EACH ROW
+    WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.event_type IS DISTINCT FROM NEW.event_type)
+    EXECUTE FUNCTION dinghook_count_event();
 CREATE TRIGGER events_count_delete AFTER DELETE ON events
-    REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_events();
+    FOR EACH ROW EXECUTE FUNCTION dinghook_count_event();
 CREATE INDEX events_waiting_since ON events (received_at) WHERE state IN ('pending', 'retry');
 INSERT INTO event_counts (event_type, state, shard, n)
     SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state;
