@@ -1,5 +1,6 @@
 //! Wiring: build the application from a [`Config`], bind, serve, shut down gracefully.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,9 +8,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{AppSpec, Config, ConfigError, DEFAULT_APP};
 use crate::dingtalk::{CallCounter, Client, CounterError};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{AppContext, Dispatcher};
 use crate::handler::{Handler, Registrations, RegistryBuilder, RegistryError};
 use crate::metrics::Metrics;
 use crate::ops::{self, OpsState};
@@ -69,9 +70,15 @@ impl AppBuilder {
     /// error), opens the store and binds the listen address. The built-in handlers the
     /// configuration enables (`[handlers]`) are registered first, then this builder's.
     pub async fn build(self) -> Result<Application, AppError> {
-        let registry = crate::builtin::registrations(&self.config.handlers)
-            .merge(self.handlers)
-            .build()?;
+        // Each app's built-in handlers with its own options, limited to its events; then the
+        // program's own, which run for every app.
+        let mut builtin = RegistryBuilder::new();
+        for app in self.config.apps()? {
+            builtin = builtin.merge(
+                crate::builtin::registrations(&app.handlers).for_app(&app.name, DEFAULT_APP),
+            );
+        }
+        let registry = builtin.merge(self.handlers).build()?;
         Application::build_with(self.config, registry, self.store).await
     }
 
@@ -98,6 +105,9 @@ pub struct Application {
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
     client: Option<Client>,
+    /// One failed-push reader per app that has a client and recovery on.
+    recoveries: Vec<Recovery>,
+    apps: Vec<AppSpec>,
 }
 
 impl Application {
@@ -123,17 +133,7 @@ impl Application {
         store: Option<Arc<dyn Store>>,
     ) -> Result<Self, AppError> {
         config.validate()?;
-        if !config.apps.is_empty() {
-            // Resolved and checked by `validate`, but not served yet: refuse rather than
-            // silently leave them out.
-            return Err(AppError::Config(ConfigError::Invalid {
-                key: "apps".into(),
-                env: crate::config::apps::ENV_PREFIX.to_owned() + "…",
-                message: "[apps.*] are checked but not served yet by this version;                           use the top-level [callback] and [dingtalk] keys"
-                    .into(),
-            }));
-        }
-        let cipher = config.cipher()?;
+        let specs = config.apps()?;
         let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;
         let ops_addr = config.ops_addr()?;
@@ -150,41 +150,77 @@ impl Application {
             None => store::open(&config.store).await?,
         };
         let metrics = Arc::new(Metrics::new());
-        let client = if config.dingtalk_enabled() {
-            let counter = Arc::new(StoreCallCounter(Arc::clone(&store)));
-            Some(Client::new(config.dingtalk.clone(), counter)?)
-        } else {
-            tracing::info!("no DingTalk app key configured: handlers cannot call DingTalk");
-            None
-        };
-        if let Some((reads, quota)) = config.recovery_quota_share() {
-            tracing::warn!(
-                reads_per_month = reads,
-                monthly_quota = quota,
-                interval = %crate::time::format_duration(config.recovery.interval),
-                "the failed-push reads alone take more than half the monthly DingTalk quota; \
-                 raise recovery.interval"
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let body_budget = push::BodyBudget::new(config.callback.body_budget);
+        let mut callbacks = axum::Router::new();
+        let mut contexts = HashMap::new();
+        let mut recoveries = Vec::new();
+        let mut clients = BTreeMap::new();
+        for spec in &specs {
+            let app_store = store::scoped::for_app(Arc::clone(&store), &spec.name);
+            let client = if spec.dingtalk_enabled() {
+                let counter = Arc::new(StoreCallCounter(Arc::clone(&app_store)));
+                Some(Client::new(spec.dingtalk.clone(), counter)?)
+            } else {
+                tracing::info!(
+                    app = %spec.name,
+                    "no DingTalk app key configured: its handlers cannot call DingTalk"
+                );
+                None
+            };
+            if let Some((reads, quota)) = spec.recovery_quota_share() {
+                tracing::warn!(
+                    app = %spec.name,
+                    reads_per_month = reads,
+                    monthly_quota = quota,
+                    interval = %crate::time::format_duration(spec.recovery.interval),
+                    "the failed-push reads alone take more than half the monthly DingTalk \
+                     quota; raise recovery.interval"
+                );
+            }
+            recoveries.extend(Recovery::from_config(
+                &spec.recovery,
+                client.clone(),
+                Arc::clone(&app_store),
+                Arc::clone(&metrics),
+                Arc::clone(&wake),
+            ));
+            let push = Arc::new(PushState {
+                cipher: spec.cipher()?,
+                store: Arc::clone(&app_store),
+                body_limit: config.callback.body_limit,
+                body_budget: body_budget.clone(),
+                replay_window: config.callback.replay_window,
+                request_timeout: config.request_timeout,
+                metrics: Arc::clone(&metrics),
+                stored: Arc::clone(&wake),
+            });
+            callbacks = callbacks.merge(push::router(push, &spec.callback.path));
+            if let Some(client) = &client {
+                clients.insert(spec.name.clone(), client.clone());
+            }
+            contexts.insert(
+                spec.name.clone(),
+                AppContext {
+                    store: app_store,
+                    client,
+                },
             );
         }
-        let wake = Arc::new(tokio::sync::Notify::new());
+        // The client `client()` and the quota metrics show: the `default` app's, else the
+        // first app's. (Per-app metrics are the many-apps issue's next part.)
+        let client = clients
+            .get(DEFAULT_APP)
+            .or_else(|| clients.values().next())
+            .cloned();
         let dispatcher = Arc::new(Dispatcher::new(
             Arc::clone(&store),
             registry,
             config.dispatch.clone(),
             Arc::clone(&metrics),
             Arc::clone(&wake),
-            client.clone(),
+            contexts,
         ));
-        let push = Arc::new(PushState {
-            cipher,
-            store: Arc::clone(&store),
-            body_limit: config.callback.body_limit,
-            body_budget: push::BodyBudget::new(config.callback.body_budget),
-            replay_window: config.callback.replay_window,
-            request_timeout: config.request_timeout,
-            metrics: Arc::clone(&metrics),
-            stored: wake,
-        });
         let ops = Arc::new(OpsState {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
@@ -193,7 +229,7 @@ impl Application {
         });
         // The public port answers the callback and the probes; `/metrics` is for operators.
         let router = crate::http::wrap(
-            push::router(push, &config.callback.path).merge(ops::probes(Arc::clone(&ops))),
+            callbacks.merge(ops::probes(Arc::clone(&ops))),
             trusted_proxies.clone(),
         );
         let ops_router = crate::http::wrap(ops::router(ops), trusted_proxies);
@@ -214,6 +250,8 @@ impl Application {
             dispatcher,
             metrics,
             client,
+            recoveries,
+            apps: specs,
         })
     }
 
@@ -263,13 +301,19 @@ impl Application {
             ops_router,
             dispatcher,
             metrics,
-            client,
+            client: _,
+            recoveries,
+            apps,
         } = self;
         let ops_addr = ops_listener.as_ref().map(|(_, addr)| *addr);
+        let paths: Vec<String> = apps
+            .iter()
+            .map(|a| format!("{}={}", a.name, a.callback.path))
+            .collect();
         tracing::info!(
             %local_addr,
             ops_addr = ops_addr.map(tracing::field::display),
-            callback_path = %config.callback.path,
+            apps = %paths.join(" "),
             store = %crate::store::redact_url(&config.store.url),
             "dinghook listening"
         );
@@ -281,14 +325,10 @@ impl Application {
         };
         // Recovery stores what it reads before it stops, so it is joined with the workers,
         // before the store closes.
-        let recovery = Recovery::from_config(
-            &config.recovery,
-            client,
-            Arc::clone(&store),
-            Arc::clone(&metrics),
-            dispatcher.wake(),
-        )
-        .map(|r| r.start(stopping.clone()));
+        let recovery: Vec<_> = recoveries
+            .into_iter()
+            .map(|r| r.start(stopping.clone()))
+            .collect();
         let table = Table::new(limits, metrics);
         let drain = config.request_timeout;
         let mut listeners = vec![tokio::spawn(server::serve(

@@ -3,6 +3,7 @@
 //! or dead). It runs beside the HTTP server and never delays an acknowledgement: the callback
 //! path only pokes a [`Notify`] after a commit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,7 +118,16 @@ pub struct Dispatcher {
     node: String,
     /// Poked by the callback path after a commit, so new events do not wait a poll interval.
     wake: Arc<Notify>,
-    client: Option<crate::dingtalk::Client>,
+    /// Each app's view of the store and its client, by app name.
+    apps: HashMap<String, AppContext>,
+}
+
+/// One app's side of a handler's [`Context`]: the store as that app sees it
+/// ([`crate::store::scoped`]) and its DingTalk client (`None` without an app key).
+#[derive(Clone)]
+pub struct AppContext {
+    pub store: Arc<dyn Store>,
+    pub client: Option<crate::dingtalk::Client>,
 }
 
 impl Dispatcher {
@@ -127,7 +137,7 @@ impl Dispatcher {
         config: DispatchConfig,
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
-        client: Option<crate::dingtalk::Client>,
+        apps: HashMap<String, AppContext>,
     ) -> Self {
         let simple = uuid::Uuid::new_v4().simple().to_string();
         let node = format!("{}-{}", std::process::id(), &simple[..8]);
@@ -138,7 +148,7 @@ impl Dispatcher {
             metrics,
             node,
             wake,
-            client,
+            apps,
         }
     }
 
@@ -330,7 +340,11 @@ impl Dispatcher {
     /// for the type. A permanent failure of any handler is the event's; otherwise a
     /// transient one is.
     async fn invoke(&self, record: StoredEvent) -> Run {
-        let registered = self.registry.get(&record.event_type);
+        let app_name = record.app.clone();
+        let registered: Vec<&Registered> = self
+            .registry
+            .for_event(&record.event_type, &app_name)
+            .collect();
         let mut handled = record.handled.clone();
         if registered.is_empty() {
             return Run {
@@ -340,6 +354,7 @@ impl Dispatcher {
         }
         let pending: Vec<&Registered> = registered
             .iter()
+            .copied()
             .filter(|r| !handled.iter().any(|h| **h == *r.name))
             .collect();
         if pending.is_empty() {
@@ -358,10 +373,21 @@ impl Dispatcher {
                 }
             }
         };
+        let Some(app) = self.apps.get(&record.app) else {
+            // Its app was removed from the configuration (or is configured on other replicas
+            // only): the event waits on the retry schedule, and can be replayed.
+            return Run {
+                result: Err(HandlerError::transient(format!(
+                    "app {:?} is not configured in this process",
+                    record.app
+                ))),
+                handled,
+            };
+        };
         let ctx = Context {
-            store: Arc::clone(&self.store),
+            store: Arc::clone(&app.store),
             record: Arc::new(record),
-            client: self.client.clone(),
+            client: app.client.clone(),
             metrics: Arc::clone(&self.metrics),
         };
         let runs = pending.iter().map(|r| {

@@ -131,6 +131,15 @@ pub struct Registered {
     /// Unique among all registrations; recorded with each event's outcome.
     pub name: Arc<str>,
     pub handler: Arc<dyn Handler>,
+    /// Runs only for this app's events; `None`: every app's (a program's own handlers).
+    pub app: Option<Arc<str>>,
+}
+
+impl Registered {
+    /// Whether it runs for an event of `app`.
+    pub fn serves(&self, app: &str) -> bool {
+        self.app.as_deref().is_none_or(|a| a == app)
+    }
 }
 
 /// The handlers by event type, each type's in registration order. Built by
@@ -141,9 +150,18 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The handlers for `event_type` (empty when none is registered).
+    /// The handlers for `event_type` (empty when none is registered), of every app.
     pub fn get(&self, event_type: &str) -> &[Registered] {
         self.handlers.get(event_type).map_or(&[], Vec::as_slice)
+    }
+
+    /// The handlers that run for an `event_type` event of `app`.
+    pub fn for_event<'a>(
+        &'a self,
+        event_type: &str,
+        app: &'a str,
+    ) -> impl Iterator<Item = &'a Registered> + 'a {
+        self.get(event_type).iter().filter(move |r| r.serves(app))
     }
     pub fn event_types(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
@@ -154,11 +172,20 @@ impl Registry {
 /// [`RegistryBuilder::build`].
 #[derive(Default)]
 pub struct RegistryBuilder {
-    entries: Vec<(String, String, Arc<dyn Handler>)>,
+    entries: Vec<Entry>,
     /// The name [`Registrations::named`] gave the next registration.
     next_name: Option<String>,
     /// Unnamed registrations so far, per event type (for `<type>#<n>`).
     unnamed: HashMap<String, usize>,
+}
+
+/// One registration, before [`RegistryBuilder::build`].
+struct Entry {
+    name: String,
+    event_type: String,
+    handler: Arc<dyn Handler>,
+    /// The app it is limited to (see [`RegistryBuilder::for_app`]).
+    app: Option<Arc<str>>,
 }
 
 /// Wraps a typed closure into a handler for one variant.
@@ -237,8 +264,12 @@ impl Registrations for RegistryBuilder {
             *n += 1;
             format!("{event_type}#{n}")
         });
-        self.entries
-            .push((name, event_type.to_owned(), Arc::new(handler)));
+        self.entries.push(Entry {
+            name,
+            event_type: event_type.to_owned(),
+            handler: Arc::new(handler),
+            app: None,
+        });
         self
     }
 
@@ -260,16 +291,37 @@ impl RegistryBuilder {
         self
     }
 
+    /// Limits every registration so far to the events of `app`, and names them
+    /// `<name>@<app>` unless `app` is `unscoped_app` (so one app's built-in handlers keep the
+    /// names they had before apps existed, and each other app's are its own).
+    pub fn for_app(mut self, app: &str, unscoped_app: &str) -> Self {
+        let tag: Arc<str> = app.into();
+        for entry in &mut self.entries {
+            if app != unscoped_app {
+                entry.name = format!("{}@{app}", entry.name);
+            }
+            entry.app = Some(Arc::clone(&tag));
+        }
+        self
+    }
+
     pub fn build(self) -> Result<Registry, RegistryError> {
         let mut names = std::collections::HashSet::new();
         let mut handlers: HashMap<String, Vec<Registered>> = HashMap::new();
-        for (name, event_type, handler) in self.entries {
+        for Entry {
+            name,
+            event_type,
+            handler,
+            app,
+        } in self.entries
+        {
             if !names.insert(name.clone()) {
                 return Err(RegistryError::Duplicate(name));
             }
             handlers.entry(event_type).or_default().push(Registered {
                 name: name.into(),
                 handler,
+                app,
             });
         }
         Ok(Registry { handlers })

@@ -35,6 +35,7 @@ async fn list_show_stats_and_replay() {
     ] {
         store
             .insert(NewEvent {
+                app: "default".into(),
                 dedup_key: key.into(),
                 event_type: event_type.into(),
                 corp_id: None,
@@ -251,6 +252,7 @@ async fn the_event_list_is_safe_to_print_and_to_cut_short() {
         };
         store
             .insert(NewEvent {
+                app: "default".into(),
                 dedup_key: format!("k{i}"),
                 event_type,
                 corp_id: None,

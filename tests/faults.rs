@@ -978,6 +978,7 @@ async fn sqlite_write_failing_for_space_mid_batch_leaves_only_honest_answers() {
         .await
         .unwrap();
     let event = |key: String, size: usize| NewEvent {
+        app: "default".into(),
         dedup_key: key,
         event_type: "t".into(),
         corp_id: None,

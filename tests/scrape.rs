@@ -1,4 +1,4 @@
-//! `/metrics` and `dinghook events stats` read counts the store keeps (migration 7), never the
+//! `/metrics` and `dinghook events stats` read counts the store keeps (migration 8), never the
 //! events table: a scrape costs the same with 200 000 events as with 10, a crowd of scrapers
 //! costs one store read, and the counts stay exact through every kind of write, upgrades
 //! included, on SQLite and on PostgreSQL (when `DINGHOOK_TEST_PG_URL` is set, else SKIPPED).
@@ -21,6 +21,7 @@ const T0: i64 = 1_800_000_000_000;
 
 fn event(key: &str, event_type: &str, received_at: i64) -> NewEvent {
     NewEvent {
+        app: "default".into(),
         dedup_key: key.to_owned(),
         event_type: event_type.to_owned(),
         corp_id: Some("dingcorp".into()),
@@ -399,15 +400,15 @@ async fn counts_stay_exact_through_every_write(store: Arc<dyn Store>, url: &str)
     assert_exact(&*store, &raw, "an insert after all were deleted").await;
 }
 
-/// What migration 7 adds, taken away again, so the database is as the version before left it
+/// What migration 8 adds, taken away again, so the database is as the version before left it
 /// (`event_counts` is recreated, and counted, when the store opens it).
-async fn back_to_migration_6(raw: &Raw) {
+async fn back_to_migration_7(raw: &Raw) {
     match raw {
         Raw::Sqlite(_) => {
             raw.execute(
                 "DROP TRIGGER events_count_insert; DROP TRIGGER events_count_update; \
                  DROP TRIGGER events_count_delete; DROP INDEX events_waiting_since; \
-                 DROP TABLE event_counts; PRAGMA user_version = 6;",
+                 DROP TABLE event_counts; PRAGMA user_version = 7;",
             )
             .await
         }
@@ -417,7 +418,7 @@ async fn back_to_migration_6(raw: &Raw) {
                  DROP TRIGGER events_count_update ON events; \
                  DROP TRIGGER events_count_delete ON events; \
                  DROP FUNCTION dinghook_count_event(); DROP INDEX events_waiting_since; \
-                 DROP TABLE event_counts; DELETE FROM dinghook_migrations WHERE version = 7;",
+                 DROP TABLE event_counts; DELETE FROM dinghook_migrations WHERE version = 8;",
             )
             .await
         }
@@ -428,7 +429,7 @@ async fn back_to_migration_6(raw: &Raw) {
 /// computed once from the table and kept from then on.
 async fn an_older_database_gets_exact_counts_on_upgrade(store: Arc<dyn Store>, url: &str) {
     let raw = Raw::open(url).await;
-    back_to_migration_6(&raw).await;
+    back_to_migration_7(&raw).await;
     for i in 0..40 {
         let t = ["a", "b", "c", "d"][i % 4];
         store
@@ -607,12 +608,12 @@ async fn replicas_writing_and_compacting_at_once_keep_exact_counts(url: &str) {
 }
 
 /// A rolling upgrade: one replica of the version before keeps inserting while another opens
-/// the database and runs migration 7. Its inserts wait for the migration's lock, so each is
+/// the database and runs migration 8. Its inserts wait for the migration's lock, so each is
 /// counted exactly once: in the migration's count or by the trigger.
 async fn an_upgrade_while_another_replica_writes_misses_nothing(url: &str) {
     let old = open_url(url).await;
     let raw = Raw::open(url).await;
-    back_to_migration_6(&raw).await;
+    back_to_migration_7(&raw).await;
     for i in 0..2_000 {
         old.insert(event(&format!("pre{i}"), "a", T0 + i))
             .await

@@ -15,6 +15,7 @@ const T0: i64 = 1_800_000_000_000;
 
 fn event(key: &str, event_type: &str, received_at: i64) -> NewEvent {
     NewEvent {
+        app: "default".into(),
         dedup_key: key.to_owned(),
         event_type: event_type.to_owned(),
         corp_id: Some("dingcorp".into()),

@@ -159,6 +159,7 @@ pub async fn schedule_internal(
         HandlerError::permanent(format!("{} is not an internal event", event.event_type()))
     })?;
     let event = NewEvent {
+        app: ctx.record.app.clone(),
         dedup_key,
         event_type: event.event_type().to_owned(),
         corp_id: None,

@@ -311,6 +311,7 @@ async fn events(command: EventsCommand) -> Result<()> {
                 None => None,
             };
             let query = ListQuery {
+                app: None,
                 state,
                 event_type,
                 limit: Some(limit),

@@ -62,6 +62,18 @@ impl AppSpec {
         .map_err(|e| self.invalid("aes_key", e.to_string()))
     }
 
+    /// How many metered calls a month the app's failed-push reads make, when that is more than
+    /// half its monthly quota (so the start-up can warn); `None` otherwise.
+    pub fn recovery_quota_share(&self) -> Option<(u64, u64)> {
+        if !self.recovery.enabled || !self.dingtalk_enabled() {
+            return None;
+        }
+        let month = 30 * 86_400_000_u64;
+        let per_month = month / (crate::time::millis(self.recovery.interval).max(1) as u64);
+        (per_month * 2 > self.dingtalk.monthly_quota)
+            .then_some((per_month, self.dingtalk.monthly_quota))
+    }
+
     /// True when the app has an AppKey, so it has a DingTalk client.
     pub fn dingtalk_enabled(&self) -> bool {
         !self.dingtalk.app_key.trim().is_empty()

@@ -330,18 +330,6 @@ impl Config {
         check_durations(&durations, invalid)
     }
 
-    /// How many metered calls a month the failed-push reads make, when that is more than half
-    /// the monthly quota (so the start-up can warn); `None` otherwise.
-    pub fn recovery_quota_share(&self) -> Option<(u64, u64)> {
-        if !self.recovery.enabled || !self.dingtalk_enabled() {
-            return None;
-        }
-        let month = 30 * 86_400_000_u64;
-        let per_month = month / (crate::time::millis(self.recovery.interval).max(1) as u64);
-        (per_month * 2 > self.dingtalk.monthly_quota)
-            .then_some((per_month, self.dingtalk.monthly_quota))
-    }
-
     /// True when an app key is configured, so handlers get a DingTalk client.
     pub fn dingtalk_enabled(&self) -> bool {
         !self.dingtalk.app_key.trim().is_empty()

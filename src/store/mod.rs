@@ -14,6 +14,7 @@ use crate::time::now_millis;
 pub mod postgres;
 mod rekey;
 mod schema;
+pub mod scoped;
 pub mod sqlite;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,6 +140,8 @@ impl EventState {
 /// An event to be stored.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
+    /// The app it came to ([`scoped`] sets it for apps other than `default`).
+    pub app: String,
     pub dedup_key: String,
     pub event_type: String,
     pub corp_id: Option<String>,
@@ -160,6 +163,7 @@ impl NewEvent {
         received_at: i64,
     ) -> Self {
         NewEvent {
+            app: scoped::DEFAULT_APP.to_owned(),
             dedup_key: envelope.dedup_key(payload.as_bytes()),
             event_type: envelope.event_type,
             corp_id: envelope.corp_id,
@@ -183,6 +187,8 @@ pub enum Inserted {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredEvent {
     pub id: i64,
+    /// The app it came to (`default` for everything stored before apps existed).
+    pub app: String,
     pub dedup_key: String,
     pub event_type: String,
     pub corp_id: Option<String>,
@@ -234,6 +240,8 @@ pub struct Stats {
 /// A filter for listing events.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
+    /// One app's events only.
+    pub app: Option<String>,
     pub state: Option<EventState>,
     pub event_type: Option<String>,
     pub limit: Option<u32>,

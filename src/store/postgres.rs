@@ -263,7 +263,7 @@ impl PostgresStore {
         run_bounded(pool, self.options.operation_timeout, op).await
     }
 
-    /// Folds the shards of the maintained counts (migration 7) into shard 0 and drops rows
+    /// Folds the shards of the maintained counts (migration 8) into shard 0 and drops rows
     /// that count nothing, so `stats` reads about one row per (type, state) it reports. Sums
     /// are unchanged: each statement moves counts inside its own transaction. Rows a writer
     /// holds are skipped, not waited for. `stats` runs this in the background at most once a
@@ -485,6 +485,7 @@ impl Store for PostgresStore {
                         &event.source.as_str(),
                         &event.received_at,
                         &due_at_ms,
+                        &event.app,
                     ],
                 )
                 .await?;
@@ -545,9 +546,14 @@ impl Store for PostgresStore {
         let state = query.state.map(EventState::as_str);
         let event_type = query.event_type.as_deref();
         let limit = i64::from(query.limit.unwrap_or(100));
+        let app = query.app.as_deref();
         self.run(async |c| {
-            let rows =
-                Self::query(c, &self.sql.list_events, &[&state, &event_type, &limit]).await?;
+            let rows = Self::query(
+                c,
+                &self.sql.list_events,
+                &[&state, &event_type, &limit, &app],
+            )
+            .await?;
             events_from_rows(&rows)
         })
         .await

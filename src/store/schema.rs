@@ -21,7 +21,7 @@ pub enum Dialect {
 /// tokens render to; a change is a new migration at the end.
 ///
 /// Tokens: `{id_pk}` an auto-incrementing 64-bit key, `{bigint}` a 64-bit integer,
-/// `{json:f}` the text of field `f` of the JSON in column `body`, `{event_counts}` migration 7
+/// `{json:f}` the text of field `f` of the JSON in column `body`, `{event_counts}` migration 8
 /// in the dialect's own words.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -108,14 +108,21 @@ ALTER TABLE events ADD COLUMN handled TEXT;
     r#"
 -- de-duplication keys keep the exact text of the id: rows re-keyed by the store (rekey.rs)
 "#,
-    // 7: the counts `stats` reads (by type and state, kept by triggers in the writing
+    // 7: the app each event belongs to (many apps in one deployment). Everything stored before
+    // is the `default` app's; other apps' de-duplication keys, documents, counters and
+    // leadership names are scoped by name (`store::scoped`), so nothing else changes.
+    r#"
+ALTER TABLE events ADD COLUMN app TEXT NOT NULL DEFAULT 'default';
+CREATE INDEX events_app ON events (app, id);
+"#,
+    // 8: the counts `stats` reads (by type and state, kept by triggers in the writing
     // transaction, so they cannot drift), and the index the oldest waiting event is read from.
     // The dialects differ too much for tokens: see `SQLITE_EVENT_COUNTS`,
     // `POSTGRES_EVENT_COUNTS`.
     "{event_counts}",
 ];
 
-/// Migration 7 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
+/// Migration 8 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
 /// updated by row triggers. A change of state (or type) moves one from the old row to the new.
 const SQLITE_EVENT_COUNTS: &str = r#"
 CREATE TABLE event_counts (
@@ -145,7 +152,7 @@ INSERT INTO event_counts (event_type, state, shard, n)
     SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state;
 "#;
 
-/// Migration 7 for PostgreSQL. Replicas write at once, and a counter row stays locked until its
+/// Migration 8 for PostgreSQL. Replicas write at once, and a counter row stays locked until its
 /// transaction's commit is flushed: with one row per (type, state), every insert of a type
 /// would wait for the previous one's fsync (a storm of one type: about five times fewer inserts
 /// a second, `docs/benchmarks.md`). So each session adds to rows of its own, `shard =
@@ -257,7 +264,7 @@ impl Dialect {
 /// The columns every statement that builds a [`StoredEvent`] selects or returns, in the order
 /// [`event_from_row`] reads them.
 pub const EVENT_COLUMNS: &str = "id, dedup_key, event_type, corp_id, payload, source, \
-     received_at, state, attempts, next_attempt_at, last_error, updated_at, handled";
+     received_at, state, attempts, next_attempt_at, last_error, updated_at, handled, app";
 
 const DOCUMENT_COLUMNS: &str = "collection, key, body, created_at, updated_at";
 
@@ -292,7 +299,7 @@ pub struct Statements {
     pub get_event: String,
     /// dedup_key → [`EVENT_COLUMNS`].
     pub event_by_key: String,
-    /// state or NULL, event_type or NULL, limit → [`EVENT_COLUMNS`], newest first.
+    /// state or NULL, event_type or NULL, limit, app or NULL → [`EVENT_COLUMNS`], newest first.
     pub list_events: String,
     pub count_events: String,
     /// id, owner, now.
@@ -305,7 +312,7 @@ pub struct Statements {
     pub replay_state: String,
     /// now, received since.
     pub replay_since: String,
-    /// → (event_type, state, count) rows, counts not zero: the maintained counts (migration 7),
+    /// → (event_type, state, count) rows, counts not zero: the maintained counts (migration 8),
     /// whose size is the number of types, not of events.
     pub stats_counts: String,
     /// → the oldest `received_at` of a waiting event, or no row: the first entry of the partial
@@ -331,8 +338,8 @@ impl Statements {
         Statements {
             insert_event: sql(
                 "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
-                 received_at, next_attempt_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $6) \
+                 received_at, next_attempt_at, updated_at, app) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8) \
                  ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
             ),
             event_id_by_key: sql("SELECT id FROM events WHERE dedup_key = $1"),
@@ -347,6 +354,7 @@ impl Statements {
                 "SELECT {EVENT_COLUMNS} FROM events \
                  WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
                  AND (CAST($2 AS TEXT) IS NULL OR event_type = $2) \
+                 AND (CAST($4 AS TEXT) IS NULL OR app = $4) \
                  ORDER BY id DESC LIMIT $3"
             )),
             count_events: sql("SELECT COUNT(*) FROM events"),
@@ -476,6 +484,7 @@ pub fn event_from_row<R: SqlRow>(row: &R) -> Result<StoredEvent, R::Error> {
         last_error: row.opt_text(10)?,
         updated_at: row.int(11)?,
         handled,
+        app: row.text(13)?,
     })
 }
 
@@ -720,8 +729,8 @@ CREATE VIEW notifications AS SELECT
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
         assert_eq!(
             new.len(),
-            OLD_SQLITE.len() + 3,
-            "migrations 5, 6 and 7 added"
+            OLD_SQLITE.len() + 4,
+            "migrations 5, 6, 7 and 8 added"
         );
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
@@ -755,7 +764,7 @@ CREATE VIEW notifications AS SELECT
         // Only the spacing of the column lists may differ from the old texts; the suite in
         // tests/store.rs runs the rendering on a real server.
         let new: Vec<String> = Dialect::Postgres.migrations().collect();
-        assert_eq!(new.len(), OLD_POSTGRES.len() + 3);
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 4);
         for (i, old) in OLD_POSTGRES.iter().enumerate() {
             assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
         }
@@ -891,7 +900,7 @@ CREATE VIEW notifications AS SELECT
         let id: i64 = conn
             .query_row(
                 &s.insert_event,
-                rusqlite::params!["k", "x", None::<String>, "{}", "push", 5, 5],
+                rusqlite::params!["k", "x", None::<String>, "{}", "push", 5, 5, "default"],
                 |r| r.get(0),
             )
             .unwrap();

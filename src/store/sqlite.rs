@@ -402,6 +402,7 @@ impl Store for SqliteStore {
                             event.source.as_str(),
                             event.received_at,
                             due_at_ms,
+                            event.app,
                         ],
                         |r| r.get(0),
                     )
@@ -457,10 +458,11 @@ impl Store for SqliteStore {
         let state = query.state.map(EventState::as_str);
         let event_type = query.event_type.clone();
         let limit = i64::from(query.limit.unwrap_or(100));
+        let app = query.app.clone();
         let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&sql.list_events)?;
-            let rows = stmt.query_map(params![state, event_type, limit], event_from_row)?;
+            let rows = stmt.query_map(params![state, event_type, limit, app], event_from_row)?;
             rows.collect()
         })
         .await

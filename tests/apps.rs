@@ -1,0 +1,249 @@
+//! Several DingTalk apps in one deployment, over real HTTP, each with its own keys and its own
+//! fake DingTalk (so every DingTalk call can be told apart by where it arrived), on SQLite and
+//! on PostgreSQL.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dinghook::crypto::{random_nonce, CallbackCipher};
+use dinghook::handler::{Registrations, RegistryBuilder};
+use dinghook::store::{EventState, ListQuery};
+use dinghook::time::now_millis;
+use fake_dingtalk::FakeDingTalk;
+use serde_json::json;
+
+use support::{assert_error, stores, TestApp};
+
+const OPS_TOKEN: &str = "ops-token-4d3c2b";
+const OPS_AES_KEY: &str = "ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvut";
+const OPS_OWNER: &str = "dingopsapp";
+const OPS_PATH: &str = "/dingtalk/callback/ops";
+
+fn install(event_id: &str, ocid: &str) -> String {
+    json!({
+        "EventType": "im_cool_app_install", "EventTime": 1663143335567_i64, "CorpId": "dingcorp",
+        "eventId": event_id, "coolAppCode": "COOLAPP-1-1018", "robotCode": "rBLBXuia",
+        "openConversationId": ocid, "openConversationCorpId": "dingcorp",
+        "operator": "0213454", "operateTime": "1641866135051"
+    })
+    .to_string()
+}
+
+fn ops_cipher() -> CallbackCipher {
+    CallbackCipher::from_strings(OPS_TOKEN, OPS_AES_KEY, &[], OPS_OWNER).unwrap()
+}
+
+/// The default app (the top-level keys, on fake A) and `[apps.ops]` (its own keys and
+/// credentials, on fake B), on the store at `store_url` (`None`: the test's SQLite file).
+async fn two_apps(store_url: Option<String>) -> (TestApp, FakeDingTalk, FakeDingTalk) {
+    let (fake_a, url_a) = FakeDingTalk::spawn().await.unwrap();
+    let (fake_b, url_b) = FakeDingTalk::spawn().await.unwrap();
+    for fake in [&fake_a, &fake_b] {
+        fake.add_group(
+            json!({"openConversationId": "cid1", "title": "团队", "coolAppCode": "COOLAPP-1-1018"}),
+        );
+    }
+    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
+        r#"
+[ops]
+token = "{OPS_TOKEN}"
+aes_key = "{OPS_AES_KEY}"
+owner_key = "{OPS_OWNER}"
+app_key = "dingopsapp"
+app_secret = "ops-secret"
+agent_id = 777
+oapi_url = "{url_b}"
+api_url = "{url_b}"
+"#
+    ))
+    .unwrap();
+    let app = TestApp::spawn_builtin_on(
+        &url_a,
+        move |config| {
+            if let Some(url) = store_url {
+                config.store.url = url;
+            }
+            config.apps = ops;
+        },
+        |store| store,
+    )
+    .await;
+    (app, fake_a, fake_b)
+}
+
+async fn post_ops(app: &TestApp, cipher: &CallbackCipher, msg: &str) -> reqwest::Response {
+    let sealed = cipher
+        .seal(msg.as_bytes(), &now_millis().to_string(), &random_nonce())
+        .unwrap();
+    app.client
+        .post(format!("{}?{}", app.url(OPS_PATH), sealed.query()))
+        .body(sealed.body())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn two_apps_side_by_side(store_url: Option<String>) {
+    let (app, fake_a, fake_b) = two_apps(store_url).await;
+
+    // The same eventId reaches both apps: two events, one per app.
+    let reply = app.post_event(&install("inst-1", "cid1")).await;
+    assert_eq!(reply.status(), 200);
+    let reply = post_ops(&app, &ops_cipher(), &install("inst-1", "cid1")).await;
+    assert_eq!(reply.status(), 200, "{}", reply.text().await.unwrap());
+    // Delivered again to ops: still one.
+    let reply = post_ops(&app, &ops_cipher(), &install("inst-1", "cid1")).await;
+    assert_eq!(reply.status(), 200);
+
+    let default_event = app.wait_for_state("event:inst-1", EventState::Done).await;
+    let ops_event = app
+        .wait_for_state("@ops/event:inst-1", EventState::Done)
+        .await;
+    assert_eq!(default_event.app, "default");
+    assert_eq!(ops_event.app, "ops");
+    assert_ne!(default_event.id, ops_event.id);
+
+    // Each app's welcome went to its own DingTalk, with its own credentials.
+    wait_until("both welcomes", || {
+        fake_a.robot_messages().len() == 1 && fake_b.robot_messages().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake_a.robot_messages().len(), 1);
+    assert_eq!(fake_b.robot_messages().len(), 1);
+
+    // Each app's group document is its own.
+    assert!(app
+        .store
+        .get_document("group", "cid1")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(app
+        .store
+        .get_document("@ops/group", "cid1")
+        .await
+        .unwrap()
+        .is_some());
+
+    // One app's signature at another's path is a bad signature; an unknown path is a 404.
+    let sealed = support::seal(&support::sender(), &install("inst-2", "cid1"));
+    let wrong = app
+        .client
+        .post(format!("{}?{}", app.url(OPS_PATH), sealed.query()))
+        .body(sealed.body())
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong, 401, "signature_mismatch").await;
+    let nowhere = app
+        .client
+        .post(format!(
+            "{}?{}",
+            app.url("/dingtalk/callback/nope"),
+            sealed.query()
+        ))
+        .body(sealed.body())
+        .send()
+        .await
+        .unwrap();
+    assert_error(nowhere, 404, "not_found").await;
+
+    // Listing by app.
+    let only_ops = app
+        .store
+        .list(&ListQuery {
+            app: Some("ops".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(only_ops.len(), 1, "{only_ops:?}");
+    assert_eq!(only_ops[0].id, ops_event.id);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn two_apps_side_by_side_on_sqlite() {
+    two_apps_side_by_side(None).await;
+}
+
+#[tokio::test]
+async fn two_apps_side_by_side_on_postgres() {
+    let Some(url) = stores::fresh_postgres_database().await else {
+        return;
+    };
+    two_apps_side_by_side(Some(url)).await;
+}
+
+/// A program's own handler runs for every app's events; the built-in ones only for their
+/// app's, with that app's options.
+#[tokio::test]
+async fn program_handlers_see_every_app_and_builtins_their_own() {
+    let (fake_b, url_b) = FakeDingTalk::spawn().await.unwrap();
+    fake_b.add_group(
+        json!({"openConversationId": "cid1", "title": "团队", "coolAppCode": "COOLAPP-1-1018"}),
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorded = std::sync::Arc::clone(&seen);
+    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
+        r#"
+[ops]
+token = "{OPS_TOKEN}"
+aes_key = "{OPS_AES_KEY}"
+owner_key = "{OPS_OWNER}"
+app_key = "dingopsapp"
+app_secret = "ops-secret"
+oapi_url = "{url_b}"
+api_url = "{url_b}"
+[ops.handlers]
+enabled = true
+"#
+    ))
+    .unwrap();
+    let app = TestApp::spawn_on(
+        move |config| {
+            // The default app has no built-in handlers; ops has them.
+            config.handlers.enabled = false;
+            config.apps = ops;
+            RegistryBuilder::new().named("audit").on(
+                "im_cool_app_install",
+                move |_event, ctx: dinghook::handler::Context| {
+                    let recorded = std::sync::Arc::clone(&recorded);
+                    async move {
+                        recorded.lock().unwrap().push(ctx.record.app.clone());
+                        Ok(())
+                    }
+                },
+            )
+        },
+        |store| store,
+    )
+    .await;
+    assert_eq!(app.post_event(&install("a-1", "cid1")).await.status(), 200);
+    assert_eq!(
+        post_ops(&app, &ops_cipher(), &install("b-1", "cid1"))
+            .await
+            .status(),
+        200
+    );
+    let default_done = app.wait_for_state("event:a-1", EventState::Done).await;
+    let ops_done = app.wait_for_state("@ops/event:b-1", EventState::Done).await;
+    assert_eq!(default_done.handled, Vec::<String>::new());
+    assert!(ops_done.handled.is_empty(), "cleared when done");
+    let mut apps = seen.lock().unwrap().clone();
+    apps.sort();
+    assert_eq!(apps, ["default", "ops"]);
+    wait_until("the ops welcome", || fake_b.robot_messages().len() == 1).await;
+    app.stop().await;
+}
