@@ -293,3 +293,63 @@ async fn the_event_list_is_safe_to_print_and_to_cut_short() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `encrypt` and `decrypt` pick an app's keys with `--app` (`default` without it), refuse an
+/// unknown app naming the ones there are, and `check-config` lists the apps with their secrets
+/// redacted.
+#[test]
+fn encrypt_decrypt_and_check_config_know_the_apps() {
+    let ops_key = "ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvut";
+    let run = |args: &[&str]| {
+        let out = with_keys()
+            .env("DINGHOOK_APPS__OPS__TOKEN", "ops-token")
+            .env("DINGHOOK_APPS__OPS__AES_KEY", ops_key)
+            .env("DINGHOOK_APPS__OPS__OWNER_KEY", "dingops")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, r#"{"EventType":"chat_update_title","eventId":"x"}"#).unwrap();
+    let event = event.to_str().unwrap();
+
+    let (ok, out, err) = run(&["encrypt", "--app", "ops", "--json", event]);
+    assert!(ok, "{err}");
+    let sealed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        sealed["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:8080/dingtalk/callback/ops?"),
+        "{out}"
+    );
+    let body = dir.path().join("body.json");
+    std::fs::write(&body, sealed["body"].to_string()).unwrap();
+    let url = sealed["url"].as_str().unwrap();
+    let body = body.to_str().unwrap();
+    let (ok, out, err) = run(&["decrypt", "--app", "ops", "--query", url, body]);
+    assert!(ok && out.contains("chat_update_title"), "{out}{err}");
+    // The default app's keys do not open it.
+    let (ok, _, err) = run(&["decrypt", "--query", url, body]);
+    assert!(!ok && err.contains("signature"), "{err}");
+    let (ok, _, err) = run(&["encrypt", "--app", "nope", event]);
+    assert!(
+        !ok && err.contains("no app named \"nope\"") && err.contains("default, ops"),
+        "{err}"
+    );
+
+    let (ok, out, err) = run(&["check-config"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("[apps.ops.callback]"), "{out}");
+    assert!(out.contains("path = \"/dingtalk/callback/ops\""), "{out}");
+    assert!(
+        !out.contains("ops-token") && !out.contains(ops_key),
+        "{out}"
+    );
+}

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::app::{shutdown_signal, AppBuilder, Application};
-use crate::config::Config;
+use crate::config::{AppSpec, Config, DEFAULT_APP};
 use crate::crypto::{random_nonce, verify_signature, Sealed};
 use crate::store::{EventState, ListQuery, ReplaySelector, StoredEvent};
 use crate::time::now_millis;
@@ -78,6 +78,9 @@ enum Command {
         /// Nonce to sign with (default: 16 random characters).
         #[arg(long)]
         nonce: Option<String>,
+        /// The app whose keys sign it (default: `default`, or the only app).
+        #[arg(long)]
+        app: Option<String>,
     },
     /// Verify and decrypt a captured request (or one of our replies) and print the message.
     Decrypt {
@@ -89,6 +92,9 @@ enum Command {
         query: Option<String>,
         /// The JSON body file; `-` or nothing reads standard input.
         input: Option<PathBuf>,
+        /// The app whose keys open it (default: `default`, or the only app).
+        #[arg(long)]
+        app: Option<String>,
     },
     /// Inspect the stored events (works with the server running or not).
     #[command(subcommand)]
@@ -117,6 +123,9 @@ enum EventsCommand {
         /// Only this event type.
         #[arg(long = "type")]
         event_type: Option<String>,
+        /// Only this app's events.
+        #[arg(long)]
+        app: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// One JSON object per line.
@@ -275,6 +284,7 @@ fn parse_state(text: &str) -> Result<EventState> {
 fn event_json(e: &StoredEvent) -> serde_json::Value {
     serde_json::json!({
         "id": e.id,
+        "app": e.app,
         "dedup_key": e.dedup_key,
         "event_type": e.event_type,
         "state": e.state,
@@ -300,6 +310,7 @@ async fn events(command: EventsCommand) -> Result<()> {
         EventsCommand::List {
             state,
             event_type,
+            app,
             limit,
             json,
             ..
@@ -311,7 +322,7 @@ async fn events(command: EventsCommand) -> Result<()> {
                 None => None,
             };
             let query = ListQuery {
-                app: None,
+                app,
                 state,
                 event_type,
                 limit: Some(limit),
@@ -397,13 +408,38 @@ fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
     }
 }
 
-fn default_url(config: &Config) -> String {
+fn default_url(config: &Config, app: &AppSpec) -> String {
     let listen = config.listen.replacen("0.0.0.0:", "127.0.0.1:", 1);
-    format!("http://{listen}{}", config.callback.path)
+    format!("http://{listen}{}", app.callback.path)
+}
+
+/// The app `--app` names; without it, `default`, or the only app there is.
+fn pick_app(config: &Config, name: Option<&str>) -> Result<AppSpec> {
+    let apps = config.apps()?;
+    let names = || {
+        apps.iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let found = match name {
+        Some(name) => apps.iter().find(|a| a.name == name),
+        None if apps.len() == 1 => apps.first(),
+        None => apps.iter().find(|a| a.name == DEFAULT_APP),
+    };
+    match (found, name) {
+        (Some(app), _) => Ok(app.clone()),
+        (None, Some(name)) => bail!("no app named {name:?}; the apps are: {}", names()),
+        (None, None) => bail!(
+            "several apps are configured: choose one with --app ({})",
+            names()
+        ),
+    }
 }
 
 fn encrypt(
     config: &Config,
+    app: Option<&str>,
     input: Option<&Path>,
     json: bool,
     url: Option<String>,
@@ -415,11 +451,12 @@ fn encrypt(
         .context("the event is not UTF-8")?
         .trim();
     serde_json::from_str::<serde_json::Value>(text).context("the event is not valid JSON")?;
-    let cipher = config.cipher()?;
+    let app = pick_app(config, app)?;
+    let cipher = app.cipher()?;
     let timestamp = timestamp.unwrap_or_else(|| now_millis().to_string());
     let nonce = nonce.unwrap_or_else(random_nonce);
     let sealed = cipher.seal(text.as_bytes(), &timestamp, &nonce)?;
-    let url = url.unwrap_or_else(|| default_url(config));
+    let url = url.unwrap_or_else(|| default_url(config, &app));
     if json {
         let out = serde_json::json!({
             "url": format!("{url}?{}", sealed.query()),
@@ -442,13 +479,19 @@ fn encrypt(
     Ok(())
 }
 
-fn decrypt(config: &Config, query: Option<&str>, input: Option<&Path>) -> Result<()> {
+fn decrypt(
+    config: &Config,
+    app: Option<&str>,
+    query: Option<&str>,
+    input: Option<&Path>,
+) -> Result<()> {
     let raw = read_input(input)?;
     let body: serde_json::Value = serde_json::from_slice(&raw).context("the body is not JSON")?;
     let encrypt = body["encrypt"]
         .as_str()
         .context("the body has no \"encrypt\" string")?;
-    let cipher = config.cipher()?;
+    let app = pick_app(config, app)?;
+    let cipher = app.cipher()?;
     // A reply carries its own signature fields; a request has them in the query.
     let signed = if let Ok(reply) = serde_json::from_value::<Sealed>(body.clone()) {
         (reply.msg_signature, reply.timestamp, reply.nonce)
@@ -460,7 +503,7 @@ fn decrypt(config: &Config, query: Option<&str>, input: Option<&Path>) -> Result
         (q.signature, q.timestamp, q.nonce)
     };
     let token_ok = verify_signature(
-        config.callback.token.expose(),
+        app.callback.token.expose(),
         &signed.1,
         &signed.2,
         encrypt,
@@ -586,16 +629,26 @@ async fn dispatch_command(customize: Customize) -> ExitCode {
             url,
             timestamp,
             nonce,
-        } => config
-            .load()
-            .and_then(|c| encrypt(&c, input.as_deref(), json, url, timestamp, nonce)),
+            app,
+        } => config.load().and_then(|c| {
+            encrypt(
+                &c,
+                app.as_deref(),
+                input.as_deref(),
+                json,
+                url,
+                timestamp,
+                nonce,
+            )
+        }),
         Command::Decrypt {
             config,
             query,
             input,
+            app,
         } => config
             .load()
-            .and_then(|c| decrypt(&c, query.as_deref(), input.as_deref())),
+            .and_then(|c| decrypt(&c, app.as_deref(), query.as_deref(), input.as_deref())),
         Command::Events(command) => events(command).await,
         Command::Notifications(command) => notifications(command).await,
         Command::CheckConfig(config) => config.load().map(|c| print!("{}", c.to_redacted_toml())),
