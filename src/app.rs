@@ -179,6 +179,7 @@ impl Application {
                 );
             }
             recoveries.extend(Recovery::from_config(
+                &spec.name,
                 &spec.recovery,
                 client.clone(),
                 Arc::clone(&app_store),
@@ -186,6 +187,7 @@ impl Application {
                 Arc::clone(&wake),
             ));
             let push = Arc::new(PushState {
+                app: spec.name.as_str().into(),
                 cipher: spec.cipher()?,
                 store: Arc::clone(&app_store),
                 body_limit: config.callback.body_limit,
@@ -224,7 +226,7 @@ impl Application {
         let ops = Arc::new(OpsState {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
-            client: client.clone(),
+            clients: clients.clone().into_iter().collect(),
             probe_timeout: config.request_timeout,
         });
         // The public port answers the callback and the probes; `/metrics` is for operators.

@@ -228,6 +228,7 @@ impl Dispatcher {
     pub async fn run(&self, owner: &str, record: StoredEvent) -> Outcome {
         let id = record.id;
         let event_type = record.event_type.clone();
+        let app = record.app.clone();
         let attempts = record.attempts;
         // A claim stamps `updated_at`; the lease lasts `lease` from then.
         let lease_until = crate::time::after(record.updated_at, self.config.lease);
@@ -287,7 +288,7 @@ impl Dispatcher {
             }
             _ => tracing::debug!(id, %event_type, outcome = outcome.label(), "event handled"),
         }
-        self.metrics.handler_run(&event_type, outcome.label());
+        self.metrics.handler_run(&app, &event_type, outcome.label());
         outcome
     }
 

@@ -13,8 +13,16 @@ use crate::store::Stats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeOutcome {
+    app: String,
     event_type: String,
     outcome: &'static str,
+}
+
+/// A reason of one app's (callbacks refused, notifications skipped).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppReason {
+    app: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,6 +37,7 @@ struct State {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Name {
+    app: String,
     name: &'static str,
 }
 
@@ -36,7 +45,7 @@ struct Name {
 pub struct Metrics {
     registry: Registry,
     events_received: Family<TypeOutcome, Counter>,
-    callbacks_rejected: Family<Reason, Counter>,
+    callbacks_rejected: Family<AppReason, Counter>,
     ack_seconds: Histogram,
     handler_runs: Family<TypeOutcome, Counter>,
     dead_letters: Counter,
@@ -45,7 +54,7 @@ pub struct Metrics {
     store_up: Gauge,
     dingtalk: Family<Name, Gauge<f64, AtomicU64>>,
     notifications_sent: Family<Kind, Counter>,
-    notifications_skipped: Family<Reason, Counter>,
+    notifications_skipped: Family<AppReason, Counter>,
     recipients_undelivered: Counter,
     recovered_events: Family<Outcome, Counter>,
     recovery_runs: Family<Outcome, Counter>,
@@ -108,11 +117,13 @@ pub const OTHER_EVENT_TYPE: &str = "other";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Kind {
+    app: String,
     kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
+    app: String,
     outcome: &'static str,
 }
 
@@ -131,7 +142,7 @@ impl Metrics {
             "Callbacks accepted, by event type and outcome (stored, duplicate, check)",
             events_received.clone(),
         );
-        let callbacks_rejected = Family::<Reason, Counter>::default();
+        let callbacks_rejected = Family::<AppReason, Counter>::default();
         registry.register(
             "callbacks_rejected",
             "Callbacks refused, by error code",
@@ -190,7 +201,7 @@ impl Metrics {
             "Work notifications and group messages sent by the built-in handlers, by kind",
             notifications_sent.clone(),
         );
-        let notifications_skipped = Family::<Reason, Counter>::default();
+        let notifications_skipped = Family::<AppReason, Counter>::default();
         registry.register(
             "notifications_skipped",
             "Notifications not sent, by reason (quota_reserve, quota_exhausted, group_not_installed)",
@@ -287,9 +298,10 @@ impl Metrics {
         self.connections.accept_errors.inc();
     }
 
-    pub fn event_received(&self, event_type: &str, outcome: &'static str, seconds: f64) {
+    pub fn event_received(&self, app: &str, event_type: &str, outcome: &'static str, seconds: f64) {
         self.events_received
             .get_or_create(&TypeOutcome {
+                app: app.to_owned(),
                 event_type: self.type_label(event_type),
                 outcome,
             })
@@ -297,15 +309,19 @@ impl Metrics {
         self.ack_seconds.observe(seconds);
     }
 
-    pub fn callback_rejected(&self, reason: &'static str) {
+    pub fn callback_rejected(&self, app: &str, reason: &'static str) {
         self.callbacks_rejected
-            .get_or_create(&Reason { reason })
+            .get_or_create(&AppReason {
+                app: app.to_owned(),
+                reason,
+            })
             .inc();
     }
 
-    pub fn handler_run(&self, event_type: &str, outcome: &'static str) {
+    pub fn handler_run(&self, app: &str, event_type: &str, outcome: &'static str) {
         self.handler_runs
             .get_or_create(&TypeOutcome {
+                app: app.to_owned(),
                 event_type: self.type_label(event_type),
                 outcome,
             })
@@ -315,17 +331,21 @@ impl Metrics {
         }
     }
 
-    pub fn notification_sent(&self, kind: &str) {
+    pub fn notification_sent(&self, app: &str, kind: &str) {
         self.notifications_sent
             .get_or_create(&Kind {
+                app: app.to_owned(),
                 kind: kind.to_owned(),
             })
             .inc();
     }
 
-    pub fn notification_skipped(&self, reason: &'static str) {
+    pub fn notification_skipped(&self, app: &str, reason: &'static str) {
         self.notifications_skipped
-            .get_or_create(&Reason { reason })
+            .get_or_create(&AppReason {
+                app: app.to_owned(),
+                reason,
+            })
             .inc();
     }
 
@@ -333,9 +353,10 @@ impl Metrics {
         self.recipients_undelivered.inc_by(recipients);
     }
 
-    /// Sets the DingTalk client figures from its quota status and counters.
+    /// Sets one app's DingTalk client figures from its quota status and counters.
     pub fn set_quota(
         &self,
+        app: &str,
         quota: &crate::dingtalk::QuotaStatus,
         stats: &crate::dingtalk::ClientStats,
     ) {
@@ -360,7 +381,12 @@ impl Metrics {
             ("token_fetches", stats.token_fetches as f64),
             ("quota_warnings", stats.quota_warnings as f64),
         ] {
-            self.dingtalk.get_or_create(&Name { name }).set(value);
+            self.dingtalk
+                .get_or_create(&Name {
+                    app: app.to_owned(),
+                    name,
+                })
+                .set(value);
         }
     }
 
@@ -387,15 +413,23 @@ impl Metrics {
 
     /// One entry of the failed-push list: `stored`, `duplicate`, or `lost` (read, but the store
     /// failed; DingTalk no longer has it).
-    pub fn recovered_event(&self, outcome: &'static str) {
+    pub fn recovered_event(&self, app: &str, outcome: &'static str) {
         self.recovered_events
-            .get_or_create(&Outcome { outcome })
+            .get_or_create(&Outcome {
+                app: app.to_owned(),
+                outcome,
+            })
             .inc();
     }
 
-    /// One recovery cycle and how it ended.
-    pub fn recovery_run(&self, outcome: &'static str) {
-        self.recovery_runs.get_or_create(&Outcome { outcome }).inc();
+    /// One recovery cycle of `app` and how it ended.
+    pub fn recovery_run(&self, app: &str, outcome: &'static str) {
+        self.recovery_runs
+            .get_or_create(&Outcome {
+                app: app.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition.

@@ -57,8 +57,9 @@ impl Default for OpsConfig {
 pub struct OpsState {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
-    /// For the quota figures in `/metrics`; `None` without an app key.
-    pub client: Option<crate::dingtalk::Client>,
+    /// For the quota figures in `/metrics`: each app's client, by app name (apps without an
+    /// app key have none).
+    pub clients: Vec<(String, crate::dingtalk::Client)>,
     /// Bound on the `/readyz` probe write.
     pub probe_timeout: Duration,
 }
@@ -95,8 +96,8 @@ struct Figures {
     read_at: tokio::time::Instant,
     /// `None`: the store did not answer (`dinghook_store_up 0`).
     stats: Option<Stats>,
-    /// `None`: no DingTalk client, or the counter read did not finish in time.
-    quota: Option<QuotaStatus>,
+    /// Each app's whose counter read finished in time.
+    quotas: Vec<(String, QuotaStatus)>,
 }
 
 impl Figures {
@@ -145,17 +146,18 @@ impl StoreFigures {
                 }
             }
         };
-        let quota = async {
-            let client = state.client.as_ref()?;
-            tokio::time::timeout(SCRAPE_READ_TIMEOUT, client.quota())
-                .await
-                .ok()
-        };
-        let (stats, quota) = tokio::join!(stats, quota);
+        let quotas =
+            futures_util::future::join_all(state.clients.iter().map(|(app, client)| async move {
+                tokio::time::timeout(SCRAPE_READ_TIMEOUT, client.quota())
+                    .await
+                    .ok()
+                    .map(|quota| (app.clone(), quota))
+            }));
+        let (stats, quotas) = tokio::join!(stats, quotas);
         let figures = Figures {
             read_at: tokio::time::Instant::now(),
             stats,
-            quota,
+            quotas: quotas.into_iter().flatten().collect(),
         };
         *last = Some(figures.clone());
         figures
@@ -177,11 +179,10 @@ async fn metrics(State(scrape): State<Arc<Scrape>>) -> Response {
     state
         .metrics
         .set_queue(figures.as_ref().and_then(Figures::stats_now).as_ref());
-    if let (Some(client), Some(quota)) = (
-        &state.client,
-        figures.as_ref().and_then(|f| f.quota.as_ref()),
-    ) {
-        state.metrics.set_quota(quota, &client.stats());
+    for (app, quota) in figures.iter().flat_map(|f| &f.quotas) {
+        if let Some((_, client)) = state.clients.iter().find(|(name, _)| name == app) {
+            state.metrics.set_quota(app, quota, &client.stats());
+        }
     }
     (
         [(

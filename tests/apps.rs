@@ -159,6 +159,18 @@ async fn two_apps_side_by_side(store_url: Option<String>) {
         .unwrap();
     assert_error(nowhere, 404, "not_found").await;
 
+    // Metrics carry the app.
+    let metrics = app.metrics().await;
+    for line in [
+        r#"dinghook_events_received_total{app="ops",event_type="im_cool_app_install",outcome="stored"} 1"#,
+        r#"dinghook_events_received_total{app="ops",event_type="im_cool_app_install",outcome="duplicate"} 1"#,
+        r#"dinghook_events_received_total{app="default",event_type="im_cool_app_install",outcome="stored"} 1"#,
+        r#"dinghook_callbacks_rejected_total{app="ops",reason="signature_mismatch"} 1"#,
+        r#"dinghook_handler_runs_total{app="ops",event_type="im_cool_app_install",outcome="done"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+
     // Listing by app.
     let only_ops = app
         .store

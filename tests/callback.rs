@@ -530,7 +530,7 @@ async fn a_client_that_sends_less_than_its_content_length_gets_408() {
     assert!(app
         .metrics()
         .await
-        .contains(r#"dinghook_callbacks_rejected_total{reason="body_timeout"} 1"#));
+        .contains(r#"dinghook_callbacks_rejected_total{app="default",reason="body_timeout"} 1"#));
     assert!(app
         .store
         .find_by_dedup_key("event:short")

@@ -224,10 +224,10 @@ async fn metrics_report_receipts_rejections_queue_and_handler_runs() {
     app.wait_for_state("event:m1", EventState::Dead).await;
     let text = app.metrics().await;
     for line in [
-        r#"dinghook_events_received_total{event_type="chat_update_title",outcome="stored"} 1"#,
-        r#"dinghook_events_received_total{event_type="chat_update_title",outcome="duplicate"} 1"#,
-        r#"dinghook_callbacks_rejected_total{reason="missing_parameter"} 1"#,
-        r#"dinghook_handler_runs_total{event_type="chat_update_title",outcome="dead"} 1"#,
+        r#"dinghook_events_received_total{app="default",event_type="chat_update_title",outcome="stored"} 1"#,
+        r#"dinghook_events_received_total{app="default",event_type="chat_update_title",outcome="duplicate"} 1"#,
+        r#"dinghook_callbacks_rejected_total{app="default",reason="missing_parameter"} 1"#,
+        r#"dinghook_handler_runs_total{app="default",event_type="chat_update_title",outcome="dead"} 1"#,
         r#"dinghook_dead_letters_total 1"#,
         r#"dinghook_queue_depth{state="dead"} 1"#,
         r#"dinghook_store_up 1"#,
@@ -344,7 +344,7 @@ async fn event_types_cannot_break_or_bloat_the_metrics() {
     );
     let types: std::collections::HashSet<&str> = text
         .lines()
-        .filter(|l| l.starts_with("dinghook_events_received_total{"))
+        .filter(|l| l.starts_with("dinghook_events_received_total{app=\"default\","))
         .filter_map(|l| l.split("event_type=\"").nth(1)?.split('"').next())
         .collect();
     assert!(

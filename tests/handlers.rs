@@ -84,7 +84,7 @@ async fn install_looks_the_group_up_and_greets_it_once() {
     assert!(app
         .metrics()
         .await
-        .contains(r#"dinghook_notifications_sent_total{kind="group_message"} 1"#));
+        .contains(r#"dinghook_notifications_sent_total{app="default",kind="group_message"} 1"#));
     app.stop().await;
 }
 
@@ -114,10 +114,9 @@ async fn after_an_uninstall_a_rename_is_stored_and_nothing_is_sent() {
         fake.calls_to(INSTALL_PATH).is_empty(),
         "nothing sent to an uninstalled group"
     );
-    assert!(app
-        .metrics()
-        .await
-        .contains(r#"dinghook_notifications_skipped_total{reason="group_not_installed"} 1"#));
+    assert!(app.metrics().await.contains(
+        r#"dinghook_notifications_skipped_total{app="default",reason="group_not_installed"} 1"#
+    ));
 
     // A rename of a group we never saw creates its row; an old rename arriving late is ignored.
     assert_success_reply(app.post_event(&rename("r2", "cidNew", "第一个名字")).await).await;
@@ -188,7 +187,9 @@ async fn throttling_and_busy_answers_are_retried_until_everything_is_done() {
     let text = app.metrics().await;
     let retries: f64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("dinghook_dingtalk{name=\"throttled_retries\"} "))
+        .find_map(|l| {
+            l.strip_prefix("dinghook_dingtalk{app=\"default\",name=\"throttled_retries\"} ")
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(retries >= 2.0, "{text}");
@@ -214,7 +215,9 @@ async fn an_exhausted_quota_skips_notifications_but_keeps_the_bookkeeping() {
         .all(|c| c.status != Some(200)));
     let text = app.metrics().await;
     assert!(
-        text.contains(r#"dinghook_notifications_skipped_total{reason="quota_exhausted"} 1"#),
+        text.contains(
+            r#"dinghook_notifications_skipped_total{app="default",reason="quota_exhausted"} 1"#
+        ),
         "{text}"
     );
 
@@ -229,10 +232,9 @@ async fn an_exhausted_quota_skips_notifications_but_keeps_the_bookkeeping() {
     assert_success_reply(app2.post_event(&install("q2", "cidR")).await).await;
     app2.wait_for_state("event:q2", EventState::Done).await;
     assert!(fake2.calls_to(INSTALL_PATH).is_empty());
-    assert!(app2
-        .metrics()
-        .await
-        .contains(r#"dinghook_notifications_skipped_total{reason="quota_reserve"} 1"#));
+    assert!(app2.metrics().await.contains(
+        r#"dinghook_notifications_skipped_total{app="default",reason="quota_reserve"} 1"#
+    ));
     assert_eq!(group(&app2, "cidR").await["status"], "installed");
     app.stop().await;
     app2.stop().await;

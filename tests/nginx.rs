@@ -231,9 +231,9 @@ async fn metric(client: &reqwest::Client, replica: &ServerProcess, sample: &str)
         .map_or(0, |v| v as u64)
 }
 
-const GROUP_MESSAGES: &str = r#"dinghook_notifications_sent_total{kind="group_message"}"#;
-const STORED: &str =
-    r#"dinghook_events_received_total{event_type="im_cool_app_install",outcome="stored"}"#;
+const GROUP_MESSAGES: &str =
+    r#"dinghook_notifications_sent_total{app="default",kind="group_message"}"#;
+const STORED: &str = r#"dinghook_events_received_total{app="default",event_type="im_cool_app_install",outcome="stored"}"#;
 
 async fn pg(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)

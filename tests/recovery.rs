@@ -104,11 +104,11 @@ async fn five_failed_pushes_over_two_pages_are_stored_and_handled_once_at_start_
 
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(r#"dinghook_recovered_events_total{outcome="stored"} 5"#),
+        metrics.contains(r#"dinghook_recovered_events_total{app="default",outcome="stored"} 5"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"dinghook_recovery_runs_total{outcome="ok"} 1"#),
+        metrics.contains(r#"dinghook_recovery_runs_total{app="default",outcome="ok"} 1"#),
         "{metrics}"
     );
     app.stop().await;
@@ -190,7 +190,7 @@ async fn the_interval_comes_from_the_environment_and_a_later_batch_is_picked_up(
     assert_eq!(g1.source, "push");
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(r#"dinghook_recovered_events_total{outcome="duplicate"} 1"#),
+        metrics.contains(r#"dinghook_recovered_events_total{app="default",outcome="duplicate"} 1"#),
         "{metrics}"
     );
     app.stop().await;
@@ -291,6 +291,7 @@ async fn direct(base: &str) -> Direct {
     let counter = Arc::new(dinghook::dingtalk::MemoryCounter::new());
     let client = dinghook::dingtalk::Client::new(config.dingtalk.clone(), counter).unwrap();
     let recovery = Recovery::new(
+        "default",
         Arc::clone(&store),
         client,
         Duration::from_secs(3600),
@@ -471,12 +472,15 @@ mod postgres {
                 .await;
         }
         eventually("b's start-up cycle ended", async || {
-            b.metrics().await.contains("dinghook_recovery_runs_total{")
+            b.metrics()
+                .await
+                .contains("dinghook_recovery_runs_total{app=\"default\",")
         })
         .await;
         let b_metrics = b.metrics().await;
         assert!(
-            b_metrics.contains(r#"dinghook_recovery_runs_total{outcome="not_leader"} 1"#),
+            b_metrics
+                .contains(r#"dinghook_recovery_runs_total{app="default",outcome="not_leader"} 1"#),
             "{b_metrics}"
         );
         // Only a read the list: two pages, one after the other.

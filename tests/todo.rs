@@ -286,7 +286,9 @@ async fn under_the_quota_reserve_nothing_is_sent_but_the_todo_is_kept_and_the_sk
     assert_eq!(todo["notification_task_id"], Value::Null);
     let text = app.metrics().await;
     assert!(
-        text.contains(r#"dinghook_notifications_skipped_total{reason="quota_reserve"} 1"#),
+        text.contains(
+            r#"dinghook_notifications_skipped_total{app="default",reason="quota_reserve"} 1"#
+        ),
         "{text}"
     );
 

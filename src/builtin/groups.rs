@@ -78,7 +78,8 @@ pub async fn send_text(
             effect,
             "group message skipped: the cool app is not installed in this group"
         );
-        ctx.metrics.notification_skipped("group_not_installed");
+        ctx.metrics
+            .notification_skipped(&ctx.record.app, "group_not_installed");
         return Ok(());
     };
     if !notification_budget(ctx, reserve, effect).await {
@@ -95,7 +96,8 @@ pub async fn send_text(
     effect_once(ctx, effect, || async {
         let sent = notification_outcome(ctx, client.send_robot_group_message(&message).await)?;
         if sent.is_some() {
-            ctx.metrics.notification_sent("group_message");
+            ctx.metrics
+                .notification_sent(&ctx.record.app, "group_message");
         }
         Ok(serde_json::json!({ "process_query_key": sent, "skipped": sent.is_none() }))
     })

@@ -123,7 +123,8 @@ pub async fn notification_budget(ctx: &Context, reserve: u64, what: &str) -> boo
             reserve,
             "notification skipped: monthly API quota is under the reserve"
         );
-        ctx.metrics.notification_skipped("quota_reserve");
+        ctx.metrics
+            .notification_skipped(&ctx.record.app, "quota_reserve");
         return false;
     }
     true
@@ -140,7 +141,8 @@ pub fn notification_outcome<T>(
         Ok(value) => Ok(Some(value)),
         Err(crate::dingtalk::Error::QuotaExhausted { .. }) => {
             tracing::warn!("notification skipped: DingTalk says the monthly API quota is used up");
-            ctx.metrics.notification_skipped("quota_exhausted");
+            ctx.metrics
+                .notification_skipped(&ctx.record.app, "quota_exhausted");
             Ok(None)
         }
         Err(e) => Err(e.into()),

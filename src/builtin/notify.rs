@@ -128,7 +128,7 @@ pub async fn send_within_budget(
     let Some(task_id) = recorded.get("task_id").and_then(Value::as_i64) else {
         return Ok(None);
     };
-    ctx.metrics.notification_sent(kind);
+    ctx.metrics.notification_sent(&ctx.record.app, kind);
     let n = Notification {
         task_id,
         kind: kind.to_owned(),

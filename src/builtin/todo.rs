@@ -632,7 +632,8 @@ fn best_effort(
                 what,
                 "skipped: DingTalk says the monthly API quota is used up"
             );
-            ctx.metrics.notification_skipped("quota_exhausted");
+            ctx.metrics
+                .notification_skipped(&ctx.record.app, "quota_exhausted");
             Ok(json!({ "ok": false, "error": "monthly API quota used up" }))
         }
         Err(e) if e.is_permanent() => {

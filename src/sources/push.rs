@@ -67,6 +67,8 @@ impl Default for CallbackConfig {
 
 /// What the callback route needs, shared by all requests.
 pub struct PushState {
+    /// The app this callback belongs to (its name labels the metrics).
+    pub app: Arc<str>,
     pub cipher: CallbackCipher,
     pub store: Arc<dyn Store>,
     pub body_limit: usize,
@@ -216,13 +218,18 @@ async fn callback(
     };
     match result {
         Ok((event_type, outcome, response)) => {
-            state
-                .metrics
-                .event_received(&event_type, outcome, started.elapsed().as_secs_f64());
+            state.metrics.event_received(
+                &state.app,
+                &event_type,
+                outcome,
+                started.elapsed().as_secs_f64(),
+            );
             Ok(response)
         }
         Err(rejection) => {
-            state.metrics.callback_rejected(rejection.code());
+            state
+                .metrics
+                .callback_rejected(&state.app, rejection.code());
             Err(rejection)
         }
     }

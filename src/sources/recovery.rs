@@ -92,6 +92,8 @@ pub struct CycleReport {
 
 /// The recovery task: see the module documentation.
 pub struct Recovery {
+    /// The app whose failed pushes it reads (labels its metrics and logs).
+    app: String,
     store: Arc<dyn Store>,
     client: Client,
     interval: Duration,
@@ -102,6 +104,7 @@ pub struct Recovery {
 
 impl Recovery {
     pub fn new(
+        app: &str,
         store: Arc<dyn Store>,
         client: Client,
         interval: Duration,
@@ -109,6 +112,7 @@ impl Recovery {
         wake: Arc<Notify>,
     ) -> Self {
         Recovery {
+            app: app.to_owned(),
             store,
             client,
             // A zero interval would make the timer panic; configuration refuses it anyway.
@@ -121,6 +125,7 @@ impl Recovery {
     /// The task the application runs, or `None` (logged) when recovery is off or there is no
     /// DingTalk client to read the list with.
     pub fn from_config(
+        app: &str,
         config: &RecoveryConfig,
         client: Option<Client>,
         store: Arc<dyn Store>,
@@ -135,7 +140,14 @@ impl Recovery {
             tracing::info!("failed-push recovery is off: no DingTalk app key configured");
             return None;
         };
-        Some(Recovery::new(store, client, config.interval, metrics, wake))
+        Some(Recovery::new(
+            app,
+            store,
+            client,
+            config.interval,
+            metrics,
+            wake,
+        ))
     }
 
     /// Runs a cycle now and then every `interval` until `stop` turns true. A cycle in progress
@@ -171,12 +183,12 @@ impl Recovery {
             Ok(Some(guard)) => guard,
             Ok(None) => {
                 tracing::debug!("another replica is reading the failed-push list");
-                self.metrics.recovery_run("not_leader");
+                self.metrics.recovery_run(&self.app, "not_leader");
                 return Ok(report);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not ask for recovery leadership; trying next interval");
-                self.metrics.recovery_run("store_error");
+                self.metrics.recovery_run(&self.app, "store_error");
                 return Err(e.into());
             }
         };
@@ -185,7 +197,7 @@ impl Recovery {
         guard.release().await;
         match &result {
             Ok(()) => {
-                self.metrics.recovery_run("ok");
+                self.metrics.recovery_run(&self.app, "ok");
                 if report.stored > 0 || report.duplicates > 0 {
                     tracing::info!(
                         pages = report.pages,
@@ -196,7 +208,7 @@ impl Recovery {
                 }
             }
             Err(RecoveryError::Store(e)) => {
-                self.metrics.recovery_run("store_error");
+                self.metrics.recovery_run(&self.app, "store_error");
                 tracing::error!(
                     error = %e,
                     pages = report.pages,
@@ -206,7 +218,7 @@ impl Recovery {
                 );
             }
             Err(RecoveryError::DingTalk(e)) => {
-                self.metrics.recovery_run("dingtalk_error");
+                self.metrics.recovery_run(&self.app, "dingtalk_error");
                 // A refusal that will not go away is usually a missing permission.
                 let hint = if e.is_permanent() {
                     "check that the app has the qyapi_base permission"
@@ -221,7 +233,7 @@ impl Recovery {
                 );
             }
             Err(e @ RecoveryError::LeadershipLost) => {
-                self.metrics.recovery_run("leadership_lost");
+                self.metrics.recovery_run(&self.app, "leadership_lost");
                 tracing::warn!(error = %e, pages = report.pages, "failed-push recovery stopped");
             }
         }
@@ -276,17 +288,17 @@ impl Recovery {
                 Ok(Some(Inserted::Stored { id })) => {
                     any_stored = true;
                     report.stored += 1;
-                    self.metrics.recovered_event("stored");
+                    self.metrics.recovered_event(&self.app, "stored");
                     tracing::debug!(id, tag = ?entry.tag, "recovered event stored");
                 }
                 Ok(Some(Inserted::Duplicate { id })) => {
                     report.duplicates += 1;
-                    self.metrics.recovered_event("duplicate");
+                    self.metrics.recovered_event(&self.app, "duplicate");
                     tracing::debug!(id, tag = ?entry.tag, "recovered event was already stored");
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.metrics.recovered_event("lost");
+                    self.metrics.recovered_event(&self.app, "lost");
                     tracing::error!(
                         error = %e,
                         entry = %entry.raw,
