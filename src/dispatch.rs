@@ -120,6 +120,8 @@ pub struct Dispatcher {
     wake: Arc<Notify>,
     /// Each app's view of the store and its client, by app name.
     apps: HashMap<String, AppContext>,
+    /// Where the next shared claim starts among the waiting apps (see `claim_batch`).
+    next_app: std::sync::atomic::AtomicUsize,
 }
 
 /// One app's side of a handler's [`Context`]: the store as that app sees it
@@ -149,6 +151,7 @@ impl Dispatcher {
             node,
             wake,
             apps,
+            next_app: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -194,10 +197,7 @@ impl Dispatcher {
         let owner = self.worker_owner(index);
         let lease_ms = crate::time::millis(self.config.lease);
         while !*stop.borrow() {
-            let claimed = self
-                .store
-                .claim(&owner, self.config.batch_size, lease_ms, now_millis())
-                .await;
+            let claimed = self.claim_batch(&owner, lease_ms).await;
             let batch = match claimed {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -221,6 +221,50 @@ impl Dispatcher {
             )
             .await;
         }
+    }
+
+    /// A worker's next batch. With one app: the oldest due events (expired leases first). With
+    /// several apps waiting, the batch is shared: a first part as with one app (so expired
+    /// leases and the oldest events still come first), the rest in equal shares per app with
+    /// waiting events, taking the apps in turn from one further each batch. So a backlog of one
+    /// app cannot hold back another's events: each batch takes some of every app's.
+    async fn claim_batch(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+    ) -> Result<Vec<StoredEvent>, crate::store::StoreError> {
+        let limit = self.config.batch_size;
+        let now = now_millis();
+        if self.apps.len() <= 1 {
+            return self.store.claim(owner, limit, lease_ms, now).await;
+        }
+        let waiting = self.store.waiting_apps().await?;
+        if waiting.len() <= 1 {
+            return self.store.claim(owner, limit, lease_ms, now).await;
+        }
+        let parts = u32::try_from(waiting.len() + 1).unwrap_or(u32::MAX);
+        let share = (limit / parts).max(1);
+        let mut batch = self.store.claim(owner, share, lease_ms, now).await?;
+        let start = self
+            .next_app
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // At most this many per-app claims per batch, so a thousand apps with nothing due yet
+        // cost a bounded number of queries; the turn moves on next time.
+        let mut tries = 2 * limit as usize;
+        for i in 0..waiting.len() {
+            let left = limit.saturating_sub(batch.len() as u32);
+            if left == 0 || tries == 0 {
+                break;
+            }
+            tries -= 1;
+            let app = &waiting[(start + i) % waiting.len()];
+            let claimed = self
+                .store
+                .claim_app(owner, app, share.min(left), lease_ms, now)
+                .await?;
+            batch.extend(claimed);
+        }
+        Ok(batch)
     }
 
     /// Runs the handlers of one claimed event that have not succeeded for it yet, and

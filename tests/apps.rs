@@ -259,3 +259,95 @@ enabled = true
     wait_until("the ops welcome", || fake_b.robot_messages().len() == 1).await;
     app.stop().await;
 }
+
+/// A backlog of one app does not hold back another's events: with 5 000 slow events of
+/// `default` waiting, an event of `ops` is handled within a second or two, while most of the
+/// backlog still waits.
+async fn a_backlog_of_one_app_does_not_delay_another(store_url: Option<String>) {
+    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
+        r#"
+[ops]
+token = "{OPS_TOKEN}"
+aes_key = "{OPS_AES_KEY}"
+owner_key = "{OPS_OWNER}"
+"#
+    ))
+    .unwrap();
+    let app = TestApp::spawn_on(
+        move |config| {
+            if let Some(url) = store_url {
+                config.store.url = url;
+            }
+            config.handlers.enabled = false;
+            config.apps = ops;
+            RegistryBuilder::new()
+                .on("backlog", |_, _| async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(())
+                })
+                .on("chat_update_title", |_, _| async { Ok(()) })
+        },
+        |store| store,
+    )
+    .await;
+    let inserts = (0..5_000).map(|i| {
+        let store = std::sync::Arc::clone(&app.store);
+        async move {
+            store
+                .insert(dinghook::store::NewEvent {
+                    app: "default".into(),
+                    dedup_key: format!("backlog-{i}"),
+                    event_type: "backlog".into(),
+                    corp_id: None,
+                    payload: r#"{"EventType":"backlog"}"#.into(),
+                    source: dinghook::store::Source::Push,
+                    received_at: now_millis(),
+                })
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(inserts).await;
+    // Let the workers sink their teeth into the backlog.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = std::time::Instant::now();
+    let msg =
+        json!({"EventType": "chat_update_title", "eventId": "ops-1", "chatId": "c", "title": "t"})
+            .to_string();
+    assert_eq!(post_ops(&app, &ops_cipher(), &msg).await.status(), 200);
+    app.wait_for_state("@ops/event:ops-1", EventState::Done)
+        .await;
+    let took = started.elapsed();
+    let waiting = app
+        .store
+        .list(&ListQuery {
+            app: Some("default".into()),
+            state: Some(EventState::Pending),
+            limit: Some(10_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len();
+    eprintln!("ops event handled in {took:?} with {waiting} default events still pending");
+    assert!(
+        waiting > 2_000,
+        "the backlog was not a backlog: {waiting} left"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_backlog_of_one_app_does_not_delay_another_on_sqlite() {
+    a_backlog_of_one_app_does_not_delay_another(None).await;
+}
+
+#[tokio::test]
+async fn a_backlog_of_one_app_does_not_delay_another_on_postgres() {
+    let Some(url) = stores::fresh_postgres_database().await else {
+        return;
+    };
+    a_backlog_of_one_app_does_not_delay_another(Some(url)).await;
+}

@@ -316,6 +316,19 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Like [`Store::claim`], but only due events of `app` (no expired leases): how the
+    /// dispatcher shares its claims between apps, so one app's backlog cannot hold back
+    /// another's events. Costs the same whatever the other apps' backlogs.
+    async fn claim_app(
+        &self,
+        owner: &str,
+        app: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// The apps that have `pending` or `retry` events (due or not), in name order.
+    async fn waiting_apps(&self) -> Result<Vec<String>, StoreError>;
     /// `running` → `done`, forgetting `handled` (a done event replayed runs every handler
     /// again). False (and no change) if `owner` no longer holds the lease.
     async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError>;

@@ -428,6 +428,8 @@ struct Sql {
     shared: Statements,
     /// Expired leases first, then due events (see `claim`).
     claims: [String; 2],
+    /// One app's due events (`claim_app`): owner, lease until, now, limit, app.
+    claim_app: String,
     /// now, ids.
     replay_ids: String,
 }
@@ -451,6 +453,12 @@ impl Sql {
                      ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED",
                 ),
             ],
+            claim_app: schema::claim_statement(
+                d,
+                "SELECT id FROM events \
+                 WHERE app = $5 AND state IN ('pending', 'retry') AND next_attempt_at <= $3 \
+                 ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED",
+            ),
             replay_ids: format!("{} id = ANY($2)", schema::REPLAY_SET),
         }
     }
@@ -597,6 +605,40 @@ impl Store for PostgresStore {
             // RETURNING has no defined order.
             events.sort_by_key(|e| (e.next_attempt_at, e.id));
             Ok(events)
+        })
+        .await
+    }
+
+    async fn claim_app(
+        &self,
+        owner: &str,
+        app: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let lease_until = now_ms.saturating_add(lease_ms);
+        let limit = i64::from(limit);
+        self.run(async |c| {
+            let rows = Self::query(
+                c,
+                &self.sql.claim_app,
+                &[&owner, &lease_until, &now_ms, &limit, &app],
+            )
+            .await?;
+            let mut events = events_from_rows(&rows)?;
+            events.sort_by_key(|e| (e.next_attempt_at, e.id));
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn waiting_apps(&self) -> Result<Vec<String>, StoreError> {
+        self.run(async |c| {
+            let rows = Self::query(c, &self.sql.waiting_apps, &[]).await?;
+            rows.iter()
+                .map(|r| r.try_get(0).map_err(StoreError::from))
+                .collect()
         })
         .await
     }

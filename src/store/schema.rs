@@ -120,6 +120,13 @@ CREATE INDEX events_app ON events (app, id);
     // The dialects differ too much for tokens: see `SQLITE_EVENT_COUNTS`,
     // `POSTGRES_EVENT_COUNTS`.
     "{event_counts}",
+    // 9: each app's waiting events in due order, so a claim can take one app's events without
+    // walking another's backlog, and the apps with waiting events can be listed by skipping
+    // through it (fair claims across apps).
+    r#"
+CREATE INDEX events_app_waiting ON events (app, next_attempt_at, id)
+    WHERE state IN ('pending', 'retry');
+"#,
 ];
 
 /// Migration 8 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
@@ -301,6 +308,8 @@ pub struct Statements {
     pub event_by_key: String,
     /// state or NULL, event_type or NULL, limit, app or NULL → [`EVENT_COLUMNS`], newest first.
     pub list_events: String,
+    /// → the apps with waiting (`pending`/`retry`) events, one per row, in name order.
+    pub waiting_apps: String,
     pub count_events: String,
     /// id, owner, now.
     pub mark_done: String,
@@ -356,6 +365,21 @@ impl Statements {
                  AND (CAST($2 AS TEXT) IS NULL OR event_type = $2) \
                  AND (CAST($4 AS TEXT) IS NULL OR app = $4) \
                  ORDER BY id DESC LIMIT $3"
+            )),
+            // A skip scan of `events_app_waiting`: each step finds the next app after the last,
+            // so the cost grows with the number of apps, not of waiting events.
+            waiting_apps: sql(&format!(
+                "WITH RECURSIVE waiting(app) AS ( \
+                 SELECT MIN(app) FROM events {pin} WHERE state IN ('pending', 'retry') \
+                 UNION ALL \
+                 SELECT (SELECT MIN(e.app) FROM events e {pin} \
+                 WHERE e.state IN ('pending', 'retry') AND e.app > waiting.app) \
+                 FROM waiting WHERE waiting.app IS NOT NULL) \
+                 SELECT app FROM waiting WHERE app IS NOT NULL",
+                pin = match dialect {
+                    Dialect::Sqlite => "INDEXED BY events_app_waiting",
+                    Dialect::Postgres => "",
+                }
             )),
             count_events: sql("SELECT COUNT(*) FROM events"),
             // A done event replayed runs every handler again.

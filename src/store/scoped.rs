@@ -96,6 +96,23 @@ impl Store for AppStore {
         self.inner.claim(owner, limit, lease_ms, now_ms).await
     }
 
+    async fn claim_app(
+        &self,
+        owner: &str,
+        app: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner
+            .claim_app(owner, app, limit, lease_ms, now_ms)
+            .await
+    }
+
+    async fn waiting_apps(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.waiting_apps().await
+    }
+
     async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
         self.inner.mark_done(id, owner, now_ms).await
     }

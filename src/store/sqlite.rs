@@ -335,6 +335,8 @@ struct Sql {
     shared: Statements,
     /// Expired leases first, then due events (see `claim`).
     claims: [String; 2],
+    /// One app's due events (`claim_app`): owner, lease until, now, limit, app.
+    claim_app: String,
     /// owner, now (one statement per owner).
     release: String,
     /// now, id (one statement per id).
@@ -360,6 +362,12 @@ impl Sql {
                      AND next_attempt_at <= $3 ORDER BY next_attempt_at, id LIMIT $4",
                 ),
             ],
+            claim_app: schema::claim_statement(
+                d,
+                "SELECT id FROM events INDEXED BY events_app_waiting \
+                 WHERE app = $5 AND state IN ('pending', 'retry') \
+                 AND next_attempt_at <= $3 ORDER BY next_attempt_at, id LIMIT $4",
+            ),
             release: d.statement(
                 "UPDATE events SET state = 'pending', attempts = MAX(attempts - 1, 0), \
                  lease_owner = NULL, lease_until = NULL, updated_at = $2 \
@@ -511,6 +519,40 @@ impl Store for SqliteStore {
             }
             events.sort_by_key(|e| (e.next_attempt_at, e.id));
             Ok(events)
+        })
+        .await
+    }
+
+    async fn claim_app(
+        &self,
+        owner: &str,
+        app: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let (owner, app) = (owner.to_owned(), app.to_owned());
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            let lease_until = now_ms.saturating_add(lease_ms);
+            let mut stmt = conn.prepare_cached(&sql.claim_app)?;
+            let rows = stmt.query_map(
+                params![owner, lease_until, now_ms, i64::from(limit), app],
+                event_from_row,
+            )?;
+            let mut events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            events.sort_by_key(|e| (e.next_attempt_at, e.id));
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn waiting_apps(&self) -> Result<Vec<String>, StoreError> {
+        let sql = Arc::clone(&self.sql);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql.waiting_apps)?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
         })
         .await
     }

@@ -89,6 +89,28 @@ impl Store for CountingStore {
         }
         Ok(claimed)
     }
+    async fn claim_app(
+        &self,
+        owner: &str,
+        app: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let claimed = self
+            .inner
+            .claim_app(owner, app, limit, lease_ms, now_ms)
+            .await?;
+        if !claimed.is_empty() {
+            self.count("claim");
+        }
+        Ok(claimed)
+    }
+
+    async fn waiting_apps(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.waiting_apps().await
+    }
+
     async fn mark_done(&self, id: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
         self.count("mark_done");
         self.inner.mark_done(id, owner, now_ms).await
