@@ -282,9 +282,10 @@ async fn robot_group_message_uses_the_header_token_and_a_string_msg_param() {
 #[tokio::test]
 async fn scene_group_query_parses_the_group() {
     let t = start().await;
+    // A group the cool app was installed in: DingTalk answers only with its coolAppCode.
     t.fake.add_group(json!({
         "openConversationId": "cid-1", "title": "Sales", "templateId": "tpl", "ownerUserId": "alice",
-        "icon": "@icon", "groupUrl": "dingtalk://group", "status": 1
+        "icon": "@icon", "groupUrl": "dingtalk://group", "status": 1, "coolAppCode": "COOLAPP-1"
     }));
     let info = t
         .client
@@ -300,12 +301,18 @@ async fn scene_group_query_parses_the_group() {
         call.body.unwrap(),
         json!({"openConversationId": "cid-1", "coolAppCode": "COOLAPP-1"})
     );
-    let err = t
-        .client
-        .query_scene_group("cid-nope", None)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some("invalid.openConversationId"));
+    // Without it (or for a group the app cannot see), DingTalk's refusal, not retried.
+    for (cid, cool_app_code) in [("cid-1", None), ("cid-nope", None)] {
+        let err = t
+            .client
+            .query_scene_group(cid, cool_app_code)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("groupPermissionDenied"), "{cid}");
+        assert!(err.is_permanent(), "{cid}");
+    }
+    assert_eq!(t.calls(GROUP_QUERY).len(), 3, "one request each");
+    assert!(t.calls(GROUP_QUERY)[1].body.as_ref().unwrap()["coolAppCode"].is_null());
 }
 
 #[tokio::test]
@@ -335,9 +342,10 @@ async fn attendance_calls_match_the_protocol() {
     assert_eq!(result.extra["vendor_field"], 1);
     let call = only_call(t.calls("/topapi/attendance/getupdatedata"));
     assert_old_api_call(&call, "/topapi/attendance/getupdatedata");
+    // The day goes out as DingTalk's request examples send it.
     assert_eq!(
         call.body.unwrap(),
-        json!({"userid": "alice", "work_date": "2026-11-02"})
+        json!({"userid": "alice", "work_date": "2026-11-02 00:00:00"})
     );
 
     // 2026-11-02 00:00 +08:00, the work date of each record.
