@@ -907,6 +907,217 @@ async fn system_busy_and_5xx_are_retried() {
     assert_eq!(t.calls(USER_GET).len(), 4 + 4);
 }
 
+// ---------------------------------------------------------------------------------------------
+// DingTalk's error codes as its tables define them (issue 16, part 2), each injected through
+// the fake's admin routes and judged by what the fake received and what the caller got.
+
+/// Scripts the next answers over the fake's admin route, as a curl script would.
+async fn inject(t: &support::TestDingTalk, faults: Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/_fake/faults", t.base_url))
+        .body(faults.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+const BY_UNION_ID: &str = "/topapi/user/getbyunionid";
+
+#[tokio::test]
+async fn temporarily_disabled_requests_are_not_repeated_and_hold_calls_back() {
+    // 90001–90017 without 90002 (a QPS throttle): "requests temporarily disabled", for every
+    // API or for the one called, as the global table words each of them.
+    let every_api = [90001, 90003, 90004, 90007, 90009, 90011, 90013, 90017];
+    for errcode in (90001..=90017).filter(|c| *c != 90002) {
+        let t = start().await.with_alice();
+        inject(&t, json!({"path": USER_GET, "errcode": errcode})).await;
+        let err = t.client.get_user("alice", None).await.unwrap_err();
+        assert!(matches!(err, Error::Disabled { .. }), "{errcode}: {err:?}");
+        assert_eq!(err.errcode(), Some(errcode));
+        assert!(err.is_retryable() && !err.is_permanent(), "{errcode}");
+        assert_eq!(t.calls(USER_GET).len(), 1, "{errcode}: not repeated");
+        assert_eq!(t.client.stats().disabled_answers, 1);
+        assert_eq!(
+            t.counted().await,
+            0,
+            "{errcode}: a refused call is not counted"
+        );
+
+        // The same API is held back without a request; another one only if every API was
+        // disabled.
+        let again = t.client.get_user("alice", None).await.unwrap_err();
+        assert!(
+            matches!(again, Error::Disabled { .. }),
+            "{errcode}: {again:?}"
+        );
+        assert_eq!(t.calls(USER_GET).len(), 1, "{errcode}: held back");
+        let other = t.client.user_by_union_id("union-alice").await;
+        if every_api.contains(&errcode) {
+            let other = other.unwrap_err();
+            assert_eq!(other.errcode(), Some(errcode), "{errcode}: {other:?}");
+            assert!(t.calls(BY_UNION_ID).is_empty(), "{errcode}");
+        } else {
+            assert_eq!(other.unwrap().userid, "alice", "{errcode}");
+            assert_eq!(t.calls(BY_UNION_ID).len(), 1, "{errcode}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn old_api_system_errors_are_retried_with_back_off() {
+    let t = start().await.with_alice();
+    // errcode 500 ("系统异常", in a 200 answer) and 400001 ("系统错误"): passing faults.
+    inject(
+        &t,
+        json!([{"path": USER_GET, "errcode": 500}, {"path": USER_GET, "errcode": 400001}]),
+    )
+    .await;
+    t.client.get_user("alice", None).await.unwrap();
+    let codes: Vec<Option<String>> = t
+        .calls(USER_GET)
+        .into_iter()
+        .map(|c| c.answer_code)
+        .collect();
+    assert_eq!(
+        codes,
+        [Some("500".into()), Some("400001".into()), Some("0".into())]
+    );
+    assert_eq!(t.client.stats().busy_retries, 2);
+
+    // One that stays: bounded, and the caller may retry later.
+    inject(&t, json!({"path": USER_GET, "errcode": 500, "times": 100})).await;
+    let err = t.client.get_user("alice", None).await.unwrap_err();
+    assert_eq!(err.errcode(), Some(500));
+    assert!(err.is_retryable() && !err.is_permanent());
+    assert_eq!(t.calls(USER_GET).len(), 3 + 4, "max_retries (3) + 1");
+
+    // On the legacy to-do API, 400001 is a refusal (the same content twice a day): not retried.
+    t.fake.clear_faults();
+    let add = "/topapi/workrecord/add";
+    inject(&t, json!({"path": add, "errcode": 400001})).await;
+    let err = t
+        .client
+        .oapi_post_json(add, &json!({"userid": "alice", "title": "t"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.errcode(), Some(400001));
+    assert!(err.is_permanent() && !err.is_retryable());
+    assert_eq!(t.calls(add).len(), 1);
+}
+
+#[tokio::test]
+async fn new_api_system_errors_are_busy_whatever_the_http_status() {
+    let t = start().await;
+    t.fake
+        .add_group(json!({"openConversationId": "cid-1", "title": "G"}));
+    inject(
+        &t,
+        json!([
+            {"path": GROUP_QUERY, "status": 400, "code": "systemError"},
+            {"path": GROUP_QUERY, "status": 400, "code": "system.error"},
+            {"path": GROUP_QUERY, "status": 500, "code": "system.error"},
+        ]),
+    )
+    .await;
+    assert_eq!(
+        t.client
+            .query_scene_group("cid-1", None)
+            .await
+            .unwrap()
+            .title,
+        "G"
+    );
+    let statuses: Vec<Option<u16>> = t.calls(GROUP_QUERY).into_iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [Some(400), Some(400), Some(500), Some(200)]);
+    assert_eq!(t.client.stats().busy_retries, 3);
+
+    // `system.busy` is the table's "requests too frequent": throttled, retried.
+    inject(
+        &t,
+        json!({"path": GROUP_QUERY, "status": 400, "code": "system.busy"}),
+    )
+    .await;
+    t.client.query_scene_group("cid-1", None).await.unwrap();
+    assert_eq!(t.client.stats().throttled_retries, 1);
+    assert_eq!(t.calls(GROUP_QUERY).len(), 6);
+
+    // A `systemError.…` the table lists as a refusal is not retried.
+    inject(
+        &t,
+        json!({"path": GROUP_QUERY, "status": 400, "code": "systemError.notPermittedAccess"}),
+    )
+    .await;
+    let err = t.client.query_scene_group("cid-1", None).await.unwrap_err();
+    assert_eq!(err.code(), Some("systemError.notPermittedAccess"));
+    assert!(err.is_permanent());
+    assert_eq!(t.calls(GROUP_QUERY).len(), 7);
+}
+
+#[tokio::test]
+async fn errcode_33001_refetches_the_token_once() {
+    let t = start().await.with_alice();
+    inject(&t, json!({"path": USER_GET, "errcode": 33001})).await;
+    t.client.get_user("alice", None).await.unwrap();
+    let sequence: Vec<(String, Option<String>)> = t
+        .fake
+        .calls()
+        .into_iter()
+        .map(|c| (c.path, c.answer_code))
+        .collect();
+    assert_eq!(
+        sequence,
+        [
+            ("/gettoken".into(), Some("0".into())),
+            (USER_GET.into(), Some("33001".into())),
+            ("/gettoken".into(), Some("0".into())),
+            (USER_GET.into(), Some("0".into())),
+        ]
+    );
+    assert_eq!(t.client.stats().token_rejections, 1);
+
+    // Twice in a row: one refetch, then the caller is told.
+    inject(&t, json!({"path": USER_GET, "errcode": 33001, "times": 5})).await;
+    let err = t.client.get_user("alice", None).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidToken { .. }), "{err:?}");
+    assert_eq!(t.calls(USER_GET).len(), 2 + 2);
+}
+
+#[tokio::test]
+async fn the_per_ip_ban_as_an_html_page_is_a_ban() {
+    // DingTalk's throttling page: the per-IP ban "returns an HTML page". It states five
+    // minutes, longer than the client waits inside a call (max_ban_wait is 3 s in tests).
+    for status in [200, 403] {
+        let t = start().await.with_alice();
+        if status == 200 {
+            // The fake's own page, through its ban route.
+            let response = reqwest::Client::new()
+                .post(format!("{}/_fake/ban", t.base_url))
+                .body(r#"{"html": true}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+        } else {
+            let page = "<html><body>denied</body></html>";
+            inject(&t, json!({"html": page, "status": status})).await;
+        }
+        let err = t.client.get_user("alice", None).await.unwrap_err();
+        match &err {
+            Error::IpBanned { wait } => assert_eq!(*wait, Duration::from_secs(300), "{status}"),
+            other => panic!("{status}: {other:?}"),
+        }
+        assert!(err.is_retryable() && !err.is_permanent());
+        assert_eq!(t.calls(USER_GET).len(), 1);
+        assert_eq!(t.client.stats().ip_bans, 1);
+        assert_eq!(t.counted().await, 0, "a banned call is not counted");
+        // Nothing reaches DingTalk while the ban runs.
+        let err = t.client.user_by_union_id("union-alice").await.unwrap_err();
+        assert!(matches!(err, Error::IpBanned { .. }), "{err:?}");
+        assert!(t.calls(BY_UNION_ID).is_empty());
+    }
+}
+
 #[tokio::test]
 async fn per_ip_ban_is_honoured() {
     let t = start().await.with_alice();
