@@ -1119,6 +1119,101 @@ async fn the_per_ip_ban_as_an_html_page_is_a_ban() {
 }
 
 #[tokio::test]
+async fn status_bar_41052_waits_for_the_send_to_finish() {
+    const STATUS_BAR: &str = "/topapi/message/corpconversation/status_bar/update";
+    const PROGRESS: &str = "/topapi/message/corpconversation/getsendprogress";
+    let t = start().await;
+    let oa = WorkMessage::Oa {
+        oa: OaMessage {
+            message_url: "https://example.com/todo".into(),
+            status_bar: Some(OaStatusBar {
+                status_value: "待办".into(),
+                status_bg: None,
+            }),
+            ..OaMessage::default()
+        },
+    };
+    let task = t
+        .client
+        .send_work_notification(&WorkNotification::to_users(["alice"], oa))
+        .await
+        .unwrap();
+    let done = OaStatusBar {
+        status_value: "已完成".into(),
+        status_bg: None,
+    };
+    let bar_of = |t: &support::TestDingTalk| {
+        t.fake
+            .sent_messages()
+            .into_iter()
+            .find(|m| m.task_id == task)
+            .and_then(|m| m.status_bar)
+    };
+
+    // Still being sent (set over the admin route): 41052, then getsendprogress says so, and
+    // the caller gets a retryable error naming the progress.
+    let response = reqwest::Client::new()
+        .post(format!("{}/_fake/send-progress/{task}", t.base_url))
+        .body(r#"{"progress_in_percent": 40, "status": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let err = t
+        .client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap_err();
+    match &err {
+        Error::SendInProgress {
+            task_id,
+            progress_in_percent,
+            status,
+        } => assert_eq!((*task_id, *progress_in_percent, *status), (task, 40, 1)),
+        other => panic!("{other:?}"),
+    }
+    assert!(err.is_retryable() && !err.is_permanent());
+    assert_eq!(t.calls(STATUS_BAR).len(), 1);
+    assert_eq!(t.calls(PROGRESS).len(), 1);
+    assert_eq!(bar_of(&t), None);
+
+    // Finished since: the retry goes through.
+    t.fake.set_send_progress(task, 100, 2);
+    t.client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap();
+    assert_eq!(t.calls(STATUS_BAR).len(), 2);
+    assert_eq!(bar_of(&t).unwrap()["status_value"], "已完成");
+
+    // 41052 while the progress already says done (the send finished in between): one more
+    // update, which succeeds.
+    inject(&t, json!({"path": STATUS_BAR, "errcode": 41052})).await;
+    t.client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap();
+    assert_eq!(t.calls(STATUS_BAR).len(), 2 + 2);
+    assert_eq!(t.calls(PROGRESS).len(), 2);
+
+    // 41052 again after a finished send: DingTalk's "too many recipients", a refusal.
+    inject(
+        &t,
+        json!({"path": STATUS_BAR, "errcode": 41052, "times": 2}),
+    )
+    .await;
+    let err = t
+        .client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap_err();
+    assert_eq!(err.errcode(), Some(41052));
+    assert!(err.is_permanent() && !err.is_retryable());
+    assert_eq!(t.calls(STATUS_BAR).len(), 4 + 2);
+    assert_eq!(t.calls(PROGRESS).len(), 3);
+}
+
+#[tokio::test]
 async fn per_ip_ban_is_honoured() {
     let t = start().await.with_alice();
     t.fake.ban_next(1, 1);

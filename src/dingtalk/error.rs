@@ -88,6 +88,20 @@ pub enum Error {
         /// DingTalk's request id, when it sent one (none when the call was held back).
         request_id: Option<String>,
     },
+    /// `status_bar/update` answered 41052 and `getsendprogress` says the notification is still
+    /// being sent: DingTalk refuses status-bar changes until the send is done. Retry later.
+    #[error(
+        "work notification {task_id} is still being sent ({progress_in_percent} %, status \
+         {status}); DingTalk refuses its status bar until the send is done (41052)"
+    )]
+    SendInProgress {
+        /// The notification's task id.
+        task_id: i64,
+        /// `getsendprogress`'s `progress_in_percent`.
+        progress_in_percent: i64,
+        /// `getsendprogress`'s `status` (0 not started, 1 running, 2 done).
+        status: i64,
+    },
     /// The call was refused for an invalid or expired token even after one fresh token was fetched.
     #[error("access token rejected by DingTalk ({code}: {message})")]
     InvalidToken {
@@ -246,7 +260,8 @@ fn is_system_error(code: &str) -> bool {
 
 impl Error {
     /// True when the same request may succeed later without any change: transport trouble,
-    /// time-outs, throttling, bans, requests temporarily disabled, system faults, token trouble.
+    /// time-outs, throttling, bans, requests temporarily disabled, system faults, token trouble,
+    /// a notification still being sent.
     ///
     /// The dispatcher retries these with its own back-off. Note that [`Error::Timeout`] is
     /// retryable but ambiguous: only retry effects that are idempotent or recorded.
@@ -257,6 +272,7 @@ impl Error {
             | Error::Throttled { .. }
             | Error::IpBanned { .. }
             | Error::Disabled { .. }
+            | Error::SendInProgress { .. }
             | Error::InvalidToken { .. } => true,
             Error::Token(inner) => inner.is_retryable(),
             Error::Api { path, errcode, .. } => matches!(
