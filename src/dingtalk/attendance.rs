@@ -201,7 +201,7 @@ impl Client {
     /// The day is sent as `"yyyy-MM-dd 00:00:00"`: the parameter table types `work_date` as a
     /// Date with the example `2021-01-14`, but every request example on the page (curl,
     /// Python, PHP, C#) sends `2018-05-02 00:00:00`
-    /// (https://open.dingtalk.com/document/development/obtain-the-attendance-update-data).
+    /// (<https://open.dingtalk.com/document/development/obtain-the-attendance-update-data>).
     pub async fn attendance_update_data(
         &self,
         userid: &str,

@@ -36,7 +36,7 @@ const BAN_STATUS: i64 = 1111;
 const DEFAULT_BAN_WAIT: Duration = Duration::from_secs(5);
 /// Ban length assumed for DingTalk's HTML ban page, which states none: the length DingTalk
 /// documents for the per-IP ban (more than 10 000 calls in 20 s from one IP: five minutes,
-/// https://open.dingtalk.com/document/development/how-to-process-api-throttling-on-the-dingtalk-server).
+/// <https://open.dingtalk.com/document/development/how-to-process-api-throttling-on-the-dingtalk-server>).
 const HTML_BAN_WAIT: Duration = Duration::from_secs(300);
 /// How long calls are held back after DingTalk said it temporarily disabled them (90001,
 /// 90003–90017). DingTalk states no duration; the per-minute limits behind 90005/90006 clear
@@ -419,8 +419,8 @@ fn classify_non_json(status: StatusCode, body: &[u8]) -> Outcome {
 
 /// DingTalk's per-IP ban (more than 10 000 calls in 20 s from one IP) "returns an HTML page,
 /// not an errcode" (sometimes the `{"status":1111,"punish":"deny",…}` JSON instead):
-/// https://open.dingtalk.com/document/development/how-to-process-api-throttling-on-the-dingtalk-server
-/// and https://open.dingtalk.com/document/development/call-frequency-limit. Neither shows the
+/// <https://open.dingtalk.com/document/development/how-to-process-api-throttling-on-the-dingtalk-server>
+/// and <https://open.dingtalk.com/document/development/call-frequency-limit>. Neither shows the
 /// page, so this takes as the ban page: any answer that is not JSON and names the ban's
 /// `punish` field, and any HTML page answered with 2xx, 403 or 429 (DingTalk's APIs answer
 /// JSON; HTML in a 5xx is a gateway's error page, a 404 a wrong base URL).
@@ -631,6 +631,9 @@ impl Client {
             .disabled
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        if pauses.is_empty() {
+            return Ok(());
+        }
         let now = Instant::now();
         let pause = [None, Some(label.to_owned())]
             .iter()

@@ -384,9 +384,9 @@ impl Client {
     /// DingTalk answers 41052 ("too many recipients, no more send results") while the send is
     /// still in progress, and for a send too large to report on: its page says to check
     /// `getsendprogress` and to send to fewer people
-    /// (https://open.dingtalk.com/document/development/update-work-notification-status-bar).
+    /// (<https://open.dingtalk.com/document/development/update-work-notification-status-bar>).
     /// So on 41052 the progress is read: a send not done yet gives
-    /// [`Error::SendInProgress`](super::Error::SendInProgress) (retryable: try again later); a
+    /// [`Error::SendInProgress`] (retryable: try again later); a
     /// send that is done gets the update once more, and a second 41052 is DingTalk's refusal.
     pub async fn update_work_notification_status(
         &self,

@@ -79,7 +79,7 @@ fn is_metered(path: &str) -> bool {
 }
 
 /// DingTalk's errmsg for the codes the fake is asked to answer most (the global error table,
-/// https://open.dingtalk.com/document/development/server-api-error-codes-1, and the pages of
+/// <https://open.dingtalk.com/document/development/server-api-error-codes-1>, and the pages of
 /// the APIs; shortened where DingTalk repeats itself).
 pub(crate) fn default_errmsg(errcode: i64) -> &'static str {
     match errcode {
@@ -880,7 +880,7 @@ impl FakeState {
     }
 
     /// `sceneGroups/query` as its page describes it
-    /// (https://open.dingtalk.com/document/development/query-group-information): `paramBlank`
+    /// (<https://open.dingtalk.com/document/development/query-group-information>): `paramBlank`
     /// without `openConversationId`; `groupPermissionDenied` for a group the app may not see,
     /// which includes a cool-app group asked without its `coolAppCode` (the page: "required for
     /// groups the cool app was installed in") or with another one.
@@ -903,7 +903,7 @@ impl FakeState {
     }
 
     /// `robot/groupMessages/send` with the codes its page lists
-    /// (https://open.dingtalk.com/document/development/the-robot-sends-a-group-message).
+    /// (<https://open.dingtalk.com/document/development/the-robot-sends-a-group-message>).
     fn robot_send(&mut self, body: Option<&Value>) -> Reply {
         if !body.is_some_and(Value::is_object) {
             return self.new_err(
