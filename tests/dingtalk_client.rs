@@ -282,9 +282,10 @@ async fn robot_group_message_uses_the_header_token_and_a_string_msg_param() {
 #[tokio::test]
 async fn scene_group_query_parses_the_group() {
     let t = start().await;
+    // A group the cool app was installed in: DingTalk answers only with its coolAppCode.
     t.fake.add_group(json!({
         "openConversationId": "cid-1", "title": "Sales", "templateId": "tpl", "ownerUserId": "alice",
-        "icon": "@icon", "groupUrl": "dingtalk://group", "status": 1
+        "icon": "@icon", "groupUrl": "dingtalk://group", "status": 1, "coolAppCode": "COOLAPP-1"
     }));
     let info = t
         .client
@@ -300,12 +301,18 @@ async fn scene_group_query_parses_the_group() {
         call.body.unwrap(),
         json!({"openConversationId": "cid-1", "coolAppCode": "COOLAPP-1"})
     );
-    let err = t
-        .client
-        .query_scene_group("cid-nope", None)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some("invalid.openConversationId"));
+    // Without it (or for a group the app cannot see), DingTalk's refusal, not retried.
+    for (cid, cool_app_code) in [("cid-1", None), ("cid-nope", None)] {
+        let err = t
+            .client
+            .query_scene_group(cid, cool_app_code)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("groupPermissionDenied"), "{cid}");
+        assert!(err.is_permanent(), "{cid}");
+    }
+    assert_eq!(t.calls(GROUP_QUERY).len(), 3, "one request each");
+    assert!(t.calls(GROUP_QUERY)[1].body.as_ref().unwrap()["coolAppCode"].is_null());
 }
 
 #[tokio::test]
@@ -335,9 +342,10 @@ async fn attendance_calls_match_the_protocol() {
     assert_eq!(result.extra["vendor_field"], 1);
     let call = only_call(t.calls("/topapi/attendance/getupdatedata"));
     assert_old_api_call(&call, "/topapi/attendance/getupdatedata");
+    // The day goes out as DingTalk's request examples send it.
     assert_eq!(
         call.body.unwrap(),
-        json!({"userid": "alice", "work_date": "2026-11-02"})
+        json!({"userid": "alice", "work_date": "2026-11-02 00:00:00"})
     );
 
     // 2026-11-02 00:00 +08:00, the work date of each record.
@@ -897,6 +905,312 @@ async fn system_busy_and_5xx_are_retried() {
     assert_eq!(err.errcode(), Some(-1));
     assert!(err.is_retryable());
     assert_eq!(t.calls(USER_GET).len(), 4 + 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// DingTalk's error codes as its tables define them (issue 16, part 2), each injected through
+// the fake's admin routes and judged by what the fake received and what the caller got.
+
+/// Scripts the next answers over the fake's admin route, as a curl script would.
+async fn inject(t: &support::TestDingTalk, faults: Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/_fake/faults", t.base_url))
+        .body(faults.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+const BY_UNION_ID: &str = "/topapi/user/getbyunionid";
+
+#[tokio::test]
+async fn temporarily_disabled_requests_are_not_repeated_and_hold_calls_back() {
+    // 90001–90017 without 90002 (a QPS throttle): "requests temporarily disabled", for every
+    // API or for the one called, as the global table words each of them.
+    let every_api = [90001, 90003, 90004, 90007, 90009, 90011, 90013, 90017];
+    for errcode in (90001..=90017).filter(|c| *c != 90002) {
+        let t = start().await.with_alice();
+        inject(&t, json!({"path": USER_GET, "errcode": errcode})).await;
+        let err = t.client.get_user("alice", None).await.unwrap_err();
+        assert!(matches!(err, Error::Disabled { .. }), "{errcode}: {err:?}");
+        assert_eq!(err.errcode(), Some(errcode));
+        assert!(err.is_retryable() && !err.is_permanent(), "{errcode}");
+        assert_eq!(t.calls(USER_GET).len(), 1, "{errcode}: not repeated");
+        assert_eq!(t.client.stats().disabled_answers, 1);
+        assert_eq!(
+            t.counted().await,
+            0,
+            "{errcode}: a refused call is not counted"
+        );
+
+        // The same API is held back without a request; another one only if every API was
+        // disabled.
+        let again = t.client.get_user("alice", None).await.unwrap_err();
+        assert!(
+            matches!(again, Error::Disabled { .. }),
+            "{errcode}: {again:?}"
+        );
+        assert_eq!(t.calls(USER_GET).len(), 1, "{errcode}: held back");
+        let other = t.client.user_by_union_id("union-alice").await;
+        if every_api.contains(&errcode) {
+            let other = other.unwrap_err();
+            assert_eq!(other.errcode(), Some(errcode), "{errcode}: {other:?}");
+            assert!(t.calls(BY_UNION_ID).is_empty(), "{errcode}");
+        } else {
+            assert_eq!(other.unwrap().userid, "alice", "{errcode}");
+            assert_eq!(t.calls(BY_UNION_ID).len(), 1, "{errcode}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn old_api_system_errors_are_retried_with_back_off() {
+    let t = start().await.with_alice();
+    // errcode 500 ("系统异常", in a 200 answer) and 400001 ("系统错误"): passing faults.
+    inject(
+        &t,
+        json!([{"path": USER_GET, "errcode": 500}, {"path": USER_GET, "errcode": 400001}]),
+    )
+    .await;
+    t.client.get_user("alice", None).await.unwrap();
+    let codes: Vec<Option<String>> = t
+        .calls(USER_GET)
+        .into_iter()
+        .map(|c| c.answer_code)
+        .collect();
+    assert_eq!(
+        codes,
+        [Some("500".into()), Some("400001".into()), Some("0".into())]
+    );
+    assert_eq!(t.client.stats().busy_retries, 2);
+
+    // One that stays: bounded, and the caller may retry later.
+    inject(&t, json!({"path": USER_GET, "errcode": 500, "times": 100})).await;
+    let err = t.client.get_user("alice", None).await.unwrap_err();
+    assert_eq!(err.errcode(), Some(500));
+    assert!(err.is_retryable() && !err.is_permanent());
+    assert_eq!(t.calls(USER_GET).len(), 3 + 4, "max_retries (3) + 1");
+
+    // On the legacy to-do API, 400001 is a refusal (the same content twice a day): not retried.
+    t.fake.clear_faults();
+    let add = "/topapi/workrecord/add";
+    inject(&t, json!({"path": add, "errcode": 400001})).await;
+    let err = t
+        .client
+        .oapi_post_json(add, &json!({"userid": "alice", "title": "t"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.errcode(), Some(400001));
+    assert!(err.is_permanent() && !err.is_retryable());
+    assert_eq!(t.calls(add).len(), 1);
+}
+
+#[tokio::test]
+async fn new_api_system_errors_are_busy_whatever_the_http_status() {
+    let t = start().await;
+    t.fake
+        .add_group(json!({"openConversationId": "cid-1", "title": "G"}));
+    inject(
+        &t,
+        json!([
+            {"path": GROUP_QUERY, "status": 400, "code": "systemError"},
+            {"path": GROUP_QUERY, "status": 400, "code": "system.error"},
+            {"path": GROUP_QUERY, "status": 500, "code": "system.error"},
+        ]),
+    )
+    .await;
+    assert_eq!(
+        t.client
+            .query_scene_group("cid-1", None)
+            .await
+            .unwrap()
+            .title,
+        "G"
+    );
+    let statuses: Vec<Option<u16>> = t.calls(GROUP_QUERY).into_iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [Some(400), Some(400), Some(500), Some(200)]);
+    assert_eq!(t.client.stats().busy_retries, 3);
+
+    // `system.busy` is the table's "requests too frequent": throttled, retried.
+    inject(
+        &t,
+        json!({"path": GROUP_QUERY, "status": 400, "code": "system.busy"}),
+    )
+    .await;
+    t.client.query_scene_group("cid-1", None).await.unwrap();
+    assert_eq!(t.client.stats().throttled_retries, 1);
+    assert_eq!(t.calls(GROUP_QUERY).len(), 6);
+
+    // A `systemError.…` the table lists as a refusal is not retried.
+    inject(
+        &t,
+        json!({"path": GROUP_QUERY, "status": 400, "code": "systemError.notPermittedAccess"}),
+    )
+    .await;
+    let err = t.client.query_scene_group("cid-1", None).await.unwrap_err();
+    assert_eq!(err.code(), Some("systemError.notPermittedAccess"));
+    assert!(err.is_permanent());
+    assert_eq!(t.calls(GROUP_QUERY).len(), 7);
+}
+
+#[tokio::test]
+async fn errcode_33001_refetches_the_token_once() {
+    let t = start().await.with_alice();
+    inject(&t, json!({"path": USER_GET, "errcode": 33001})).await;
+    t.client.get_user("alice", None).await.unwrap();
+    let sequence: Vec<(String, Option<String>)> = t
+        .fake
+        .calls()
+        .into_iter()
+        .map(|c| (c.path, c.answer_code))
+        .collect();
+    assert_eq!(
+        sequence,
+        [
+            ("/gettoken".into(), Some("0".into())),
+            (USER_GET.into(), Some("33001".into())),
+            ("/gettoken".into(), Some("0".into())),
+            (USER_GET.into(), Some("0".into())),
+        ]
+    );
+    assert_eq!(t.client.stats().token_rejections, 1);
+
+    // Twice in a row: one refetch, then the caller is told.
+    inject(&t, json!({"path": USER_GET, "errcode": 33001, "times": 5})).await;
+    let err = t.client.get_user("alice", None).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidToken { .. }), "{err:?}");
+    assert_eq!(t.calls(USER_GET).len(), 2 + 2);
+}
+
+#[tokio::test]
+async fn the_per_ip_ban_as_an_html_page_is_a_ban() {
+    // DingTalk's throttling page: the per-IP ban "returns an HTML page". It states five
+    // minutes, longer than the client waits inside a call (max_ban_wait is 3 s in tests).
+    for status in [200, 403] {
+        let t = start().await.with_alice();
+        if status == 200 {
+            // The fake's own page, through its ban route.
+            let response = reqwest::Client::new()
+                .post(format!("{}/_fake/ban", t.base_url))
+                .body(r#"{"html": true}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+        } else {
+            let page = "<html><body>denied</body></html>";
+            inject(&t, json!({"html": page, "status": status})).await;
+        }
+        let err = t.client.get_user("alice", None).await.unwrap_err();
+        match &err {
+            Error::IpBanned { wait } => assert_eq!(*wait, Duration::from_secs(300), "{status}"),
+            other => panic!("{status}: {other:?}"),
+        }
+        assert!(err.is_retryable() && !err.is_permanent());
+        assert_eq!(t.calls(USER_GET).len(), 1);
+        assert_eq!(t.client.stats().ip_bans, 1);
+        assert_eq!(t.counted().await, 0, "a banned call is not counted");
+        // Nothing reaches DingTalk while the ban runs.
+        let err = t.client.user_by_union_id("union-alice").await.unwrap_err();
+        assert!(matches!(err, Error::IpBanned { .. }), "{err:?}");
+        assert!(t.calls(BY_UNION_ID).is_empty());
+    }
+}
+
+#[tokio::test]
+async fn status_bar_41052_waits_for_the_send_to_finish() {
+    const STATUS_BAR: &str = "/topapi/message/corpconversation/status_bar/update";
+    const PROGRESS: &str = "/topapi/message/corpconversation/getsendprogress";
+    let t = start().await;
+    let oa = WorkMessage::Oa {
+        oa: OaMessage {
+            message_url: "https://example.com/todo".into(),
+            status_bar: Some(OaStatusBar {
+                status_value: "待办".into(),
+                status_bg: None,
+            }),
+            ..OaMessage::default()
+        },
+    };
+    let task = t
+        .client
+        .send_work_notification(&WorkNotification::to_users(["alice"], oa))
+        .await
+        .unwrap();
+    let done = OaStatusBar {
+        status_value: "已完成".into(),
+        status_bg: None,
+    };
+    let bar_of = |t: &support::TestDingTalk| {
+        t.fake
+            .sent_messages()
+            .into_iter()
+            .find(|m| m.task_id == task)
+            .and_then(|m| m.status_bar)
+    };
+
+    // Still being sent (set over the admin route): 41052, then getsendprogress says so, and
+    // the caller gets a retryable error naming the progress.
+    let response = reqwest::Client::new()
+        .post(format!("{}/_fake/send-progress/{task}", t.base_url))
+        .body(r#"{"progress_in_percent": 40, "status": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let err = t
+        .client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap_err();
+    match &err {
+        Error::SendInProgress {
+            task_id,
+            progress_in_percent,
+            status,
+        } => assert_eq!((*task_id, *progress_in_percent, *status), (task, 40, 1)),
+        other => panic!("{other:?}"),
+    }
+    assert!(err.is_retryable() && !err.is_permanent());
+    assert_eq!(t.calls(STATUS_BAR).len(), 1);
+    assert_eq!(t.calls(PROGRESS).len(), 1);
+    assert_eq!(bar_of(&t), None);
+
+    // Finished since: the retry goes through.
+    t.fake.set_send_progress(task, 100, 2);
+    t.client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap();
+    assert_eq!(t.calls(STATUS_BAR).len(), 2);
+    assert_eq!(bar_of(&t).unwrap()["status_value"], "已完成");
+
+    // 41052 while the progress already says done (the send finished in between): one more
+    // update, which succeeds.
+    inject(&t, json!({"path": STATUS_BAR, "errcode": 41052})).await;
+    t.client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap();
+    assert_eq!(t.calls(STATUS_BAR).len(), 2 + 2);
+    assert_eq!(t.calls(PROGRESS).len(), 2);
+
+    // 41052 again after a finished send: DingTalk's "too many recipients", a refusal.
+    inject(
+        &t,
+        json!({"path": STATUS_BAR, "errcode": 41052, "times": 2}),
+    )
+    .await;
+    let err = t
+        .client
+        .update_work_notification_status(task, &done)
+        .await
+        .unwrap_err();
+    assert_eq!(err.errcode(), Some(41052));
+    assert!(err.is_permanent() && !err.is_retryable());
+    assert_eq!(t.calls(STATUS_BAR).len(), 4 + 2);
+    assert_eq!(t.calls(PROGRESS).len(), 3);
 }
 
 #[tokio::test]

@@ -12,7 +12,39 @@ fn fixture(name: &str) -> String {
 }
 
 fn decode(name: &str) -> Event {
+    if name.ends_with(".stream.json") {
+        return Event::from_value(stream_payload(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
     Event::decode(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// A Stream fixture is a whole EVENT frame: the type, corp, id and birth time are headers,
+/// `data` is a JSON string of the business fields. Merged as a Stream source stores it
+/// (`shared/docs/stream-mode.md` §3): `EventType ← eventType`, `CorpId ← eventCorpId`,
+/// `eventId ← eventId`, `EventTime ← eventBornTime`, plus the fields of `data`.
+fn stream_payload(name: &str) -> serde_json::Value {
+    let frame: serde_json::Value = serde_json::from_str(&fixture(name)).unwrap();
+    assert_eq!(frame["type"], "EVENT", "{name}");
+    let headers = &frame["headers"];
+    let data = frame["data"].as_str().expect("data is a JSON string");
+    let mut payload: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(data).unwrap();
+    for key in ["eventType", "eventCorpId", "eventId"] {
+        assert!(
+            payload.keys().all(|k| !k.eq_ignore_ascii_case(key)),
+            "{name}: {key} belongs in the headers"
+        );
+    }
+    for (field, header) in [
+        ("EventType", "eventType"),
+        ("CorpId", "eventCorpId"),
+        ("eventId", "eventId"),
+        ("EventTime", "eventBornTime"),
+    ] {
+        let value = headers[header].as_str().expect("headers are strings");
+        payload.insert(field.into(), value.into());
+    }
+    serde_json::Value::Object(payload)
 }
 
 #[test]
@@ -123,12 +155,28 @@ fn fields_land_where_they_belong() {
     assert_eq!(todo.task_id, "task15cb");
     assert_eq!(todo.union_ids, ["QWRGux2l", "ZZunion"]);
 
-    let Event::AttendanceOvertimeDuration(ot) = decode("attendance_overtime_duration.legacy.json")
-    else {
-        panic!("not overtime")
-    };
-    assert_eq!(ot[0].user_id.as_deref(), Some("u9"));
-    assert_eq!(ot[0].overtime_day, Some(0.5));
+    for name in [
+        "attendance_overtime_duration.legacy.json",
+        "attendance_overtime_duration.current.json",
+    ] {
+        let Event::AttendanceOvertimeDuration(ot) = decode(name) else {
+            panic!("not overtime")
+        };
+        assert_eq!(ot[0].user_id.as_deref(), Some("u9"), "{name}");
+        assert_eq!(ot[0].overtime_day, Some(0.5), "{name}");
+    }
+
+    // A delete carries no bizTag, pushed or streamed.
+    for name in [
+        "todo_task_delete.current.json",
+        "todo_task_delete.stream.json",
+    ] {
+        let Event::TodoTaskDelete(todo) = decode(name) else {
+            panic!("not a to-do delete")
+        };
+        assert_eq!(todo.biz_tag, None, "{name}");
+        assert_eq!(todo.corp_id.as_deref(), Some("dingcorp1"), "{name}");
+    }
 }
 
 #[test]

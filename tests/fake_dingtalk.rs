@@ -145,9 +145,10 @@ async fn admin_routes_script_the_fake_over_http() {
             .len(),
         0
     );
-    // The fake forgot its token (the client refetches) and its users (so: not found).
+    // The fake forgot its token (the client refetches) and its users (so: DingTalk's
+    // "invalid userId").
     let err = t.client.get_user("alice", None).await.unwrap_err();
-    assert_eq!(err.errcode(), Some(60121), "{err:?}");
+    assert_eq!(err.errcode(), Some(33012), "{err:?}");
 }
 
 #[tokio::test]

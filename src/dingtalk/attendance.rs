@@ -89,6 +89,22 @@ struct UpdateDataBody<'a> {
     work_date: &'a str,
 }
 
+/// `yyyy-MM-dd` becomes `yyyy-MM-dd 00:00:00`, as DingTalk's examples send it; anything else
+/// (a date with its time already) is sent as given.
+fn wire_work_date(work_date: &str) -> String {
+    let day = work_date.trim();
+    let is_bare_date = day.len() == 10
+        && day.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    if is_bare_date {
+        format!("{day} 00:00:00")
+    } else {
+        work_date.to_owned()
+    }
+}
+
 /// `attendance/list` query. Dates are `"yyyy-MM-dd HH:mm:ss"`, at most 7 days apart; both
 /// name work dates, whole days included (`00:00:00` is the usual time), so one day `D` is
 /// `workDateFrom = workDateTo = "D 00:00:00"`.
@@ -178,13 +194,20 @@ struct ListRecordBody<'a> {
 
 impl Client {
     /// One user's attendance for one day (`topapi/attendance/getupdatedata`); `work_date` is
-    /// `"yyyy-MM-dd"`. One call per user: the check-in handler uses
-    /// [`attendance_list`](Client::attendance_list) instead, which answers 50 users a call.
+    /// `"yyyy-MM-dd"` (or a whole `"yyyy-MM-dd HH:mm:ss"`). One call per user: the check-in
+    /// handler uses [`attendance_list`](Client::attendance_list) instead, which answers 50
+    /// users a call.
+    ///
+    /// The day is sent as `"yyyy-MM-dd 00:00:00"`: the parameter table types `work_date` as a
+    /// Date with the example `2021-01-14`, but every request example on the page (curl,
+    /// Python, PHP, C#) sends `2018-05-02 00:00:00`
+    /// (<https://open.dingtalk.com/document/development/obtain-the-attendance-update-data>).
     pub async fn attendance_update_data(
         &self,
         userid: &str,
         work_date: &str,
     ) -> Result<AttendanceUpdateData> {
+        let work_date = &wire_work_date(work_date);
         let request = Request::old(Method::POST, "/topapi/attendance/getupdatedata")
             .json(&UpdateDataBody { userid, work_date })?;
         let answer: UpdateDataAnswer = self.execute(request).await?;
@@ -216,5 +239,18 @@ impl Client {
             })?;
         let answer: AttendanceListResult = self.execute(request).await?;
         Ok(answer.records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_dates_go_out_as_dingtalks_examples_send_them() {
+        assert_eq!(wire_work_date("2026-11-02"), "2026-11-02 00:00:00");
+        assert_eq!(wire_work_date(" 2026-11-02 "), "2026-11-02 00:00:00");
+        assert_eq!(wire_work_date("2026-11-02 00:00:00"), "2026-11-02 00:00:00");
+        assert_eq!(wire_work_date("2026/11/02"), "2026/11/02");
     }
 }

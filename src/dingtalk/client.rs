@@ -1,10 +1,12 @@
 //! [`Client`]: the request pipeline every typed call goes through.
 //!
-//! One attempt is: wait out an IP ban if one is running → get a token (single-flight) → take a
-//! QPS permit → send → classify the answer. The classification decides between success, one
-//! token refetch, a bounded retry with back-off, or an error; and whether the call counts toward
-//! the monthly quota.
+//! One attempt is: wait out an IP ban if one is running → refuse at once if DingTalk disabled
+//! these requests a moment ago → get a token (single-flight) → take a QPS permit → send →
+//! classify the answer. The classification (what each code means is in `error.rs`, with its
+//! sources) decides between success, one token refetch, a bounded retry with back-off, holding
+//! calls back, or an error; and whether the call counts toward the monthly quota.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,8 +20,7 @@ use tokio::time::Instant;
 
 use super::config::ClientConfig;
 use super::error::{
-    Error, AUTH_ERRCODE, BUSY_ERRCODE, INVALID_AUTH_CODE, QUOTA_CODE, QUOTA_ERRCODE,
-    THROTTLE_CODE_PREFIXES, THROTTLE_ERRCODES, TOKEN_ERRCODES,
+    new_api_meaning, old_api_meaning, Error, Meaning, Scope, AUTH_ERRCODE, TOKEN_ERRCODES,
 };
 use super::lenient;
 use super::limits::{backoff, QpsLimiter};
@@ -33,6 +34,15 @@ pub(crate) const TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
 const BAN_STATUS: i64 = 1111;
 /// Ban length assumed when the ban answer has no usable `wait`.
 const DEFAULT_BAN_WAIT: Duration = Duration::from_secs(5);
+/// Ban length assumed for DingTalk's HTML ban page, which states none: the length DingTalk
+/// documents for the per-IP ban (more than 10 000 calls in 20 s from one IP: five minutes,
+/// <https://open.dingtalk.com/document/development/how-to-process-api-throttling-on-the-dingtalk-server>).
+const HTML_BAN_WAIT: Duration = Duration::from_secs(300);
+/// How long calls are held back after DingTalk said it temporarily disabled them (90001,
+/// 90003–90017). DingTalk states no duration; the per-minute limits behind 90005/90006 clear
+/// within a minute, so one minute, after which the next call finds out. Calling during the
+/// refusal would only be refused again.
+const DISABLED_PAUSE: Duration = Duration::from_secs(60);
 
 /// The DingTalk API client. Cheap to clone; clones share the token, the limiter and the counters,
 /// which is the point: one per app per process.
@@ -54,6 +64,18 @@ struct Inner {
     /// the one that saw it: the ban is on our address, and calling during it only extends it.
     /// A std mutex: read and written without awaiting.
     banned_until: Mutex<Option<Instant>>,
+    /// Requests DingTalk temporarily disabled: `None` for every API, else the API's label. Same
+    /// reasoning as the ban: everyone holds back, not just the call that was told.
+    disabled: Mutex<HashMap<Option<String>, DisabledPause>>,
+}
+
+/// Calls held back until `until` because DingTalk answered `errcode` at `since`.
+#[derive(Clone, Debug)]
+struct DisabledPause {
+    until: Instant,
+    since: Instant,
+    errcode: i64,
+    errmsg: String,
 }
 
 /// Plain atomics for `/metrics`; relaxed ordering is enough for counters read at scrape time.
@@ -64,6 +86,7 @@ struct Counters {
     busy_retries: AtomicU64,
     quota_rejections: AtomicU64,
     ip_bans: AtomicU64,
+    disabled_answers: AtomicU64,
     token_rejections: AtomicU64,
 }
 
@@ -74,12 +97,15 @@ pub struct ClientStats {
     pub requests_sent: u64,
     /// Retries caused by QPS throttling answers (90018, 90002, `…QpsLimit…`).
     pub throttled_retries: u64,
-    /// Retries caused by system-busy answers (-1, 5xx) or failed connections.
+    /// Retries caused by system faults (-1, 500, 400001, `systemError`, 5xx) or failed
+    /// connections.
     pub busy_retries: u64,
     /// Calls refused because the monthly quota is used up (90020 / `ApiCountLimitForOrg`).
     pub quota_rejections: u64,
-    /// Per-IP ban answers received (`status: 1111`).
+    /// Per-IP ban answers received (`status: 1111`, or DingTalk's HTML ban page).
     pub ip_bans: u64,
+    /// "Requests temporarily disabled" answers received (90001, 90003–90017).
+    pub disabled_answers: u64,
     /// Access-token fetches started.
     pub token_fetches: u64,
     /// Calls refused for an invalid or expired token.
@@ -208,24 +234,30 @@ enum Outcome {
     Busy(Error),
     Quota(Error),
     Banned { wait: Duration },
+    Disabled { scope: Scope, error: Error },
     Failed(Error),
 }
 
 impl Outcome {
     /// Whether DingTalk counts this call toward the monthly quota. Throttled calls are not
-    /// counted (DingTalk's billing rule); refused-for-quota and banned calls were never served.
+    /// counted (DingTalk's billing rule); refused-for-quota, banned and disabled calls were
+    /// never served.
     /// Everything else that DingTalk answered is counted, erring toward over-counting so the
     /// warning comes early rather than late.
     fn is_counted(&self) -> bool {
         !matches!(
             self,
-            Outcome::Throttled { .. } | Outcome::Quota(_) | Outcome::Banned { .. }
+            Outcome::Throttled { .. }
+                | Outcome::Quota(_)
+                | Outcome::Banned { .. }
+                | Outcome::Disabled { .. }
         )
     }
 }
 
 fn classify(
     family: Family,
+    path: &str,
     status: StatusCode,
     request_id: Option<String>,
     body: &[u8],
@@ -244,12 +276,13 @@ fn classify(
         return Outcome::Banned { wait };
     }
     match family {
-        Family::Old => classify_old(status, request_id, envelope, body),
+        Family::Old => classify_old(path, status, request_id, envelope, body),
         Family::New => classify_new(status, request_id, envelope),
     }
 }
 
 fn classify_old(
+    path: &str,
     status: StatusCode,
     request_id: Option<String>,
     envelope: Envelope,
@@ -267,34 +300,45 @@ fn classify_old(
     }
     let errmsg = envelope.errmsg.clone().unwrap_or_default();
     let request_id = envelope.request_id.clone().or(request_id);
-    let is_token_trouble =
-        TOKEN_ERRCODES.contains(&errcode) || (errcode == AUTH_ERRCODE && mentions_token(&envelope));
-    if is_token_trouble {
-        return Outcome::InvalidToken {
+    let meaning = if errcode == AUTH_ERRCODE && mentions_token(&envelope) {
+        Meaning::Token
+    } else {
+        old_api_meaning(path, errcode)
+    };
+    match meaning {
+        Meaning::Token => Outcome::InvalidToken {
             code: errcode.to_string(),
             message: errmsg,
-        };
-    }
-    if THROTTLE_ERRCODES.contains(&errcode) {
-        return Outcome::Throttled {
+        },
+        Meaning::Throttled => Outcome::Throttled {
             code: errcode.to_string(),
-        };
-    }
-    if errcode == QUOTA_ERRCODE {
-        return Outcome::Quota(Error::QuotaExhausted {
+        },
+        Meaning::Quota => Outcome::Quota(Error::QuotaExhausted {
             message: errmsg,
             request_id,
-        });
-    }
-    let error = Error::Api {
-        errcode,
-        errmsg,
-        request_id,
-    };
-    if errcode == BUSY_ERRCODE || status.is_server_error() {
-        Outcome::Busy(error)
-    } else {
-        Outcome::Failed(error)
+        }),
+        Meaning::Disabled(scope) => Outcome::Disabled {
+            scope,
+            error: Error::Disabled {
+                errcode,
+                message: errmsg,
+                request_id,
+            },
+        },
+        Meaning::Busy | Meaning::Refused => {
+            let busy = meaning == Meaning::Busy || status.is_server_error();
+            let error = Error::Api {
+                path: path.to_owned(),
+                errcode,
+                errmsg,
+                request_id,
+            };
+            if busy {
+                Outcome::Busy(error)
+            } else {
+                Outcome::Failed(error)
+            }
+        }
     }
 }
 
@@ -320,36 +364,37 @@ fn classify_new(status: StatusCode, request_id: Option<String>, envelope: Envelo
     let code = envelope.code.unwrap_or_default();
     let message = envelope.message.unwrap_or_default();
     let request_id = envelope.requestid.or(envelope.request_id).or(request_id);
-    if code == INVALID_AUTH_CODE || status == StatusCode::UNAUTHORIZED {
-        return Outcome::InvalidToken { code, message };
-    }
-    if THROTTLE_CODE_PREFIXES.iter().any(|p| code.starts_with(p))
-        || status == StatusCode::TOO_MANY_REQUESTS
-    {
-        return Outcome::Throttled { code };
-    }
-    if code == QUOTA_CODE || code.ends_with("ApiCountLimitForOrg") {
-        return Outcome::Quota(Error::QuotaExhausted {
+    let meaning = new_api_meaning(status.as_u16(), &code);
+    match meaning {
+        Meaning::Token => Outcome::InvalidToken { code, message },
+        Meaning::Throttled => Outcome::Throttled { code },
+        Meaning::Quota => Outcome::Quota(Error::QuotaExhausted {
             message,
             request_id,
-        });
-    }
-    let busy = status.is_server_error() || code == "systemError";
-    let error = Error::ApiV2 {
-        status: status.as_u16(),
-        code,
-        message,
-        request_id,
-    };
-    if busy {
-        Outcome::Busy(error)
-    } else {
-        Outcome::Failed(error)
+        }),
+        Meaning::Busy | Meaning::Disabled(_) | Meaning::Refused => {
+            let error = Error::ApiV2 {
+                status: status.as_u16(),
+                code,
+                message,
+                request_id,
+            };
+            if meaning == Meaning::Busy {
+                Outcome::Busy(error)
+            } else {
+                Outcome::Failed(error)
+            }
+        }
     }
 }
 
-/// An answer that is not JSON at all: a gateway page, an HTML ban page, an empty 5xx.
+/// An answer that is not JSON at all: a gateway page, DingTalk's HTML ban page, an empty 5xx.
 fn classify_non_json(status: StatusCode, body: &[u8]) -> Outcome {
+    if is_ban_page(status, body) {
+        return Outcome::Banned {
+            wait: HTML_BAN_WAIT,
+        };
+    }
     if status.is_success() {
         // Let the typed parse report it; an empty 2xx body is fine for some calls.
         return Outcome::Success;
@@ -370,6 +415,25 @@ fn classify_non_json(status: StatusCode, body: &[u8]) -> Outcome {
         s if s.is_server_error() => Outcome::Busy(error),
         _ => Outcome::Failed(error),
     }
+}
+
+/// DingTalk's per-IP ban (more than 10 000 calls in 20 s from one IP) "returns an HTML page,
+/// not an errcode" (sometimes the `{"status":1111,"punish":"deny",…}` JSON instead):
+/// <https://open.dingtalk.com/document/development/how-to-process-api-throttling-on-the-dingtalk-server>
+/// and <https://open.dingtalk.com/document/development/call-frequency-limit>. Neither shows the
+/// page, so this takes as the ban page: any answer that is not JSON and names the ban's
+/// `punish` field, and any HTML page answered with 2xx, 403 or 429 (DingTalk's APIs answer
+/// JSON; HTML in a 5xx is a gateway's error page, a 404 a wrong base URL).
+fn is_ban_page(status: StatusCode, body: &[u8]) -> bool {
+    let head = &body[..body.len().min(4096)];
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    if text.contains("punish") {
+        return true;
+    }
+    let html = text.trim_start().starts_with('<');
+    html && (status.is_success()
+        || status == StatusCode::FORBIDDEN
+        || status == StatusCode::TOO_MANY_REQUESTS)
 }
 
 #[derive(Deserialize)]
@@ -405,6 +469,7 @@ impl Client {
             quota: QuotaTracker::new(counter, config.monthly_quota, config.quota_warn_ratio),
             counters: Counters::default(),
             banned_until: Mutex::new(None),
+            disabled: Mutex::new(HashMap::new()),
             http,
             oapi,
             api,
@@ -436,6 +501,7 @@ impl Client {
             busy_retries: c.busy_retries.load(Ordering::Relaxed),
             quota_rejections: c.quota_rejections.load(Ordering::Relaxed),
             ip_bans: c.ip_bans.load(Ordering::Relaxed),
+            disabled_answers: c.disabled_answers.load(Ordering::Relaxed),
             token_fetches: self.inner.tokens.fetches(),
             token_rejections: c.token_rejections.load(Ordering::Relaxed),
             quota_used: self.inner.quota.last_used(),
@@ -516,6 +582,7 @@ impl Client {
                 })
             }
             (errcode, _) => Err(Error::Api {
+                path: PATH.into(),
                 errcode,
                 errmsg: answer
                     .errmsg
@@ -557,6 +624,66 @@ impl Client {
         }
     }
 
+    /// Refuses at once a call DingTalk disabled a moment ago (this API's, or every API's).
+    fn check_disabled(&self, label: &str) -> Result<()> {
+        let pauses = self
+            .inner
+            .disabled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pauses.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let pause = [None, Some(label.to_owned())]
+            .iter()
+            .filter_map(|key| pauses.get(key))
+            .find(|pause| pause.until > now);
+        match pause {
+            None => Ok(()),
+            Some(pause) => Err(Error::Disabled {
+                errcode: pause.errcode,
+                message: format!(
+                    "not sent: DingTalk answered {} ({}) {:?} ago; calls are held back for {:?} more",
+                    pause.errcode,
+                    pause.errmsg,
+                    now - pause.since,
+                    pause.until - now
+                ),
+                request_id: None,
+            }),
+        }
+    }
+
+    fn note_disabled(&self, scope: Scope, label: &str, error: &Error) {
+        let Error::Disabled {
+            errcode, message, ..
+        } = error
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let key = match scope {
+            Scope::AllApis => None,
+            Scope::ThisApi => Some(label.to_owned()),
+        };
+        let mut pauses = self
+            .inner
+            .disabled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pauses.retain(|_, pause| pause.until > now);
+        pauses.insert(
+            key,
+            DisabledPause {
+                until: now + DISABLED_PAUSE,
+                since: now,
+                errcode: *errcode,
+                errmsg: message.clone(),
+            },
+        );
+    }
+
     /// Sends `request` until it succeeds or fails for good, and parses the answer as `R`.
     pub(crate) async fn execute<R: DeserializeOwned>(&self, request: Request) -> Result<R> {
         let config = &self.inner.config;
@@ -566,6 +693,7 @@ impl Client {
         let mut token_refetched = false;
         loop {
             self.wait_out_ban().await?;
+            self.check_disabled(&request.label)?;
             let token = self.token().await?;
             self.inner.limiter.acquire().await;
             attempts += 1;
@@ -589,7 +717,7 @@ impl Client {
                     return Err(Error::from_reqwest(&request.label, err));
                 }
             };
-            let outcome = classify(request.family, status, request_id, &body);
+            let outcome = classify(request.family, &request.label, status, request_id, &body);
             if request.metered && outcome.is_counted() {
                 self.inner.quota.record_call().await;
             }
@@ -640,6 +768,12 @@ impl Client {
                     }
                     retries += 1;
                     // The next turn of the loop sleeps until the ban ends.
+                }
+                Outcome::Disabled { scope, error } => {
+                    counters.disabled_answers.fetch_add(1, Ordering::Relaxed);
+                    self.note_disabled(scope, &request.label, &error);
+                    tracing::warn!(path = %request.label, %error, ?scope, pause = ?DISABLED_PAUSE, "DingTalk temporarily disabled these requests; holding them back");
+                    return Err(error);
                 }
                 Outcome::Failed(error) => return Err(error),
             }
@@ -723,13 +857,20 @@ pub(crate) fn parse_answer<R: DeserializeOwned>(label: &str, body: &[u8]) -> Res
 mod tests {
     use super::*;
 
+    const USER_GET: &str = "/topapi/v2/user/get";
+
     fn old(body: &str) -> Outcome {
-        classify(Family::Old, StatusCode::OK, None, body.as_bytes())
+        old_on(USER_GET, body)
+    }
+
+    fn old_on(path: &str, body: &str) -> Outcome {
+        classify(Family::Old, path, StatusCode::OK, None, body.as_bytes())
     }
 
     fn new(status: u16, body: &str) -> Outcome {
         classify(
             Family::New,
+            "/v1.0/im/sceneGroups/query",
             StatusCode::from_u16(status).unwrap(),
             None,
             body.as_bytes(),
@@ -742,7 +883,7 @@ mod tests {
             old(r#"{"errcode":0,"errmsg":"ok"}"#),
             Outcome::Success
         ));
-        for code in [40014, 42001, 40001] {
+        for code in [40014, 42001, 40001, 33001] {
             let body = format!(r#"{{"errcode":{code},"errmsg":"x"}}"#);
             assert!(matches!(old(&body), Outcome::InvalidToken { .. }), "{code}");
         }
@@ -768,9 +909,43 @@ mod tests {
             old(r#"{"errcode":90020,"errmsg":"quota"}"#),
             Outcome::Quota(_)
         ));
+        for code in [-1, 500, 400001] {
+            let body = format!(r#"{{"errcode":{code},"errmsg":"x"}}"#);
+            match old(&body) {
+                Outcome::Busy(err) => assert!(err.is_retryable() && !err.is_permanent()),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        // The legacy to-do API's 400001 is a refusal (same content twice in a day).
+        match old_on(
+            "/topapi/workrecord/add",
+            r#"{"errcode":400001,"errmsg":"x"}"#,
+        ) {
+            Outcome::Failed(err) => assert!(err.is_permanent() && !err.is_retryable()),
+            other => panic!("{other:?}"),
+        }
+        for (code, scope) in [
+            (90001, Scope::AllApis),
+            (90003, Scope::AllApis),
+            (90004, Scope::AllApis),
+            (90005, Scope::ThisApi),
+            (90006, Scope::ThisApi),
+            (90014, Scope::ThisApi),
+            (90017, Scope::AllApis),
+        ] {
+            let body = format!(r#"{{"errcode":{code},"errmsg":"x"}}"#);
+            match old(&body) {
+                Outcome::Disabled { scope: s, error } => {
+                    assert_eq!(s, scope, "{code}");
+                    assert_eq!(error.errcode(), Some(code));
+                    assert!(error.is_retryable() && !error.is_permanent(), "{code}");
+                }
+                other => panic!("{code}: {other:?}"),
+            }
+        }
         assert!(matches!(
-            old(r#"{"errcode":-1,"errmsg":"busy"}"#),
-            Outcome::Busy(_)
+            old(r#"{"errcode":41052,"errmsg":"x"}"#),
+            Outcome::Failed(_)
         ));
         match old(r#"{"errcode":60121,"errmsg":"找不到该用户","request_id":"r1"}"#) {
             Outcome::Failed(err) => {
@@ -811,6 +986,35 @@ mod tests {
             Outcome::Quota(_)
         ));
         assert!(matches!(new(503, "<html>busy</html>"), Outcome::Busy(_)));
+        // System faults are busy whatever the HTTP status; the two the table lists as
+        // refusals are not.
+        for (status, code) in [
+            (400, "systemError"),
+            (400, "system.error"),
+            (500, "system.error"),
+            (400, "todo.taskCreate.systemError"),
+            (503, "systemError.dingSpaceError"),
+        ] {
+            let body = format!(r#"{{"code":"{code}","message":"m"}}"#);
+            match new(status, &body) {
+                Outcome::Busy(err) => assert!(err.is_retryable() && !err.is_permanent()),
+                other => panic!("{status} {code}: {other:?}"),
+            }
+        }
+        for code in ["systemError.appNotExists", "systemError.notPermittedAccess"] {
+            let body = format!(r#"{{"code":"{code}","message":"m"}}"#);
+            match new(400, &body) {
+                Outcome::Failed(err) => assert!(err.is_permanent()),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        for (status, code) in [(400, "system.busy"), (429, "systemBusy")] {
+            let body = format!(r#"{{"code":"{code}","message":"m"}}"#);
+            assert!(
+                matches!(new(status, &body), Outcome::Throttled { .. }),
+                "{code}"
+            );
+        }
         match new(
             400,
             r#"{"code":"invalid.openConversationId","message":"m","requestid":"r2"}"#,
@@ -828,11 +1032,64 @@ mod tests {
     fn ban_body_is_recognised_on_either_family() {
         let body = r#"{"status":1111,"wait":7,"punish":"deny"}"#;
         for family in [Family::Old, Family::New] {
-            match classify(family, StatusCode::FORBIDDEN, None, body.as_bytes()) {
+            match classify(family, "/x", StatusCode::FORBIDDEN, None, body.as_bytes()) {
                 Outcome::Banned { wait } => assert_eq!(wait, Duration::from_secs(7)),
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn html_ban_page_is_recognised() {
+        let page =
+            "<!DOCTYPE html><html><head><title>访问被拒绝</title></head><body>deny</body></html>";
+        for status in [200, 403, 429] {
+            let status = StatusCode::from_u16(status).unwrap();
+            for family in [Family::Old, Family::New] {
+                match classify(family, "/x", status, None, page.as_bytes()) {
+                    Outcome::Banned { wait } => assert_eq!(wait, HTML_BAN_WAIT),
+                    other => panic!("{status}: {other:?}"),
+                }
+            }
+        }
+        // The ban's own field names it whatever the status and shape.
+        let text = "status=1111 punish=deny wait=5";
+        assert!(matches!(
+            classify(
+                Family::Old,
+                "/x",
+                StatusCode::FORBIDDEN,
+                None,
+                text.as_bytes()
+            ),
+            Outcome::Banned { .. }
+        ));
+        // A gateway's error page is a fault, a 404 page a wrong URL, an empty 200 a success.
+        let gateway = "<html><body>502 Bad Gateway</body></html>";
+        assert!(matches!(
+            classify(
+                Family::Old,
+                "/x",
+                StatusCode::BAD_GATEWAY,
+                None,
+                gateway.as_bytes()
+            ),
+            Outcome::Busy(_)
+        ));
+        assert!(matches!(
+            classify(
+                Family::Old,
+                "/x",
+                StatusCode::NOT_FOUND,
+                None,
+                page.as_bytes()
+            ),
+            Outcome::Failed(_)
+        ));
+        assert!(matches!(
+            classify(Family::Old, "/x", StatusCode::OK, None, b""),
+            Outcome::Success
+        ));
     }
 
     #[test]
@@ -841,5 +1098,7 @@ mod tests {
         assert!(old(r#"{"errcode":60121}"#).is_counted());
         assert!(!old(r#"{"errcode":90018}"#).is_counted());
         assert!(!old(r#"{"errcode":90020}"#).is_counted());
+        assert!(!old(r#"{"errcode":90001}"#).is_counted());
+        assert!(old(r#"{"errcode":500}"#).is_counted());
     }
 }

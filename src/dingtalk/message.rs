@@ -5,7 +5,13 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::client::Request;
 use super::lenient;
-use super::{Client, Result};
+use super::{Client, Error, Result};
+
+/// `status_bar/update`'s errcode for "too many recipients, no more send results", which it
+/// also answers while the send is not finished.
+const SEND_NOT_FINISHED: i64 = 41052;
+/// `getsendprogress`'s `status` of a finished send (0 not started, 1 running, 2 done).
+const SEND_DONE: i64 = 2;
 
 /// The `msg` object of a work notification. Serialises as `{"msgtype": "...", "<msgtype>": {...}}`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -374,6 +380,14 @@ impl Client {
     }
 
     /// Changes the status bar of an OA work notification (`status_bar/update`).
+    ///
+    /// DingTalk answers 41052 ("too many recipients, no more send results") while the send is
+    /// still in progress, and for a send too large to report on: its page says to check
+    /// `getsendprogress` and to send to fewer people
+    /// (<https://open.dingtalk.com/document/development/update-work-notification-status-bar>).
+    /// So on 41052 the progress is read: a send not done yet gives
+    /// [`Error::SendInProgress`] (retryable: try again later); a
+    /// send that is done gets the update once more, and a second 41052 is DingTalk's refusal.
     pub async fn update_work_notification_status(
         &self,
         task_id: i64,
@@ -385,12 +399,32 @@ impl Client {
             status_value: &status.status_value,
             status_bg: status.status_bg.as_deref(),
         };
-        let request = Request::old(
-            Method::POST,
-            "/topapi/message/corpconversation/status_bar/update",
-        )
-        .json(&body)?;
-        let _: Ack = self.execute(request).await?;
+        let request = || {
+            Request::old(
+                Method::POST,
+                "/topapi/message/corpconversation/status_bar/update",
+            )
+            .json(&body)
+        };
+        match self.execute::<Ack>(request()?).await {
+            Err(err) if err.errcode() == Some(SEND_NOT_FINISHED) => {}
+            other => return other.map(|_| ()),
+        }
+        let progress = self.work_notification_progress(task_id).await?;
+        if progress.status != SEND_DONE {
+            tracing::info!(
+                task_id,
+                progress.progress_in_percent,
+                progress.status,
+                "status bar refused while the notification is still being sent"
+            );
+            return Err(Error::SendInProgress {
+                task_id,
+                progress_in_percent: progress.progress_in_percent,
+                status: progress.status,
+            });
+        }
+        let _: Ack = self.execute(request()?).await?;
         Ok(())
     }
 

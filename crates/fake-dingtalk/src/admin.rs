@@ -38,6 +38,7 @@ pub(crate) fn routes() -> Router<FakeDingTalk> {
         .route("/attendance/records", post(admin_attendance_records))
         .route("/send-results/{task_id}", post(admin_send_result))
         .route("/send-results", delete(admin_clear_send_results))
+        .route("/send-progress/{task_id}", post(admin_send_progress))
 }
 
 /// An admin body that is not the JSON expected.
@@ -192,17 +193,27 @@ async fn admin_quota(State(fake): State<FakeDingTalk>, body: Bytes) -> Response 
 
 #[derive(Deserialize)]
 struct BanBody {
+    /// The JSON body's `wait` (DingTalk's example: 5).
+    #[serde(default = "five")]
     wait: u64,
     #[serde(default = "one")]
     times: u32,
+    /// An HTML page instead of the JSON body.
+    #[serde(default)]
+    html: bool,
 }
 
 fn one() -> u32 {
     1
 }
 
+fn five() -> u64 {
+    5
+}
+
 async fn admin_ban(State(fake): State<FakeDingTalk>, body: Bytes) -> Response {
     match parse_body::<BanBody>(&body) {
+        Ok(b) if b.html => fake.ban_next_with_page(b.times),
         Ok(b) => fake.ban_next(b.wait, b.times),
         Err(r) => return r.into_response(),
     }
@@ -333,5 +344,23 @@ async fn admin_send_result(
 
 async fn admin_clear_send_results(State(fake): State<FakeDingTalk>) -> Response {
     fake.state().send_results.clear();
+    ok()
+}
+
+#[derive(Deserialize)]
+struct SendProgressBody {
+    progress_in_percent: i64,
+    status: i64,
+}
+
+async fn admin_send_progress(
+    State(fake): State<FakeDingTalk>,
+    Path(task_id): Path<i64>,
+    body: Bytes,
+) -> Response {
+    match parse_body::<SendProgressBody>(&body) {
+        Ok(b) => fake.set_send_progress(task_id, b.progress_in_percent, b.status),
+        Err(r) => return r.into_response(),
+    }
     ok()
 }

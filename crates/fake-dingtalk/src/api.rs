@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
@@ -16,10 +17,12 @@ use crate::{
     MAX_RECORDED_CALLS, TOKEN_HEADER,
 };
 
-/// What to answer: status, JSON body (or nothing), and an optional delay before answering.
+/// What to answer: status, JSON body (or an HTML page, or nothing), and an optional delay
+/// before answering.
 struct Reply {
     status: StatusCode,
     body: Option<Value>,
+    html: Option<String>,
     delay: Option<Duration>,
 }
 
@@ -28,11 +31,15 @@ impl Reply {
         Reply {
             status,
             body: Some(body),
+            html: None,
             delay: None,
         }
     }
 
     fn answer_code(&self) -> Option<String> {
+        if self.html.is_some() {
+            return Some("html".into());
+        }
         let body = self.body.as_ref()?;
         if let Some(errcode) = body.get("errcode") {
             return Some(errcode.to_string());
@@ -61,18 +68,39 @@ fn family_of(path: &str) -> Family {
     }
 }
 
+/// `getsendprogress`'s `status` of a finished send.
+const SEND_DONE: i64 = 2;
+/// `robot/groupMessages/send` refuses a `msgParam` longer than this many bytes.
+const MSG_PARAM_MAX_BYTES: usize = 15_000;
+
 /// Calls DingTalk does not count toward the monthly quota.
 fn is_metered(path: &str) -> bool {
     !matches!(path, "/gettoken" | "/topapi/v2/user/getbymobile")
 }
 
+/// DingTalk's errmsg for the codes the fake is asked to answer most (the global error table,
+/// <https://open.dingtalk.com/document/development/server-api-error-codes-1>, and the pages of
+/// the APIs; shortened where DingTalk repeats itself).
 pub(crate) fn default_errmsg(errcode: i64) -> &'static str {
     match errcode {
         -1 => "系统繁忙",
-        40001 => "Secret错误或access_token无效",
+        500 => "系统异常",
+        33001 => "无效的企业ID",
+        40001 => "获取access_token时Secret错误，或者access_token无效",
         40014 => "不合法的access_token",
+        40035 => "不合法的参数",
+        41052 => "本次发送人数过多,不再返回发送结果",
         42001 => "access_token超时",
-        90002 => "应用调用该接口的并发量超过限制",
+        400001 => "系统错误",
+        400002 => "无效的参数",
+        90001 => "您的服务器调用钉钉开放平台所有接口的请求都被暂时禁用了",
+        90002 => "您的服务器调用钉钉开放平台当前接口的所有请求都被暂时禁用了",
+        90003 => "您的企业调用钉钉开放平台所有接口的请求都被暂时禁用了",
+        90004 => "您当前使用的CorpId及CorpSecret被暂时禁用了",
+        90005 => "您的企业调用当前接口次数过多，请求被暂时禁用了",
+        90006 => "您当前使用的CorpId及CorpSecret调用当前接口次数过多，请求被暂时禁用了",
+        90017 => "此IP使用CorpId及CorpSecret调用接口的CorpId个数超过限制",
+        90007..=90016 => "请求被暂时禁用了",
         90018 => "当前应用调用该接口的并发量超过限制",
         90020 => "当前企业调用接口次数已达到上限",
         _ => "fake error",
@@ -81,6 +109,14 @@ pub(crate) fn default_errmsg(errcode: i64) -> &'static str {
 
 pub(crate) fn ban_body(wait_secs: u64) -> Value {
     json!({"status": 1111, "wait": wait_secs, "punish": "deny", "msg": "fake per-IP ban"})
+}
+
+/// The fake's HTML ban page. DingTalk does not publish its page, so on purpose it carries
+/// none of the JSON body's fields: a client has to recognise an HTML answer, not a marker.
+pub(crate) fn ban_page() -> String {
+    "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>访问受限</title></head>\n\
+     <body><p>您的访问过于频繁，请稍后再试。</p></body></html>\n"
+        .to_owned()
 }
 
 enum Route {
@@ -252,9 +288,15 @@ pub(crate) async fn dingtalk_endpoint(
         tokio::time::sleep(delay).await;
     }
     let request_id = format!("fake-req-{seq}");
-    let mut response = match reply.body {
-        Some(body) => (reply.status, axum::Json(body)).into_response(),
-        None => reply.status.into_response(),
+    let mut response = match (reply.html, reply.body) {
+        (Some(page), _) => (
+            reply.status,
+            [(CONTENT_TYPE, "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response(),
+        (None, Some(body)) => (reply.status, axum::Json(body)).into_response(),
+        (None, None) => reply.status.into_response(),
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-acs-request-id", value);
@@ -377,7 +419,14 @@ impl FakeState {
                 .and_then(|s| StatusCode::from_u16(s).ok())
                 .unwrap_or(StatusCode::from_u16(default).unwrap_or(StatusCode::OK))
         };
-        let mut reply = if let Some(body) = fault.body.clone() {
+        let mut reply = if let Some(page) = fault.html.clone() {
+            Reply {
+                status: status(200),
+                body: None,
+                html: Some(page),
+                delay: None,
+            }
+        } else if let Some(body) = fault.body.clone() {
             Reply::json(status(200), body)
         } else if let Some(errcode) = fault.errcode {
             let errmsg = fault
@@ -399,6 +448,7 @@ impl FakeState {
             Reply {
                 status: status(500),
                 body: None,
+                html: None,
                 delay: None,
             }
         };
@@ -508,8 +558,12 @@ impl FakeState {
         match route {
             Route::AsyncSend => self.async_send(body),
             Route::SendProgress => match self.task_of(body, "task_id") {
-                Ok(_) => {
-                    self.old_ok(json!({"progress": {"progress_in_percent": 100, "status": 2}}))
+                Ok(index) => {
+                    let task_id = self.messages[index].task_id;
+                    let (percent, status) = self.progress_of(task_id);
+                    self.old_ok(
+                        json!({"progress": {"progress_in_percent": percent, "status": status}}),
+                    )
                 }
                 Err(reply) => reply,
             },
@@ -530,16 +584,26 @@ impl FakeState {
                 }
                 Err(reply) => reply,
             },
+            // DingTalk's page lists 40056 (agent id), 40035 (parameter) and 41052, "too many
+            // recipients, no more send results", which it also answers while the send's progress
+            // is not finished (https://open.dingtalk.com/document/development/update-work-notification-status-bar).
             Route::StatusBar => match self.task_of(body, "task_id") {
                 Ok(index) => {
+                    let task_id = self.messages[index].task_id;
                     let is_oa = self.messages[index].request["msg"]["msgtype"] == "oa";
+                    let (_, status) = self.progress_of(task_id);
                     match str_field(body, "status_value") {
-                        Some(_) if is_oa => {
+                        None => self.old_err(40035, "不合法的参数: 缺少 status_value"),
+                        Some(_) if !is_oa => {
+                            self.old_err(40035, "不合法的参数: only OA messages have a status bar")
+                        }
+                        Some(_) if status != SEND_DONE => {
+                            self.old_err(41052, default_errmsg(41052))
+                        }
+                        Some(_) => {
                             self.messages[index].status_bar = body.cloned();
                             self.old_ok(json!({}))
                         }
-                        Some(_) => self.old_err(41052, "only OA messages have a status bar"),
-                        None => self.old_err(40035, "缺少参数 status_value"),
                     }
                 }
                 Err(reply) => reply,
@@ -552,40 +616,28 @@ impl FakeState {
                 Err(reply) => reply,
             },
             Route::RobotSend => self.robot_send(body),
-            Route::GroupQuery => {
-                let Some(id) = str_field(body, "openConversationId") else {
-                    return self.new_err(
-                        StatusCode::BAD_REQUEST,
-                        "MissingopenConversationId",
-                        "openConversationId is mandatory",
-                    );
-                };
-                match self.groups.get(id).cloned() {
-                    Some(mut group) => {
-                        if let Some(obj) = group.as_object_mut() {
-                            obj.insert("success".into(), json!(true));
-                            obj.remove("coolAppCode");
-                        }
-                        Reply::json(StatusCode::OK, group)
-                    }
-                    None => self.new_err(
-                        StatusCode::BAD_REQUEST,
-                        "invalid.openConversationId",
-                        "群不存在",
-                    ),
-                }
-            }
+            Route::GroupQuery => self.group_query(body),
             Route::AttendanceUpdate => {
                 let (Some(userid), Some(work_date)) =
                     (str_field(body, "userid"), str_field(body, "work_date"))
                 else {
                     return self.old_err(40035, "缺少参数 userid 或 work_date");
                 };
-                let key = (userid.to_owned(), work_date.to_owned());
-                let result = self.attendance_update.get(&key).cloned().unwrap_or_else(|| {
-                    json!({"work_date": work_date, "userid": userid, "attendance_result_list": [],
-                           "check_record_list": [], "approve_list": []})
-                });
+                // `yyyy-MM-dd HH:mm:ss`, as every request example of DingTalk's page sends it.
+                let Some(day) = dates::day_of(work_date) else {
+                    let message = format!("work_date 格式应为 yyyy-MM-dd HH:mm:ss: {work_date:?}");
+                    return self.old_err(40035, &message);
+                };
+                let key = (userid.to_owned(), day.clone());
+                let result = self
+                    .attendance_update
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        json!({"work_date": format!("{day} 00:00:00"), "userid": userid,
+                           "attendance_result_list": [], "check_record_list": [],
+                           "approve_list": []})
+                    });
                 self.old_ok(json!({"result": result}))
             }
             Route::AttendanceList => self.attendance_list(body),
@@ -679,8 +731,12 @@ impl FakeState {
                 ) else {
                     return self.old_err(40035, "缺少参数 userid, offset, limit 或 status");
                 };
-                if !(1..=50).contains(&limit) || offset < 0 {
-                    return self.old_err(40035, "limit must be 1..=50");
+                // The page's codes (https://open.dingtalk.com/document/development/get-the-user-s-to-do-items).
+                if offset < 0 {
+                    return self.old_err(40068, "无效的offset");
+                }
+                if !(1..=50).contains(&limit) {
+                    return self.old_err(40069, "无效的limit");
                 }
                 let matching: Vec<Value> = self
                     .work_records
@@ -696,9 +752,11 @@ impl FakeState {
                 let (page, has_more) = paginate(&matching, offset as usize, limit as usize);
                 self.old_ok(json!({"records": {"has_more": has_more, "list": page}}))
             }
+            // The user pages list 400002 for a bad or missing parameter, 33012 for an unknown
+            // userid (user/get) and 60121 for a user not found (by union id, by mobile).
             Route::UserByMobile => {
                 let Some(mobile) = str_field(body, "mobile") else {
-                    return self.old_err(40035, "缺少参数 mobile");
+                    return self.old_err(400002, "无效的参数");
                 };
                 match self.users.iter().find(|u| u["mobile"] == mobile) {
                     Some(user) => {
@@ -710,23 +768,23 @@ impl FakeState {
             }
             Route::UserGet => {
                 let Some(userid) = str_field(body, "userid") else {
-                    return self.old_err(40035, "缺少参数 userid");
+                    return self.old_err(400002, "无效的参数");
                 };
                 match self.users.iter().find(|u| u["userid"] == userid).cloned() {
                     Some(user) => self.old_ok(json!({"result": user})),
-                    None => self.old_err(60121, "找不到该用户"),
+                    None => self.old_err(33012, "无效的userId"),
                 }
             }
             Route::UserByUnionId => {
                 let Some(unionid) = str_field(body, "unionid") else {
-                    return self.old_err(40035, "缺少参数 unionid");
+                    return self.old_err(400002, "无效的参数");
                 };
                 match self.users.iter().find(|u| u["unionid"] == unionid) {
                     Some(user) => {
                         let userid = user["userid"].clone();
                         self.old_ok(json!({"result": {"contact_type": 0, "userid": userid}}))
                     }
-                    None => self.old_err(60121, "找不到该用户"),
+                    None => self.old_err(60121, "未找到对应员工"),
                 }
             }
             Route::FailedCallbacks => {
@@ -797,6 +855,14 @@ impl FakeState {
         self.old_ok(json!({"task_id": task_id}))
     }
 
+    /// A send's `getsendprogress` (`progress_in_percent`, `status`): done unless set.
+    fn progress_of(&self, task_id: i64) -> (i64, i64) {
+        self.send_progress
+            .get(&task_id)
+            .copied()
+            .unwrap_or((100, SEND_DONE))
+    }
+
     /// Finds the work notification named by `body[key]`; answers 400002 if there is none.
     fn task_of(&mut self, body: Option<&Value>, key: &str) -> Result<usize, Reply> {
         if i64_field(body, "agent_id").is_none() {
@@ -813,25 +879,73 @@ impl FakeState {
         }
     }
 
+    /// `sceneGroups/query` as its page describes it
+    /// (<https://open.dingtalk.com/document/development/query-group-information>): `paramBlank`
+    /// without `openConversationId`; `groupPermissionDenied` for a group the app may not see,
+    /// which includes a cool-app group asked without its `coolAppCode` (the page: "required for
+    /// groups the cool app was installed in") or with another one.
+    fn group_query(&mut self, body: Option<&Value>) -> Reply {
+        let Some(id) = str_field(body, "openConversationId").filter(|id| !id.is_empty()) else {
+            return self.new_err(StatusCode::BAD_REQUEST, "paramBlank", "请求参数为空");
+        };
+        let Some(mut group) = self.groups.get(id).cloned() else {
+            return self.new_err(StatusCode::BAD_REQUEST, "groupPermissionDenied", "无权限");
+        };
+        let required = group.get("coolAppCode").and_then(Value::as_str);
+        if required.is_some() && str_field(body, "coolAppCode") != required {
+            return self.new_err(StatusCode::BAD_REQUEST, "groupPermissionDenied", "无权限");
+        }
+        if let Some(obj) = group.as_object_mut() {
+            obj.insert("success".into(), json!(true));
+            obj.remove("coolAppCode");
+        }
+        Reply::json(StatusCode::OK, group)
+    }
+
+    /// `robot/groupMessages/send` with the codes its page lists
+    /// (<https://open.dingtalk.com/document/development/the-robot-sends-a-group-message>).
     fn robot_send(&mut self, body: Option<&Value>) -> Reply {
-        for field in ["robotCode", "openConversationId", "msgKey"] {
-            if str_field(body, field).is_none() {
-                let message = format!("{field} is mandatory");
-                return self.new_err(
-                    StatusCode::BAD_REQUEST,
-                    &format!("Missing{field}"),
-                    &message,
-                );
+        if !body.is_some_and(Value::is_object) {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.msgBody.invalid",
+                "body必须是JSON",
+            );
+        }
+        let missing = [
+            (
+                "robotCode",
+                "invalidParameter.robotCode.missing",
+                "缺少robotCode",
+            ),
+            (
+                "openConversationId",
+                "miss.openConversationId",
+                "缺少openConversationId",
+            ),
+            ("msgKey", "invalidParameter.msgKey.empty", "缺少msgKey"),
+        ];
+        for (field, code, message) in missing {
+            if str_field(body, field).is_none_or(str::is_empty) {
+                return self.new_err(StatusCode::BAD_REQUEST, code, message);
             }
         }
-        let param_is_json_object = str_field(body, "msgParam")
+        let param = str_field(body, "msgParam");
+        if param.is_some_and(|p| p.len() > MSG_PARAM_MAX_BYTES) {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.msgParam.tooLong",
+                "消息内容太长",
+            );
+        }
+        let param_is_json_object = param
             .and_then(|p| serde_json::from_str::<Value>(p).ok())
             .is_some_and(|v| v.is_object());
         if !param_is_json_object {
             return self.new_err(
                 StatusCode::BAD_REQUEST,
                 "invalidParameter.msgParam.invalid",
-                "msgParam must be a JSON object encoded as a string",
+                "msgParam必须是json格式",
             );
         }
         let group = str_field(body, "openConversationId").and_then(|id| self.groups.get(id));
@@ -843,7 +957,7 @@ impl FakeState {
                 return self.new_err(
                     StatusCode::BAD_REQUEST,
                     "invalidParameter.robotCode.coolApp",
-                    "coolAppCode missing or wrong",
+                    "酷应用编码无效",
                 );
             }
         }

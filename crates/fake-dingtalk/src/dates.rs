@@ -24,6 +24,14 @@ pub(crate) fn work_date_span(from: &str, to: &str) -> Result<(i64, i64), String>
     Ok((start, last + DAY_MS))
 }
 
+/// The `yyyy-MM-dd` of a `yyyy-MM-dd HH:mm:ss` with a real date and time (what
+/// `getupdatedata`'s `work_date` is sent as); `None` for any other text.
+pub(crate) fn day_of(text: &str) -> Option<String> {
+    china_day_start(text)?;
+    let (day, _) = text.trim().split_once(' ')?;
+    Some(day.to_owned())
+}
+
 /// Epoch ms of the +08:00 midnight that starts the day of `yyyy-MM-dd HH:mm:ss`; `None` unless
 /// the text is exactly that shape with a real date and time.
 fn china_day_start(text: &str) -> Option<i64> {
@@ -123,6 +131,23 @@ mod tests {
             "",
         ] {
             assert_eq!(china_day_start(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_day_of_a_date_and_time() {
+        assert_eq!(day_of("2026-11-02 00:00:00").as_deref(), Some("2026-11-02"));
+        assert_eq!(
+            day_of(" 2024-02-29 09:30:00 ").as_deref(),
+            Some("2024-02-29")
+        );
+        for text in [
+            "2026-11-02",
+            "2023-02-29 00:00:00",
+            "2026-11-02T00:00:00",
+            "",
+        ] {
+            assert_eq!(day_of(text), None, "{text:?}");
         }
     }
 

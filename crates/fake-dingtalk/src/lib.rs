@@ -25,7 +25,7 @@
 //! | `POST /_fake/credentials` | `{"app_key": "…", "app_secret": "…"}` | require these in gettoken |
 //! | `POST /_fake/qps` | `{"limit": 20}` or `{"limit": null}` | throttle above N calls/s per path |
 //! | `POST /_fake/quota` | `{"limit": 5000, "used": 0?}` | refuse metered calls beyond the quota |
-//! | `POST /_fake/ban` | `{"wait": 5, "times": 1}` | answer the per-IP ban body |
+//! | `POST /_fake/ban` | `{"wait": 5, "times": 1, "html": false}` | answer the per-IP ban: the `{"status": 1111, …}` body, or (`html: true`) an HTML page |
 //! | `POST /_fake/failed-callbacks` | `{"entries": […], "page_size": 200?}` | load the failed-push list |
 //! | `POST /_fake/users` | `[{"userid", "unionid", "mobile", "name", …}]` | add users |
 //! | `POST /_fake/groups` | `[{"openConversationId", "title", "coolAppCode"?, …}]` | add groups |
@@ -36,6 +36,7 @@
 //! | `POST /_fake/attendance/list/users` | `{"user_ids": […], "records": […]}` | each user's `attendance/list` data becomes a copy of `records` |
 //! | `POST /_fake/attendance/records` | `[records]` | `attendance/listRecord` data |
 //! | `POST /_fake/send-results/{task_id}` | [`FakeSendResult`] | what `getsendresult` reports |
+//! | `POST /_fake/send-progress/{task_id}` | `{"progress_in_percent": 40, "status": 1}` | what `getsendprogress` reports (sends are done at once unless set); `status_bar/update` answers 41052 until `status` is 2 |
 
 mod admin;
 mod api;
@@ -52,7 +53,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use api::{ban_body, default_errmsg};
+use api::{ban_body, ban_page, default_errmsg};
 
 /// The header DingTalk's new API (`/v1.0/…`) takes the access token in, as DingTalk documents
 /// it. Written here on purpose rather than shared with the client under test.
@@ -95,10 +96,11 @@ pub struct RecordedCall {
 
 /// A canned failure for the next `times` matching calls.
 ///
-/// What is answered: `body` as is if given; else `{errcode, errmsg}` if `errcode` is given; else
-/// `{code, message, requestid}` if `code` is given; else an empty body. `status` defaults to 200
-/// for `body`/`errcode`, 403 for `Forbidden…` codes, 400 for other codes and 500 for an empty body.
-/// Without `path` a fault matches any path except `/gettoken`.
+/// What is answered: `html` as a `text/html` page if given; else `body` as is if given; else
+/// `{errcode, errmsg}` if `errcode` is given; else `{code, message, requestid}` if `code` is
+/// given; else an empty body. `status` defaults to 200 for `html`/`body`/`errcode`, 403 for
+/// `Forbidden…` codes, 400 for other codes and 500 for an empty body. Without `path` a fault
+/// matches any path except `/gettoken`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct FaultSpec {
@@ -118,6 +120,8 @@ pub struct FaultSpec {
     pub message: Option<String>,
     /// A raw JSON body.
     pub body: Option<Value>,
+    /// An HTML page (not JSON), sent as `text/html`.
+    pub html: Option<String>,
     /// Extra delay before answering, in ms.
     pub delay_ms: Option<u64>,
 }
@@ -161,6 +165,23 @@ impl FaultSpec {
             times: 1,
             ..FaultSpec::default()
         }
+    }
+
+    /// DingTalk's per-IP ban as an HTML page instead of JSON, which DingTalk's throttling page
+    /// says the ban "returns". The page itself is not published; this one is the fake's own,
+    /// without the JSON body's fields.
+    pub fn ip_ban_page() -> Self {
+        FaultSpec {
+            html: Some(ban_page()),
+            times: 1,
+            ..FaultSpec::default()
+        }
+    }
+
+    /// Answers with this HTTP status.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// Applies to the next `times` matching calls.
@@ -261,6 +282,8 @@ struct FakeState {
     messages: Vec<SentMessage>,
     next_task_id: i64,
     send_results: HashMap<i64, FakeSendResult>,
+    /// `getsendprogress` answers (`progress_in_percent`, `status`); unset means done.
+    send_progress: HashMap<i64, (i64, i64)>,
     robot_messages: Vec<Value>,
     next_request_id: u64,
 }
@@ -295,6 +318,7 @@ impl Default for FakeState {
             messages: Vec::new(),
             next_task_id: 1001,
             send_results: HashMap::new(),
+            send_progress: HashMap::new(),
             robot_messages: Vec::new(),
             next_request_id: 1,
         }
@@ -444,6 +468,11 @@ impl FakeDingTalk {
         self.fail_next(FaultSpec::ip_ban(wait_secs).times(times));
     }
 
+    /// Answers the next `times` calls with an HTML ban page (HTTP 200).
+    pub fn ban_next_with_page(&self, times: u32) {
+        self.fail_next(FaultSpec::ip_ban_page().times(times));
+    }
+
     /// Appends entries to the failed-push list. Each read of
     /// `/call_back/get_call_back_failed_result` returns (and removes) the next page.
     pub fn load_failed_callbacks(&self, entries: Vec<Value>) {
@@ -467,7 +496,8 @@ impl FakeDingTalk {
     }
 
     /// Adds a group for `sceneGroups/query`: an object with `openConversationId`, `title`, …
-    /// If it has a `coolAppCode`, robot sends to it must carry the same one.
+    /// If it has a `coolAppCode` (a group the cool app was installed in), robot sends to it and
+    /// `sceneGroups/query` of it must carry the same one, as on DingTalk.
     pub fn add_group(&self, group: Value) {
         if let Some(id) = group.get("openConversationId").and_then(Value::as_str) {
             let id = id.to_owned();
@@ -503,9 +533,11 @@ impl FakeDingTalk {
             .unwrap_or_default()
     }
 
-    /// Sets what `getupdatedata` answers for a user and day (`"yyyy-MM-dd"`).
+    /// Sets what `getupdatedata` answers for a user and day (`"yyyy-MM-dd"`; a time after it
+    /// is ignored). Requests name the day as `"yyyy-MM-dd HH:mm:ss"`, as DingTalk's examples do.
     pub fn set_attendance_update_data(&self, userid: &str, work_date: &str, result: Value) {
-        let key = (userid.to_owned(), work_date.to_owned());
+        let day = work_date.trim().get(..10).unwrap_or(work_date);
+        let key = (userid.to_owned(), day.to_owned());
         self.state().attendance_update.insert(key, result);
     }
 
@@ -547,6 +579,14 @@ impl FakeDingTalk {
     /// Sets the records `attendance/listRecord` returns (filtered by `userId`).
     pub fn set_attendance_records(&self, records: Vec<Value>) {
         self.state().attendance_records = records;
+    }
+
+    /// Sets what `getsendprogress` reports for `task_id` (`status` 0 not started, 1 running, 2
+    /// done). While `status` is not 2, `status_bar/update` of the task answers 41052.
+    pub fn set_send_progress(&self, task_id: i64, progress_in_percent: i64, status: i64) {
+        self.state()
+            .send_progress
+            .insert(task_id, (progress_in_percent, status));
     }
 
     /// Sets what `getsendresult` reports for `task_id`.

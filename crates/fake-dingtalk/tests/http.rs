@@ -259,7 +259,7 @@ async fn admin_routes_script_the_fake_over_http() {
     assert_eq!(any["errcode"], 0);
     let token = any["access_token"].as_str().unwrap().to_owned();
     let gone = old_api(&http, &base, &token, path, user).await;
-    assert_eq!(gone["errcode"], 60121, "users are forgotten");
+    assert_eq!(gone["errcode"], 33012, "users are forgotten");
 }
 
 #[tokio::test]
@@ -431,30 +431,50 @@ async fn groups_robot_messages_and_todos() {
         r#"{"openConversationId": "cid1", "title": "研发群", "coolAppCode": "COOL-1"}"#,
     )
     .await;
-    let query = format!("{base}/v1.0/im/sceneGroups/query");
-    let (status, group) = new_api(
+    post(
         &http,
-        reqwest::Method::POST,
-        query.clone(),
-        &token,
-        Some(json!({"openConversationId": "cid1"})),
+        format!("{base}/_fake/groups"),
+        r#"{"openConversationId": "cid-template", "title": "模板群"}"#,
     )
     .await;
+    let query = format!("{base}/v1.0/im/sceneGroups/query");
+    let ask = |body: Value| {
+        new_api(
+            &http,
+            reqwest::Method::POST,
+            query.clone(),
+            &token,
+            Some(body),
+        )
+    };
+    let (status, group) = ask(json!({"openConversationId": "cid1", "coolAppCode": "COOL-1"})).await;
     assert_eq!(status, 200);
     assert_eq!(group["title"], "研发群");
     assert!(group.get("coolAppCode").is_none(), "{group}");
-    let (status, missing) = new_api(
-        &http,
-        reqwest::Method::POST,
-        query,
-        &token,
-        Some(json!({"openConversationId": "nope"})),
-    )
-    .await;
-    assert_eq!(
-        (status, &missing["code"]),
-        (400, &json!("invalid.openConversationId"))
-    );
+    // A template group needs no coolAppCode.
+    let (status, group) = ask(json!({"openConversationId": "cid-template"})).await;
+    assert_eq!((status, &group["title"]), (200, &json!("模板群")));
+    // DingTalk's refusals: a cool-app group without its coolAppCode (or with another one), a
+    // group the app cannot see, no group at all.
+    for (body, code) in [
+        (
+            json!({"openConversationId": "cid1"}),
+            "groupPermissionDenied",
+        ),
+        (
+            json!({"openConversationId": "cid1", "coolAppCode": "COOL-2"}),
+            "groupPermissionDenied",
+        ),
+        (
+            json!({"openConversationId": "nope"}),
+            "groupPermissionDenied",
+        ),
+        (json!({"coolAppCode": "COOL-1"}), "paramBlank"),
+        (json!({"openConversationId": ""}), "paramBlank"),
+    ] {
+        let (status, refused) = ask(body.clone()).await;
+        assert_eq!((status, &refused["code"]), (400, &json!(code)), "{body}");
+    }
 
     // A robot message to a cool-app group must carry its coolAppCode.
     let send = format!("{base}/v1.0/robot/groupMessages/send");
@@ -484,6 +504,31 @@ async fn groups_robot_messages_and_todos() {
     assert_eq!(status, 200);
     assert!(sent["processQueryKey"].is_string());
     assert_eq!(fake.robot_messages().len(), 1);
+    // A missing field gets the code DingTalk's page lists for it.
+    for (field, code) in [
+        ("robotCode", "invalidParameter.robotCode.missing"),
+        ("openConversationId", "miss.openConversationId"),
+        ("msgKey", "invalidParameter.msgKey.empty"),
+        ("msgParam", "invalidParameter.msgParam.invalid"),
+    ] {
+        let mut body = message(Some("COOL-1"));
+        body.as_object_mut().unwrap().remove(field);
+        let (status, refused) = post_new(body).await;
+        assert_eq!((status, &refused["code"]), (400, &json!(code)), "{field}");
+    }
+    let mut long = message(Some("COOL-1"));
+    long["msgParam"] = json!(json!({"content": "长".repeat(5_001)}).to_string());
+    let (status, refused) = post_new(long).await;
+    assert_eq!(
+        (status, &refused["code"]),
+        (400, &json!("invalidParameter.msgParam.tooLong"))
+    );
+    let (status, refused) = post_new(json!("not an object")).await;
+    assert_eq!(
+        (status, &refused["code"]),
+        (400, &json!("invalidParameter.msgBody.invalid"))
+    );
+    assert_eq!(fake.robot_messages().len(), 1, "no refused message is kept");
 
     // A to-do task: read, updated, read again; unknown fields are refused.
     post(
@@ -639,6 +684,181 @@ async fn rust_handle_sets_send_results_and_work_records() {
     )
     .await;
     assert_eq!(result["send_result"]["read_user_id_list"], json!(["alice"]));
+}
+
+#[tokio::test]
+async fn status_bar_waits_for_the_send_to_finish() {
+    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
+    let http = reqwest::Client::new();
+    let token = raw_token(&http, &base).await;
+    let send = |msg: Value| {
+        old_api(
+            &http,
+            &base,
+            &token,
+            "/topapi/message/corpconversation/asyncsend_v2",
+            json!({"agent_id": 1, "userid_list": "alice", "msg": msg}),
+        )
+    };
+    let oa = json!({"msgtype": "oa", "oa": {"message_url": "https://x", "head": {"text": "h"},
+                    "body": {"title": "t"}, "status_bar": {"status_value": "待办"}}});
+    let task = send(oa).await["task_id"].as_i64().unwrap();
+    let text = send(json!({"msgtype": "text", "text": {"content": "x"}})).await["task_id"]
+        .as_i64()
+        .unwrap();
+    let bar = |task_id: i64| {
+        old_api(
+            &http,
+            &base,
+            &token,
+            "/topapi/message/corpconversation/status_bar/update",
+            json!({"agent_id": 1, "task_id": task_id, "status_value": "已完成"}),
+        )
+    };
+    let progress = |task_id: i64| {
+        old_api(
+            &http,
+            &base,
+            &token,
+            "/topapi/message/corpconversation/getsendprogress",
+            json!({"agent_id": 1, "task_id": task_id}),
+        )
+    };
+
+    // Still being sent (set over HTTP): getsendprogress says so, the status bar answers 41052.
+    let (status, _) = post(
+        &http,
+        format!("{base}/_fake/send-progress/{task}"),
+        r#"{"progress_in_percent": 40, "status": 1}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let running = progress(task).await;
+    assert_eq!(
+        running["progress"],
+        json!({"progress_in_percent": 40, "status": 1})
+    );
+    let refused = bar(task).await;
+    assert_eq!(refused["errcode"], 41052, "{refused}");
+    assert_eq!(refused["errmsg"], "本次发送人数过多,不再返回发送结果");
+
+    // Done: the update goes through.
+    fake.set_send_progress(task, 100, 2);
+    assert_eq!(bar(task).await["errcode"], 0);
+    let sent = fake.sent_messages();
+    let changed = sent.iter().find(|m| m.task_id == task).unwrap();
+    assert_eq!(
+        changed.status_bar.as_ref().unwrap()["status_value"],
+        "已完成"
+    );
+
+    // Only OA messages have a status bar: a parameter error, not 41052.
+    assert_eq!(bar(text).await["errcode"], 40035);
+}
+
+#[tokio::test]
+async fn html_ban_pages_dates_and_parameter_codes() {
+    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
+    let http = reqwest::Client::new();
+    let token = raw_token(&http, &base).await;
+    fake.add_user(json!({"userid": "alice"}));
+
+    // The per-IP ban as an HTML page, scripted over HTTP.
+    let (status, _) = post(&http, format!("{base}/_fake/ban"), r#"{"html": true}"#).await;
+    assert_eq!(status, 200);
+    let response = http
+        .post(format!("{base}/topapi/v2/user/get?access_token={token}"))
+        .json(&json!({"userid": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    let page = response.text().await.unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+    assert!(serde_json::from_str::<Value>(&page).is_err());
+    let calls = fake.calls_to("/topapi/v2/user/get");
+    assert_eq!(calls[0].answer_code.as_deref(), Some("html"));
+    // A page with another status, from Rust.
+    fake.fail_next(FaultSpec::ip_ban_page().with_status(403));
+    let response = http
+        .post(format!("{base}/topapi/v2/user/get?access_token={token}"))
+        .json(&json!({"userid": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+
+    // getupdatedata takes the day as `yyyy-MM-dd HH:mm:ss`, as DingTalk's examples send it.
+    fake.set_attendance_update_data(
+        "alice",
+        "2026-11-02",
+        json!({"userid": "alice", "attendance_result_list": [{"time_result": "Late"}]}),
+    );
+    let path = "/topapi/attendance/getupdatedata";
+    let day = old_api(
+        &http,
+        &base,
+        &token,
+        path,
+        json!({"userid": "alice", "work_date": "2026-11-02 00:00:00"}),
+    )
+    .await;
+    assert_eq!(
+        day["result"]["attendance_result_list"][0]["time_result"],
+        "Late"
+    );
+    let other = old_api(
+        &http,
+        &base,
+        &token,
+        path,
+        json!({"userid": "alice", "work_date": "2026-11-03 00:00:00"}),
+    )
+    .await;
+    assert_eq!(other["result"]["work_date"], "2026-11-03 00:00:00");
+    assert_eq!(other["result"]["attendance_result_list"], json!([]));
+    for bad in ["2026-11-02", "2026-11-31 00:00:00", "20261102"] {
+        let refused = old_api(
+            &http,
+            &base,
+            &token,
+            path,
+            json!({"userid": "alice", "work_date": bad}),
+        )
+        .await;
+        assert_eq!(refused["errcode"], 40035, "{bad}");
+    }
+
+    // The user APIs' own codes: 400002 for a missing parameter, 33012 / 60121 for nobody.
+    for (path, body, code) in [
+        ("/topapi/v2/user/get", json!({}), 400002),
+        ("/topapi/v2/user/get", json!({"userid": "bob"}), 33012),
+        ("/topapi/user/getbyunionid", json!({}), 400002),
+        (
+            "/topapi/user/getbyunionid",
+            json!({"unionid": "u-bob"}),
+            60121,
+        ),
+        ("/topapi/v2/user/getbymobile", json!({}), 400002),
+        (
+            "/topapi/workrecord/getbyuserid",
+            json!({"userid": "alice", "offset": -1, "limit": 10, "status": 0}),
+            40068,
+        ),
+        (
+            "/topapi/workrecord/getbyuserid",
+            json!({"userid": "alice", "offset": 0, "limit": 51, "status": 0}),
+            40069,
+        ),
+    ] {
+        let answer = old_api(&http, &base, &token, path, body.clone()).await;
+        assert_eq!(answer["errcode"], code, "{path} {body}");
+    }
 }
 
 /// The binary: `--listen 127.0.0.1:0` logs the URL it took, serves, and exits cleanly on SIGTERM.
