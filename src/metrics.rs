@@ -378,6 +378,7 @@ impl Metrics {
             ("busy_retries", stats.busy_retries as f64),
             ("quota_rejections", stats.quota_rejections as f64),
             ("ip_bans", stats.ip_bans as f64),
+            ("disabled_answers", stats.disabled_answers as f64),
             ("token_fetches", stats.token_fetches as f64),
             ("quota_warnings", stats.quota_warnings as f64),
         ] {

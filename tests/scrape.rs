@@ -418,7 +418,7 @@ async fn back_to_migration_7(raw: &Raw) {
                  DROP TRIGGER events_count_update ON events; \
                  DROP TRIGGER events_count_delete ON events; \
                  DROP FUNCTION dinghook_count_event(); DROP INDEX events_waiting_since; \
-                 DROP TABLE event_counts; DELETE FROM dinghook_migrations WHERE version = 8;",
+                 DROP TABLE event_counts; DELETE FROM dinghook_migrations WHERE version >= 8;",
             )
             .await
         }
