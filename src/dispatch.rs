@@ -122,7 +122,13 @@ pub struct Dispatcher {
     apps: HashMap<String, AppContext>,
     /// Where the next shared claim starts among the waiting apps (see `claim_batch`).
     next_app: std::sync::atomic::AtomicUsize,
+    /// The last read of the apps with waiting events, and when (see `waiting_apps`).
+    waiting: tokio::sync::Mutex<Option<(tokio::time::Instant, Vec<String>)>>,
 }
+
+/// How long the list of apps with waiting events is reused: a new app's first event waits at
+/// most this long to be shared in.
+const WAITING_APPS_TTL: Duration = Duration::from_millis(100);
 
 /// One app's side of a handler's [`Context`]: the store as that app sees it
 /// ([`crate::store::scoped`]) and its DingTalk client (`None` without an app key).
@@ -152,6 +158,7 @@ impl Dispatcher {
             wake,
             apps,
             next_app: std::sync::atomic::AtomicUsize::new(0),
+            waiting: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -194,10 +201,15 @@ impl Dispatcher {
     }
 
     async fn worker(self: Arc<Self>, index: usize, mut stop: watch::Receiver<bool>) {
+        if self.apps.len() > 1 {
+            return self.shared_worker(index, stop).await;
+        }
         let owner = self.worker_owner(index);
         let lease_ms = crate::time::millis(self.config.lease);
         while !*stop.borrow() {
-            let claimed = self.claim_batch(&owner, lease_ms).await;
+            let claimed = self
+                .claim_batch(&owner, lease_ms, self.config.batch_size, &HashMap::new())
+                .await;
             let batch = match claimed {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -228,23 +240,44 @@ impl Dispatcher {
     /// leases and the oldest events still come first), the rest in equal shares per app with
     /// waiting events, taking the apps in turn from one further each batch. So a backlog of one
     /// app cannot hold back another's events: each batch takes some of every app's.
+    ///
+    /// `running` counts this worker's runs in flight per app; an app at [`Self::app_cap`] gets
+    /// no share, and while one is, the first part is left out too (it could be anyone's).
     async fn claim_batch(
         &self,
         owner: &str,
         lease_ms: i64,
+        limit: u32,
+        running: &HashMap<String, usize>,
     ) -> Result<Vec<StoredEvent>, crate::store::StoreError> {
-        let limit = self.config.batch_size;
         let now = now_millis();
         if self.apps.len() <= 1 {
             return self.store.claim(owner, limit, lease_ms, now).await;
         }
-        let waiting = self.store.waiting_apps().await?;
-        if waiting.len() <= 1 {
-            return self.store.claim(owner, limit, lease_ms, now).await;
+        let cap = self.app_cap();
+        let at_cap = |app: &str| running.get(app).is_some_and(|&n| n >= cap);
+        let waiting: Vec<String> = self
+            .waiting_apps()
+            .await?
+            .into_iter()
+            .filter(|app| !at_cap(app))
+            .collect();
+        let saturated = running.values().any(|&n| n >= cap);
+        if waiting.is_empty() {
+            // Nothing to share; expired leases (anyone's) unless an app is at its cap.
+            return if saturated {
+                Ok(Vec::new())
+            } else {
+                self.store.claim(owner, limit, lease_ms, now).await
+            };
         }
         let parts = u32::try_from(waiting.len() + 1).unwrap_or(u32::MAX);
         let share = (limit / parts).max(1);
-        let mut batch = self.store.claim(owner, share, lease_ms, now).await?;
+        let mut batch = if saturated {
+            Vec::new()
+        } else {
+            self.store.claim(owner, share, lease_ms, now).await?
+        };
         let start = self
             .next_app
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -258,13 +291,110 @@ impl Dispatcher {
             }
             tries -= 1;
             let app = &waiting[(start + i) % waiting.len()];
+            let room = cap.saturating_sub(running.get(app.as_str()).copied().unwrap_or(0));
+            let take = share.min(left).min(u32::try_from(room).unwrap_or(u32::MAX));
             let claimed = self
                 .store
-                .claim_app(owner, app, share.min(left), lease_ms, now)
+                .claim_app(owner, app, take, lease_ms, now)
                 .await?;
             batch.extend(claimed);
         }
         Ok(batch)
+    }
+
+    /// The apps with waiting events, read at most every [`WAITING_APPS_TTL`] for all workers
+    /// (each run that ends asks again, and the read is a query).
+    async fn waiting_apps(&self) -> Result<Vec<String>, crate::store::StoreError> {
+        let mut cached = self.waiting.lock().await;
+        if let Some((at, apps)) = cached.as_ref() {
+            if at.elapsed() < WAITING_APPS_TTL {
+                return Ok(apps.clone());
+            }
+        }
+        let apps = self.store.waiting_apps().await?;
+        *cached = Some((tokio::time::Instant::now(), apps.clone()));
+        Ok(apps)
+    }
+
+    /// With several apps, how many runs of one app a worker keeps in flight at most: half its
+    /// batch, so an app whose runs hang (its DingTalk not answering) leaves the other half to
+    /// the other apps.
+    fn app_cap(&self) -> usize {
+        (self.config.batch_size as usize / 2).max(1)
+    }
+
+    /// The worker loop with several apps: runs are not waited for as a batch, but claimed as
+    /// room frees up (a run ends, new events arrive), with at most [`Self::app_cap`] of one app
+    /// in flight. So one app's slow or hanging runs hold at most half of each worker, and never
+    /// the other apps' events behind them. With one app, `worker` keeps whole batches, whose
+    /// outcomes share the store's group commits.
+    async fn shared_worker(self: Arc<Self>, index: usize, mut stop: watch::Receiver<bool>) {
+        let owner = self.worker_owner(index);
+        let lease_ms = crate::time::millis(self.config.lease);
+        let capacity = self.config.batch_size as usize;
+        // Tasks, not futures polled by this loop: a run must go on (and give its store
+        // connection back) while the loop waits for a claim. Dropping the set (an abandoned
+        // worker) aborts them.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut running: HashMap<String, usize> = HashMap::new();
+        // Claim when half the worker is free, when there may be new events (a wake-up, the
+        // poll interval), or when it is idle; not for every run that ends, which would be a
+        // claim per event.
+        let mut look = true;
+        loop {
+            let stopping = *stop.borrow();
+            if stopping && in_flight.is_empty() {
+                break;
+            }
+            let free = capacity.saturating_sub(in_flight.len());
+            let mut claimed_any = false;
+            if !stopping && free > 0 && (look || free * 2 >= capacity || in_flight.is_empty()) {
+                look = false;
+                let limit = u32::try_from(free).unwrap_or(u32::MAX);
+                match self.claim_batch(&owner, lease_ms, limit, &running).await {
+                    Ok(batch) => {
+                        claimed_any = !batch.is_empty();
+                        for record in batch {
+                            let app = record.app.clone();
+                            *running.entry(app.clone()).or_insert(0) += 1;
+                            let (this, owner) = (Arc::clone(&self), owner.clone());
+                            in_flight.spawn(async move {
+                                this.run(&owner, record).await;
+                                app
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claim failed; trying again after the poll interval");
+                    }
+                }
+            }
+            if claimed_any && in_flight.len() < capacity {
+                // There may be more waiting: ask again before sleeping.
+                continue;
+            }
+            let room = in_flight.len() < capacity && !stopping;
+            tokio::select! {
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    match done {
+                        Ok(app) => {
+                            if let Some(n) = running.get_mut(&app) {
+                                *n = n.saturating_sub(1);
+                            }
+                        }
+                        // `run` does not panic (handler panics are caught inside it); should
+                        // it, the count is rebuilt from what is still in flight.
+                        Err(e) => {
+                            tracing::error!(error = %e, "a run's task failed");
+                            running.clear();
+                        }
+                    }
+                }
+                () = tokio::time::sleep(self.config.poll_interval), if room => look = true,
+                () = self.wake.notified(), if room => look = true,
+                _ = stop.changed(), if !stopping => {}
+            }
+        }
     }
 
     /// Runs the handlers of one claimed event that have not succeeded for it yet, and

@@ -315,7 +315,9 @@ owner_key = "{OPS_OWNER}"
     let msg =
         json!({"EventType": "chat_update_title", "eventId": "ops-1", "chatId": "c", "title": "t"})
             .to_string();
-    assert_eq!(post_ops(&app, &ops_cipher(), &msg).await.status(), 200);
+    let reply = post_ops(&app, &ops_cipher(), &msg).await;
+    let status = reply.status();
+    assert_eq!(status, 200, "{}", reply.text().await.unwrap_or_default());
     app.wait_for_state("@ops/event:ops-1", EventState::Done)
         .await;
     let took = started.elapsed();
@@ -350,4 +352,65 @@ async fn a_backlog_of_one_app_does_not_delay_another_on_postgres() {
         return;
     };
     a_backlog_of_one_app_does_not_delay_another(Some(url)).await;
+}
+
+/// One app's runs hanging (its DingTalk not answering, here a handler that takes 5 s) hold at
+/// most half of each worker: another app's event is handled at once, not after them.
+#[tokio::test]
+async fn one_apps_hanging_runs_do_not_hold_up_another() {
+    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
+        r#"
+[ops]
+token = "{OPS_TOKEN}"
+aes_key = "{OPS_AES_KEY}"
+owner_key = "{OPS_OWNER}"
+"#
+    ))
+    .unwrap();
+    let app = TestApp::spawn_on(
+        move |config| {
+            config.handlers.enabled = false;
+            config.apps = ops;
+            RegistryBuilder::new()
+                .on("hangs", |_, _| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(())
+                })
+                .on("chat_update_title", |_, _| async { Ok(()) })
+        },
+        |store| store,
+    )
+    .await;
+    // More hanging events than all workers can hold at once (4 x 16).
+    for i in 0..200 {
+        let msg = json!({"EventType": "hangs", "eventId": format!("h-{i}")}).to_string();
+        assert_eq!(app.post_event(&msg).await.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let msg =
+        json!({"EventType": "chat_update_title", "eventId": "ops-2", "chatId": "c", "title": "t"})
+            .to_string();
+    assert_eq!(post_ops(&app, &ops_cipher(), &msg).await.status(), 200);
+    app.wait_for_state("@ops/event:ops-2", EventState::Done)
+        .await;
+    let took = started.elapsed();
+    let running = app
+        .store
+        .list(&ListQuery {
+            app: Some("default".into()),
+            state: Some(EventState::Running),
+            limit: Some(1_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len();
+    eprintln!("ops event handled in {took:?} beside {running} hanging runs of default");
+    assert!(
+        running >= 4,
+        "the default app's runs were not hanging: {running}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    app.stop().await;
 }
