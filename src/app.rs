@@ -72,14 +72,15 @@ impl AppBuilder {
     pub async fn build(self) -> Result<Application, AppError> {
         // Each app's built-in handlers with its own options, limited to its events; then the
         // program's own, which run for every app.
+        let specs = self.config.validated_apps()?;
         let mut builtin = RegistryBuilder::new();
-        for app in self.config.apps()? {
+        for app in &specs {
             builtin = builtin.merge(
                 crate::builtin::registrations(&app.handlers).for_app(&app.name, DEFAULT_APP),
             );
         }
         let registry = builtin.merge(self.handlers).build()?;
-        Application::build_with(self.config, registry, self.store).await
+        Application::build_with(self.config, specs, registry, self.store).await
     }
 
     /// Uses `store` instead of opening the one `store.url` names: a store shared with other
@@ -129,11 +130,10 @@ impl Application {
     /// port, which is how the tests run several servers at once).
     async fn build_with(
         config: Config,
+        specs: Vec<AppSpec>,
         registry: crate::handler::Registry,
         store: Option<Arc<dyn Store>>,
     ) -> Result<Self, AppError> {
-        config.validate()?;
-        let specs = config.apps()?;
         let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;
         let ops_addr = config.ops_addr()?;
@@ -308,10 +308,18 @@ impl Application {
             apps,
         } = self;
         let ops_addr = ops_listener.as_ref().map(|(_, addr)| *addr);
-        let paths: Vec<String> = apps
+        // Each app's path, unless there are many (then at debug level, one line each).
+        let mut paths: Vec<String> = apps
             .iter()
+            .take(MAX_APPS_LOGGED)
             .map(|a| format!("{}={}", a.name, a.callback.path))
             .collect();
+        if apps.len() > MAX_APPS_LOGGED {
+            paths.push(format!("and {} more", apps.len() - MAX_APPS_LOGGED));
+            for app in &apps {
+                tracing::debug!(app = %app.name, path = %app.callback.path, "callback");
+            }
+        }
         tracing::info!(
             %local_addr,
             ops_addr = ops_addr.map(tracing::field::display),
@@ -427,6 +435,9 @@ impl CallCounter for StoreCallCounter {
             .map_err(|e| CounterError(e.to_string()))
     }
 }
+
+/// Apps whose paths the start-up line lists.
+const MAX_APPS_LOGGED: usize = 10;
 
 /// How long shutdown waits for abandoned workers to notice they were aborted.
 const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);

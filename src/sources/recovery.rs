@@ -133,11 +133,17 @@ impl Recovery {
         wake: Arc<Notify>,
     ) -> Option<Self> {
         if !config.enabled {
-            tracing::info!("failed-push recovery is off (recovery.enabled = false)");
+            tracing::info!(
+                app,
+                "failed-push recovery is off (recovery.enabled = false)"
+            );
             return None;
         }
         let Some(client) = client else {
-            tracing::info!("failed-push recovery is off: no DingTalk app key configured");
+            tracing::info!(
+                app,
+                "failed-push recovery is off: no DingTalk app key configured"
+            );
             return None;
         };
         Some(Recovery::new(
