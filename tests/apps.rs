@@ -414,3 +414,39 @@ owner_key = "{OPS_OWNER}"
     assert!(took < Duration::from_millis(1500), "took {took:?}");
     app.stop().await;
 }
+
+/// One app's DingTalk in trouble — refusing its credentials, its monthly quota used up, every
+/// answer 3 s late — touches only that app: the other's welcome goes out at once.
+#[tokio::test]
+async fn one_apps_dingtalk_trouble_stays_with_that_app() {
+    let (app, fake_a, fake_b) = two_apps(None).await;
+    fake_a.set_credentials("someone-else", "another-secret");
+    fake_a.set_monthly_quota(Some(0));
+    fake_a.set_delay(Some(Duration::from_secs(3)));
+    for i in 0..20 {
+        let reply = app.post_event(&install(&format!("a-{i}"), "cid1")).await;
+        assert_eq!(reply.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        post_ops(&app, &ops_cipher(), &install("b-1", "cid1"))
+            .await
+            .status(),
+        200
+    );
+    wait_until("the ops welcome", || fake_b.robot_messages().len() == 1).await;
+    let took = started.elapsed();
+    app.wait_for_state("@ops/event:b-1", EventState::Done).await;
+    eprintln!("ops welcome sent in {took:?} while the default app's DingTalk is in trouble");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(fake_a.robot_messages().is_empty());
+    let a0 = app
+        .store
+        .find_by_dedup_key("event:a-0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(a0.state, EventState::Done, "{a0:?}");
+    app.stop().await;
+}
