@@ -6,7 +6,7 @@
 //!   cargo run --release --example store_bench -- scrape --url sqlite:///tmp/b.db \
 //!       --events 1000000 --before
 //!   # distinct events through `Store::insert`, 64 at a time, in rounds alternating the
-//!   # schema with the counts (triggers, index) and without them (as before migration 8)
+//!   # schema with the counts (triggers) and without them (as before migration 8)
 //!   cargo run --release --example store_bench -- insert --url postgres://…/bench \
 //!       --events 20000 --replicas 2 --compare-without-counts
 //!
@@ -38,8 +38,7 @@ enum Command {
         /// `stats` calls to time.
         #[arg(long, default_value_t = 50)]
         runs: usize,
-        /// Also time the statements of the version before migration 8 (table scans), after
-        /// dropping the index they did not have.
+        /// Also time the statements of the version before migration 8 (table scans).
         #[arg(long)]
         before: bool,
     },
@@ -63,8 +62,8 @@ enum Command {
         /// Rounds per schema.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Alternate rounds with and without the counts (triggers and index dropped, then
-        /// put back: the schema before migration 8).
+        /// Alternate rounds with and without the counts (the triggers dropped, then put
+        /// back: what an insert cost before migration 8).
         #[arg(long)]
         compare_without_counts: bool,
         /// PostgreSQL: also run rounds with every session adding to one counter row per
@@ -287,8 +286,7 @@ async fn scrape(url: &str, events: u64, runs: usize, before: bool) -> anyhow::Re
     );
 
     if before {
-        // The statements `stats` ran before migration 8, without the index it added.
-        raw.execute("DROP INDEX events_waiting_since").await?;
+        // The statements `stats` ran before migration 8.
         let mut times = Vec::new();
         for _ in 0..runs.min(5) {
             let started = Instant::now();
@@ -311,7 +309,7 @@ async fn scrape(url: &str, events: u64, runs: usize, before: bool) -> anyhow::Re
 enum Schema {
     /// Migrations 8 and 10 as they are.
     Counts,
-    /// Triggers and index dropped: what an insert cost before migration 8.
+    /// The count triggers dropped: what an insert cost before migration 8.
     NoCounts,
     /// PostgreSQL: every session adds to shard 0, one hot row per (type, state).
     OneShard,
@@ -329,19 +327,14 @@ async fn set_schema(raw: &Raw, schema: Schema, saved: &mut Vec<String>) -> anyho
     match (raw, schema) {
         (_, Schema::Counts) => {}
         (Raw::Sqlite(conn), Schema::NoCounts) => {
-            for name in SQLITE_TRIGGERS.split(", ").chain(["events_waiting_since"]) {
+            for name in SQLITE_TRIGGERS.split(", ") {
                 let sql: String = conn.query_row(
                     "SELECT sql FROM sqlite_master WHERE name = ?1",
                     [name],
                     |r| r.get(0),
                 )?;
                 saved.push(format!("{sql};"));
-                let kind = if name.starts_with("events_count") {
-                    "TRIGGER"
-                } else {
-                    "INDEX"
-                };
-                raw.execute(&format!("DROP {kind} {name}")).await?;
+                raw.execute(&format!("DROP TRIGGER {name}")).await?;
             }
         }
         (Raw::Postgres(client), Schema::NoCounts) => {
@@ -361,15 +354,6 @@ async fn set_schema(raw: &Raw, schema: Schema, saved: &mut Vec<String>) -> anyho
                 raw.execute(&format!("DROP TRIGGER {name} ON events"))
                     .await?;
             }
-            let sql: String = client
-                .query_one(
-                    "SELECT pg_get_indexdef('events_waiting_since'::regclass)",
-                    &[],
-                )
-                .await?
-                .get(0);
-            saved.push(sql);
-            raw.execute("DROP INDEX events_waiting_since").await?;
         }
         (Raw::Postgres(client), Schema::OneShard) => {
             let sql: String = client

@@ -128,9 +128,13 @@ CREATE INDEX events_app_waiting ON events (app, next_attempt_at, id)
     WHERE state IN ('pending', 'retry');
 "#,
     // 10: PostgreSQL counts updates and deletes once per statement (migration 8 counted them
-    // row by row, which costs N² in a statement of N rows); SQLite keeps its triggers. See
-    // `POSTGRES_COUNTS_PER_STATEMENT`.
-    "{event_counts_per_statement}",
+    // row by row, which costs N² in a statement of N rows; SQLite keeps its triggers), see
+    // `POSTGRES_COUNTS_PER_STATEMENT`. And `stats` reads the oldest waiting event from
+    // `events_waiting` (the first entry is the most overdue), so the index migration 8 added
+    // for it goes: every insert paid for it.
+    r#"
+DROP INDEX events_waiting_since;
+{event_counts_per_statement}"#,
 ];
 
 /// Migration 8 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
@@ -290,7 +294,7 @@ impl Dialect {
                 (Dialect::Postgres, "event_counts", _) => out.push_str(POSTGRES_EVENT_COUNTS),
                 (Dialect::Sqlite, "event_counts_per_statement", _) => {
                     // SQLite updates a counter row in place: its row triggers stay.
-                    out.push_str("-- 10: PostgreSQL only (count triggers per statement)\n")
+                    out.push_str("-- PostgreSQL only: count triggers per statement\n")
                 }
                 (Dialect::Postgres, "event_counts_per_statement", _) => {
                     out.push_str(POSTGRES_COUNTS_PER_STATEMENT)
@@ -391,8 +395,8 @@ pub struct Statements {
     /// → (event_type, state, count) rows, counts not zero: the maintained counts (migration 8),
     /// whose size is the number of types, not of events.
     pub stats_counts: String,
-    /// → the oldest `received_at` of a waiting event, or no row: the first entry of the partial
-    /// index `events_waiting_since`, which holds only waiting events.
+    /// → the earliest `next_attempt_at` of a waiting event, or no row: the first entry of the
+    /// partial index `events_waiting`, which holds only waiting events, in due order.
     pub stats_oldest: String,
     /// collection, key, body, now.
     pub put_document: String,
@@ -473,13 +477,12 @@ impl Statements {
                 "SELECT event_type, state, CAST(SUM(n) AS BIGINT) FROM event_counts \
                  GROUP BY event_type, state HAVING SUM(n) <> 0",
             ),
-            // INDEXED BY (SQLite) pins the plan, as for claims: `events_received` also gives
-            // this order, but walks every done event older than the oldest waiting one.
+            // INDEXED BY (SQLite) pins the plan, as for claims.
             stats_oldest: sql(&format!(
-                "SELECT received_at FROM events {} \
-                 WHERE state IN ('pending', 'retry') ORDER BY received_at LIMIT 1",
+                "SELECT next_attempt_at FROM events {} \
+                 WHERE state IN ('pending', 'retry') ORDER BY next_attempt_at LIMIT 1",
                 match dialect {
-                    Dialect::Sqlite => "INDEXED BY events_waiting_since",
+                    Dialect::Sqlite => "INDEXED BY events_waiting",
                     Dialect::Postgres => "",
                 }
             )),
@@ -970,9 +973,9 @@ CREATE VIEW notifications AS SELECT
             "{counts}"
         );
         let oldest = plan(&s.stats_oldest);
-        // In received_at order over waiting events only; LIMIT 1 stops at the first entry.
+        // In due order over waiting events only; LIMIT 1 stops at the first entry.
         assert!(
-            oldest.contains("INDEX events_waiting_since") && !oldest.contains("TEMP B-TREE"),
+            oldest.contains("INDEX events_waiting") && !oldest.contains("TEMP B-TREE"),
             "{oldest}"
         );
     }
