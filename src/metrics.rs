@@ -180,7 +180,7 @@ impl Metrics {
         let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "oldest_pending_age_seconds",
-            "Age of the oldest event waiting to run (pending or retry)",
+            "How long the most overdue event waiting to run (pending or retry) has been due",
             oldest_pending_seconds.clone(),
         );
         let store_up = Gauge::default();

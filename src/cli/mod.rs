@@ -377,7 +377,9 @@ async fn events(command: EventsCommand) -> Result<()> {
                     println!("{state:<8} {n}");
                 }
                 match stats.oldest_pending_age_ms {
-                    Some(ms) => println!("oldest waiting event: {:.1} s old", ms as f64 / 1000.0),
+                    Some(ms) => {
+                        println!("oldest waiting event: due {:.1} s ago", ms as f64 / 1000.0)
+                    }
                     None => println!("nothing waiting"),
                 }
                 for (event_type, states) in &stats.by_type {

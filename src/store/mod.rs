@@ -233,7 +233,9 @@ pub struct Stats {
     pub by_state: std::collections::BTreeMap<String, u64>,
     /// Event type → state → count (states with zero events left out).
     pub by_type: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
-    /// Age in ms of the oldest event waiting to run (`pending` or `retry`), if any.
+    /// How long (ms) the most overdue event waiting to run (`pending` or `retry`) has been due:
+    /// since it was received, for one not run yet; since its retry time, for a retry; 0 when
+    /// none is due yet; `None` when none waits.
     pub oldest_pending_age_ms: Option<i64>,
 }
 

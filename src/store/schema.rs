@@ -21,8 +21,8 @@ pub enum Dialect {
 /// tokens render to; a change is a new migration at the end.
 ///
 /// Tokens: `{id_pk}` an auto-incrementing 64-bit key, `{bigint}` a 64-bit integer,
-/// `{json:f}` the text of field `f` of the JSON in column `body`, `{event_counts}` migration 8
-/// in the dialect's own words.
+/// `{json:f}` the text of field `f` of the JSON in column `body`, `{event_counts}` and
+/// `{event_counts_per_statement}` migrations 8 and 10 in each dialect's own words.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -127,6 +127,14 @@ CREATE INDEX events_app ON events (app, id);
 CREATE INDEX IF NOT EXISTS events_app_waiting ON events (app, next_attempt_at, id)
     WHERE state IN ('pending', 'retry');
 "#,
+    // 10: PostgreSQL counts updates and deletes once per statement (migration 8 counted them
+    // row by row, which costs N² in a statement of N rows; SQLite keeps its triggers), see
+    // `POSTGRES_COUNTS_PER_STATEMENT`. And `stats` reads the oldest waiting event from
+    // `events_waiting` (the first entry is the most overdue), so the index migration 8 added
+    // for it goes: every insert paid for it.
+    r#"
+DROP INDEX events_waiting_since;
+{event_counts_per_statement}"#,
 ];
 
 /// Migration 8 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
@@ -159,17 +167,15 @@ INSERT INTO event_counts (event_type, state, shard, n)
     SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state;
 "#;
 
-/// Migration 8 for PostgreSQL. Replicas write at once, and a counter row stays locked until its
-/// transaction's commit is flushed: with one row per (type, state), every insert of a type
-/// would wait for the previous one's fsync (a storm of one type: about five times fewer inserts
-/// a second, `docs/benchmarks.md`). So each session adds to rows of its own, `shard =
-/// pg_backend_pid()`: no two live sessions share a pid, so no writer ever waits for another's
-/// counter row, and a statement touching several rows cannot deadlock on them. `stats` sums
-/// the shards; `PostgresStore::compact_counts` folds them into shard 0 (no session's) now and
-/// then. Row triggers, because an insert is one row: one upsert (statement triggers with
-/// transition tables cost more there); an update calls the function only when `WHEN` sees the
-/// state or type move. The table is locked first, so a replica of the version before cannot
-/// write between the count at the end and the triggers.
+/// Migration 8 for PostgreSQL; migration 10 replaced its triggers (see there). Replicas write
+/// at once, and a counter row stays locked until its transaction's commit is flushed: with one
+/// row per (type, state), every insert of a type would wait for the previous one's fsync (a
+/// storm of one type: about five times fewer inserts a second, `docs/benchmarks.md`). So each
+/// session adds to rows of its own, `shard = pg_backend_pid()`: no two live sessions share a
+/// pid, so no writer waits for another's counter row, and a statement touching several rows
+/// cannot deadlock on them. `stats` sums the shards; `PostgresStore::compact_counts` folds
+/// them into shard 0 (no session's) now and then. The table is locked first, so a replica of
+/// the version before cannot write between the count at the end and the triggers.
 const POSTGRES_EVENT_COUNTS: &str = r#"
 LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
 CREATE TABLE event_counts (
@@ -207,6 +213,64 @@ INSERT INTO event_counts (event_type, state, shard, n)
     SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state;
 "#;
 
+/// Migration 10 for PostgreSQL: the triggers of migration 8, replaced. Migration 8 counted
+/// every written row with a row trigger; a statement of many rows (a replay of every dead
+/// event, a release, a retention delete) then updated the same counter row once per row inside
+/// one transaction, and each update walks every version the transaction already made of it: a
+/// statement of N rows cost N² (20 000 rows: seconds, a million: past `statement_timeout`).
+/// Updates and deletes are now counted once per statement from transition tables: one upsert
+/// per type and state. An insert (one row on every path) keeps a row trigger, the cheapest,
+/// which updates the session's counter row and upserts only when there is none (an upsert runs
+/// the speculative insertion first). One INSERT of many rows is still counted row by row:
+/// write those in batches. The counts carry over unchanged: the table is locked for the swap.
+const POSTGRES_COUNTS_PER_STATEMENT: &str = r#"
+LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
+DROP TRIGGER events_count_insert ON events;
+DROP TRIGGER events_count_update ON events;
+DROP TRIGGER events_count_delete ON events;
+DROP FUNCTION dinghook_count_event();
+CREATE FUNCTION dinghook_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE event_counts SET n = n + 1
+    WHERE event_type = NEW.event_type AND state = NEW.state AND shard = pg_backend_pid();
+    IF NOT FOUND THEN
+        INSERT INTO event_counts (event_type, state, shard, n)
+        VALUES (NEW.event_type, NEW.state, pg_backend_pid(), 1)
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE FUNCTION dinghook_count_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO event_counts (event_type, state, shard, n)
+        SELECT event_type, state, pg_backend_pid(), -COUNT(*) FROM old_rows
+        GROUP BY event_type, state
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+    ELSE
+        INSERT INTO event_counts (event_type, state, shard, n)
+        SELECT event_type, state, pg_backend_pid(), SUM(d) FROM (
+            SELECT event_type, state, 1 AS d FROM new_rows
+            UNION ALL
+            SELECT event_type, state, -1 AS d FROM old_rows
+        ) AS moved
+        GROUP BY event_type, state HAVING SUM(d) <> 0
+        ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER events_count_insert AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION dinghook_count_insert();
+CREATE TRIGGER events_count_update AFTER UPDATE ON events
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_changes();
+CREATE TRIGGER events_count_delete AFTER DELETE ON events
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_changes();
+"#;
+
 impl Dialect {
     /// Every migration, in order, in this dialect.
     pub fn migrations(self) -> impl ExactSizeIterator<Item = String> {
@@ -228,6 +292,13 @@ impl Dialect {
             match (self, name, name.strip_prefix("json:")) {
                 (Dialect::Sqlite, "event_counts", _) => out.push_str(SQLITE_EVENT_COUNTS),
                 (Dialect::Postgres, "event_counts", _) => out.push_str(POSTGRES_EVENT_COUNTS),
+                (Dialect::Sqlite, "event_counts_per_statement", _) => {
+                    // SQLite updates a counter row in place: its row triggers stay.
+                    out.push_str("-- PostgreSQL only: count triggers per statement\n")
+                }
+                (Dialect::Postgres, "event_counts_per_statement", _) => {
+                    out.push_str(POSTGRES_COUNTS_PER_STATEMENT)
+                }
                 (Dialect::Sqlite, "id_pk", _) => out.push_str("INTEGER PRIMARY KEY AUTOINCREMENT"),
                 (Dialect::Postgres, "id_pk", _) => out.push_str("BIGSERIAL PRIMARY KEY"),
                 (Dialect::Sqlite, "bigint", _) => out.push_str("INTEGER"),
@@ -324,8 +395,8 @@ pub struct Statements {
     /// → (event_type, state, count) rows, counts not zero: the maintained counts (migration 8),
     /// whose size is the number of types, not of events.
     pub stats_counts: String,
-    /// → the oldest `received_at` of a waiting event, or no row: the first entry of the partial
-    /// index `events_waiting_since`, which holds only waiting events.
+    /// → the earliest `next_attempt_at` of a waiting event, or no row: the first entry of the
+    /// partial index `events_waiting`, which holds only waiting events, in due order.
     pub stats_oldest: String,
     /// collection, key, body, now.
     pub put_document: String,
@@ -406,13 +477,12 @@ impl Statements {
                 "SELECT event_type, state, CAST(SUM(n) AS BIGINT) FROM event_counts \
                  GROUP BY event_type, state HAVING SUM(n) <> 0",
             ),
-            // INDEXED BY (SQLite) pins the plan, as for claims: `events_received` also gives
-            // this order, but walks every done event older than the oldest waiting one.
+            // INDEXED BY (SQLite) pins the plan, as for claims.
             stats_oldest: sql(&format!(
-                "SELECT received_at FROM events {} \
-                 WHERE state IN ('pending', 'retry') ORDER BY received_at LIMIT 1",
+                "SELECT next_attempt_at FROM events {} \
+                 WHERE state IN ('pending', 'retry') ORDER BY next_attempt_at LIMIT 1",
                 match dialect {
-                    Dialect::Sqlite => "INDEXED BY events_waiting_since",
+                    Dialect::Sqlite => "INDEXED BY events_waiting",
                     Dialect::Postgres => "",
                 }
             )),
@@ -751,7 +821,7 @@ CREATE VIEW notifications AS SELECT
     #[test]
     fn sqlite_renders_the_old_migrations_to_the_letter() {
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
-        assert_eq!(new.len(), OLD_SQLITE.len() + 5, "migrations 5 to 9 added");
+        assert_eq!(new.len(), OLD_SQLITE.len() + 6, "migrations 5 to 10 added");
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
         }
@@ -784,7 +854,7 @@ CREATE VIEW notifications AS SELECT
         // Only the spacing of the column lists may differ from the old texts; the suite in
         // tests/store.rs runs the rendering on a real server.
         let new: Vec<String> = Dialect::Postgres.migrations().collect();
-        assert_eq!(new.len(), OLD_POSTGRES.len() + 5);
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 6);
         for (i, old) in OLD_POSTGRES.iter().enumerate() {
             assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
         }
@@ -903,9 +973,9 @@ CREATE VIEW notifications AS SELECT
             "{counts}"
         );
         let oldest = plan(&s.stats_oldest);
-        // In received_at order over waiting events only; LIMIT 1 stops at the first entry.
+        // In due order over waiting events only; LIMIT 1 stops at the first entry.
         assert!(
-            oldest.contains("INDEX events_waiting_since") && !oldest.contains("TEMP B-TREE"),
+            oldest.contains("INDEX events_waiting") && !oldest.contains("TEMP B-TREE"),
             "{oldest}"
         );
     }
