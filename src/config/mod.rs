@@ -20,7 +20,6 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use crate::builtin::HandlersConfig;
-use crate::crypto::CallbackCipher;
 use crate::dingtalk::ClientConfig;
 use crate::dispatch::DispatchConfig;
 use crate::forwarded::TrustedProxies;
@@ -378,23 +377,6 @@ impl Config {
 
     pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
         StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))
-    }
-
-    /// The callback cipher built from the validated keys.
-    pub fn cipher(&self) -> Result<CallbackCipher, ConfigError> {
-        let c = &self.callback;
-        let previous: Vec<String> = c
-            .previous_aes_keys
-            .iter()
-            .map(|s| s.expose().to_owned())
-            .collect();
-        CallbackCipher::from_strings(
-            c.token.expose(),
-            c.aes_key.expose(),
-            &previous,
-            &c.owner_key,
-        )
-        .map_err(|e| invalid("callback.aes_key", e.to_string()))
     }
 
     /// The effective configuration as TOML, secrets replaced by `[redacted]`.
