@@ -398,10 +398,6 @@ impl Table {
         })
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     fn header_timeout(&self) -> Duration {
         self.limits.header_timeout
     }
@@ -456,15 +452,6 @@ impl Table {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.remove(id);
         self.metrics.set_connections_open(inner.open.len());
-    }
-
-    /// Open connections now.
-    pub fn open(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .open
-            .len()
     }
 }
 

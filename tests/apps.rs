@@ -31,6 +31,14 @@ fn install(event_id: &str, ocid: &str) -> String {
     .to_string()
 }
 
+/// The `[apps.ops]` table: its keys, plus `extra` TOML lines (credentials, URLs, sub-tables).
+fn ops_table(extra: &str) -> BTreeMap<String, figment::value::Value> {
+    toml::from_str(&format!(
+        "[ops]\ntoken = \"{OPS_TOKEN}\"\naes_key = \"{OPS_AES_KEY}\"\nowner_key = \"{OPS_OWNER}\"\n{extra}"
+    ))
+    .unwrap()
+}
+
 fn ops_cipher() -> CallbackCipher {
     CallbackCipher::from_strings(OPS_TOKEN, OPS_AES_KEY, &[], OPS_OWNER).unwrap()
 }
@@ -45,20 +53,15 @@ async fn two_apps(store_url: Option<String>) -> (TestApp, FakeDingTalk, FakeDing
             json!({"openConversationId": "cid1", "title": "团队", "coolAppCode": "COOLAPP-1-1018"}),
         );
     }
-    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
+    let ops = ops_table(&format!(
         r#"
-[ops]
-token = "{OPS_TOKEN}"
-aes_key = "{OPS_AES_KEY}"
-owner_key = "{OPS_OWNER}"
 app_key = "dingopsapp"
 app_secret = "ops-secret"
 agent_id = 777
 oapi_url = "{url_b}"
 api_url = "{url_b}"
 "#
-    ))
-    .unwrap();
+    ));
     let app = TestApp::spawn_builtin_on(
         &url_a,
         move |config| {
@@ -208,12 +211,8 @@ async fn program_handlers_see_every_app_and_builtins_their_own() {
     );
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let recorded = std::sync::Arc::clone(&seen);
-    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
+    let ops = ops_table(&format!(
         r#"
-[ops]
-token = "{OPS_TOKEN}"
-aes_key = "{OPS_AES_KEY}"
-owner_key = "{OPS_OWNER}"
 app_key = "dingopsapp"
 app_secret = "ops-secret"
 oapi_url = "{url_b}"
@@ -221,8 +220,7 @@ api_url = "{url_b}"
 [ops.handlers]
 enabled = true
 "#
-    ))
-    .unwrap();
+    ));
     let app = TestApp::spawn_on(
         move |config| {
             // The default app has no built-in handlers; ops has them.
@@ -264,15 +262,7 @@ enabled = true
 /// `default` waiting, an event of `ops` is handled within a second or two, while most of the
 /// backlog still waits.
 async fn a_backlog_of_one_app_does_not_delay_another(store_url: Option<String>) {
-    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
-        r#"
-[ops]
-token = "{OPS_TOKEN}"
-aes_key = "{OPS_AES_KEY}"
-owner_key = "{OPS_OWNER}"
-"#
-    ))
-    .unwrap();
+    let ops = ops_table("");
     let app = TestApp::spawn_on(
         move |config| {
             if let Some(url) = store_url {
@@ -358,15 +348,7 @@ async fn a_backlog_of_one_app_does_not_delay_another_on_postgres() {
 /// most half of each worker: another app's event is handled at once, not after them.
 #[tokio::test]
 async fn one_apps_hanging_runs_do_not_hold_up_another() {
-    let ops: BTreeMap<String, figment::value::Value> = toml::from_str(&format!(
-        r#"
-[ops]
-token = "{OPS_TOKEN}"
-aes_key = "{OPS_AES_KEY}"
-owner_key = "{OPS_OWNER}"
-"#
-    ))
-    .unwrap();
+    let ops = ops_table("");
     let app = TestApp::spawn_on(
         move |config| {
             config.handlers.enabled = false;
