@@ -6,15 +6,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use crate::config::{AppSpec, Config, ConfigError, DEFAULT_APP};
 use crate::dingtalk::{CallCounter, Client, CounterError};
 use crate::dispatch::{AppContext, Dispatcher};
+use crate::forwarded::TrustedProxies;
 use crate::handler::{Handler, Registrations, RegistryBuilder, RegistryError};
 use crate::metrics::Metrics;
 use crate::ops::{self, OpsState};
-use crate::server::{self, Limits, Table};
+use crate::server::{self, Limits, SharedRouter, Table};
 use crate::sources::push::{self, PushState};
 use crate::sources::recovery::Recovery;
 use crate::store::{self, Store, StoreError};
@@ -39,12 +46,18 @@ pub enum AppError {
     Client(#[from] crate::dingtalk::Error),
 }
 
+/// Reads the configuration again for a reload: in `dinghook serve`, the file and environment
+/// it started from.
+pub type ConfigSource = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
 /// Collects handlers, then builds the [`Application`].
 pub struct AppBuilder {
     config: Config,
     handlers: RegistryBuilder,
     /// A store given by the program instead of the one `store.url` names.
     store: Option<Arc<dyn Store>>,
+    /// Where a reload reads the configuration; without one, reloads are refused.
+    source: Option<ConfigSource>,
 }
 
 impl Registrations for AppBuilder {
@@ -70,17 +83,8 @@ impl AppBuilder {
     /// error), opens the store and binds the listen address. The built-in handlers the
     /// configuration enables (`[handlers]`) are registered first, then this builder's.
     pub async fn build(self) -> Result<Application, AppError> {
-        // Each app's built-in handlers with its own options, limited to its events; then the
-        // program's own, which run for every app.
         let specs = self.config.validated_apps()?;
-        let mut builtin = RegistryBuilder::new();
-        for app in &specs {
-            builtin = builtin.merge(
-                crate::builtin::registrations(&app.handlers).for_app(&app.name, DEFAULT_APP),
-            );
-        }
-        let registry = builtin.merge(self.handlers).build()?;
-        Application::build_with(self.config, specs, registry, self.store).await
+        Application::build_with(self.config, specs, self.handlers, self.store, self.source).await
     }
 
     /// Uses `store` instead of opening the one `store.url` names: a store shared with other
@@ -90,6 +94,30 @@ impl AppBuilder {
         self.store = Some(store);
         self
     }
+
+    /// Where [`Reloader::reload`] (SIGHUP, `POST /reload` on the operator listener) reads the
+    /// configuration again. `dinghook serve` gives the file and environment it started from.
+    pub fn config_source(
+        mut self,
+        source: impl Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
+    ) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+}
+
+/// Each app's built-in handlers with its own options, limited to its events; then the
+/// program's own, which run for every app.
+fn registry(
+    specs: &[AppSpec],
+    program: &RegistryBuilder,
+) -> Result<crate::handler::Registry, RegistryError> {
+    let mut builtin = RegistryBuilder::new();
+    for app in specs {
+        builtin = builtin
+            .merge(crate::builtin::registrations(&app.handlers).for_app(&app.name, DEFAULT_APP));
+    }
+    builtin.merge(program.clone()).build()
 }
 
 /// A built, bound application: call [`Application::run_until_stopped`] to serve.
@@ -100,102 +128,77 @@ pub struct Application {
     /// The operator listener (`/metrics`), unless `ops.listen` is empty.
     ops_listener: Option<(TcpListener, SocketAddr)>,
     limits: Limits,
-    store: Arc<dyn Store>,
-    router: axum::Router,
     ops_router: axum::Router,
-    dispatcher: Arc<Dispatcher>,
-    metrics: Arc<Metrics>,
-    client: Option<Client>,
-    /// One failed-push reader per app that has a client and recovery on.
-    recoveries: Vec<Recovery>,
-    apps: Vec<AppSpec>,
+    live: Arc<Live>,
 }
 
-impl Application {
-    /// Starts building an application whose handlers are registered in code.
-    pub fn builder(config: Config) -> AppBuilder {
-        AppBuilder {
-            config,
-            handlers: RegistryBuilder::new(),
-            store: None,
-        }
-    }
+/// What the apps share and keeps for the process's life: a reload changes none of it.
+struct Fixed {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// Poked after an event is stored (callbacks, recovery), so the workers claim at once.
+    wake: Arc<tokio::sync::Notify>,
+    body_budget: push::BodyBudget,
+    trusted_proxies: TrustedProxies,
+    request_timeout: std::time::Duration,
+    /// The program's own handlers, registered again with each configuration's built-ins.
+    program: RegistryBuilder,
+    ops: Arc<OpsState>,
+}
 
-    /// An application with the built-in handlers the configuration enables and no others.
-    pub async fn build(config: Config) -> Result<Self, AppError> {
-        Self::builder(config).build().await
-    }
+/// What one configuration of apps makes: each app's client, store view and callback route,
+/// and the handlers. Built at start and again by each reload.
+struct AppSet {
+    specs: Vec<AppSpec>,
+    clients: BTreeMap<String, Client>,
+    contexts: HashMap<String, AppContext>,
+    registry: crate::handler::Registry,
+    /// The public listener's routes: every app's callback path and the probes.
+    router: axum::Router,
+}
 
-    /// Opens the store, builds the routes and binds the listen address (port 0 picks a free
-    /// port, which is how the tests run several servers at once).
-    async fn build_with(
-        config: Config,
+impl AppSet {
+    /// Builds the apps of `config`. An app whose DingTalk settings are those of `previous`'s
+    /// app of that name keeps its client (its token, QPS limiter and quota state).
+    fn build(
+        fixed: &Fixed,
+        config: &Config,
         specs: Vec<AppSpec>,
-        registry: crate::handler::Registry,
-        store: Option<Arc<dyn Store>>,
-    ) -> Result<Self, AppError> {
-        let trusted_proxies = config.trusted_proxies()?;
-        let addr = config.listen_addr()?;
-        let ops_addr = config.ops_addr()?;
-        let open_files = server::raise_open_file_limit();
-        let limits = Limits::resolve(&config.server, open_files, trusted_proxies.clone());
-        tracing::info!(
-            open_file_limit = open_files,
-            max_connections = limits.max_connections,
-            max_connections_per_client = limits.max_per_client,
-            "connection limits"
-        );
-        let store = match store {
-            Some(store) => store,
-            None => store::open(&config.store).await?,
-        };
-        let metrics = Arc::new(Metrics::new());
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let body_budget = push::BodyBudget::new(config.callback.body_budget);
+        previous: Option<&AppSet>,
+    ) -> Result<AppSet, AppError> {
+        let before: HashMap<&str, &AppSpec> = previous
+            .map(|p| p.specs.iter().map(|s| (s.name.as_str(), s)).collect())
+            .unwrap_or_default();
         let mut callbacks = axum::Router::new();
         let mut contexts = HashMap::new();
-        let mut recoveries = Vec::new();
         let mut clients = BTreeMap::new();
         for spec in &specs {
-            let app_store = store::scoped::for_app(Arc::clone(&store), &spec.name);
-            let client = if spec.dingtalk_enabled() {
-                let counter = Arc::new(StoreCallCounter(Arc::clone(&app_store)));
-                Some(Client::new(spec.dingtalk.clone(), counter)?)
-            } else {
-                tracing::info!(
-                    app = %spec.name,
-                    "no DingTalk app key configured: its handlers cannot call DingTalk"
-                );
-                None
+            let old = before.get(spec.name.as_str()).copied();
+            let app_store = store::scoped::for_app(Arc::clone(&fixed.store), &spec.name);
+            let kept = old
+                .filter(|old| old.same_client(spec))
+                .and_then(|_| previous?.clients.get(&spec.name).cloned());
+            let client = match kept {
+                Some(client) => Some(client),
+                None if spec.dingtalk_enabled() => {
+                    let counter = Arc::new(StoreCallCounter(Arc::clone(&app_store)));
+                    Some(Client::new(spec.dingtalk.clone(), counter)?)
+                }
+                None => None,
             };
-            if let Some((reads, quota)) = spec.recovery_quota_share() {
-                tracing::warn!(
-                    app = %spec.name,
-                    reads_per_month = reads,
-                    monthly_quota = quota,
-                    interval = %crate::time::format_duration(spec.recovery.interval),
-                    "the failed-push reads alone take more than half the monthly DingTalk \
-                     quota; raise recovery.interval"
-                );
+            if old.is_none_or(|old| !old.same_as(spec)) {
+                log_app_notes(spec);
             }
-            recoveries.extend(Recovery::from_config(
-                &spec.name,
-                &spec.recovery,
-                client.clone(),
-                Arc::clone(&app_store),
-                Arc::clone(&metrics),
-                Arc::clone(&wake),
-            ));
             let push = Arc::new(PushState {
                 app: spec.name.as_str().into(),
                 cipher: spec.cipher()?,
                 store: Arc::clone(&app_store),
                 body_limit: config.callback.body_limit,
-                body_budget: body_budget.clone(),
+                body_budget: fixed.body_budget.clone(),
                 replay_window: config.callback.replay_window,
-                request_timeout: config.request_timeout,
-                metrics: Arc::clone(&metrics),
-                stored: Arc::clone(&wake),
+                request_timeout: fixed.request_timeout,
+                metrics: Arc::clone(&fixed.metrics),
+                stored: Arc::clone(&fixed.wake),
             });
             callbacks = callbacks.merge(push::router(push, &spec.callback.path));
             if let Some(client) = &client {
@@ -209,32 +212,406 @@ impl Application {
                 },
             );
         }
-        // The client `client()` and the quota metrics show: the `default` app's, else the
-        // first app's. (Per-app metrics are the many-apps issue's next part.)
-        let client = clients
-            .get(DEFAULT_APP)
-            .or_else(|| clients.values().next())
-            .cloned();
-        let dispatcher = Arc::new(Dispatcher::new(
-            Arc::clone(&store),
-            registry,
-            config.dispatch.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&wake),
+        let registry = registry(&specs, &fixed.program)?;
+        // The public port answers the callbacks and the probes; `/metrics` is for operators.
+        let router = crate::http::wrap(
+            callbacks.merge(ops::probes(Arc::clone(&fixed.ops))),
+            fixed.trusted_proxies.clone(),
+        );
+        Ok(AppSet {
+            specs,
+            clients,
             contexts,
-        ));
+            registry,
+            router,
+        })
+    }
+
+    /// The failed-push reader of app `spec` (with this set's client), when it has one.
+    fn recovery(&self, fixed: &Fixed, spec: &AppSpec) -> Option<Recovery> {
+        let context = self.contexts.get(&spec.name)?;
+        Recovery::from_config(
+            &spec.name,
+            &spec.recovery,
+            context.client.clone(),
+            Arc::clone(&context.store),
+            Arc::clone(&fixed.metrics),
+            Arc::clone(&fixed.wake),
+        )
+    }
+}
+
+/// What start-up (and a reload, for a new or changed app) says about an app's settings.
+fn log_app_notes(spec: &AppSpec) {
+    if !spec.dingtalk_enabled() {
+        tracing::info!(
+            app = %spec.name,
+            "no DingTalk app key configured: its handlers cannot call DingTalk"
+        );
+    }
+    if let Some((reads, quota)) = spec.recovery_quota_share() {
+        tracing::warn!(
+            app = %spec.name,
+            reads_per_month = reads,
+            monthly_quota = quota,
+            interval = %crate::time::format_duration(spec.recovery.interval),
+            "the failed-push reads alone take more than half the monthly DingTalk \
+             quota; raise recovery.interval"
+        );
+    }
+}
+
+/// The running application's replaceable part, shared by the server, the workers and
+/// [`Reloader`].
+struct Live {
+    fixed: Fixed,
+    /// The public listener's routes, which a reload swaps.
+    router: SharedRouter,
+    dispatcher: Arc<Dispatcher>,
+    source: Option<ConfigSource>,
+    /// Held by a reload from start to end, so reloads happen one at a time.
+    state: tokio::sync::Mutex<LiveState>,
+}
+
+struct LiveState {
+    /// The configuration the process started with: what a reload cannot change is compared
+    /// with it.
+    started: Config,
+    apps: AppSet,
+    recoveries: Recoveries,
+}
+
+/// The failed-push readers, one per app that has one, each with its own stop so a reload can
+/// replace one without touching the others.
+#[derive(Default)]
+struct Recoveries {
+    /// Built before the application runs, started with it.
+    waiting: HashMap<String, Recovery>,
+    running: HashMap<String, (tokio::sync::watch::Sender<bool>, JoinHandle<()>)>,
+    /// Stopped by a reload; joined at shutdown, as they store what they read before ending.
+    retired: Vec<JoinHandle<()>>,
+    started: bool,
+    stopped: bool,
+}
+
+impl Recoveries {
+    /// Puts `recovery` in the place of `app`'s (stopping the one running), or just stops it.
+    fn replace(&mut self, app: &str, recovery: Option<Recovery>) {
+        self.waiting.remove(app);
+        if let Some((stop, task)) = self.running.remove(app) {
+            let _ = stop.send(true);
+            self.retired.retain(|t| !t.is_finished());
+            self.retired.push(task);
+        }
+        if let Some(recovery) = recovery {
+            if self.started && !self.stopped {
+                self.launch(app, recovery);
+            } else if !self.stopped {
+                self.waiting.insert(app.to_owned(), recovery);
+            }
+        }
+    }
+
+    fn launch(&mut self, app: &str, recovery: Recovery) {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        self.running
+            .insert(app.to_owned(), (stop, recovery.start(stopping)));
+    }
+
+    fn start_all(&mut self) {
+        self.started = true;
+        for (app, recovery) in std::mem::take(&mut self.waiting) {
+            self.launch(&app, recovery);
+        }
+    }
+
+    /// Stops every reader; returns their tasks to join.
+    fn stop_all(&mut self) -> Vec<JoinHandle<()>> {
+        self.stopped = true;
+        self.waiting.clear();
+        let mut tasks = std::mem::take(&mut self.retired);
+        for (_, (stop, task)) in self.running.drain() {
+            let _ = stop.send(true);
+            tasks.push(task);
+        }
+        tasks
+    }
+}
+
+/// Why a reload did not happen. The running configuration is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this application was built without a configuration source to read again")]
+    Unavailable,
+    #[error(transparent)]
+    Refused(#[from] AppError),
+}
+
+impl From<ConfigError> for ReloadError {
+    fn from(e: ConfigError) -> Self {
+        ReloadError::Refused(AppError::Config(e))
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Reloaded {
+    /// Apps now served that were not.
+    pub added: Vec<String>,
+    /// Apps served before and after with some setting changed.
+    pub changed: Vec<String>,
+    /// Apps no longer served (their stored events and documents stay).
+    pub removed: Vec<String>,
+    /// How many apps are as they were.
+    pub unchanged: usize,
+    /// Settings that differ from the running ones but take a restart to change (listen
+    /// addresses, store, workers, …); the running values are kept.
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// Reloads the configuration of a running [`Application`]: apps added, changed or removed,
+/// without dropping a request or an event. Get one with [`Application::reloader`].
+#[derive(Clone)]
+pub struct Reloader(Arc<Live>);
+
+impl Reloader {
+    /// Reads the configuration from the application's [`ConfigSource`] and applies it.
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let Some(source) = &self.0.source else {
+            return Err(ReloadError::Unavailable);
+        };
+        match source() {
+            Ok(config) => self.apply(config).await,
+            Err(e) => Err(self.refused(e.into())),
+        }
+    }
+
+    /// Applies `config`: each app's callback path, keys, client, handler options and recovery
+    /// as it says. Requests under way finish with the settings they started with; events
+    /// already stored are kept (a removed app's too). A configuration with an error changes
+    /// nothing.
+    pub async fn apply(&self, config: Config) -> Result<Reloaded, ReloadError> {
+        match self.0.apply(config).await {
+            Ok(done) => {
+                self.0.fixed.metrics.config_reload("ok");
+                tracing::info!(
+                    added = %names(&done.added),
+                    changed = %names(&done.changed),
+                    removed = %names(&done.removed),
+                    unchanged = done.unchanged,
+                    "configuration reloaded"
+                );
+                if !done.restart_needed.is_empty() {
+                    tracing::warn!(
+                        settings = %done.restart_needed.join(" "),
+                        "these settings changed but take a restart; their running values are kept"
+                    );
+                }
+                Ok(done)
+            }
+            Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    fn refused(&self, e: ReloadError) -> ReloadError {
+        self.0.fixed.metrics.config_reload("refused");
+        tracing::error!(error = %e, "configuration reload refused; the running configuration is kept");
+        e
+    }
+}
+
+/// At most [`MAX_APPS_LOGGED`] names, then how many more.
+fn names(list: &[String]) -> String {
+    let mut shown: Vec<&str> = list
+        .iter()
+        .take(MAX_APPS_LOGGED)
+        .map(String::as_str)
+        .collect();
+    let more = list.len().saturating_sub(MAX_APPS_LOGGED);
+    let more = format!("and {more} more");
+    if list.len() > MAX_APPS_LOGGED {
+        shown.push(&more);
+    }
+    shown.join(" ")
+}
+
+impl Live {
+    async fn apply(&self, config: Config) -> Result<Reloaded, ReloadError> {
+        let mut state = self.state.lock().await;
+        let specs = config.validated_apps()?;
+        let restart_needed = restart_needed(&state.started, &config);
+        let apps = AppSet::build(&self.fixed, &config, specs, Some(&state.apps))?;
+        let mut done = Reloaded {
+            restart_needed,
+            ..Reloaded::default()
+        };
+        let before: HashMap<&str, &AppSpec> = state
+            .apps
+            .specs
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+        let mut recoveries = Vec::new();
+        for spec in &apps.specs {
+            match before.get(spec.name.as_str()) {
+                None => done.added.push(spec.name.clone()),
+                Some(old) if old.same_as(spec) => done.unchanged += 1,
+                Some(_) => done.changed.push(spec.name.clone()),
+            }
+            let same = before
+                .get(spec.name.as_str())
+                .is_some_and(|old| old.same_recovery(spec));
+            if !same {
+                recoveries.push((spec.name.clone(), apps.recovery(&self.fixed, spec)));
+            }
+        }
+        let now: std::collections::HashSet<&str> =
+            apps.specs.iter().map(|s| s.name.as_str()).collect();
+        done.removed = before
+            .keys()
+            .filter(|name| !now.contains(*name))
+            .map(|name| (*name).to_owned())
+            .collect();
+        done.removed.sort();
+        // Nothing can fail from here: swap the routes, the workers' apps, the metrics' clients
+        // and the readers.
+        self.router.store(Arc::new(apps.router.clone()));
+        self.dispatcher
+            .replace_apps(apps.registry.clone(), apps.contexts.clone());
+        self.fixed.ops.clients.store(Arc::new(apps.clients.clone()));
+        self.fixed.metrics.set_apps(apps.specs.len());
+        for (app, recovery) in recoveries {
+            state.recoveries.replace(&app, recovery);
+        }
+        for app in &done.removed {
+            state.recoveries.replace(app, None);
+        }
+        state.apps = apps;
+        Ok(done)
+    }
+}
+
+/// The settings a reload cannot change that `new` has otherwise than `started`.
+fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
+    fn value(v: &impl serde::Serialize) -> Option<serde_json::Value> {
+        serde_json::to_value(v).ok()
+    }
+    let (a, b) = (started, new);
+    let checks: [(&'static str, bool); 11] = [
+        ("listen", a.listen == b.listen),
+        ("ops.listen", a.ops.listen == b.ops.listen),
+        ("log_format", value(&a.log_format) == value(&b.log_format)),
+        ("log_level", a.log_level == b.log_level),
+        ("shutdown_timeout", a.shutdown_timeout == b.shutdown_timeout),
+        ("request_timeout", a.request_timeout == b.request_timeout),
+        ("server", value(&a.server) == value(&b.server)),
+        ("store", value(&a.store) == value(&b.store)),
+        ("dispatch", value(&a.dispatch) == value(&b.dispatch)),
+        (
+            "callback.body_budget",
+            a.callback.body_budget == b.callback.body_budget,
+        ),
+        (
+            "callback.trusted_proxies",
+            a.callback.trusted_proxies == b.callback.trusted_proxies,
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(key, _)| key)
+        .collect()
+}
+
+impl Application {
+    /// Starts building an application whose handlers are registered in code.
+    pub fn builder(config: Config) -> AppBuilder {
+        AppBuilder {
+            config,
+            handlers: RegistryBuilder::new(),
+            store: None,
+            source: None,
+        }
+    }
+
+    /// An application with the built-in handlers the configuration enables and no others.
+    pub async fn build(config: Config) -> Result<Self, AppError> {
+        Self::builder(config).build().await
+    }
+
+    /// Opens the store, builds the routes and binds the listen address (port 0 picks a free
+    /// port, which is how the tests run several servers at once).
+    async fn build_with(
+        config: Config,
+        specs: Vec<AppSpec>,
+        program: RegistryBuilder,
+        store: Option<Arc<dyn Store>>,
+        source: Option<ConfigSource>,
+    ) -> Result<Self, AppError> {
+        let trusted_proxies = config.trusted_proxies()?;
+        let addr = config.listen_addr()?;
+        let ops_addr = config.ops_addr()?;
+        // Registration problems (two handlers with one name) before anything is opened.
+        registry(&specs, &program)?;
+        let open_files = server::raise_open_file_limit();
+        let limits = Limits::resolve(&config.server, open_files, trusted_proxies.clone());
+        tracing::info!(
+            open_file_limit = open_files,
+            max_connections = limits.max_connections,
+            max_connections_per_client = limits.max_per_client,
+            "connection limits"
+        );
+        let store = match store {
+            Some(store) => store,
+            None => store::open(&config.store).await?,
+        };
+        let metrics = Arc::new(Metrics::new());
         let ops = Arc::new(OpsState {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
-            clients: clients.clone().into_iter().collect(),
+            clients: arc_swap::ArcSwap::default(),
             probe_timeout: config.request_timeout,
         });
-        // The public port answers the callback and the probes; `/metrics` is for operators.
-        let router = crate::http::wrap(
-            callbacks.merge(ops::probes(Arc::clone(&ops))),
-            trusted_proxies.clone(),
+        let fixed = Fixed {
+            store: Arc::clone(&store),
+            metrics: Arc::clone(&metrics),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            body_budget: push::BodyBudget::new(config.callback.body_budget),
+            trusted_proxies: trusted_proxies.clone(),
+            request_timeout: config.request_timeout,
+            program,
+            ops: Arc::clone(&ops),
+        };
+        let apps = AppSet::build(&fixed, &config, specs, None)?;
+        let mut recoveries = Recoveries::default();
+        for spec in &apps.specs {
+            recoveries.replace(&spec.name, apps.recovery(&fixed, spec));
+        }
+        ops.clients.store(Arc::new(apps.clients.clone()));
+        metrics.set_apps(apps.specs.len());
+        let dispatcher = Arc::new(Dispatcher::new(
+            Arc::clone(&store),
+            apps.registry.clone(),
+            config.dispatch.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&fixed.wake),
+            apps.contexts.clone(),
+        ));
+        let live = Arc::new(Live {
+            router: Arc::new(arc_swap::ArcSwap::from_pointee(apps.router.clone())),
+            dispatcher,
+            source,
+            state: tokio::sync::Mutex::new(LiveState {
+                started: config.clone(),
+                apps,
+                recoveries,
+            }),
+            fixed,
+        });
+        let ops_router = crate::http::wrap(
+            ops::router(ops).merge(reload_route(Reloader(Arc::clone(&live)))),
+            trusted_proxies,
         );
-        let ops_router = crate::http::wrap(ops::router(ops), trusted_proxies);
         let (listener, local_addr) = bind(addr).await?;
         let ops_listener = match ops_addr {
             Some(addr) => Some(bind(addr).await?),
@@ -246,28 +623,26 @@ impl Application {
             local_addr,
             ops_listener,
             limits,
-            store,
-            router,
             ops_router,
-            dispatcher,
-            metrics,
-            client,
-            recoveries,
-            apps: specs,
+            live,
         })
     }
 
-    /// The DingTalk client, when an app key is configured.
+    /// The `default` app's DingTalk client (else the first app's), when it has an app key.
     pub fn client(&self) -> Option<Client> {
-        self.client.clone()
+        let clients = self.live.fixed.ops.clients.load();
+        clients
+            .get(DEFAULT_APP)
+            .or_else(|| clients.values().next())
+            .cloned()
     }
 
     pub fn dispatcher(&self) -> Arc<Dispatcher> {
-        Arc::clone(&self.dispatcher)
+        Arc::clone(&self.live.dispatcher)
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        Arc::clone(&self.metrics)
+        Arc::clone(&self.live.fixed.metrics)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -280,7 +655,12 @@ impl Application {
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
-        Arc::clone(&self.store)
+        Arc::clone(&self.live.fixed.store)
+    }
+
+    /// Reloads this application's configuration while it runs (see [`Reloader`]).
+    pub fn reloader(&self) -> Reloader {
+        Reloader(Arc::clone(&self.live))
     }
 
     /// Serves until `shutdown` completes, then stops accepting and drains two things side by
@@ -298,53 +678,48 @@ impl Application {
             local_addr,
             ops_listener,
             limits,
-            store,
-            router,
             ops_router,
-            dispatcher,
-            metrics,
-            client: _,
-            recoveries,
-            apps,
+            live,
         } = self;
         let ops_addr = ops_listener.as_ref().map(|(_, addr)| *addr);
-        // Each app's path, unless there are many (then at debug level, one line each).
-        let mut paths: Vec<String> = apps
-            .iter()
-            .take(MAX_APPS_LOGGED)
-            .map(|a| format!("{}={}", a.name, a.callback.path))
-            .collect();
-        if apps.len() > MAX_APPS_LOGGED {
-            paths.push(format!("and {} more", apps.len() - MAX_APPS_LOGGED));
-            for app in &apps {
-                tracing::debug!(app = %app.name, path = %app.callback.path, "callback");
+        {
+            let state = live.state.lock().await;
+            let apps = &state.apps.specs;
+            // Each app's path, unless there are many (then at debug level, one line each).
+            let mut paths: Vec<String> = apps
+                .iter()
+                .take(MAX_APPS_LOGGED)
+                .map(|a| format!("{}={}", a.name, a.callback.path))
+                .collect();
+            if apps.len() > MAX_APPS_LOGGED {
+                paths.push(format!("and {} more", apps.len() - MAX_APPS_LOGGED));
+                for app in apps {
+                    tracing::debug!(app = %app.name, path = %app.callback.path, "callback");
+                }
             }
+            tracing::info!(
+                %local_addr,
+                ops_addr = ops_addr.map(tracing::field::display),
+                apps = %paths.join(" "),
+                store = %crate::store::redact_url(&config.store.url),
+                "dinghook listening"
+            );
         }
-        tracing::info!(
-            %local_addr,
-            ops_addr = ops_addr.map(tracing::field::display),
-            apps = %paths.join(" "),
-            store = %crate::store::redact_url(&config.store.url),
-            "dinghook listening"
-        );
+        let dispatcher = Arc::clone(&live.dispatcher);
+        let store = Arc::clone(&live.fixed.store);
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let workers = if config.dispatch.enabled {
             dispatcher.start(stopping.clone())
         } else {
             Vec::new()
         };
-        // Recovery stores what it reads before it stops, so it is joined with the workers,
-        // before the store closes.
-        let recovery: Vec<_> = recoveries
-            .into_iter()
-            .map(|r| r.start(stopping.clone()))
-            .collect();
-        let table = Table::new(limits, metrics);
+        live.state.lock().await.recoveries.start_all();
+        let table = Table::new(limits, Arc::clone(&live.fixed.metrics));
         let drain = config.request_timeout;
         let mut listeners = vec![tokio::spawn(server::serve(
             "public",
             listener,
-            router,
+            Arc::clone(&live.router),
             Arc::clone(&table),
             stopping.clone(),
             drain,
@@ -353,7 +728,7 @@ impl Application {
             listeners.push(tokio::spawn(server::serve(
                 "ops",
                 ops_listener,
-                ops_router,
+                Arc::new(arc_swap::ArcSwap::from_pointee(ops_router)),
                 Arc::clone(&table),
                 stopping.clone(),
                 drain,
@@ -363,6 +738,9 @@ impl Application {
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests and runs");
         let _ = stopping_tx.send(true);
+        // Recovery stores what it reads before it stops, so it is joined with the workers,
+        // before the store closes.
+        let recovery = live.state.lock().await.recoveries.stop_all();
 
         let http = async {
             let mut result = Ok(());
@@ -441,6 +819,53 @@ const MAX_APPS_LOGGED: usize = 10;
 
 /// How long shutdown waits for abandoned workers to notice they were aborted.
 const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `POST /reload` on the operator listener: [`Reloader::reload`], answered with what changed
+/// (200) or why nothing did (422 with the key and the reason; 409 without a configuration
+/// source).
+fn reload_route(reloader: Reloader) -> axum::Router {
+    axum::Router::new()
+        .route("/reload", axum::routing::post(reload))
+        .with_state(reloader)
+}
+
+async fn reload(State(reloader): State<Reloader>) -> Response {
+    match reloader.reload().await {
+        Ok(done) => Json(json!({ "reloaded": done })).into_response(),
+        Err(e) => {
+            let (status, code) = match &e {
+                ReloadError::Unavailable => (StatusCode::CONFLICT, "reload_unavailable"),
+                ReloadError::Refused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config"),
+            };
+            let body = json!({ "error": { "code": code, "message": e.to_string() } });
+            (status, Json(body)).into_response()
+        }
+    }
+}
+
+/// Reloads the configuration on every SIGHUP, until the process ends. Register it before
+/// the application is built, so a SIGHUP during start-up is not the default action (which
+/// ends the process): `let hangups = hangups(); … tokio::spawn(reload_on_hangup(hangups, app.reloader()))`.
+#[cfg(unix)]
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; use POST /reload on the operator listener");
+            None
+        }
+    }
+}
+
+/// See [`hangups`]: each SIGHUP reloads (the result is logged by [`Reloader`]).
+#[cfg(unix)]
+pub async fn reload_on_hangup(hangups: Option<tokio::signal::unix::Signal>, reloader: Reloader) {
+    let Some(mut hangups) = hangups else { return };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let _ = reloader.reload().await;
+    }
+}
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
@@ -110,7 +111,6 @@ const RECORD_MAX_PAUSE: Duration = Duration::from_secs(2);
 
 pub struct Dispatcher {
     store: Arc<dyn Store>,
-    registry: Registry,
     config: DispatchConfig,
     metrics: Arc<Metrics>,
     /// Names this process in leases, so a restarted process does not mistake a dead
@@ -118,8 +118,9 @@ pub struct Dispatcher {
     node: String,
     /// Poked by the callback path after a commit, so new events do not wait a poll interval.
     wake: Arc<Notify>,
-    /// Each app's view of the store and its client, by app name.
-    apps: HashMap<String, AppContext>,
+    /// The handlers and each app's context; a configuration reload replaces them
+    /// ([`Dispatcher::replace_apps`]) while runs go on with the ones they started with.
+    apps: ArcSwap<Apps>,
     /// Where the next shared claim starts among the waiting apps (see `claim_batch`).
     next_app: std::sync::atomic::AtomicUsize,
     /// The last read of the apps with waiting events, and when (see `waiting_apps`).
@@ -129,6 +130,13 @@ pub struct Dispatcher {
 /// How long the list of apps with waiting events is reused: a new app's first event waits at
 /// most this long to be shared in.
 const WAITING_APPS_TTL: Duration = Duration::from_millis(100);
+
+/// What the dispatcher runs events with, replaced as a whole on a reload.
+pub struct Apps {
+    pub registry: Registry,
+    /// Each app's view of the store and its client, by app name.
+    pub contexts: HashMap<String, AppContext>,
+}
 
 /// One app's side of a handler's [`Context`]: the store as that app sees it
 /// ([`crate::store::scoped`]) and its DingTalk client (`None` without an app key).
@@ -151,15 +159,32 @@ impl Dispatcher {
         let node = format!("{}-{}", std::process::id(), &simple[..8]);
         Dispatcher {
             store,
-            registry,
             config,
             metrics,
             node,
             wake,
-            apps,
+            apps: ArcSwap::from_pointee(Apps {
+                registry,
+                contexts: apps,
+            }),
             next_app: std::sync::atomic::AtomicUsize::new(0),
             waiting: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Replaces the handlers and the apps (a configuration reload). Runs under way finish
+    /// with what they started with; the next claims use these, and the workers change between
+    /// the one-app and the shared loop at their next safe point if the number of apps crossed
+    /// one.
+    pub fn replace_apps(&self, registry: Registry, contexts: HashMap<String, AppContext>) {
+        self.apps.store(Arc::new(Apps { registry, contexts }));
+        // A worker asleep in the one-app loop learns of new apps at once.
+        self.wake.notify_waiters();
+    }
+
+    /// Whether more than one app is configured (the workers share their claims among them).
+    fn several_apps(&self) -> bool {
+        self.apps.load().contexts.len() > 1
     }
 
     /// The wake-up the callback path pokes after storing; other producers (recovery) poke it
@@ -200,13 +225,24 @@ impl Dispatcher {
         self.store.release(&owners, now_millis()).await
     }
 
-    async fn worker(self: Arc<Self>, index: usize, mut stop: watch::Receiver<bool>) {
-        if self.apps.len() > 1 {
-            return self.shared_worker(index, stop).await;
+    /// A worker: the one-app loop or the shared one, as many apps as are configured; a reload
+    /// that crosses one app switches it at the loop's next safe point.
+    async fn worker(self: Arc<Self>, index: usize, stop: watch::Receiver<bool>) {
+        while !*stop.borrow() {
+            if self.several_apps() {
+                Arc::clone(&self).shared_worker(index, stop.clone()).await;
+            } else {
+                self.batch_worker(index, stop.clone()).await;
+            }
         }
+    }
+
+    /// The worker loop with one app: whole batches, whose outcomes share the store's group
+    /// commits. Returns on a stop, or between batches once several apps are configured.
+    async fn batch_worker(&self, index: usize, mut stop: watch::Receiver<bool>) {
         let owner = self.worker_owner(index);
         let lease_ms = crate::time::millis(self.config.lease);
-        while !*stop.borrow() {
+        while !*stop.borrow() && !self.several_apps() {
             let claimed = self
                 .claim_batch(&owner, lease_ms, self.config.batch_size, &HashMap::new())
                 .await;
@@ -251,7 +287,7 @@ impl Dispatcher {
         running: &HashMap<String, usize>,
     ) -> Result<Vec<StoredEvent>, crate::store::StoreError> {
         let now = now_millis();
-        if self.apps.len() <= 1 {
+        if !self.several_apps() {
             return self.store.claim(owner, limit, lease_ms, now).await;
         }
         let cap = self.app_cap();
@@ -342,7 +378,9 @@ impl Dispatcher {
         // claim per event.
         let mut look = true;
         loop {
-            let stopping = *stop.borrow();
+            // After a reload down to one app, this loop hands over to the one-app loop once
+            // its runs have ended; it claims nothing more meanwhile, as when stopping.
+            let stopping = *stop.borrow() || !self.several_apps();
             if stopping && in_flight.is_empty() {
                 break;
             }
@@ -516,7 +554,8 @@ impl Dispatcher {
     /// transient one is.
     async fn invoke(&self, record: StoredEvent) -> Run {
         let app_name = record.app.clone();
-        let registered: Vec<&Registered> = self
+        let apps = self.apps.load_full();
+        let registered: Vec<&Registered> = apps
             .registry
             .for_event(&record.event_type, &app_name)
             .collect();
@@ -548,7 +587,7 @@ impl Dispatcher {
                 }
             }
         };
-        let Some(app) = self.apps.get(&record.app) else {
+        let Some(app) = apps.contexts.get(&record.app) else {
             // Its app was removed from the configuration (or is configured on other replicas
             // only): the event waits on the retry schedule, and can be replayed.
             return Run {

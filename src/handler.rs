@@ -170,7 +170,7 @@ impl Registry {
 
 /// Collects handler registrations; two with one name are an error at
 /// [`RegistryBuilder::build`].
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct RegistryBuilder {
     entries: Vec<Entry>,
     /// The name [`Registrations::named`] gave the next registration.
@@ -180,6 +180,7 @@ pub struct RegistryBuilder {
 }
 
 /// One registration, before [`RegistryBuilder::build`].
+#[derive(Clone)]
 struct Entry {
     name: String,
     event_type: String,

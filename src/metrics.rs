@@ -62,6 +62,32 @@ pub struct Metrics {
     /// mutex: held only to look up and insert a short string, never across an await.
     type_labels: std::sync::Mutex<std::collections::HashSet<String>>,
     connections: ConnectionMetrics,
+    reloads: ReloadMetrics,
+}
+
+/// What configuration reloads ([`crate::app::Reloader`]) report.
+struct ReloadMetrics {
+    reloads: Family<ReloadResult, Counter>,
+    apps: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadResult {
+    result: &'static str,
+}
+
+impl ReloadMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let reloads = Family::<ReloadResult, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result (ok, refused)",
+            reloads.clone(),
+        );
+        let apps = Gauge::default();
+        registry.register("apps", "DingTalk apps configured", apps.clone());
+        ReloadMetrics { reloads, apps }
+    }
 }
 
 /// What the accept loop ([`crate::server`]) reports.
@@ -226,8 +252,10 @@ impl Metrics {
             recovery_runs.clone(),
         );
         let connections = ConnectionMetrics::register(&mut registry);
+        let reloads = ReloadMetrics::register(&mut registry);
         Metrics {
             connections,
+            reloads,
             notifications_sent,
             notifications_skipped,
             recipients_undelivered,
@@ -292,6 +320,19 @@ impl Metrics {
             .evicted
             .get_or_create(&Reason { reason })
             .inc();
+    }
+
+    /// A configuration reload ended (`ok` or `refused`).
+    pub fn config_reload(&self, result: &'static str) {
+        self.reloads
+            .reloads
+            .get_or_create(&ReloadResult { result })
+            .inc();
+    }
+
+    /// How many apps the running configuration has.
+    pub fn set_apps(&self, n: usize) {
+        self.reloads.apps.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn accept_error(&self) {

@@ -5,6 +5,7 @@
 //! `/metrics` reads the store at most once per [`SCRAPE_CACHE_TTL`], however many scrape at
 //! once ([`StoreFigures`]): a burst of scrapers costs one read, not one each.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,8 +59,8 @@ pub struct OpsState {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     /// For the quota figures in `/metrics`: each app's client, by app name (apps without an
-    /// app key have none).
-    pub clients: Vec<(String, crate::dingtalk::Client)>,
+    /// app key have none). A configuration reload replaces them.
+    pub clients: arc_swap::ArcSwap<BTreeMap<String, crate::dingtalk::Client>>,
     /// Bound on the `/readyz` probe write.
     pub probe_timeout: Duration,
 }
@@ -146,8 +147,9 @@ impl StoreFigures {
                 }
             }
         };
+        let clients = state.clients.load_full();
         let quotas =
-            futures_util::future::join_all(state.clients.iter().map(|(app, client)| async move {
+            futures_util::future::join_all(clients.iter().map(|(app, client)| async move {
                 tokio::time::timeout(SCRAPE_READ_TIMEOUT, client.quota())
                     .await
                     .ok()
@@ -179,8 +181,9 @@ async fn metrics(State(scrape): State<Arc<Scrape>>) -> Response {
     state
         .metrics
         .set_queue(figures.as_ref().and_then(Figures::stats_now).as_ref());
+    let clients = state.clients.load();
     for (app, quota) in figures.iter().flat_map(|f| &f.quotas) {
-        if let Some((_, client)) = state.clients.iter().find(|(name, _)| name == app) {
+        if let Some(client) = clients.get(app) {
             state.metrics.set_quota(app, quota, &client.stats());
         }
     }

@@ -135,6 +135,10 @@ impl Limits {
     }
 }
 
+/// The routes of a listener, which a configuration reload may replace: each request is
+/// served by the routes current when it arrived, so requests under way finish on the old ones.
+pub type SharedRouter = Arc<arc_swap::ArcSwap<Router>>;
+
 /// One listener's name in logs and metrics (`public`, `ops`).
 pub type ListenerName = &'static str;
 
@@ -144,7 +148,7 @@ pub type ListenerName = &'static str;
 pub async fn serve(
     name: ListenerName,
     listener: TcpListener,
-    router: Router,
+    router: SharedRouter,
     table: Arc<Table>,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
@@ -182,7 +186,7 @@ pub async fn serve(
         tracker.spawn(connection(
             stream,
             peer,
-            router.clone(),
+            Arc::clone(&router),
             slot,
             table.header_timeout(),
             shutdown.clone(),
@@ -247,7 +251,7 @@ impl RateLimitedLog {
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    router: Router,
+    router: SharedRouter,
     slot: Slot,
     header_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -257,7 +261,7 @@ async fn connection(
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         let busy = Busy::start(Arc::clone(&conn_state));
         req.extensions_mut().insert(ConnectInfo(peer));
-        let router = router.clone();
+        let router = Router::clone(&router.load());
         async move {
             let response = router.oneshot(req.map(Body::new)).await?;
             // The connection counts as busy until hyper has written the whole response and

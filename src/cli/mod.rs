@@ -104,6 +104,17 @@ enum Command {
     Notifications(NotificationsCommand),
     /// Print the effective configuration with secrets redacted.
     CheckConfig(ConfigArg),
+    /// Make the running server read its configuration again (apps added, changed, removed)
+    /// and print what changed. Like `kill -HUP <pid>`, but it waits for the answer: a
+    /// configuration with an error is refused, with the key and the reason, and the running
+    /// one kept.
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The server's operator listener; default: `ops.listen` of the configuration.
+        #[arg(long)]
+        ops_url: Option<String>,
+    },
     /// Exit 0 if URL answers 2xx within 3 s (for container health checks; no curl needed).
     Healthcheck {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
@@ -285,7 +296,7 @@ fn event_json(e: &StoredEvent) -> serde_json::Value {
     serde_json::json!({
         "id": e.id,
         "app": e.app,
-        "dedup_key": e.dedup_key,
+        "dedup_key": crate::store::scoped::unscoped(&e.app, &e.dedup_key),
         "event_type": e.event_type,
         "state": e.state,
         "attempts": e.attempts,
@@ -540,10 +551,63 @@ async fn healthcheck(url: &str) -> Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config, customize: Customize) -> Result<()> {
+async fn serve(config: Config, file: Option<PathBuf>, customize: Customize) -> Result<()> {
     crate::telemetry::init(config.log_format, &config.log_level);
-    let app = customize(Application::builder(config)).build().await?;
+    // Before the build, so a SIGHUP while starting is not the default action (exit).
+    #[cfg(unix)]
+    let hangups = crate::app::hangups();
+    let builder = Application::builder(config).config_source(move || Config::load(file.as_deref()));
+    let app = customize(builder).build().await?;
+    #[cfg(unix)]
+    tokio::spawn(crate::app::reload_on_hangup(hangups, app.reloader()));
     app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `dinghook reload`: `POST /reload` on the operator listener.
+async fn reload(config: &ConfigArg, ops_url: Option<String>) -> Result<()> {
+    let base = match ops_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let config =
+                Config::load_for_ops(config.config.as_deref()).context("invalid configuration")?;
+            let Some(addr) = config.ops_addr()? else {
+                bail!(
+                    "ops.listen is empty, so the server has no operator listener: send it \
+                     SIGHUP instead (kill -HUP <pid>)"
+                );
+            };
+            // A wildcard bind is reached on loopback.
+            let ip = match addr.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv4() => {
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+                }
+                ip if ip.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
+        }
+    };
+    let url = format!("{base}/reload");
+    // A reload of a thousand apps takes about a second; leave it room.
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let response = client
+        .post(&url)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}: is the server running?"))?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .with_context(|| format!("POST {url}: {status}, not a JSON answer"))?;
+    if !status.is_success() {
+        let message = body["error"]["message"].as_str().unwrap_or("no message");
+        bail!("reload refused ({status}): {message}");
+    }
+    println!("{}", serde_json::to_string_pretty(&body["reloaded"])?);
     Ok(())
 }
 
@@ -620,8 +684,8 @@ async fn dispatch_command(customize: Customize) -> ExitCode {
         exit_quietly_on_closed_stdout();
     }
     let result = match cli.command {
-        Command::Serve(config) => match config.load() {
-            Ok(config) => serve(config, customize).await,
+        Command::Serve(arg) => match arg.load() {
+            Ok(config) => serve(config, arg.config, customize).await,
             Err(e) => Err(e),
         },
         Command::Encrypt {
@@ -655,6 +719,7 @@ async fn dispatch_command(customize: Customize) -> ExitCode {
         Command::Notifications(command) => notifications(command).await,
         Command::CheckConfig(config) => config.load().map(|c| print!("{}", c.to_redacted_toml())),
         Command::Healthcheck { url } => healthcheck(&url).await,
+        Command::Reload { config, ops_url } => reload(&config, ops_url).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -74,6 +74,37 @@ impl AppSpec {
             .then_some((per_month, self.dingtalk.monthly_quota))
     }
 
+    /// Whether `other` has this app's settings, secrets included: a reload keeps what did not
+    /// change.
+    pub fn same_as(&self, other: &AppSpec) -> bool {
+        self.name == other.name
+            && settings(self) == settings(other)
+            && self.secrets().eq(other.secrets())
+    }
+
+    /// Whether `other` would make the same DingTalk client (so its token and limiter can be
+    /// kept).
+    pub fn same_client(&self, other: &AppSpec) -> bool {
+        serde_json::to_value(&self.dingtalk).ok() == serde_json::to_value(&other.dingtalk).ok()
+            && self.dingtalk.app_secret == other.dingtalk.app_secret
+    }
+
+    /// Whether `other` reads DingTalk's failed-push list the same way (same client, same
+    /// schedule).
+    pub fn same_recovery(&self, other: &AppSpec) -> bool {
+        self.same_client(other)
+            && serde_json::to_value(&self.recovery).ok()
+                == serde_json::to_value(&other.recovery).ok()
+    }
+
+    /// The secret values, which the serialized settings show redacted.
+    fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        let c = &self.callback;
+        [&c.token, &c.aes_key, &self.dingtalk.app_secret]
+            .into_iter()
+            .chain(&c.previous_aes_keys)
+    }
+
     /// True when the app has an AppKey, so it has a DingTalk client.
     pub fn dingtalk_enabled(&self) -> bool {
         !self.dingtalk.app_key.trim().is_empty()
@@ -93,6 +124,12 @@ impl AppSpec {
         };
         super::invalid(&top, message)
     }
+}
+
+/// An app's settings as they serialize (secrets redacted, hence [`AppSpec::same_as`]'s own
+/// look at them).
+fn settings(app: &AppSpec) -> Option<serde_json::Value> {
+    serde_json::to_value(app).ok()
 }
 
 /// An error about `apps.<app>.<key>`, naming its environment variable.

@@ -190,6 +190,14 @@ impl Config {
         Ok(config)
     }
 
+    /// Loads enough to find the operator listener (`dinghook reload`): a configuration the
+    /// server would refuse still names where to send the reload, which then says why.
+    pub fn load_for_ops(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = Self::load_unvalidated(file, &process_env())?;
+        config.ops_addr()?;
+        Ok(config)
+    }
+
     fn load_unvalidated(
         file: Option<&Path>,
         env: &[(String, String)],

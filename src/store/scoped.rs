@@ -30,6 +30,15 @@ pub fn scoped(app: &str, name: &str) -> String {
     }
 }
 
+/// `name` as app `app` wrote it, without its scope: what users see (`events list` shows the
+/// dedup key `event:<id>` beside the app's name, not `@ops/event:<id>`).
+pub fn unscoped<'a>(app: &str, name: &'a str) -> &'a str {
+    name.strip_prefix('@')
+        .and_then(|rest| rest.strip_prefix(app))
+        .and_then(|rest| rest.strip_prefix('/'))
+        .unwrap_or(name)
+}
+
 /// The store as app `app` sees it (see the module comment).
 pub fn for_app(store: Arc<dyn Store>, app: &str) -> Arc<dyn Store> {
     if app == DEFAULT_APP {

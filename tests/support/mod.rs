@@ -69,6 +69,8 @@ pub struct TestApp {
     pub db_path: PathBuf,
     pub callback_path: String,
     pub dispatcher: Option<Arc<dinghook::dispatch::Dispatcher>>,
+    /// Applies another configuration to the running server.
+    pub reloader: dinghook::app::Reloader,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     // Kept last so the directory outlives the server.
@@ -165,6 +167,7 @@ impl TestApp {
         let ops_addr = app.ops_addr();
         let store = app.store();
         let dispatcher = Some(app.dispatcher());
+        let reloader = app.reloader();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -184,6 +187,7 @@ impl TestApp {
             db_path: dir.path().join("dinghook.db"),
             callback_path,
             dispatcher,
+            reloader,
             stop: Some(stop),
             server: Some(server),
             _dir: dir,
