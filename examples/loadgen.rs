@@ -51,6 +51,45 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Spread the requests over several apps: a file of lines `PATH TOKEN AES_KEY OWNER_KEY`,
+    /// each request going to the next app's path (on `--url`'s host) sealed with its keys.
+    #[arg(long)]
+    apps_file: Option<std::path::PathBuf>,
+}
+
+/// One app the requests go to: its URL and keys.
+struct Target {
+    url: String,
+    cipher: CallbackCipher,
+}
+
+/// The `--apps-file` targets, or `--url` with the `--token`/`--aes-key`/`--owner-key` keys.
+fn targets(args: &Args) -> Vec<Target> {
+    let Some(file) = &args.apps_file else {
+        let cipher = CallbackCipher::from_strings(&args.token, &args.aes_key, &[], &args.owner_key)
+            .expect("keys");
+        return vec![Target {
+            url: args.url.clone(),
+            cipher,
+        }];
+    };
+    // scheme://host:port, without the path.
+    let origin: String = args.url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+    let text = std::fs::read_to_string(file).expect("apps file");
+    let targets: Vec<Target> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "PATH TOKEN AES_KEY OWNER_KEY: {line}");
+            Target {
+                url: format!("{origin}{}", f[0]),
+                cipher: CallbackCipher::from_strings(f[1], f[2], &[], f[3]).expect("keys"),
+            }
+        })
+        .collect();
+    assert!(!targets.is_empty(), "no apps in {}", file.display());
+    targets
 }
 
 struct Outcome {
@@ -78,7 +117,7 @@ fn event(args: &Args, run: &str, task: usize, n: u64, filler: &str) -> String {
 /// What every connection's task shares.
 struct Shared {
     args: Args,
-    cipher: CallbackCipher,
+    targets: Vec<Target>,
     client: reqwest::Client,
     /// Makes event ids unique across runs against the same database.
     run: String,
@@ -93,7 +132,7 @@ struct Shared {
 async fn worker(shared: Arc<Shared>, task: usize) -> Outcome {
     let Shared {
         args,
-        cipher,
+        targets,
         client,
         run,
         stop,
@@ -123,12 +162,14 @@ async fn worker(shared: Arc<Shared>, task: usize) -> Outcome {
         }
         // The same signed, encrypted request in both modes, so a baseline server is loaded
         // exactly as dinghook is; `--plain` only skips verifying the reply.
+        let target = &targets[(n as usize * args.concurrency + task) % targets.len()];
+        let cipher = &target.cipher;
         let (url, body) = {
             let msg = event(args, run, task, n, &filler);
             let sealed = cipher
                 .seal(msg.as_bytes(), &now_millis().to_string(), &random_nonce())
                 .expect("seal");
-            (format!("{}?{}", args.url, sealed.query()), sealed.body())
+            (format!("{}?{}", target.url, sealed.query()), sealed.body())
         };
         n += 1;
         let sent = Instant::now();
@@ -187,8 +228,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let cipher = CallbackCipher::from_strings(&args.token, &args.aes_key, &[], &args.owner_key)
-        .expect("keys");
+    let targets = targets(&args);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .timeout(Duration::from_secs(30))
@@ -204,7 +244,7 @@ async fn main() {
     };
     let shared = Arc::new(Shared {
         run: random_nonce()[..8].to_string(),
-        cipher,
+        targets,
         client,
         stop: AtomicBool::new(false),
         per_task_interval,
