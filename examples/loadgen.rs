@@ -74,7 +74,12 @@ fn targets(args: &Args) -> Vec<Target> {
         }];
     };
     // scheme://host:port, without the path.
-    let origin: String = args.url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+    let origin: String = args
+        .url
+        .splitn(4, '/')
+        .take(3)
+        .collect::<Vec<_>>()
+        .join("/");
     let text = std::fs::read_to_string(file).expect("apps file");
     let targets: Vec<Target> = text
         .lines()

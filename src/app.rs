@@ -480,6 +480,11 @@ impl Live {
             .replace_apps(apps.registry.clone(), apps.contexts.clone());
         self.fixed.ops.clients.store(Arc::new(apps.clients.clone()));
         self.fixed.metrics.set_apps(apps.specs.len());
+        for gone in state.apps.clients.keys() {
+            if !apps.clients.contains_key(gone) {
+                self.fixed.metrics.forget_client(gone);
+            }
+        }
         for (app, recovery) in recoveries {
             state.recoveries.replace(&app, recovery);
         }

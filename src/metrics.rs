@@ -41,6 +41,22 @@ struct Name {
     name: &'static str,
 }
 
+/// The `name` labels of `dinghook_dingtalk`, as [`Metrics::set_quota`] sets them.
+const DINGTALK_FIGURES: [&str; 12] = [
+    "calls_this_month",
+    "monthly_quota",
+    "quota_remaining",
+    "quota_used_ratio",
+    "requests_sent",
+    "throttled_retries",
+    "busy_retries",
+    "quota_rejections",
+    "ip_bans",
+    "disabled_answers",
+    "token_fetches",
+    "quota_warnings",
+];
+
 /// All of dinghook's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -402,7 +418,7 @@ impl Metrics {
         stats: &crate::dingtalk::ClientStats,
     ) {
         let limit = quota.limit as f64;
-        for (name, value) in [
+        let figures = [
             ("calls_this_month", quota.used as f64),
             ("monthly_quota", limit),
             ("quota_remaining", quota.remaining as f64),
@@ -422,13 +438,25 @@ impl Metrics {
             ("disabled_answers", stats.disabled_answers as f64),
             ("token_fetches", stats.token_fetches as f64),
             ("quota_warnings", stats.quota_warnings as f64),
-        ] {
+        ];
+        for (name, value) in figures {
             self.dingtalk
                 .get_or_create(&Name {
                     app: app.to_owned(),
                     name,
                 })
                 .set(value);
+        }
+    }
+
+    /// Drops the DingTalk client series of `app` (its client is gone: the app was removed by a
+    /// reload, or lost its app key), so `/metrics` does not show stale figures for it.
+    pub fn forget_client(&self, app: &str) {
+        for name in DINGTALK_FIGURES {
+            self.dingtalk.remove(&Name {
+                app: app.to_owned(),
+                name,
+            });
         }
     }
 
@@ -481,5 +509,35 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forgotten_client_leaves_no_dingtalk_series() {
+        let metrics = Metrics::new();
+        let quota = crate::dingtalk::QuotaStatus {
+            month: "2026-11".into(),
+            used: 1,
+            limit: 5000,
+            remaining: 4999,
+        };
+        let stats = crate::dingtalk::ClientStats::default();
+        metrics.set_quota("ops", &quota, &stats);
+        metrics.set_quota("other", &quota, &stats);
+        let text = metrics.render();
+        for name in DINGTALK_FIGURES {
+            assert!(
+                text.contains(&format!("dinghook_dingtalk{{app=\"ops\",name=\"{name}\"}}")),
+                "{name} in:\n{text}"
+            );
+        }
+        metrics.forget_client("ops");
+        let text = metrics.render();
+        assert!(!text.contains("app=\"ops\""), "{text}");
+        assert!(text.contains("app=\"other\""), "{text}");
     }
 }

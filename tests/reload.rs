@@ -537,7 +537,10 @@ async fn a_reload_gives_an_app_its_new_dingtalk_and_the_workers_follow() {
     app.wait_for_state("@ops/event:o-3", Done).await;
     wait_until("still on C", || fake_c.robot_messages().len() == 2).await;
 
-    // Back to one app: the workers return to whole batches and keep running.
+    // Back to one app: the workers return to whole batches and keep running; ops's client
+    // figures leave /metrics with it.
+    let ops_quota = r#"dinghook_dingtalk{app="ops",name="monthly_quota"}"#;
+    assert!(app.metrics().await.contains(ops_quota));
     let done = app
         .reloader
         .apply(config_of(&app, &url_a, None))
@@ -545,6 +548,10 @@ async fn a_reload_gives_an_app_its_new_dingtalk_and_the_workers_follow() {
         .unwrap();
     assert_eq!(done.removed, vec!["ops".to_owned()], "{done:?}");
     assert_eq!(post_ops(&app, &install("o-4")).await, 404);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the scrape cache
+    let metrics = app.metrics().await;
+    assert!(!metrics.contains(ops_quota), "{metrics}");
+    assert!(metrics.contains(r#"dinghook_dingtalk{app="default",name="monthly_quota"}"#));
     for i in 3..13 {
         assert_eq!(
             app.post_event(&install(&format!("d-{i}"))).await.status(),
