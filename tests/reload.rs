@@ -675,3 +675,24 @@ async fn a_reload_on_postgres_keeps_every_event() {
     assert_eq!(app.store.list(&stored("ops")).await.unwrap().len(), 3);
     app.stop().await;
 }
+
+#[test]
+fn dinghook_reload_says_why_it_cannot_reach_the_server() {
+    let run = |ops_listen: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dinghook"))
+            .arg("reload")
+            .env_clear()
+            .env("DINGHOOK_OPS_LISTEN", ops_listen)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run("");
+    assert!(
+        stderr.contains("ops.listen is empty") && stderr.contains("SIGHUP"),
+        "{stderr}"
+    );
+    let stderr = run(&format!("127.0.0.1:{}", free_port()));
+    assert!(stderr.contains("is the server running?"), "{stderr}");
+}
