@@ -51,6 +51,10 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Random 32-hex-digit eventIds, as DingTalk's are, instead of ones that increase per
+    /// connection (which the store's indexes append to at a few places only).
+    #[arg(long)]
+    random_ids: bool,
     /// Spread the requests over several apps: a file of lines `PATH TOKEN AES_KEY OWNER_KEY`,
     /// each request going to the next app's path (on `--url`'s host) sealed with its keys.
     #[arg(long)]
@@ -112,8 +116,13 @@ fn event(args: &Args, run: &str, task: usize, n: u64, filler: &str) -> String {
     } else {
         task as u64 * 10_000_000 + n
     };
+    let id = if args.random_ids {
+        format!("{:032x}", rand::random::<u128>())
+    } else {
+        format!("{run}-{task}-{n}")
+    };
     format!(
-        r#"{{"EventType":"{}","eventId":"{run}-{task}-{n}","CorpId":"dingloadgen","dataList":[{{"userId":"user{user}","corpId":"dingloadgen","checkTime":{},"groupId":"g1","bizId":"{run}{task}{n}","locationMethod":"MAP","locationResult":"Normal","checkByUser":true,"note":"{filler}"}}]}}"#,
+        r#"{{"EventType":"{}","eventId":"{id}","CorpId":"dingloadgen","dataList":[{{"userId":"user{user}","corpId":"dingloadgen","checkTime":{},"groupId":"g1","bizId":"{run}{task}{n}","locationMethod":"MAP","locationResult":"Normal","checkByUser":true,"note":"{filler}"}}]}}"#,
         args.event_type,
         now_millis()
     )

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Many apps: start-up time and idle RSS of `dinghook serve` with 1 app and with APPS apps (each
 # with its own keys and DingTalk credentials, recovery off so nothing calls out); then the same
-# load (examples/loadgen, CONNECTIONS connections, SECONDS_PER_RUN s, distinct events) sent to
-# the 1-app server and spread over LOAD_APPS of the APPS-app server's apps, receiving only
-# (dispatcher off), ROUNDS times each in turn.
+# load (examples/loadgen, CONNECTIONS connections, SECONDS_PER_RUN s, distinct events with random
+# eventIds as DingTalk's are) sent to the 1-app server and spread over LOAD_APPS of the APPS-app
+# server's apps, ROUNDS times each in turn: first the same steady load (RATE events/s, the
+# workers running, no handlers: each event done as it comes), then as fast as the load
+# generator can (receiving only, dispatcher off).
 #
 #   scripts/apps-bench.sh                        # 1 000 apps, the release binaries (built)
 #   APPS=200 LOAD_APPS=0 DINGHOOK_BIN=target/debug/dinghook scripts/apps-bench.sh
@@ -19,6 +21,7 @@ LOAD_APPS=${LOAD_APPS:-100}
 CONNECTIONS=${CONNECTIONS:-32}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 ROUNDS=${ROUNDS:-2}
+RATE=${RATE:-2000}
 if [ -z "${DINGHOOK_BIN:-}" ]; then
     cargo build --release --quiet --bin dinghook --example loadgen
     DINGHOOK_BIN=target/release/dinghook
@@ -36,7 +39,8 @@ keys = [key() for _ in range(apps)]
 for n in (1, apps):
     with open(f'{work}/apps{n}.toml', 'w') as f:
         f.write(f'listen = "127.0.0.1:0"\n[ops]\nlisten = ""\n[store]\n'
-                f'url = "sqlite://{work}/db{n}.db"\n[recovery]\nenabled = false\n')
+                f'url = "sqlite://{work}/db{n}.db"\n[recovery]\nenabled = false\n'
+                f'[handlers]\nenabled = false\n')
         for i in range(n):
             f.write(f'[apps.a{i}]\ntoken = "t{i}"\naes_key = "{keys[i]}"\nowner_key = "dingo{i}"\n'
                     f'app_key = "dingk{i}"\napp_secret = "s{i}"\n')
@@ -77,12 +81,14 @@ echo "per app: $(( (rssn - rss1) / (APPS - 1) )) kB"
 # CPU seconds (user + system) a process has used so far.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 
-# One load run against a fresh server with config apps$1.toml, sending to targets$1.
+# One load run against a fresh server with config apps$1.toml, sending to targets$1; with a
+# rate ($3 > 0) the workers run, without one they are off.
 load_run() {
-    local n=$1 round=$2 port pid before after
+    local n=$1 round=$2 rate=$3 port pid before after dispatch=on
+    [ "$rate" -gt 0 ] || dispatch=off
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     rm -f "$work/db$n.db"*
-    DINGHOOK_LISTEN="127.0.0.1:$port" DINGHOOK_DISPATCH=off \
+    DINGHOOK_LISTEN="127.0.0.1:$port" DINGHOOK_DISPATCH=$dispatch \
         "$DINGHOOK_BIN" serve --config "$work/apps$n.toml" >"$work/load$n-$round.log" 2>&1 &
     pid=$!
     for _ in $(seq 1 500); do
@@ -90,7 +96,8 @@ load_run() {
         sleep 0.01
     done
     before=$(cpu_s "$pid")
-    /usr/bin/time -f "%U %S" -o "$work/time" "$LOADGEN" --json --concurrency "$CONNECTIONS" \
+    /usr/bin/time -f "%U %S" -o "$work/time" "$LOADGEN" --json --random-ids --rate "$rate" \
+        --concurrency "$CONNECTIONS" \
         --seconds "$SECONDS_PER_RUN" --url "http://127.0.0.1:$port/" \
         --apps-file "$work/targets$n" >"$work/load.json"
     after=$(cpu_s "$pid")
@@ -109,8 +116,14 @@ EOF
 }
 
 echo
-echo "load: $CONNECTIONS connections, $SECONDS_PER_RUN s per run, receiving only"
+echo "the same load: $RATE events/s, $CONNECTIONS connections, $SECONDS_PER_RUN s per run, workers on"
 for round in $(seq 1 "$ROUNDS"); do
-    load_run 1 "$round"
-    load_run "$APPS" "$round"
+    load_run 1 "$round" "$RATE"
+    load_run "$APPS" "$round" "$RATE"
+done
+echo
+echo "saturation: $CONNECTIONS connections, $SECONDS_PER_RUN s per run, receiving only"
+for round in $(seq 1 "$ROUNDS"); do
+    load_run 1 "$round" 0
+    load_run "$APPS" "$round" 0
 done

@@ -317,23 +317,27 @@ impl Dispatcher {
         let start = self
             .next_app
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // At most this many per-app claims per batch, so a thousand apps with nothing due yet
-        // cost a bounded number of queries; the turn moves on next time.
-        let mut tries = 2 * limit as usize;
+        // Each waiting app's share, taking the apps in turn until the batch is full; one
+        // statement claims them all (one commit, whatever the number of apps).
+        let left = limit.saturating_sub(batch.len() as u32);
+        let mut shares = Vec::new();
+        let mut asked = 0_u32;
         for i in 0..waiting.len() {
-            let left = limit.saturating_sub(batch.len() as u32);
-            if left == 0 || tries == 0 {
+            if asked >= left {
                 break;
             }
-            tries -= 1;
             let app = &waiting[(start + i) % waiting.len()];
             let room = cap.saturating_sub(running.get(app.as_str()).copied().unwrap_or(0));
-            let take = share.min(left).min(u32::try_from(room).unwrap_or(u32::MAX));
-            let claimed = self
-                .store
-                .claim_app(owner, app, take, lease_ms, now)
-                .await?;
-            batch.extend(claimed);
+            let take = share
+                .min(left - asked)
+                .min(u32::try_from(room).unwrap_or(u32::MAX));
+            if take > 0 {
+                shares.push((app.clone(), take));
+                asked += take;
+            }
+        }
+        if !shares.is_empty() {
+            batch.extend(self.store.claim_apps(owner, &shares, lease_ms, now).await?);
         }
         Ok(batch)
     }

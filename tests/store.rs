@@ -271,6 +271,67 @@ async fn replay_by_ids_and_since_leaves_running_alone(store: Arc<dyn Store>) {
     );
 }
 
+/// `claim_apps` takes at most each app's share of its due events, oldest first, in one go.
+async fn claim_apps_takes_each_apps_share(store: Arc<dyn Store>) {
+    for (app, n) in [("a", 5), ("b", 2), ("c", 1)] {
+        for i in 0..n {
+            let mut ev = event(&format!("@{app}/k{i}"), "x", T0 + i);
+            ev.app = app.into();
+            store.insert(ev).await.unwrap();
+        }
+    }
+    let later = NewEvent {
+        app: "c".into(),
+        ..event("@c/later", "x", T0)
+    };
+    store.schedule(later, T0 + 60_000).await.unwrap();
+    let shares = [
+        ("a".to_owned(), 3),
+        ("b".to_owned(), 5),
+        ("c".to_owned(), 5),
+        ("z".to_owned(), 4),
+    ];
+    let claimed = store
+        .claim_apps("w", &shares, 1_000, T0 + 10)
+        .await
+        .unwrap();
+    let mut got: Vec<(String, String)> = claimed
+        .iter()
+        .map(|e| (e.app.clone(), e.dedup_key.clone()))
+        .collect();
+    got.sort();
+    let want: Vec<(String, String)> = [
+        ("a", "@a/k0"),
+        ("a", "@a/k1"),
+        ("a", "@a/k2"),
+        ("b", "@b/k0"),
+        ("b", "@b/k1"),
+        ("c", "@c/k0"),
+    ]
+    .iter()
+    .map(|(a, k)| (a.to_string(), k.to_string()))
+    .collect();
+    assert_eq!(
+        got, want,
+        "the oldest of each, none not yet due, none of other apps"
+    );
+    assert!(claimed
+        .iter()
+        .all(|e| e.state == EventState::Running && e.attempts == 1));
+    // What is claimed is not claimed again; a zero share takes nothing.
+    let shares = [("a".to_owned(), 0), ("b".to_owned(), 5)];
+    assert!(store
+        .claim_apps("w", &shares, 1_000, T0 + 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let rest = store
+        .claim_apps("w", &[("a".to_owned(), 10)], 1_000, T0 + 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
+}
+
 async fn concurrent_claimers_never_share(store: Arc<dyn Store>) {
     insert_n(&*store, 200, T0).await;
     let mut tasks = Vec::new();
@@ -896,6 +957,7 @@ for_each_backend!(
     handled_kept_by_retry_dead_replay_and_release_cleared_by_done,
     replay_by_ids_and_since_leaves_running_alone,
     concurrent_claimers_never_share,
+    claim_apps_takes_each_apps_share,
     stats_count_states_types_and_age,
     scheduled_events_wait_until_due,
     documents_put_get_insert_once_and_list,

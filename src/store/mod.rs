@@ -318,14 +318,14 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
-    /// Like [`Store::claim`], but only due events of `app` (no expired leases): how the
-    /// dispatcher shares its claims between apps, so one app's backlog cannot hold back
-    /// another's events. Costs the same whatever the other apps' backlogs.
-    async fn claim_app(
+    /// Like [`Store::claim`], but for each `(app, n)` of `shares` at most `n` due events of
+    /// that app (no expired leases), all in one transaction: how the dispatcher shares its
+    /// claims between apps, so one app's backlog cannot hold back another's events. Each
+    /// app's part costs the same whatever the other apps' backlogs.
+    async fn claim_apps(
         &self,
         owner: &str,
-        app: &str,
-        limit: u32,
+        shares: &[(String, u32)],
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;

@@ -428,8 +428,9 @@ struct Sql {
     shared: Statements,
     /// Expired leases first, then due events (see `claim`).
     claims: [String; 2],
-    /// One app's due events (`claim_app`): owner, lease until, now, limit, app.
-    claim_app: String,
+    /// Several apps' due events, up to a number each (`claim_apps`): owner, lease until, now,
+    /// apps, numbers (arrays side by side).
+    claim_apps: String,
     /// now, ids.
     replay_ids: String,
 }
@@ -453,11 +454,12 @@ impl Sql {
                      ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED",
                 ),
             ],
-            claim_app: schema::claim_statement(
+            claim_apps: schema::claim_statement(
                 d,
-                "SELECT id FROM events \
-                 WHERE app = $5 AND state IN ('pending', 'retry') AND next_attempt_at <= $3 \
-                 ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                "SELECT w.id FROM unnest($4::text[], $5::bigint[]) AS s(app, n) \
+                 CROSS JOIN LATERAL (SELECT id FROM events \
+                 WHERE app = s.app AND state IN ('pending', 'retry') AND next_attempt_at <= $3 \
+                 ORDER BY next_attempt_at, id LIMIT s.n FOR UPDATE SKIP LOCKED) AS w",
             ),
             replay_ids: format!("{} id = ANY($2)", schema::REPLAY_SET),
         }
@@ -609,21 +611,22 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn claim_app(
+    async fn claim_apps(
         &self,
         owner: &str,
-        app: &str,
-        limit: u32,
+        shares: &[(String, u32)],
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let lease_until = now_ms.saturating_add(lease_ms);
-        let limit = i64::from(limit);
+        // One statement for every app's part: one round trip and one commit.
+        let apps: Vec<&str> = shares.iter().map(|(app, _)| app.as_str()).collect();
+        let limits: Vec<i64> = shares.iter().map(|(_, n)| i64::from(*n)).collect();
         self.run(async |c| {
             let rows = Self::query(
                 c,
-                &self.sql.claim_app,
-                &[&owner, &lease_until, &now_ms, &limit, &app],
+                &self.sql.claim_apps,
+                &[&owner, &lease_until, &now_ms, &apps, &limits],
             )
             .await?;
             let mut events = events_from_rows(&rows)?;

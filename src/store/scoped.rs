@@ -105,17 +105,14 @@ impl Store for AppStore {
         self.inner.claim(owner, limit, lease_ms, now_ms).await
     }
 
-    async fn claim_app(
+    async fn claim_apps(
         &self,
         owner: &str,
-        app: &str,
-        limit: u32,
+        shares: &[(String, u32)],
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner
-            .claim_app(owner, app, limit, lease_ms, now_ms)
-            .await
+        self.inner.claim_apps(owner, shares, lease_ms, now_ms).await
     }
 
     async fn waiting_apps(&self) -> Result<Vec<String>, StoreError> {

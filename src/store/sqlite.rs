@@ -523,24 +523,30 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_app(
+    async fn claim_apps(
         &self,
         owner: &str,
-        app: &str,
-        limit: u32,
+        shares: &[(String, u32)],
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let (owner, app) = (owner.to_owned(), app.to_owned());
+        let owner = owner.to_owned();
+        let shares = shares.to_vec();
         let sql = Arc::clone(&self.sql);
+        // Every app's part in one write, so one commit (one fsync), not one per app.
         self.write(move |conn| {
             let lease_until = now_ms.saturating_add(lease_ms);
             let mut stmt = conn.prepare_cached(&sql.claim_app)?;
-            let rows = stmt.query_map(
-                params![owner, lease_until, now_ms, i64::from(limit), app],
-                event_from_row,
-            )?;
-            let mut events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut events = Vec::new();
+            for (app, limit) in shares.iter().filter(|(_, n)| *n > 0) {
+                let rows = stmt.query_map(
+                    params![owner, lease_until, now_ms, i64::from(*limit), app],
+                    event_from_row,
+                )?;
+                for row in rows {
+                    events.push(row?);
+                }
+            }
             events.sort_by_key(|e| (e.next_attempt_at, e.id));
             Ok(events)
         })

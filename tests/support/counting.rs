@@ -89,17 +89,16 @@ impl Store for CountingStore {
         }
         Ok(claimed)
     }
-    async fn claim_app(
+    async fn claim_apps(
         &self,
         owner: &str,
-        app: &str,
-        limit: u32,
+        shares: &[(String, u32)],
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let claimed = self
             .inner
-            .claim_app(owner, app, limit, lease_ms, now_ms)
+            .claim_apps(owner, shares, lease_ms, now_ms)
             .await?;
         if !claimed.is_empty() {
             self.count("claim");
