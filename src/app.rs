@@ -502,7 +502,9 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         serde_json::to_value(v).ok()
     }
     let (a, b) = (started, new);
-    let checks: [(&'static str, bool); 11] = [
+    let checks: [(&'static str, bool); 12] = [
+        // Until the route workers follow a reload.
+        ("routes", value(&a.routes) == value(&b.routes)),
         ("listen", a.listen == b.listen),
         ("ops.listen", a.ops.listen == b.ops.listen),
         ("log_format", value(&a.log_format) == value(&b.log_format)),

@@ -33,6 +33,7 @@ pub mod handler;
 pub mod http;
 pub mod metrics;
 pub mod ops;
+pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod setting;

@@ -32,6 +32,17 @@ pub fn after(now_ms: i64, d: Duration) -> i64 {
 }
 
 /// Parses a duration written as `10s`, `5m`, `1h 30m`, `250ms`, or `0` (disabled).
+/// `epoch_ms` as RFC 3339 in UTC with milliseconds (`2026-11-29T05:16:56.123Z`), clamped to
+/// jiff's range (±9999 years).
+pub fn rfc3339_millis(epoch_ms: i64) -> String {
+    let ts = Timestamp::from_millisecond(epoch_ms).unwrap_or(if epoch_ms < 0 {
+        Timestamp::MIN
+    } else {
+        Timestamp::MAX
+    });
+    format!("{ts:.3}")
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {

@@ -30,7 +30,7 @@ use crate::sources::recovery::RecoveryConfig;
 use crate::store::{redact_url, StoreConfig, StoreLocation};
 use crate::telemetry::LogFormat;
 
-pub use apps::{AppSpec, DEFAULT_APP};
+pub use apps::{valid_name as valid_app_name, AppSpec, DEFAULT_APP};
 
 /// A configuration problem, naming the key (and its environment variable) and why.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +143,9 @@ pub struct Config {
     /// `[apps.NAME]` tables as written; [`Config::apps`] resolves them (see [`apps`]).
     #[serde(skip_serializing)]
     pub apps: BTreeMap<String, Value>,
+    /// `[[routes]]`: where events go on to ([`crate::routes`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::routes::config::RouteConfig>,
 }
 
 impl Default for Config {
@@ -162,6 +165,7 @@ impl Default for Config {
             handlers: HandlersConfig::default(),
             recovery: RecoveryConfig::default(),
             apps: BTreeMap::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -269,7 +273,18 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", e.to_string()))?;
         // Each app's keys, client, handler options and recovery; paths distinct.
-        self.apps()
+        let apps = self.apps()?;
+        self.routes_for(&apps)?;
+        Ok(apps)
+    }
+
+    /// The `[[routes]]`, validated against the configured `apps`.
+    pub fn routes_for(
+        &self,
+        apps: &[AppSpec],
+    ) -> Result<crate::routes::config::Routes, ConfigError> {
+        let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+        crate::routes::config::resolve(&self.routes, &names)
     }
 
     /// Every number and duration within a range that works: outside it a value crashes the
@@ -391,6 +406,9 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.url = redact_url(&shown.store.url);
+        for route in &mut shown.routes {
+            route.url = redact_url(&route.url);
+        }
         let mut text =
             toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
         // The apps' own tables, resolved (inherited keys filled in), secrets redacted.
