@@ -8,3 +8,36 @@ pub mod destination;
 pub mod envelope;
 pub mod signing;
 pub mod webhook;
+
+use std::sync::Arc;
+
+use config::{RouteSpec, Target};
+use destination::Destination;
+
+/// Why a route's destination cannot be made from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("route {route}: {message}")]
+    Destination { route: String, message: String },
+}
+
+/// The destination of `spec`. Nothing is connected here: a broker that cannot be reached at
+/// start-up does not stop the server; its route retries (and says so in `/readyz` detail
+/// and the metrics) until it can.
+pub fn destination(spec: &RouteSpec) -> Result<Arc<dyn Destination>, RouteError> {
+    let fail = |message: String| RouteError::Destination {
+        route: spec.name.clone(),
+        message,
+    };
+    match &spec.target {
+        Target::Webhook { url, keys, headers } => {
+            let webhook = webhook::Webhook::new(url, keys.clone(), headers, spec.timeout)
+                .map_err(|e| fail(e.to_string()))?;
+            Ok(Arc::new(webhook))
+        }
+        other => Err(fail(format!(
+            "{}:// routes are not built yet",
+            other.kind()
+        ))),
+    }
+}
