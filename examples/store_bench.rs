@@ -530,6 +530,7 @@ async fn run_inserts(
                     corp_id: Some("dingcorp".into()),
                     source: Source::Push,
                     received_at: now_millis(),
+                    routes: Vec::new(),
                 };
                 let started = Instant::now();
                 store.insert(event).await?;

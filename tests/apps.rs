@@ -292,6 +292,7 @@ async fn a_backlog_of_one_app_does_not_delay_another(store_url: Option<String>) 
                     payload: r#"{"EventType":"backlog"}"#.into(),
                     source: dinghook::store::Source::Push,
                     received_at: now_millis(),
+                    routes: Vec::new(),
                 })
                 .await
                 .unwrap()

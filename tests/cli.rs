@@ -42,6 +42,7 @@ async fn list_show_stats_and_replay() {
                 payload: format!(r#"{{"EventType":"{event_type}","k":"{key}"}}"#),
                 source: Source::Push,
                 received_at: now,
+                routes: Vec::new(),
             })
             .await
             .unwrap();
@@ -259,6 +260,7 @@ async fn the_event_list_is_safe_to_print_and_to_cut_short() {
                 payload: "{}".into(),
                 source: Source::Push,
                 received_at: now,
+                routes: Vec::new(),
             })
             .await
             .unwrap();

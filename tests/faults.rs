@@ -985,6 +985,7 @@ async fn sqlite_write_failing_for_space_mid_batch_leaves_only_honest_answers() {
         payload: "x".repeat(size),
         source: Source::Push,
         received_at: 1,
+        routes: Vec::new(),
     };
     for i in 0..20 {
         store

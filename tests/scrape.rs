@@ -28,6 +28,7 @@ fn event(key: &str, event_type: &str, received_at: i64) -> NewEvent {
         payload: format!(r#"{{"EventType":"{event_type}","eventId":"{key}"}}"#),
         source: Source::Push,
         received_at,
+        routes: Vec::new(),
     }
 }
 

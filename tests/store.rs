@@ -22,6 +22,7 @@ fn event(key: &str, event_type: &str, received_at: i64) -> NewEvent {
         payload: format!(r#"{{"EventType":"{event_type}","eventId":"{key}"}}"#),
         source: Source::Push,
         received_at,
+        routes: Vec::new(),
     }
 }
 
@@ -330,6 +331,159 @@ async fn claim_apps_takes_each_apps_share(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(rest.len(), 2);
+}
+
+/// An event's deliveries are created with it (one per route, none for a duplicate), claimed
+/// per route with a lease, retried, dead, replayed and done.
+async fn deliveries_fan_out_and_run_their_course(store: Arc<dyn Store>) {
+    use dinghook::store::{DeliveryOutcome, DeliveryQuery, DeliveryReplay};
+    let routed = |key: &str| NewEvent {
+        routes: vec!["a".into(), "b".into()],
+        ..event(key, "x", T0)
+    };
+    let Inserted::Stored { id } = store.insert(routed("e1")).await.unwrap() else {
+        panic!("not stored")
+    };
+    assert!(matches!(
+        store.insert(routed("e1")).await.unwrap(),
+        Inserted::Duplicate { .. }
+    ));
+    let d = store.deliveries();
+    let all = d.list_deliveries(&DeliveryQuery::default()).await.unwrap();
+    assert_eq!(
+        all.len(),
+        2,
+        "one per route, none for the duplicate: {all:?}"
+    );
+    assert!(all
+        .iter()
+        .all(|x| x.event_id == id && x.state == EventState::Pending));
+
+    // Route a: claimed with its event, once.
+    let claimed = d.claim_deliveries("a", "w1", 10, 1_000, T0).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let (delivery, ev) = &claimed[0];
+    assert_eq!(
+        (delivery.route.as_str(), ev.id, delivery.attempts),
+        ("a", id, 1)
+    );
+    assert!(d
+        .claim_deliveries("a", "w2", 10, 1_000, T0)
+        .await
+        .unwrap()
+        .is_empty());
+    // Retry later; not due before.
+    let retry = DeliveryOutcome::Retry {
+        at: T0 + 100,
+        error: "HTTP 503".into(),
+        status: Some(503),
+    };
+    assert!(d
+        .finish_delivery(delivery.id, "w1", &retry, T0)
+        .await
+        .unwrap());
+    assert!(d
+        .claim_deliveries("a", "w1", 10, 1_000, T0 + 50)
+        .await
+        .unwrap()
+        .is_empty());
+    let again = d
+        .claim_deliveries("a", "w1", 10, 1_000, T0 + 100)
+        .await
+        .unwrap();
+    assert_eq!(again[0].0.attempts, 2);
+    let dead = DeliveryOutcome::Dead {
+        error: "HTTP 400: no".into(),
+        status: Some(400),
+    };
+    assert!(d
+        .finish_delivery(delivery.id, "w1", &dead, T0 + 100)
+        .await
+        .unwrap());
+    let got = d.get_delivery(delivery.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.state, got.last_status, got.last_error.as_deref()),
+        (EventState::Dead, Some(400), Some("HTTP 400: no"))
+    );
+    // Replayed: pending again, attempts reset; then done.
+    let replay = DeliveryReplay::RouteState {
+        route: "a".into(),
+        state: EventState::Dead,
+    };
+    assert_eq!(d.replay_deliveries(&replay, T0 + 200).await.unwrap(), 1);
+    let third = d
+        .claim_deliveries("a", "w1", 10, 1_000, T0 + 200)
+        .await
+        .unwrap();
+    assert_eq!(third[0].0.attempts, 1);
+    let done = DeliveryOutcome::Done { status: Some(200) };
+    assert!(d
+        .finish_delivery(delivery.id, "w1", &done, T0 + 201)
+        .await
+        .unwrap());
+    let got = d.get_delivery(delivery.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.state, got.delivered_at),
+        (EventState::Done, Some(T0 + 201))
+    );
+
+    // Route b: a lease that expires goes to another runner; the first cannot finish it.
+    let b = d.claim_deliveries("b", "w1", 10, 1_000, T0).await.unwrap();
+    let taken = d
+        .claim_deliveries("b", "w2", 10, 1_000, T0 + 2_000)
+        .await
+        .unwrap();
+    assert_eq!(taken[0].0.id, b[0].0.id);
+    assert!(!d
+        .finish_delivery(b[0].0.id, "w1", &done, T0 + 2_001)
+        .await
+        .unwrap());
+    assert_eq!(d.release_deliveries("w2", T0 + 2_002).await.unwrap(), 1);
+    assert_eq!(
+        d.get_delivery(b[0].0.id).await.unwrap().unwrap().state,
+        EventState::Pending
+    );
+
+    // Redelivery: a done delivery reset, a missing one created.
+    let n = d
+        .redeliver(id, "default", &["a".into(), "c".into()], T0 + 3_000)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let backlogs = d.route_backlogs(T0 + 4_000).await.unwrap();
+    let pending: Vec<(String, u64)> = backlogs
+        .iter()
+        .map(|b| (b.route.clone(), b.pending))
+        .collect();
+    assert_eq!(
+        pending,
+        [
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 1),
+            ("c".to_owned(), 1)
+        ]
+    );
+    assert_eq!(backlogs[0].oldest_due_age_ms, Some(1_000));
+    let only_c = d
+        .list_deliveries(&DeliveryQuery {
+            route: Some("c".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(only_c.len(), 1);
+
+    // Pauses.
+    d.pause_route("b", "410 Gone", T0).await.unwrap();
+    d.pause_route("b", "by hand", T0 + 1).await.unwrap();
+    let pauses = d.route_pauses().await.unwrap();
+    assert_eq!(pauses.len(), 1);
+    assert_eq!(
+        (pauses[0].reason.as_str(), pauses[0].paused_at),
+        ("by hand", T0 + 1)
+    );
+    assert!(d.resume_route("b").await.unwrap());
+    assert!(!d.resume_route("b").await.unwrap());
 }
 
 async fn concurrent_claimers_never_share(store: Arc<dyn Store>) {
@@ -958,6 +1112,7 @@ for_each_backend!(
     replay_by_ids_and_since_leaves_running_alone,
     concurrent_claimers_never_share,
     claim_apps_takes_each_apps_share,
+    deliveries_fan_out_and_run_their_course,
     stats_count_states_types_and_age,
     scheduled_events_wait_until_due,
     documents_put_get_insert_once_and_list,

@@ -168,6 +168,7 @@ pub async fn schedule_internal(
         payload: payload.to_string(),
         source: Source::Internal,
         received_at: now_millis(),
+        routes: Vec::new(),
     };
     Ok(ctx.store.schedule(event, due_at_ms).await?)
 }

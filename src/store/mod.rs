@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::now_millis;
 
+pub mod deliveries;
 pub mod postgres;
 mod rekey;
 mod schema;
@@ -150,6 +151,9 @@ pub struct NewEvent {
     pub source: Source,
     /// Epoch milliseconds.
     pub received_at: i64,
+    /// The routes that take it: one delivery each is created with the event, in the same
+    /// transaction (none for a duplicate). [`crate::routes::Routing`] fills it in.
+    pub routes: Vec<String>,
 }
 
 impl NewEvent {
@@ -170,6 +174,7 @@ impl NewEvent {
             payload,
             source,
             received_at,
+            routes: Vec::new(),
         }
     }
 }
@@ -415,6 +420,69 @@ pub trait Store: Send + Sync + 'static {
     /// guard is released or dropped, and with the process: a crashed leader never blocks the
     /// others.
     async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError>;
+
+    // --- deliveries (routes) ---------------------------------------------------------------
+
+    /// The deliveries of routes, in this store.
+    fn deliveries(&self) -> &dyn Deliveries;
+}
+
+pub use deliveries::{
+    DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
+};
+
+/// The deliveries of routes ([`deliveries`]): one per (event, route), created with the event
+/// ([`NewEvent::routes`]).
+#[async_trait]
+pub trait Deliveries: Send + Sync {
+    /// Up to `limit` of `route`'s deliveries (expired leases first, then the due ones, oldest
+    /// first), leased to `owner`, each with its event.
+    async fn claim_deliveries(
+        &self,
+        route: &str,
+        owner: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<(StoredDelivery, StoredEvent)>, StoreError>;
+    /// Records how an attempt ended. False (and no change) if `owner` no longer holds the
+    /// lease.
+    async fn finish_delivery(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &DeliveryOutcome,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// `owner`'s leases back to `pending` (a runner that stops puts back what it could not
+    /// finish).
+    async fn release_deliveries(&self, owner: &str, now_ms: i64) -> Result<u64, StoreError>;
+    async fn get_delivery(&self, id: i64) -> Result<Option<StoredDelivery>, StoreError>;
+    async fn list_deliveries(
+        &self,
+        query: &DeliveryQuery,
+    ) -> Result<Vec<StoredDelivery>, StoreError>;
+    /// Back to `pending` with attempts reset; how many.
+    async fn replay_deliveries(
+        &self,
+        which: &DeliveryReplay,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+    /// Delivers event `event_id` (of `app`) again to each of `routes`: a delivery created where
+    /// there is none, reset to `pending` where there is one (unless running). How many.
+    async fn redeliver(
+        &self,
+        event_id: i64,
+        app: &str,
+        routes: &[String],
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+    /// Every route's deliveries by state, and its oldest waiting one's age.
+    async fn route_backlogs(&self, now_ms: i64) -> Result<Vec<RouteBacklog>, StoreError>;
+    async fn pause_route(&self, route: &str, reason: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// False if it was not paused.
+    async fn resume_route(&self, route: &str) -> Result<bool, StoreError>;
+    async fn route_pauses(&self) -> Result<Vec<RoutePause>, StoreError>;
 }
 
 /// What `/readyz` remembers of event inserts, for both stores: a probe's own write can

@@ -23,9 +23,13 @@ use deadpool_postgres::{
 };
 use tokio_postgres::{NoTls, Row};
 
+use super::deliveries::{delivery_from_row, DeliveryStatements};
 use super::redact_url;
 use super::rekey;
 use super::schema::{self, Dialect, Statements};
+use super::{
+    DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
+};
 use super::{
     Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
     Store, StoreError, StoredEvent,
@@ -426,6 +430,12 @@ async fn compact_counts(pool: &Pool, limit: Duration) -> Result<u64, StoreError>
 /// rendered once at open.
 struct Sql {
     shared: Statements,
+    deliveries: DeliveryStatements,
+    /// `insert_event` with its deliveries, in one statement (so one transaction): the
+    /// event's parameters, then the routes ($9, an array).
+    insert_routed: String,
+    /// ids → [`schema::EVENT_COLUMNS`].
+    events_by_ids: String,
     /// Expired leases first, then due events (see `claim`).
     claims: [String; 2],
     /// Several apps' due events, up to a number each (`claim_apps`): owner, lease until, now,
@@ -440,6 +450,20 @@ impl Sql {
         let d = Dialect::Postgres;
         Sql {
             shared: Statements::new(d),
+            deliveries: DeliveryStatements::new(d),
+            insert_routed: "WITH ins AS (INSERT INTO events (dedup_key, event_type, corp_id, \
+                 payload, source, received_at, next_attempt_at, updated_at, app) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8) \
+                 ON CONFLICT (dedup_key) DO NOTHING RETURNING id), \
+                 fan AS (INSERT INTO deliveries (event_id, route, app, next_attempt_at, \
+                 created_at, updated_at) SELECT ins.id, r.route, $8, $7, $6, $6 \
+                 FROM ins CROSS JOIN unnest($9::text[]) AS r(route)) \
+                 SELECT id FROM ins"
+                .into(),
+            events_by_ids: format!(
+                "SELECT {} FROM events WHERE id = ANY($1)",
+                schema::EVENT_COLUMNS
+            ),
             claims: [
                 schema::claim_statement(
                     d,
@@ -484,21 +508,24 @@ impl Store for PostgresStore {
             .run(async |c| {
                 // A concurrent insert of the same key by another replica makes this one wait for
                 // that transaction; if it commits, this does nothing and the select below sees it.
-                let row = Self::query_opt(
-                    c,
-                    &self.sql.insert_event,
-                    &[
-                        &event.dedup_key,
-                        &event.event_type,
-                        &event.corp_id,
-                        &event.payload,
-                        &event.source.as_str(),
-                        &event.received_at,
-                        &due_at_ms,
-                        &event.app,
-                    ],
-                )
-                .await?;
+                let source = event.source.as_str();
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+                    &event.dedup_key,
+                    &event.event_type,
+                    &event.corp_id,
+                    &event.payload,
+                    &source,
+                    &event.received_at,
+                    &due_at_ms,
+                    &event.app,
+                ];
+                let row = if event.routes.is_empty() {
+                    Self::query_opt(c, &self.sql.insert_event, &params).await?
+                } else {
+                    let mut with_routes = params.to_vec();
+                    with_routes.push(&event.routes);
+                    Self::query_opt(c, &self.sql.insert_routed, &with_routes).await?
+                };
                 if let Some(row) = row {
                     return Ok(Inserted::Stored {
                         id: row.try_get(0)?,
@@ -901,6 +928,214 @@ impl Store for PostgresStore {
                 Err(StoreError::Timeout(limit))
             }
         }
+    }
+
+    fn deliveries(&self) -> &dyn super::Deliveries {
+        self
+    }
+}
+
+fn deliveries_from_rows(rows: &[Row]) -> Result<Vec<StoredDelivery>, StoreError> {
+    rows.iter().map(delivery_from_row).collect()
+}
+
+#[async_trait]
+impl super::Deliveries for PostgresStore {
+    async fn claim_deliveries(
+        &self,
+        route: &str,
+        owner: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<(StoredDelivery, StoredEvent)>, StoreError> {
+        let lease_until = now_ms.saturating_add(lease_ms);
+        self.run(async |c| {
+            let mut claimed = Vec::new();
+            for claim in &self.sql.deliveries.claims {
+                let left = i64::from(limit) - claimed.len() as i64;
+                if left <= 0 {
+                    break;
+                }
+                let rows =
+                    Self::query(c, claim, &[&owner, &lease_until, &now_ms, &left, &route]).await?;
+                claimed.extend(deliveries_from_rows(&rows)?);
+            }
+            if claimed.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ids: Vec<i64> = claimed.iter().map(|d| d.event_id).collect();
+            let events: std::collections::HashMap<i64, StoredEvent> =
+                events_from_rows(&Self::query(c, &self.sql.events_by_ids, &[&ids]).await?)?
+                    .into_iter()
+                    .map(|e| (e.id, e))
+                    .collect();
+            let mut out: Vec<(StoredDelivery, StoredEvent)> = claimed
+                .into_iter()
+                .filter_map(|d| events.get(&d.event_id).cloned().map(|e| (d, e)))
+                .collect();
+            out.sort_by_key(|(d, _)| (d.next_attempt_at, d.id));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn finish_delivery(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &DeliveryOutcome,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let d = &self.sql.deliveries;
+        let n = self
+            .run(async |c| match outcome {
+                DeliveryOutcome::Done { status } => {
+                    let status = status.map(i64::from);
+                    Self::execute(c, &d.done, &[&id, &owner, &now_ms, &status]).await
+                }
+                DeliveryOutcome::Retry { at, error, status } => {
+                    let status = status.map(i64::from);
+                    Self::execute(c, &d.retry, &[&id, &owner, at, error, &now_ms, &status]).await
+                }
+                DeliveryOutcome::Dead { error, status } => {
+                    let status = status.map(i64::from);
+                    Self::execute(c, &d.dead, &[&id, &owner, error, &now_ms, &status]).await
+                }
+            })
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn release_deliveries(&self, owner: &str, now_ms: i64) -> Result<u64, StoreError> {
+        self.run(async |c| Self::execute(c, &self.sql.deliveries.release, &[&owner, &now_ms]).await)
+            .await
+    }
+
+    async fn get_delivery(&self, id: i64) -> Result<Option<StoredDelivery>, StoreError> {
+        self.run(async |c| {
+            Self::query_opt(c, &self.sql.deliveries.get, &[&id])
+                .await?
+                .map(|r| delivery_from_row(&r))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_deliveries(
+        &self,
+        query: &DeliveryQuery,
+    ) -> Result<Vec<StoredDelivery>, StoreError> {
+        let state = query.state.map(|s| s.as_str());
+        let limit = i64::from(query.limit.unwrap_or(100));
+        self.run(async |c| {
+            let rows = Self::query(
+                c,
+                &self.sql.deliveries.list,
+                &[&query.route, &state, &query.event_id, &query.since, &limit],
+            )
+            .await?;
+            deliveries_from_rows(&rows)
+        })
+        .await
+    }
+
+    async fn replay_deliveries(
+        &self,
+        which: &DeliveryReplay,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let d = &self.sql.deliveries;
+        self.run(async |c| match which {
+            DeliveryReplay::Ids(ids) => {
+                let mut total = 0;
+                for id in ids {
+                    total += Self::execute(c, &d.replay_id, &[&now_ms, id]).await?;
+                }
+                Ok(total)
+            }
+            DeliveryReplay::RouteState { route, state } => {
+                Self::execute(c, &d.replay_route_state, &[&now_ms, route, &state.as_str()]).await
+            }
+            DeliveryReplay::State(state) => {
+                Self::execute(c, &d.replay_state, &[&now_ms, &state.as_str()]).await
+            }
+            DeliveryReplay::Since { since, route } => {
+                Self::execute(c, &d.replay_since, &[&now_ms, since, route]).await
+            }
+        })
+        .await
+    }
+
+    async fn redeliver(
+        &self,
+        event_id: i64,
+        app: &str,
+        routes: &[String],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.run(async |c| {
+            let mut total = 0;
+            for route in routes {
+                total += Self::execute(
+                    c,
+                    &self.sql.deliveries.redeliver,
+                    &[&event_id, route, &app, &now_ms],
+                )
+                .await?;
+            }
+            Ok(total)
+        })
+        .await
+    }
+
+    async fn route_backlogs(&self, now_ms: i64) -> Result<Vec<RouteBacklog>, StoreError> {
+        self.run(async |c| {
+            let counts = Self::query(c, &self.sql.deliveries.counts, &[])
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<(String, String, i64)>, StoreError>>()?;
+            let oldest = Self::query(c, &self.sql.deliveries.oldest_due, &[])
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<(String, Option<i64>)>, StoreError>>()?;
+            Ok(super::deliveries::backlogs(counts, oldest, now_ms))
+        })
+        .await
+    }
+
+    async fn pause_route(&self, route: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.run(async |c| {
+            Self::execute(c, &self.sql.deliveries.pause, &[&route, &reason, &now_ms]).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn resume_route(&self, route: &str) -> Result<bool, StoreError> {
+        let n = self
+            .run(async |c| Self::execute(c, &self.sql.deliveries.resume, &[&route]).await)
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn route_pauses(&self) -> Result<Vec<RoutePause>, StoreError> {
+        self.run(async |c| {
+            Self::query(c, &self.sql.deliveries.pauses, &[])
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(RoutePause {
+                        route: r.try_get(0)?,
+                        reason: r.try_get(1)?,
+                        paused_at: r.try_get(2)?,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 }
 

@@ -234,4 +234,8 @@ impl Store for AppStore {
     async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError> {
         self.inner.try_lead(&self.scope(name)).await
     }
+
+    fn deliveries(&self) -> &dyn super::Deliveries {
+        self.inner.deliveries()
+    }
 }

@@ -16,8 +16,12 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::deliveries::{delivery_from_row, DeliveryStatements};
 use super::rekey;
 use super::schema::{self, Dialect, Statements};
+use super::{
+    DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
+};
 use super::{
     Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
     Store, StoreError, StoredEvent,
@@ -333,6 +337,7 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 /// all rendered once at open.
 struct Sql {
     shared: Statements,
+    deliveries: DeliveryStatements,
     /// Expired leases first, then due events (see `claim`).
     claims: [String; 2],
     /// One app's due events (`claim_app`): owner, lease until, now, limit, app.
@@ -348,6 +353,7 @@ impl Sql {
         let d = Dialect::Sqlite;
         Sql {
             shared: Statements::new(d),
+            deliveries: DeliveryStatements::new(d),
             claims: [
                 schema::claim_statement(
                     d,
@@ -416,7 +422,21 @@ impl Store for SqliteStore {
                     )
                     .optional()?;
                 match id {
-                    Some(id) => Ok(Inserted::Stored { id }),
+                    Some(id) => {
+                        if !event.routes.is_empty() {
+                            let mut add = conn.prepare_cached(&sql.deliveries.insert)?;
+                            for route in &event.routes {
+                                add.execute(params![
+                                    id,
+                                    route,
+                                    event.app,
+                                    due_at_ms,
+                                    event.received_at
+                                ])?;
+                            }
+                        }
+                        Ok(Inserted::Stored { id })
+                    }
                     None => {
                         let id = conn
                             .prepare_cached(&sql.event_id_by_key)?
@@ -778,5 +798,238 @@ impl Store for SqliteStore {
         // One process writes a SQLite file, so it always leads; its background tasks run
         // their cycles one after another and need no lock among themselves.
         Ok(Some(super::LeaderGuard::local(name)))
+    }
+
+    fn deliveries(&self) -> &dyn super::Deliveries {
+        self
+    }
+}
+
+#[async_trait]
+impl super::Deliveries for SqliteStore {
+    async fn claim_deliveries(
+        &self,
+        route: &str,
+        owner: &str,
+        limit: u32,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<(StoredDelivery, StoredEvent)>, StoreError> {
+        let (route, owner) = (route.to_owned(), owner.to_owned());
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            let lease_until = now_ms.saturating_add(lease_ms);
+            let mut claimed = Vec::new();
+            for claim in &sql.deliveries.claims {
+                let left = i64::from(limit) - claimed.len() as i64;
+                if left <= 0 {
+                    break;
+                }
+                let mut stmt = conn.prepare_cached(claim)?;
+                let rows = stmt
+                    .query_map(params![owner, lease_until, now_ms, left, route], |r| {
+                        delivery_from_row(r)
+                    })?;
+                for row in rows {
+                    claimed.push(row?);
+                }
+            }
+            // Each with its event (in this transaction: claimed rows and events agree).
+            let mut get = conn.prepare_cached(&sql.get_event)?;
+            let mut out = Vec::with_capacity(claimed.len());
+            for delivery in claimed {
+                if let Some(event) = get
+                    .query_row([delivery.event_id], event_from_row)
+                    .optional()?
+                {
+                    out.push((delivery, event));
+                }
+            }
+            out.sort_by_key(|(d, _)| (d.next_attempt_at, d.id));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn finish_delivery(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &DeliveryOutcome,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (owner, outcome) = (owner.to_owned(), outcome.clone());
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            let d = &sql.deliveries;
+            let n = match outcome {
+                DeliveryOutcome::Done { status } => conn
+                    .prepare_cached(&d.done)?
+                    .execute(params![id, owner, now_ms, status])?,
+                DeliveryOutcome::Retry { at, error, status } => conn
+                    .prepare_cached(&d.retry)?
+                    .execute(params![id, owner, at, error, now_ms, status])?,
+                DeliveryOutcome::Dead { error, status } => conn
+                    .prepare_cached(&d.dead)?
+                    .execute(params![id, owner, error, now_ms, status])?,
+            };
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn release_deliveries(&self, owner: &str, now_ms: i64) -> Result<u64, StoreError> {
+        let owner = owner.to_owned();
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(&sql.deliveries.release)?
+                .execute(params![owner, now_ms])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn get_delivery(&self, id: i64) -> Result<Option<StoredDelivery>, StoreError> {
+        let sql = Arc::clone(&self.sql);
+        self.read(move |conn| {
+            conn.prepare_cached(&sql.deliveries.get)?
+                .query_row([id], |r| delivery_from_row(r))
+                .optional()
+        })
+        .await
+    }
+
+    async fn list_deliveries(
+        &self,
+        query: &DeliveryQuery,
+    ) -> Result<Vec<StoredDelivery>, StoreError> {
+        let query = query.clone();
+        let sql = Arc::clone(&self.sql);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql.deliveries.list)?;
+            let rows = stmt.query_map(
+                params![
+                    query.route,
+                    query.state.map(|s| s.as_str()),
+                    query.event_id,
+                    query.since,
+                    i64::from(query.limit.unwrap_or(100)),
+                ],
+                |r| delivery_from_row(r),
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn replay_deliveries(
+        &self,
+        which: &DeliveryReplay,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let which = which.clone();
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            let d = &sql.deliveries;
+            let n = match which {
+                DeliveryReplay::Ids(ids) => {
+                    let mut stmt = conn.prepare_cached(&d.replay_id)?;
+                    let mut total = 0;
+                    for id in ids {
+                        total += stmt.execute(params![now_ms, id])?;
+                    }
+                    total
+                }
+                DeliveryReplay::RouteState { route, state } => conn
+                    .prepare_cached(&d.replay_route_state)?
+                    .execute(params![now_ms, route, state.as_str()])?,
+                DeliveryReplay::State(state) => conn
+                    .prepare_cached(&d.replay_state)?
+                    .execute(params![now_ms, state.as_str()])?,
+                DeliveryReplay::Since { since, route } => conn
+                    .prepare_cached(&d.replay_since)?
+                    .execute(params![now_ms, since, route])?,
+            };
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn redeliver(
+        &self,
+        event_id: i64,
+        app: &str,
+        routes: &[String],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let (app, routes) = (app.to_owned(), routes.to_vec());
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql.deliveries.redeliver)?;
+            let mut total = 0;
+            for route in &routes {
+                total += stmt.execute(params![event_id, route, app, now_ms])?;
+            }
+            Ok(total as u64)
+        })
+        .await
+    }
+
+    async fn route_backlogs(&self, now_ms: i64) -> Result<Vec<RouteBacklog>, StoreError> {
+        let sql = Arc::clone(&self.sql);
+        Self::read_on(&self.stats_reader, move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let counts = tx
+                .prepare_cached(&sql.deliveries.counts)?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let oldest = tx
+                .prepare_cached(&sql.deliveries.oldest_due)?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.finish()?;
+            Ok(super::deliveries::backlogs(counts, oldest, now_ms))
+        })
+        .await
+    }
+
+    async fn pause_route(&self, route: &str, reason: &str, now_ms: i64) -> Result<(), StoreError> {
+        let (route, reason) = (route.to_owned(), reason.to_owned());
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            conn.prepare_cached(&sql.deliveries.pause)?
+                .execute(params![route, reason, now_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn resume_route(&self, route: &str) -> Result<bool, StoreError> {
+        let route = route.to_owned();
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(&sql.deliveries.resume)?
+                .execute(params![route])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn route_pauses(&self) -> Result<Vec<RoutePause>, StoreError> {
+        let sql = Arc::clone(&self.sql);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql.deliveries.pauses)?;
+            let rows = stmt.query_map([], |r| {
+                Ok(RoutePause {
+                    route: r.get(0)?,
+                    reason: r.get(1)?,
+                    paused_at: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
     }
 }

@@ -208,4 +208,7 @@ impl Store for CountingStore {
         self.count("try_lead");
         self.inner.try_lead(name).await
     }
+    fn deliveries(&self) -> &dyn dinghook::store::Deliveries {
+        self.inner.deliveries()
+    }
 }
