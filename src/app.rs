@@ -44,6 +44,8 @@ pub enum AppError {
     Registry(#[from] RegistryError),
     #[error("DingTalk client: {0}")]
     Client(#[from] crate::dingtalk::Error),
+    #[error(transparent)]
+    Route(#[from] crate::routes::RouteError),
 }
 
 /// Reads the configuration again for a reload: in `dinghook serve`, the file and environment
@@ -130,6 +132,8 @@ pub struct Application {
     limits: Limits,
     ops_router: axum::Router,
     live: Arc<Live>,
+    /// One per route, started with the application.
+    runners: Vec<crate::routes::runner::RouteRunner>,
 }
 
 /// What the apps share and keeps for the process's life: a reload changes none of it.
@@ -144,6 +148,8 @@ struct Fixed {
     /// The program's own handlers, registered again with each configuration's built-ins.
     program: RegistryBuilder,
     ops: Arc<OpsState>,
+    /// Which routes take an event, for the sources; the runners' wake-up.
+    routing: crate::routes::Routing,
 }
 
 /// What one configuration of apps makes: each app's client, store view and callback route,
@@ -199,6 +205,7 @@ impl AppSet {
                 request_timeout: fixed.request_timeout,
                 metrics: Arc::clone(&fixed.metrics),
                 stored: Arc::clone(&fixed.wake),
+                routing: fixed.routing.clone(),
             });
             callbacks = callbacks.merge(push::router(push, &spec.callback.path));
             if let Some(client) = &client {
@@ -238,6 +245,7 @@ impl AppSet {
             Arc::clone(&fixed.metrics),
             Arc::clone(&fixed.wake),
         )
+        .map(|r| r.with_routing(fixed.routing.clone()))
     }
 }
 
@@ -560,6 +568,12 @@ impl Application {
         let ops_addr = config.ops_addr()?;
         // Registration problems (two handlers with one name) before anything is opened.
         registry(&specs, &program)?;
+        let routes = Arc::new(config.routes_for(&specs)?);
+        let destinations = routes
+            .specs
+            .iter()
+            .map(crate::routes::destination)
+            .collect::<Result<Vec<_>, _>>()?;
         let open_files = server::raise_open_file_limit();
         let limits = Limits::resolve(&config.server, open_files, trusted_proxies.clone());
         tracing::info!(
@@ -578,7 +592,32 @@ impl Application {
             metrics: Arc::clone(&metrics),
             clients: arc_swap::ArcSwap::default(),
             probe_timeout: config.request_timeout,
+            routes: routes.specs.iter().map(|r| r.name.clone()).collect(),
         });
+        let route_wake = Arc::new(tokio::sync::Notify::new());
+        let node = format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let runners = routes
+            .specs
+            .iter()
+            .zip(destinations)
+            .map(|(spec, destination)| {
+                crate::routes::runner::RouteRunner::new(
+                    spec.clone(),
+                    destination,
+                    Arc::clone(&store),
+                    Arc::clone(&metrics),
+                    crate::routes::runner::RunnerSettings {
+                        poll_interval: config.dispatch.poll_interval,
+                        node: node.clone(),
+                    },
+                    Arc::clone(&route_wake),
+                )
+            })
+            .collect();
         let fixed = Fixed {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
@@ -588,6 +627,7 @@ impl Application {
             request_timeout: config.request_timeout,
             program,
             ops: Arc::clone(&ops),
+            routing: crate::routes::Routing::new(routes, route_wake),
         };
         let apps = AppSet::build(&fixed, &config, specs, None)?;
         let mut recoveries = Recoveries::default();
@@ -632,6 +672,7 @@ impl Application {
             limits,
             ops_router,
             live,
+            runners,
         })
     }
 
@@ -687,6 +728,7 @@ impl Application {
             limits,
             ops_router,
             live,
+            runners,
         } = self;
         let ops_addr = ops_listener.as_ref().map(|(_, addr)| *addr);
         {
@@ -721,6 +763,12 @@ impl Application {
             Vec::new()
         };
         live.state.lock().await.recoveries.start_all();
+        // Routes run beside the workers (also with `dispatch.enabled = false`: that turns the
+        // handlers off, not the routes), and stop with them.
+        let route_tasks: Vec<_> = runners
+            .into_iter()
+            .map(|runner| runner.start(stopping.clone()))
+            .collect();
         let table = Table::new(limits, Arc::clone(&live.fixed.metrics));
         let drain = config.request_timeout;
         let mut listeners = vec![tokio::spawn(server::serve(
@@ -761,7 +809,11 @@ impl Application {
         // Workers stop between events. Runs still going when the grace period ends are
         // abandoned, and their events go back to `pending` rather than wait out the lease.
         let grace = config.shutdown_timeout;
-        let tasks: Vec<_> = workers.into_iter().chain(recovery).collect();
+        let tasks: Vec<_> = workers
+            .into_iter()
+            .chain(recovery)
+            .chain(route_tasks)
+            .collect();
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let all_tasks = futures_util::future::join_all(tasks);
         tokio::pin!(all_tasks);

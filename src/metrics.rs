@@ -79,6 +79,83 @@ pub struct Metrics {
     type_labels: std::sync::Mutex<std::collections::HashSet<String>>,
     connections: ConnectionMetrics,
     reloads: ReloadMetrics,
+    routes: RouteMetrics,
+}
+
+/// What the routes' runners ([`crate::routes::runner`]) and scrapes report.
+struct RouteMetrics {
+    deliveries: Family<RouteOutcome, Counter>,
+    latency: Family<RouteLabel, Histogram>,
+    backlog: Family<RouteState, Gauge>,
+    oldest_due: Family<RouteLabel, Gauge<f64, AtomicU64>>,
+    paused: Family<RouteLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteOutcome {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteState {
+    route: String,
+    state: &'static str,
+}
+
+impl RouteMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let deliveries = Family::<RouteOutcome, Counter>::default();
+        registry.register(
+            "route_deliveries",
+            "Delivery attempts by route and outcome (done, retry, dead, gone)",
+            deliveries.clone(),
+        );
+        let latency = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(
+                [
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 3600.0,
+                ]
+                .into_iter(),
+            )
+        });
+        registry.register(
+            "route_delivery_seconds",
+            "From the event's acknowledgement to the destination's confirmation",
+            latency.clone(),
+        );
+        let backlog = Family::<RouteState, Gauge>::default();
+        registry.register(
+            "route_backlog",
+            "Deliveries not done, by route and state (read at scrape)",
+            backlog.clone(),
+        );
+        let oldest_due = Family::<RouteLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "route_oldest_due_age_seconds",
+            "How long the route's most overdue waiting delivery has been due",
+            oldest_due.clone(),
+        );
+        let paused = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "route_paused",
+            "1 while the route is paused (by hand, 410 Gone or its circuit breaker)",
+            paused.clone(),
+        );
+        RouteMetrics {
+            deliveries,
+            latency,
+            backlog,
+            oldest_due,
+            paused,
+        }
+    }
 }
 
 /// What configuration reloads ([`crate::app::Reloader`]) report.
@@ -269,9 +346,11 @@ impl Metrics {
         );
         let connections = ConnectionMetrics::register(&mut registry);
         let reloads = ReloadMetrics::register(&mut registry);
+        let routes = RouteMetrics::register(&mut registry);
         Metrics {
             connections,
             reloads,
+            routes,
             notifications_sent,
             notifications_skipped,
             recipients_undelivered,
@@ -336,6 +415,65 @@ impl Metrics {
             .evicted
             .get_or_create(&Reason { reason })
             .inc();
+    }
+
+    /// A delivery attempt of `route` ended with `outcome`; `seconds`: from the event's
+    /// acknowledgement to the confirmation, when done.
+    pub fn route_delivery(&self, route: &str, outcome: &'static str, seconds: Option<f64>) {
+        self.routes
+            .deliveries
+            .get_or_create(&RouteOutcome {
+                route: route.to_owned(),
+                outcome,
+            })
+            .inc();
+        if let Some(seconds) = seconds {
+            self.routes
+                .latency
+                .get_or_create(&RouteLabel {
+                    route: route.to_owned(),
+                })
+                .observe(seconds);
+        }
+    }
+
+    /// The routes' backlogs and pauses, read at scrape (`routes`: every configured route, so
+    /// one with nothing waiting shows zeros).
+    pub fn set_routes(
+        &self,
+        routes: &[String],
+        backlogs: &[crate::store::RouteBacklog],
+        paused: &[String],
+    ) {
+        for route in routes {
+            let b = backlogs.iter().find(|b| &b.route == route);
+            for (state, n) in [
+                ("pending", b.map_or(0, |b| b.pending)),
+                ("running", b.map_or(0, |b| b.running)),
+                ("retry", b.map_or(0, |b| b.retry)),
+                ("dead", b.map_or(0, |b| b.dead)),
+            ] {
+                self.routes
+                    .backlog
+                    .get_or_create(&RouteState {
+                        route: route.clone(),
+                        state,
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            let label = RouteLabel {
+                route: route.clone(),
+            };
+            let age = b.and_then(|b| b.oldest_due_age_ms).unwrap_or(0);
+            self.routes
+                .oldest_due
+                .get_or_create(&label)
+                .set(age as f64 / 1000.0);
+            self.routes
+                .paused
+                .get_or_create(&label)
+                .set(i64::from(paused.contains(route)));
+        }
     }
 
     /// A configuration reload ended (`ok` or `refused`).

@@ -63,6 +63,8 @@ pub struct OpsState {
     pub clients: arc_swap::ArcSwap<BTreeMap<String, crate::dingtalk::Client>>,
     /// Bound on the `/readyz` probe write.
     pub probe_timeout: Duration,
+    /// The configured routes, whose backlogs `/metrics` shows.
+    pub routes: Vec<String>,
 }
 
 /// The probes, for the public listener.
@@ -99,6 +101,9 @@ struct Figures {
     stats: Option<Stats>,
     /// Each app's whose counter read finished in time.
     quotas: Vec<(String, QuotaStatus)>,
+    /// The routes' backlogs and the paused routes, when there are routes and the read
+    /// finished in time.
+    routes: Option<(Vec<crate::store::RouteBacklog>, Vec<String>)>,
 }
 
 impl Figures {
@@ -155,11 +160,34 @@ impl StoreFigures {
                     .ok()
                     .map(|quota| (app.clone(), quota))
             }));
-        let (stats, quotas) = tokio::join!(stats, quotas);
+        let routes = async {
+            if state.routes.is_empty() {
+                return None;
+            }
+            let deliveries = state.store.deliveries();
+            let read = async {
+                let backlogs = deliveries.route_backlogs(now_millis()).await?;
+                let paused = deliveries.route_pauses().await?;
+                Ok::<_, crate::store::StoreError>((
+                    backlogs,
+                    paused.into_iter().map(|p| p.route).collect(),
+                ))
+            };
+            match tokio::time::timeout(SCRAPE_READ_TIMEOUT, read).await {
+                Ok(Ok(routes)) => Some(routes),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "metrics: could not read the route backlogs");
+                    None
+                }
+                Err(_) => None,
+            }
+        };
+        let (stats, quotas, routes) = tokio::join!(stats, quotas, routes);
         let figures = Figures {
             read_at: tokio::time::Instant::now(),
             stats,
             quotas: quotas.into_iter().flatten().collect(),
+            routes,
         };
         *last = Some(figures.clone());
         figures
@@ -181,6 +209,9 @@ async fn metrics(State(scrape): State<Arc<Scrape>>) -> Response {
     state
         .metrics
         .set_queue(figures.as_ref().and_then(Figures::stats_now).as_ref());
+    if let Some((backlogs, paused)) = figures.as_ref().and_then(|f| f.routes.as_ref()) {
+        state.metrics.set_routes(&state.routes, backlogs, paused);
+    }
     let clients = state.clients.load();
     for (app, quota) in figures.iter().flat_map(|f| &f.quotas) {
         if let Some(client) = clients.get(app) {

@@ -41,3 +41,33 @@ pub fn destination(spec: &RouteSpec) -> Result<Arc<dyn Destination>, RouteError>
         ))),
     }
 }
+
+/// What the sources need of the routes: which take an event, and a wake-up for the runners
+/// once an event with deliveries is stored.
+#[derive(Clone, Default)]
+pub struct Routing {
+    routes: Arc<config::Routes>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Routing {
+    pub fn new(routes: Arc<config::Routes>, wake: Arc<tokio::sync::Notify>) -> Self {
+        Routing { routes, wake }
+    }
+
+    /// Names in `event.routes` the routes that take it (DingTalk's events only: dinghook's
+    /// own follow-up jobs are not routed).
+    pub fn route(&self, event: &mut crate::store::NewEvent) {
+        if self.routes.is_empty() || event.source == crate::store::Source::Internal {
+            return;
+        }
+        event.routes = self.routes.matching(&event.app, &event.event_type);
+    }
+
+    /// An event with deliveries was stored: the runners look at once.
+    pub fn stored(&self) {
+        self.wake.notify_waiters();
+    }
+}
+
+pub mod runner;

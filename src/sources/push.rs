@@ -79,6 +79,8 @@ pub struct PushState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Poked after each new event is committed, so an idle dispatcher starts at once.
     pub stored: Arc<tokio::sync::Notify>,
+    /// The routes that take each event (its deliveries are stored with it).
+    pub routing: crate::routes::Routing,
 }
 
 /// Why a callback was refused.
@@ -396,11 +398,18 @@ async fn handle(
             tracing::info!(event_type = %envelope.event_type, "answered DingTalk URL check");
             (envelope.event_type, "check")
         }
-        Opened::Event(event) => {
+        Opened::Event(mut event) => {
             let event_type = event.event_type.clone();
+            // The app's name as the store writes it (the scoped store sets it too).
+            event.app = state.app.to_string();
+            state.routing.route(&mut event);
+            let routed = !event.routes.is_empty();
             let outcome = match state.store.insert(event).await? {
                 Inserted::Stored { id } => {
                     state.stored.notify_one();
+                    if routed {
+                        state.routing.stored();
+                    }
                     tracing::debug!(id, %event_type, "event stored");
                     "stored"
                 }

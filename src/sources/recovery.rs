@@ -100,6 +100,8 @@ pub struct Recovery {
     metrics: Arc<Metrics>,
     /// The dispatcher's wake-up, poked after new events are stored.
     wake: Arc<Notify>,
+    /// The routes that take each recovered event.
+    routing: crate::routes::Routing,
 }
 
 impl Recovery {
@@ -119,7 +121,14 @@ impl Recovery {
             interval: interval.max(Duration::from_millis(10)),
             metrics,
             wake,
+            routing: crate::routes::Routing::default(),
         }
+    }
+
+    /// Recovered events go to the routes `routing` names, like pushed ones.
+    pub fn with_routing(mut self, routing: crate::routes::Routing) -> Self {
+        self.routing = routing;
+        self
     }
 
     /// The task the application runs, or `None` (logged) when recovery is off or there is no
@@ -325,13 +334,21 @@ impl Recovery {
 
     /// Stores one entry, retrying briefly. `None`: not an event (a URL check).
     async fn store_entry(&self, entry: &FailedCallback) -> Result<Option<Inserted>, StoreError> {
-        let Some(event) = recovered_event(entry, now_millis()) else {
+        let Some(mut event) = recovered_event(entry, now_millis()) else {
             return Ok(None);
         };
+        event.app = self.app.clone();
+        self.routing.route(&mut event);
+        let routed = !event.routes.is_empty();
         let mut attempt = 1;
         loop {
             match self.store.insert(event.clone()).await {
-                Ok(inserted) => return Ok(Some(inserted)),
+                Ok(inserted) => {
+                    if routed && matches!(inserted, Inserted::Stored { .. }) {
+                        self.routing.stored();
+                    }
+                    return Ok(Some(inserted));
+                }
                 Err(e) if attempt < STORE_ATTEMPTS => {
                     tracing::warn!(error = %e, attempt, "storing a recovered event failed; retrying");
                     attempt += 1;

@@ -160,6 +160,7 @@ CREATE INDEX deliveries_waiting ON deliveries (route, next_attempt_at, id)
     WHERE state IN ('pending', 'retry');
 CREATE INDEX deliveries_leased ON deliveries (route, lease_until) WHERE state = 'running';
 CREATE INDEX deliveries_route ON deliveries (route, id);
+CREATE INDEX deliveries_dead ON deliveries (route) WHERE state = 'dead';
 CREATE TABLE route_pauses (
     route      TEXT PRIMARY KEY,
     reason     TEXT NOT NULL,

@@ -1,0 +1,333 @@
+//! Routes over real HTTP: events received by the server go on to a receiver running in the
+//! test, signed as Standard Webhooks says (checked with the `standardwebhooks` crate, not with
+//! our signing code) and shaped as `docs/envelope.schema.json` says (checked with the
+//! `jsonschema` crate). Retries, dead letters, replay, a 410 pause and a second route that
+//! keeps going meanwhile.
+
+mod support;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use dinghook::handler::RegistryBuilder;
+use dinghook::routes::config::RouteConfig;
+use dinghook::secret::Secret;
+use dinghook::store::{DeliveryQuery, DeliveryReplay, EventState};
+use serde_json::{json, Value};
+
+use support::TestApp;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const OLD_SECRET: &str = "whsec_c2VjcmV0LWZvci10aGUtb2xkLXJlY2VpdmVyLTEyMzQ=";
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+struct Received {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// A receiver on a free port: records every request and answers from a script (then 200).
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<Received>>>,
+    /// Answers to give, in order.
+    script: Arc<Mutex<VecDeque<Answer>>>,
+}
+
+/// A scripted answer: status, `Retry-After`, body.
+type Answer = (u16, Option<&'static str>, &'static str);
+
+impl Receiver {
+    async fn start() -> (Receiver, String) {
+        let receiver = Receiver::default();
+        let state = receiver.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let state = state.clone();
+                async move {
+                    state.got.lock().unwrap().push(Received { headers, body });
+                    let (status, retry_after, text) = state
+                        .script
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or((200, None, "ok"));
+                    let mut response_headers = HeaderMap::new();
+                    if let Some(wait) = retry_after {
+                        response_headers.insert("retry-after", wait.parse().unwrap());
+                    }
+                    (
+                        StatusCode::from_u16(status).unwrap(),
+                        response_headers,
+                        text,
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (receiver, url)
+    }
+
+    fn answer(&self, status: u16, retry_after: Option<&'static str>, body: &'static str) {
+        self.script
+            .lock()
+            .unwrap()
+            .push_back((status, retry_after, body));
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.got();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the receiver got {} of {n} requests",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn route(name: &str, url: &str, events: &[&str]) -> RouteConfig {
+    RouteConfig {
+        name: name.into(),
+        apps: Vec::new(),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        url: url.into(),
+        secret: None,
+        secrets: vec![Secret::new(SECRET), Secret::new(OLD_SECRET)],
+        secret_file: None,
+        headers: [("X-Team".to_owned(), "ops".to_owned())].into(),
+        timeout: Duration::from_secs(2),
+        concurrency: 4,
+        rate: 0,
+        retry_schedule: vec![Duration::from_millis(100); 3],
+        subject: None,
+        exchange: None,
+        routing_key: None,
+        stream: None,
+        maxlen: None,
+    }
+}
+
+fn renamed(id: &str) -> String {
+    json!({
+        "EventType": "chat_update_title", "eventId": id, "CorpId": "dingcorp",
+        "ChatId": "chat1", "OpenConversationId": "cid1", "Title": "新名字", "TimeStamp": 1
+    })
+    .to_string()
+}
+
+fn verify(received: &Received, secret: &str) -> Value {
+    let webhook = standardwebhooks::Webhook::new(secret).unwrap();
+    webhook
+        .verify(&received.body, &received.headers)
+        .unwrap_or_else(|e| panic!("signature with {secret:.10}…: {e:?}"));
+    serde_json::from_slice(&received.body).unwrap()
+}
+
+async fn deliveries(app: &TestApp, route: &str) -> Vec<dinghook::store::StoredDelivery> {
+    app.store
+        .deliveries()
+        .list_deliveries(&DeliveryQuery {
+            route: Some(route.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+async fn wait_state(
+    app: &TestApp,
+    route: &str,
+    state: EventState,
+) -> dinghook::store::StoredDelivery {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = deliveries(app, route).await;
+        if let Some(d) = all.iter().find(|d| d.state == state) {
+            return d.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {state:?} delivery on {route}: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn events_go_on_signed_and_in_the_documented_shape() {
+    let (receiver, url) = Receiver::start().await;
+    let app = TestApp::spawn_with_handlers(
+        |config| config.routes = vec![route("crm", &url, &["chat_*"])],
+        RegistryBuilder::new(),
+    )
+    .await;
+    assert_eq!(app.post_event(&renamed("r-1")).await.status(), 200);
+    // Sent again by DingTalk: stored once, delivered once.
+    assert_eq!(app.post_event(&renamed("r-1")).await.status(), 200);
+    // Not a chat_* event: not routed.
+    let other = json!({"EventType": "todo_task_create", "eventId": "t-1"}).to_string();
+    assert_eq!(app.post_event(&other).await.status(), 200);
+
+    let got = receiver.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.got().len(), 1, "one delivery");
+    // Both signatures of the rotation verify, each with its own secret.
+    let envelope = verify(&got[0], SECRET);
+    verify(&got[0], OLD_SECRET);
+    assert_eq!(got[0].headers["x-team"], "ops");
+    assert_eq!(got[0].headers["content-type"], "application/json");
+    assert_eq!(
+        got[0].headers["webhook-id"],
+        envelope["id"].as_str().unwrap()
+    );
+
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string("docs/envelope.schema.json").unwrap())
+            .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&envelope)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?} in {envelope}");
+    assert_eq!(envelope["app"], "default");
+    assert_eq!(envelope["type"], "chat_update_title");
+    assert_eq!(envelope["corp_id"], "dingcorp");
+    assert_eq!(envelope["source"], "push");
+    assert_eq!(envelope["data"]["Title"], "新名字");
+    // The schema is not a formality: it refuses what it should.
+    let mut wrong = envelope.clone();
+    wrong["source"] = json!("carrier pigeon");
+    assert!(!validator.is_valid(&wrong));
+
+    let done = wait_state(&app, "crm", EventState::Done).await;
+    assert_eq!((done.attempts, done.last_status), (1, Some(200)));
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"dinghook_route_deliveries_total{route="crm",outcome="done"} 1"#),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn failures_retry_die_replay_and_a_410_pauses_only_its_route() {
+    let (flaky, flaky_url) = Receiver::start().await;
+    let (steady, steady_url) = Receiver::start().await;
+    let app = TestApp::spawn_with_handlers(
+        |config| {
+            config.routes = vec![
+                route("flaky", &flaky_url, &[]),
+                route("steady", &steady_url, &[]),
+            ]
+        },
+        RegistryBuilder::new(),
+    )
+    .await;
+
+    // 503 then 200: retried, done on the second attempt.
+    flaky.answer(503, Some("0"), "busy");
+    assert_eq!(app.post_event(&renamed("a-1")).await.status(), 200);
+    flaky.wait_for(2).await;
+    let done = wait_state(&app, "flaky", EventState::Done).await;
+    assert_eq!(done.attempts, 2);
+    let got = flaky.got();
+    assert_eq!(
+        got[0].headers["webhook-id"], got[1].headers["webhook-id"],
+        "the same id on every attempt"
+    );
+
+    // 400: dead at once, with the status and what the receiver said.
+    flaky.answer(400, None, "no such customer");
+    assert_eq!(app.post_event(&renamed("a-2")).await.status(), 200);
+    let dead = wait_state(&app, "flaky", EventState::Dead).await;
+    assert_eq!(dead.last_status, Some(400));
+    assert_eq!(
+        dead.last_error.as_deref(),
+        Some("HTTP 400: no such customer")
+    );
+    assert_eq!(dead.attempts, 1);
+    // Replayed: sent again, done.
+    let n = app
+        .store
+        .deliveries()
+        .replay_deliveries(
+            &DeliveryReplay::RouteState {
+                route: "flaky".into(),
+                state: EventState::Dead,
+            },
+            dinghook::time::now_millis(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    flaky.wait_for(4).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while deliveries(&app, "flaky")
+        .await
+        .iter()
+        .any(|d| d.state != EventState::Done)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "replay not done");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 410: the route pauses; the delivery is kept, not dead; the other route goes on.
+    flaky.answer(410, None, "gone");
+    assert_eq!(app.post_event(&renamed("a-3")).await.status(), 200);
+    flaky.wait_for(5).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pauses = app.store.deliveries().route_pauses().await.unwrap();
+        if pauses
+            .iter()
+            .any(|p| p.route == "flaky" && p.reason.contains("410"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not paused: {pauses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 4..8 {
+        assert_eq!(
+            app.post_event(&renamed(&format!("a-{i}"))).await.status(),
+            200
+        );
+    }
+    steady.wait_for(7).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(flaky.got().len(), 5, "nothing sent to a paused route");
+    let waiting = deliveries(&app, "flaky")
+        .await
+        .iter()
+        .filter(|d| matches!(d.state, EventState::Pending | EventState::Retry))
+        .count();
+    assert_eq!(waiting, 5, "a-3 (kept for the resume) and a-4..a-7");
+
+    // Resumed by hand: the backlog goes out.
+    assert!(app.store.deliveries().resume_route("flaky").await.unwrap());
+    flaky.wait_for(10).await;
+    app.stop().await;
+}
