@@ -23,6 +23,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod routes;
+
 use crate::app::{shutdown_signal, AppBuilder, Application};
 use crate::config::{AppSpec, Config, DEFAULT_APP};
 use crate::crypto::{random_nonce, verify_signature, Sealed};
@@ -115,6 +117,12 @@ enum Command {
         #[arg(long)]
         ops_url: Option<String>,
     },
+    /// Routes: their backlogs, pausing and resuming them.
+    #[command(subcommand)]
+    Routes(routes::RoutesCommand),
+    /// The deliveries of routes: list, show, send again.
+    #[command(subcommand)]
+    Deliveries(routes::DeliveriesCommand),
     /// Exit 0 if URL answers 2xx within 3 s (for container health checks; no curl needed).
     Healthcheck {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
@@ -720,6 +728,8 @@ async fn dispatch_command(customize: Customize) -> ExitCode {
         Command::CheckConfig(config) => config.load().map(|c| print!("{}", c.to_redacted_toml())),
         Command::Healthcheck { url } => healthcheck(&url).await,
         Command::Reload { config, ops_url } => reload(&config, ops_url).await,
+        Command::Routes(command) => routes::routes(command).await,
+        Command::Deliveries(command) => routes::deliveries(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
