@@ -423,3 +423,97 @@ async fn the_cli_lists_pauses_resumes_and_replays() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_destination_that_keeps_failing_trips_the_breaker_and_a_probe_resumes_it() {
+    // A port with nothing listening yet.
+    let port = support::free_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let app = TestApp::spawn_with_handlers(
+        |config| {
+            let mut down = route("down", &url, &[]);
+            down.retry_schedule = vec![Duration::from_millis(100); 20];
+            config.routes = vec![down];
+        },
+        RegistryBuilder::new(),
+    )
+    .await;
+    let events = dinghook::routes::runner::BREAKER_FAILURES as usize + 2;
+    for i in 0..events {
+        assert_eq!(
+            app.post_event(&renamed(&format!("b-{i}"))).await.status(),
+            200
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pauses = app.store.deliveries().route_pauses().await.unwrap();
+        if pauses
+            .iter()
+            .any(|p| p.route == "down" && p.reason.starts_with("circuit breaker"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "breaker not open: {pauses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Open: nothing is tried, nothing is dead.
+    let before: i64 = deliveries(&app, "down")
+        .await
+        .iter()
+        .map(|d| d.attempts)
+        .sum();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = deliveries(&app, "down").await;
+    assert_eq!(
+        after.iter().map(|d| d.attempts).sum::<i64>(),
+        before,
+        "no attempts while open"
+    );
+    assert!(after.iter().all(|d| d.state != EventState::Dead));
+
+    // The destination comes up: the probe after the cool-down succeeds, the route resumes and
+    // every event is delivered.
+    let got = Arc::new(Mutex::new(0_usize));
+    let counter = Arc::clone(&got);
+    let receiver = axum::Router::new().route(
+        "/hook",
+        post(move || {
+            let counter = Arc::clone(&counter);
+            async move {
+                *counter.lock().unwrap() += 1;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let deadline = tokio::time::Instant::now()
+        + dinghook::routes::runner::FIRST_COOL_DOWN
+        + Duration::from_secs(10);
+    while deliveries(&app, "down")
+        .await
+        .iter()
+        .any(|d| d.state != EventState::Done)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all delivered after the probe"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(*got.lock().unwrap(), events);
+    assert!(app
+        .store
+        .deliveries()
+        .route_pauses()
+        .await
+        .unwrap()
+        .is_empty());
+    app.stop().await;
+}
