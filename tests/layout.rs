@@ -19,7 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["store", "dingtalk", "telemetry"],
     ),
     ("observability and HTTP", &["metrics", "http"]),
-    ("the extension API", &["handler"]),
+    ("the extension API and the routes", &["handler", "routes"]),
     (
         "the rooms",
         &["sources", "dispatch", "builtin", "ops", "server"],

@@ -30,7 +30,7 @@ use crate::sources::recovery::RecoveryConfig;
 use crate::store::{redact_url, StoreConfig, StoreLocation};
 use crate::telemetry::LogFormat;
 
-pub use apps::{valid_name as valid_app_name, AppSpec, DEFAULT_APP};
+pub use apps::{AppSpec, DEFAULT_APP};
 
 /// A configuration problem, naming the key (and its environment variable) and why.
 #[derive(Debug, thiserror::Error)]
@@ -284,7 +284,11 @@ impl Config {
         apps: &[AppSpec],
     ) -> Result<crate::routes::config::Routes, ConfigError> {
         let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
-        crate::routes::config::resolve(&self.routes, &names)
+        crate::routes::config::resolve(&self.routes, &names).map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            env: "set in the configuration file".into(),
+            message: e.message,
+        })
     }
 
     /// Every number and duration within a range that works: outside it a value crashes the

@@ -8,8 +8,26 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::signing::{SigningKey, SECRET_PREFIX};
-use crate::config::ConfigError;
 use crate::secret::Secret;
+
+/// A route that cannot be used as written: the key (`routes.crm.secret`) and why. Never
+/// contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct RouteConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+type ConfigError = RouteConfigError;
+
+/// `[a-z0-9_-]{1,32}`, as app names.
+fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
 
 /// One `[[routes]]` table as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,9 +199,8 @@ impl Routes {
 }
 
 fn bad(route: &str, key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
+    RouteConfigError {
         key: format!("routes.{route}.{key}"),
-        env: "set in the configuration file".into(),
         message: message.into(),
     }
 }
@@ -193,10 +210,9 @@ pub fn resolve(routes: &[RouteConfig], apps: &[&str]) -> Result<Routes, ConfigEr
     let mut names = HashSet::new();
     let mut specs = Vec::with_capacity(routes.len());
     for (i, route) in routes.iter().enumerate() {
-        if !crate::config::valid_app_name(&route.name) {
-            return Err(ConfigError::Invalid {
+        if !valid_name(&route.name) {
+            return Err(RouteConfigError {
                 key: format!("routes[{i}].name"),
-                env: "set in the configuration file".into(),
                 message: format!(
                     "{:?} is not a route name: 1 to 32 of a-z 0-9 _ -",
                     route.name
