@@ -1,11 +1,13 @@
 //! Routes: every verified event, carried on to the user's own systems. A route names the apps
 //! and event types it takes and one destination ([`destination::Destination`]): signed HTTP
-//! ([`webhook`]), NATS JetStream, RabbitMQ or Redis Streams. Each event becomes one
-//! [`envelope::Envelope`], whatever the destination.
+//! ([`webhook`]), NATS JetStream ([`jetstream`]), RabbitMQ or Redis Streams. Each event
+//! becomes one [`envelope::Envelope`], whatever the destination.
 
+mod broker;
 pub mod config;
 pub mod destination;
 pub mod envelope;
+pub mod jetstream;
 pub mod signing;
 pub mod webhook;
 
@@ -34,6 +36,10 @@ pub fn destination(spec: &RouteSpec) -> Result<Arc<dyn Destination>, RouteError>
             let webhook = webhook::Webhook::new(url, keys.clone(), headers, spec.timeout)
                 .map_err(|e| fail(e.to_string()))?;
             Ok(Arc::new(webhook))
+        }
+        Target::Nats { url, subject } => {
+            let nats = jetstream::JetStream::new(url, subject, spec.timeout).map_err(fail)?;
+            Ok(Arc::new(nats))
         }
         other => Err(fail(format!(
             "{}:// routes are not built yet",
