@@ -1,8 +1,9 @@
 //! Routes: every verified event, carried on to the user's own systems. A route names the apps
 //! and event types it takes and one destination ([`destination::Destination`]): signed HTTP
-//! ([`webhook`]), NATS JetStream ([`jetstream`]), RabbitMQ or Redis Streams. Each event
-//! becomes one [`envelope::Envelope`], whatever the destination.
+//! ([`webhook`]), NATS JetStream ([`jetstream`]), RabbitMQ ([`amqp`]) or Redis Streams. Each
+//! event becomes one [`envelope::Envelope`], whatever the destination.
 
+pub mod amqp;
 mod broker;
 pub mod config;
 pub mod destination;
@@ -40,6 +41,14 @@ pub fn destination(spec: &RouteSpec) -> Result<Arc<dyn Destination>, RouteError>
         Target::Nats { url, subject } => {
             let nats = jetstream::JetStream::new(url, subject, spec.timeout).map_err(fail)?;
             Ok(Arc::new(nats))
+        }
+        Target::Amqp {
+            url,
+            exchange,
+            routing_key,
+        } => {
+            let amqp = amqp::Amqp::new(url, exchange, routing_key, spec.timeout).map_err(fail)?;
+            Ok(Arc::new(amqp))
         }
         other => Err(fail(format!(
             "{}:// routes are not built yet",
