@@ -1,11 +1,15 @@
 //! Routes: every verified event, carried on to the user's own systems. A route names the apps
 //! and event types it takes and one destination ([`destination::Destination`]): signed HTTP
-//! ([`webhook`]), NATS JetStream, RabbitMQ or Redis Streams. Each event becomes one
-//! [`envelope::Envelope`], whatever the destination.
+//! ([`webhook`]), NATS JetStream ([`jetstream`]), RabbitMQ ([`amqp`]) or Redis Streams
+//! ([`redis_stream`]). Each event becomes one [`envelope::Envelope`], whatever the destination.
 
+pub mod amqp;
+mod broker;
 pub mod config;
 pub mod destination;
 pub mod envelope;
+pub mod jetstream;
+pub mod redis_stream;
 pub mod signing;
 pub mod webhook;
 
@@ -35,10 +39,27 @@ pub fn destination(spec: &RouteSpec) -> Result<Arc<dyn Destination>, RouteError>
                 .map_err(|e| fail(e.to_string()))?;
             Ok(Arc::new(webhook))
         }
-        other => Err(fail(format!(
-            "{}:// routes are not built yet",
-            other.kind()
-        ))),
+        Target::Nats { url, subject } => {
+            let nats = jetstream::JetStream::new(url, subject, spec.timeout).map_err(fail)?;
+            Ok(Arc::new(nats))
+        }
+        Target::Amqp {
+            url,
+            exchange,
+            routing_key,
+        } => {
+            let amqp = amqp::Amqp::new(url, exchange, routing_key, spec.timeout).map_err(fail)?;
+            Ok(Arc::new(amqp))
+        }
+        Target::Redis {
+            url,
+            stream,
+            maxlen,
+        } => {
+            let redis =
+                redis_stream::RedisStream::new(url, stream, *maxlen, spec.timeout).map_err(fail)?;
+            Ok(Arc::new(redis))
+        }
     }
 }
 
