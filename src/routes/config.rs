@@ -357,8 +357,21 @@ fn resolve_one(route: &RouteConfig, apps: &[&str]) -> Result<RouteSpec, ConfigEr
         concurrency: route.concurrency,
         rate: route.rate,
         retry_schedule: route.retry_schedule.clone(),
-        shown_url: crate::store::redact_url(&route.url),
+        shown_url: shown_url(&route.url),
     })
+}
+
+/// The URL with its secret hidden: a password (`user:***@`), or a NATS token (`***@`).
+fn shown_url(url: &str) -> String {
+    let redacted = crate::store::redact_url(url);
+    if let (Some(scheme_end), Some(at)) = (redacted.find("://"), redacted.rfind('@')) {
+        let userinfo = &redacted[scheme_end + 3..at];
+        let nats = matches!(&redacted[..scheme_end], "nats" | "tls");
+        if nats && !userinfo.is_empty() && !userinfo.contains(':') {
+            return format!("{}***{}", &redacted[..scheme_end + 3], &redacted[at..]);
+        }
+    }
+    redacted
 }
 
 /// The route's signing keys: `secret`, `secrets` and the lines of `secret_file`.
