@@ -487,6 +487,11 @@ stream = "dinghook:{{app}}"
             r.get("mq").unwrap().shown_url,
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
+        assert_eq!(
+            shown_url("nats://s3cr3t@127.0.0.1:4222"),
+            "nats://***@127.0.0.1:4222"
+        );
+        assert_eq!(shown_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 
     #[test]
