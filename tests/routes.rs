@@ -517,3 +517,53 @@ async fn a_destination_that_keeps_failing_trips_the_breaker_and_a_probe_resumes_
         .is_empty());
     app.stop().await;
 }
+
+/// End to end through the server: a callback becomes a JetStream message (read back with the
+/// NATS client), its delivery done at the publish ack.
+#[tokio::test]
+async fn a_callback_reaches_a_jetstream_stream() {
+    use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+    let Ok(url) = std::env::var("DINGHOOK_TEST_NATS_URL") else {
+        eprintln!("SKIPPED: DINGHOOK_TEST_NATS_URL is not set");
+        return;
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let name = format!("dinghook_e2e_{}", dinghook::crypto::random_nonce());
+    js.create_stream(StreamConfig {
+        name: name.clone(),
+        subjects: vec![format!("{name}.>")],
+        storage: StorageType::Memory,
+        ..StreamConfig::default()
+    })
+    .await
+    .unwrap();
+    let subject = format!("{name}.{{app}}.{{type}}");
+    let app = TestApp::spawn_with_handlers(
+        |config| {
+            let mut bus = route("bus", &url, &[]);
+            bus.secrets.clear();
+            bus.headers.clear();
+            bus.subject = Some(subject);
+            config.routes = vec![bus];
+        },
+        RegistryBuilder::new(),
+    )
+    .await;
+    assert_eq!(app.post_event(&renamed("n-1")).await.status(), 200);
+    let done = wait_state(&app, "bus", EventState::Done).await;
+    assert_eq!(done.attempts, 1);
+    let stream = js.get_stream(&name).await.unwrap();
+    let got = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        got.subject.as_str(),
+        format!("{name}.default.chat_update_title")
+    );
+    let envelope: Value = serde_json::from_slice(&got.payload).unwrap();
+    assert_eq!(envelope["data"]["Title"], "新名字");
+    assert_eq!(
+        got.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        envelope["id"].as_str()
+    );
+    app.stop().await;
+    js.delete_stream(&name).await.unwrap();
+}
