@@ -231,8 +231,9 @@ async fn fill(raw: &Raw, events: u64) -> anyhow::Result<()> {
         raw.execute(
             "SET session_replication_role = origin; \
              BEGIN; LOCK TABLE events; DELETE FROM event_counts; \
-             INSERT INTO event_counts (event_type, state, shard, n) \
-             SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state; \
+             INSERT INTO event_counts (app, event_type, state, shard, n) \
+             SELECT app, event_type, state, 0, COUNT(*) FROM events \
+             GROUP BY app, event_type, state; \
              COMMIT",
         )
         .await?;
@@ -307,7 +308,7 @@ async fn scrape(url: &str, events: u64, runs: usize, before: bool) -> anyhow::Re
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Schema {
-    /// Migrations 8 and 10 as they are.
+    /// Migrations 8, 10 and 11 as they are.
     Counts,
     /// The count triggers dropped: what an insert cost before migration 8.
     NoCounts,
@@ -318,7 +319,7 @@ enum Schema {
 const SQLITE_TRIGGERS: &str = "events_count_insert, events_count_update, events_count_delete";
 
 /// Puts the database in `schema`. The triggers' and function's text is read back from the
-/// database, so what is measured is what migrations 8 and 10 made.
+/// database, so what is measured is what migrations 8, 10 and 11 made.
 async fn set_schema(raw: &Raw, schema: Schema, saved: &mut Vec<String>) -> anyhow::Result<()> {
     // Back to the schema as it is first.
     for sql in saved.drain(..) {

@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use dinghook::store::postgres::{PostgresOptions, PostgresStore};
-use dinghook::store::{EventState, Inserted, NewEvent, ReplaySelector, Source, Store, StoreError};
+use dinghook::store::{
+    scoped, EventState, Inserted, NewEvent, ReplaySelector, Source, Store, StoreError,
+};
 use support::stores::{fresh, open_url, Backend};
 
 const T0: i64 = 1_800_000_000_000;
@@ -325,6 +327,112 @@ async fn stats_count_states_types_and_age(store: Arc<dyn Store>) {
     assert_eq!(stats.by_type["chat_update_title"]["done"], 1);
     assert_eq!(stats.by_type["todo_task_create"]["pending"], 1);
     assert_eq!(stats.oldest_pending_age_ms, Some(10_000 - 100));
+}
+
+/// Counts by app: every app's in `by_app`, one app's through `stats_for`, and an app's view
+/// of the store (`scoped::for_app`) counts that app's events only, whatever it is asked.
+async fn stats_by_app_and_through_an_apps_view(store: Arc<dyn Store>) {
+    let ops = scoped::for_app(Arc::clone(&store), "ops");
+    let crm = scoped::for_app(Arc::clone(&store), "crm");
+    for (view, key, event_type, at) in [
+        (&store, "d1", "chat_update_title", T0),
+        (&store, "d2", "todo_task_create", T0 + 100),
+        (&ops, "o1", "chat_update_title", T0 + 10),
+        (&ops, "o2", "chat_update_title", T0 + 20),
+        (&ops, "o3", "check_in", T0 + 300),
+        (&crm, "c1", "check_in", T0 + 400),
+    ] {
+        let inserted = view.insert(event(key, event_type, at)).await.unwrap();
+        assert!(matches!(inserted, Inserted::Stored { .. }), "{inserted:?}");
+    }
+    // The four oldest: d1 and o1 done, o2 dead, d2 retried later.
+    let claimed = store.claim("w", 4, 60_000, T0 + 1_000).await.unwrap();
+    let keys: Vec<&str> = claimed.iter().map(|e| e.dedup_key.as_str()).collect();
+    assert_eq!(keys, ["d1", "@ops/o1", "@ops/o2", "d2"]);
+    store
+        .mark_done(claimed[0].id, "w", T0 + 1_000)
+        .await
+        .unwrap();
+    store
+        .mark_done(claimed[1].id, "w", T0 + 1_000)
+        .await
+        .unwrap();
+    store
+        .mark_dead(claimed[2].id, "w", "no", &[], T0 + 1_000)
+        .await
+        .unwrap();
+    store
+        .mark_retry(claimed[3].id, "w", T0 + 5_000, "later", &[], T0 + 1_000)
+        .await
+        .unwrap();
+
+    let now = T0 + 10_000;
+    let all = store.stats(now).await.unwrap();
+    assert_eq!(all, store.stats_for(None, now).await.unwrap());
+    let states = |stats: &dinghook::store::AppStats| -> Vec<(String, u64)> {
+        stats
+            .by_state
+            .iter()
+            .map(|(s, n)| (s.clone(), *n))
+            .collect()
+    };
+    let expect = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = EventState::ALL
+            .iter()
+            .map(|s| (s.as_str().to_owned(), 0))
+            .collect();
+        for (state, n) in pairs {
+            all.iter_mut().find(|(s, _)| s == state).unwrap().1 = *n;
+        }
+        all.sort();
+        all
+    };
+    assert_eq!(
+        all.by_app.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["crm", "default", "ops"]
+    );
+    assert_eq!(
+        states(&all.by_app["default"]),
+        expect(&[("done", 1), ("retry", 1)])
+    );
+    assert_eq!(
+        states(&all.by_app["ops"]),
+        expect(&[("done", 1), ("dead", 1), ("pending", 1)])
+    );
+    assert_eq!(states(&all.by_app["crm"]), expect(&[("pending", 1)]));
+    assert_eq!(all.by_state["done"], 2);
+    assert_eq!(all.by_state["pending"], 2);
+    assert_eq!(all.by_type["chat_update_title"]["done"], 2);
+    // Each app's most overdue waiting event: d2's retry (due at T0 + 5 000), o3, c1.
+    assert_eq!(all.by_app["default"].oldest_pending_age_ms, Some(5_000));
+    assert_eq!(all.by_app["ops"].oldest_pending_age_ms, Some(10_000 - 300));
+    assert_eq!(all.by_app["crm"].oldest_pending_age_ms, Some(10_000 - 400));
+    assert_eq!(all.oldest_pending_age_ms, Some(10_000 - 300));
+
+    let of_ops = store.stats_for(Some("ops"), now).await.unwrap();
+    assert_eq!(of_ops.by_state, all.by_app["ops"].by_state);
+    assert_eq!(of_ops.by_app.len(), 1);
+    assert_eq!(of_ops.by_app["ops"], all.by_app["ops"]);
+    assert_eq!(of_ops.oldest_pending_age_ms, Some(10_000 - 300));
+    assert_eq!(of_ops.by_type["chat_update_title"].get("done"), Some(&1));
+    assert_eq!(of_ops.by_type["chat_update_title"].get("dead"), Some(&1));
+    assert_eq!(of_ops.by_type["check_in"].get("pending"), Some(&1));
+    assert_eq!(of_ops.by_type.len(), 2, "{of_ops:?}");
+
+    // The view counts its own app's events, asked for every app or for its own...
+    assert_eq!(ops.stats(now).await.unwrap(), of_ops);
+    assert_eq!(ops.stats_for(Some("ops"), now).await.unwrap(), of_ops);
+    // ...and no other app's.
+    let other = ops.stats_for(Some("crm"), now).await.unwrap();
+    assert!(other.by_state.values().all(|n| *n == 0), "{other:?}");
+    assert!(other.by_type.is_empty() && other.oldest_pending_age_ms.is_none());
+    assert_eq!(crm.stats(now).await.unwrap().by_state["pending"], 1);
+
+    // An app without events: zeros, and its name, so a caller can tell it was asked.
+    let quiet = store.stats_for(Some("quiet"), now).await.unwrap();
+    assert!(quiet.by_state.values().all(|n| *n == 0), "{quiet:?}");
+    assert_eq!(quiet.by_app.keys().collect::<Vec<_>>(), ["quiet"]);
+    assert_eq!(quiet.by_app["quiet"].by_state.len(), 5);
 }
 
 async fn api_call_counter_survives_reopen(store: Arc<dyn Store>, url: &str) {
@@ -897,6 +1005,7 @@ for_each_backend!(
     replay_by_ids_and_since_leaves_running_alone,
     concurrent_claimers_never_share,
     stats_count_states_types_and_age,
+    stats_by_app_and_through_an_apps_view,
     scheduled_events_wait_until_due,
     documents_put_get_insert_once_and_list,
 );
