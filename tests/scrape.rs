@@ -157,17 +157,32 @@ async fn sixteen_scrapers_of_200_000_events_answer_fast_exact_and_share_a_read()
         for (text, took) in &answers {
             assert!(*took < Duration::from_secs(1), "round {round}: {took:?}");
             assert_eq!(sample(text, "dinghook_store_up"), Some(1.0), "{text}");
-            for state in EventState::ALL {
-                let want: u64 = expected
-                    .iter()
-                    .filter(|((_, _, s), _)| s == state.as_str())
-                    .map(|(_, n)| n)
-                    .sum();
-                let line = format!("dinghook_queue_depth{{state=\"{}\"}}", state.as_str());
-                assert_eq!(sample(text, &line), Some(want as f64), "{line}");
+            for app in ["default", "ops"] {
+                for state in EventState::ALL {
+                    let want: u64 = expected
+                        .iter()
+                        .filter(|((a, _, s), _)| a == app && s == state.as_str())
+                        .map(|(_, n)| n)
+                        .sum();
+                    let line = format!(
+                        "dinghook_queue_depth{{app=\"{app}\",state=\"{}\"}}",
+                        state.as_str()
+                    );
+                    assert_eq!(sample(text, &line), Some(want as f64), "{line}");
+                }
             }
-            let age = sample(text, "dinghook_oldest_pending_age_seconds").unwrap();
-            assert!((3_590.0..3_700.0).contains(&age), "{age}");
+            // The default app's first waiting event has been due for an hour, ops's for half
+            // an hour.
+            let age = |app: &str| {
+                sample(
+                    text,
+                    &format!("dinghook_oldest_pending_age_seconds{{app=\"{app}\"}}"),
+                )
+            };
+            let default_age = age("default").unwrap();
+            assert!((3_590.0..3_700.0).contains(&default_age), "{default_age}");
+            let ops_age = age("ops").unwrap();
+            assert!((1_790.0..1_900.0).contains(&ops_age), "{ops_age}");
         }
         let slowest = answers.iter().map(|(_, took)| *took).max().unwrap();
         eprintln!("round {round}: 16 scrapes, slowest {slowest:?}");
@@ -233,9 +248,71 @@ async fn scrapes_of_a_stuck_store_share_one_read_and_still_answer() {
     let text = app.metrics().await;
     assert_eq!(sample(&text, "dinghook_store_up"), Some(1.0), "{text}");
     assert_eq!(
-        sample(&text, "dinghook_queue_depth{state=\"pending\"}"),
+        sample(
+            &text,
+            "dinghook_queue_depth{app=\"default\",state=\"pending\"}"
+        ),
         Some(1.0)
     );
+    app.stop().await;
+}
+
+/// Each app's queue gauges, from the one read: an app's events of every state, its oldest
+/// waiting event; and once an app's events are all gone, its gauges stay, at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_gauges_per_app_and_an_emptied_app_reads_zero() {
+    let (app, counting) = spawn_counted().await;
+    let now = now_millis();
+    for (name, key, due) in [
+        ("default", "d1", now - 5_000),
+        ("ops", "o1", now - 20_000),
+        ("ops", "o2", now + 86_400_000),
+    ] {
+        app.store
+            .schedule(app_event(name, key, "x", now - 30_000), due)
+            .await
+            .unwrap();
+    }
+    counting.reset();
+    let text = app.metrics().await;
+    assert_eq!(
+        counting.calls().get("stats"),
+        Some(&1),
+        "one read for every app"
+    );
+    let depth = |text: &str, app: &str, state: &str| {
+        sample(
+            text,
+            &format!("dinghook_queue_depth{{app=\"{app}\",state=\"{state}\"}}"),
+        )
+    };
+    let age = |text: &str, app: &str| {
+        sample(
+            text,
+            &format!("dinghook_oldest_pending_age_seconds{{app=\"{app}\"}}"),
+        )
+    };
+    assert_eq!(depth(&text, "default", "pending"), Some(1.0), "{text}");
+    assert_eq!(depth(&text, "ops", "pending"), Some(2.0), "{text}");
+    assert_eq!(depth(&text, "ops", "dead"), Some(0.0), "{text}");
+    let (default_age, ops_age) = (age(&text, "default").unwrap(), age(&text, "ops").unwrap());
+    assert!((5.0..8.0).contains(&default_age), "{default_age}");
+    assert!((20.0..23.0).contains(&ops_age), "{ops_age}");
+    assert!(
+        !text.contains("dinghook_queue_depth{state="),
+        "no series without an app"
+    );
+
+    let conn = rusqlite::Connection::open(&app.db_path).unwrap();
+    conn.execute("DELETE FROM events WHERE app = 'ops'", [])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let text = app.metrics().await;
+    for state in EventState::ALL {
+        assert_eq!(depth(&text, "ops", state.as_str()), Some(0.0), "{text}");
+    }
+    assert_eq!(age(&text, "ops"), Some(0.0), "{text}");
+    assert_eq!(depth(&text, "default", "pending"), Some(1.0), "{text}");
     app.stop().await;
 }
 
