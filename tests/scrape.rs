@@ -196,16 +196,19 @@ async fn sixteen_scrapers_of_200_000_events_answer_fast_exact_and_share_a_read()
         tokio::time::sleep(Duration::from_millis(1_100)).await;
     }
 
-    // The command line reads the same counts, by type too.
-    let stats: serde_json::Value =
-        serde_json::from_str(&app.cli(&["events", "stats", "--json"])).unwrap();
-    let mut by_type = TypeCounts::new();
-    for (t, states) in stats["by_type"].as_object().unwrap() {
-        for (s, n) in states.as_object().unwrap() {
-            by_type.insert((t.clone(), s.clone()), n.as_u64().unwrap());
+    // The command line reads the same counts, by type too, of all apps and of one.
+    for app_name in [None, Some("ops"), Some("default")] {
+        let mut args = vec!["events", "stats", "--json"];
+        args.extend(app_name.iter().flat_map(|a| ["--app", a]));
+        let stats: serde_json::Value = serde_json::from_str(&app.cli(&args)).unwrap();
+        let mut by_type = TypeCounts::new();
+        for (t, states) in stats["by_type"].as_object().unwrap() {
+            for (s, n) in states.as_object().unwrap() {
+                by_type.insert((t.clone(), s.clone()), n.as_u64().unwrap());
+            }
         }
+        assert_eq!(by_type, by_type_of(&expected, app_name), "{args:?}");
     }
-    assert_eq!(by_type, by_type_of(&expected, None));
     app.stop().await;
 }
 
