@@ -435,6 +435,140 @@ async fn stats_by_app_and_through_an_apps_view(store: Arc<dyn Store>) {
     assert_eq!(quiet.by_app["quiet"].by_state.len(), 5);
 }
 
+/// Rows of text (or NULL) from the store's database, for what no store call reads: the views.
+async fn sql_rows(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            let mut stmt = conn.prepare(sql).unwrap();
+            let columns = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| (0..columns).map(|i| r.get(i)).collect())
+                .unwrap();
+            rows.collect::<Result<_, _>>().unwrap()
+        }
+        None => {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            if !sql.trim_start().starts_with("SELECT") {
+                client.batch_execute(sql).await.unwrap();
+                return Vec::new();
+            }
+            let rows = client.query(sql, &[]).await.unwrap();
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
+                .collect()
+        }
+    }
+}
+
+/// The views `groups`, `todos` and `notifications` show every app's documents with their
+/// app, on a database migrated before they did (migration 12) too: before it, the `ops`
+/// app's group is not in `groups`; after it, it is, beside the `default` app's.
+async fn views_show_every_apps_documents(store: Arc<dyn Store>, url: &str) {
+    use serde_json::json;
+    // The views as they were before migration 12 (stand-ins for migration 4's, of the same
+    // names: migration 12 replaces them whatever they select).
+    let version = match url.starts_with("sqlite://") {
+        true => "PRAGMA user_version = 11;",
+        false => "DELETE FROM dinghook_migrations WHERE version > 11;",
+    };
+    let old_views = format!(
+        "DROP VIEW groups; DROP VIEW todos; DROP VIEW notifications; \
+         CREATE VIEW groups AS SELECT key AS open_conversation_id, updated_at \
+             FROM documents WHERE collection = 'group'; \
+         CREATE VIEW todos AS SELECT key AS task_id, updated_at \
+             FROM documents WHERE collection = 'todo'; \
+         CREATE VIEW notifications AS SELECT key AS task_id, updated_at \
+             FROM documents WHERE collection = 'notification'; \
+         {version}"
+    );
+    match url.strip_prefix("sqlite://") {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(&old_views)
+            .unwrap(),
+        None => {
+            sql_rows(url, &old_views).await;
+        }
+    }
+    let ops = scoped::for_app(Arc::clone(&store), "ops");
+    let crm = scoped::for_app(Arc::clone(&store), "crm-2");
+    let put = |view: &Arc<dyn Store>, collection: &'static str, key: &'static str, body| {
+        let view = Arc::clone(view);
+        async move {
+            view.put_document(collection, key, &body, T0).await.unwrap();
+        }
+    };
+    put(
+        &store,
+        "group",
+        "cid-d",
+        json!({"title": "Default's", "status": "installed"}),
+    )
+    .await;
+    put(
+        &ops,
+        "group",
+        "cid-o",
+        json!({"title": "Ops's", "status": "uninstalled"}),
+    )
+    .await;
+    put(&store, "todo", "t-d", json!({"subject": "Default's to-do"})).await;
+    put(&ops, "todo", "t-o", json!({"subject": "Ops's to-do"})).await;
+    put(
+        &crm,
+        "notification",
+        "n-c",
+        json!({"kind": "todo", "status": "sent"}),
+    )
+    .await;
+    // Not in any view.
+    put(&ops, "effect", "e-o", json!({"n": 1})).await;
+    put(&store, "user", "u-d", json!({"userid": "u"})).await;
+    let text = |rows: &[&[&str]]| -> Vec<Vec<Option<String>>> {
+        rows.iter()
+            .map(|r| r.iter().map(|c| Some((*c).to_owned())).collect())
+            .collect()
+    };
+    let groups = "SELECT open_conversation_id FROM groups ORDER BY open_conversation_id";
+    assert_eq!(sql_rows(url, groups).await, text(&[&["cid-d"]]), "before");
+    store.close().await;
+
+    let upgraded = open_url(url).await;
+    assert_eq!(
+        sql_rows(
+            url,
+            "SELECT app, open_conversation_id, title, status FROM groups \
+             ORDER BY app, open_conversation_id"
+        )
+        .await,
+        text(&[
+            &["default", "cid-d", "Default's", "installed"],
+            &["ops", "cid-o", "Ops's", "uninstalled"],
+        ])
+    );
+    assert_eq!(
+        sql_rows(url, "SELECT app, task_id, subject FROM todos ORDER BY app").await,
+        text(&[
+            &["default", "t-d", "Default's to-do"],
+            &["ops", "t-o", "Ops's to-do"],
+        ])
+    );
+    assert_eq!(
+        sql_rows(url, "SELECT app, task_id, kind, status FROM notifications").await,
+        text(&[&["crm-2", "n-c", "todo", "sent"]])
+    );
+    // One app's, as an operator asks.
+    assert_eq!(
+        sql_rows(url, "SELECT title FROM groups WHERE app = 'ops'").await,
+        text(&[&["Ops's"]])
+    );
+    upgraded.close().await;
+}
+
 async fn api_call_counter_survives_reopen(store: Arc<dyn Store>, url: &str) {
     assert_eq!(store.api_calls("2026-11").await.unwrap(), 0);
     assert_eq!(store.add_api_calls("2026-11", 3).await.unwrap(), 3);
@@ -936,6 +1070,10 @@ macro_rules! for_each_backend {
                 let t = fresh(Backend::Sqlite).await.unwrap();
                 super::client_counter_survives_restart(Arc::clone(&t.store), &t.url).await;
             }
+            #[tokio::test] async fn views_show_every_apps_documents() {
+                let t = fresh(Backend::Sqlite).await.unwrap();
+                super::views_show_every_apps_documents(Arc::clone(&t.store), &t.url).await;
+            }
         }
         mod postgres {
             use super::*;
@@ -950,6 +1088,10 @@ macro_rules! for_each_backend {
             #[tokio::test] async fn client_counter_survives_restart() {
                 let Some(t) = fresh(Backend::Postgres).await else { return };
                 super::client_counter_survives_restart(Arc::clone(&t.store), &t.url).await;
+            }
+            #[tokio::test] async fn views_show_every_apps_documents() {
+                let Some(t) = fresh(Backend::Postgres).await else { return };
+                super::views_show_every_apps_documents(Arc::clone(&t.store), &t.url).await;
             }
             // PostgreSQL only: several replicas (one pool each) on one database, and a
             // database that is down or stuck.

@@ -21,7 +21,9 @@ pub enum Dialect {
 /// tokens render to; a change is a new migration at the end.
 ///
 /// Tokens: `{id_pk}` an auto-incrementing 64-bit key, `{bigint}` a 64-bit integer,
-/// `{json:f}` the text of field `f` of the JSON in column `body`, `{event_counts}`,
+/// `{json:f}` the text of field `f` of the JSON in column `body`, `{of_every_app:c}` true for
+/// the documents of collection `c` of every app (column `collection` is `c` or `@<app>/c`),
+/// `{app_of:c}` the app such a document belongs to, `{event_counts}`,
 /// `{event_counts_per_statement}` and `{event_counts_by_app}` migrations 8, 10 and 11 in each
 /// dialect's own words.
 const MIGRATIONS: &[&str] = &[
@@ -140,6 +142,46 @@ DROP INDEX events_waiting_since;
     // queue from the counts alone. They are computed again from `events`, not carried over
     // from the rows before: see `SQLITE_COUNTS_BY_APP`, `POSTGRES_COUNTS_BY_APP`.
     "{event_counts_by_app}",
+    // 12: the views show every app's documents, with the app they belong to: `default` for a
+    // collection written unscoped, `<app>` for one written `@<app>/<name>` (`store::scoped`).
+    // They read every document now (a scoped collection has no prefix an index could find
+    // without knowing the apps), which suits the operator's queries they are for.
+    r#"
+DROP VIEW groups;
+DROP VIEW todos;
+DROP VIEW notifications;
+CREATE VIEW groups AS SELECT
+    {app_of:group} AS app,
+    key AS open_conversation_id,
+    {json:title} AS title,
+    {json:status} AS status,
+    {json:robot_code} AS robot_code,
+    {json:cool_app_code} AS cool_app_code,
+    {json:corp_id} AS corp_id,
+    {json:operator} AS operator,
+    {json:installed_at} AS installed_at,
+    updated_at
+    FROM documents WHERE {of_every_app:group};
+CREATE VIEW todos AS SELECT
+    {app_of:todo} AS app,
+    key AS task_id,
+    {json:subject} AS subject,
+    {json:done} AS done,
+    {json:deleted} AS deleted,
+    {json:notification_task_id} AS notification_task_id,
+    updated_at
+    FROM documents WHERE {of_every_app:todo};
+CREATE VIEW notifications AS SELECT
+    {app_of:notification} AS app,
+    key AS task_id,
+    {json:kind} AS kind,
+    {json:userids} AS userids,
+    {json:status} AS status,
+    {json:result} AS result,
+    created_at,
+    updated_at
+    FROM documents WHERE {of_every_app:notification};
+"#,
 ];
 
 /// Migration 8 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
@@ -389,6 +431,38 @@ impl Dialect {
                 return out;
             };
             let (name, after) = (&token[..end], &token[end + 1..]);
+            // The same words in both dialects: substr and length count characters in both,
+            // and an app name is ASCII.
+            let scoped = |collection: &str| {
+                let suffix = format!("/{collection}");
+                format!(
+                    "substr(collection, 1, 1) = '@' AND length(collection) > {} \
+                     AND substr(collection, length(collection) - {}) = '{suffix}'",
+                    suffix.len() + 1,
+                    suffix.len() - 1,
+                )
+            };
+            if let Some(collection) = name.strip_prefix("of_every_app:") {
+                out.push_str(&format!(
+                    "(collection = '{collection}' OR ({}))",
+                    scoped(collection)
+                ));
+                rest = after;
+                continue;
+            }
+            // The app only where the name is scoped: PostgreSQL may compute it before the
+            // view's filter (for a query's `WHERE app = …`), and refuses a negative length.
+            if let Some(collection) = name.strip_prefix("app_of:") {
+                out.push_str(&format!(
+                    "CASE WHEN collection = '{collection}' THEN '{}' \
+                     WHEN {} THEN substr(collection, 2, length(collection) - {}) END",
+                    super::scoped::DEFAULT_APP,
+                    scoped(collection),
+                    collection.len() + 2,
+                ));
+                rest = after;
+                continue;
+            }
             match (self, name, name.strip_prefix("json:")) {
                 (Dialect::Sqlite, "event_counts", _) => out.push_str(SQLITE_EVENT_COUNTS),
                 (Dialect::Postgres, "event_counts", _) => out.push_str(POSTGRES_EVENT_COUNTS),
@@ -973,7 +1047,7 @@ CREATE VIEW notifications AS SELECT
     #[test]
     fn sqlite_renders_the_old_migrations_to_the_letter() {
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
-        assert_eq!(new.len(), OLD_SQLITE.len() + 7, "migrations 5 to 11 added");
+        assert_eq!(new.len(), OLD_SQLITE.len() + 8, "migrations 5 to 12 added");
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
         }
@@ -1006,7 +1080,7 @@ CREATE VIEW notifications AS SELECT
         // Only the spacing of the column lists may differ from the old texts; the suite in
         // tests/store.rs runs the rendering on a real server.
         let new: Vec<String> = Dialect::Postgres.migrations().collect();
-        assert_eq!(new.len(), OLD_POSTGRES.len() + 7);
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 8);
         for (i, old) in OLD_POSTGRES.iter().enumerate() {
             assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
         }
@@ -1014,6 +1088,45 @@ CREATE VIEW notifications AS SELECT
             words(&new[4]),
             words("ALTER TABLE events ADD COLUMN handled TEXT;")
         );
+    }
+
+    #[test]
+    fn the_views_show_each_apps_documents_and_no_others() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in Dialect::Sqlite.migrations() {
+            conn.execute_batch(&sql).unwrap();
+        }
+        for collection in [
+            "group",
+            "@ops/group",
+            "@a-1_b/group",
+            // Not groups: another collection, of the default app and of another, a name that
+            // only ends like one, and a scoped name without an app.
+            "groups",
+            "@ops/groups",
+            "@ops/subgroup",
+            "xgroup",
+            "@/group",
+            "@ops/todo",
+        ] {
+            conn.execute(
+                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
+                 VALUES (?1, 'k', '{\"title\": \"t\"}', 1, 1)",
+                [collection],
+            )
+            .unwrap();
+        }
+        let apps = |view: &str| -> Vec<String> {
+            conn.prepare(&format!("SELECT app FROM {view} ORDER BY app"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(apps("groups"), ["a-1_b", "default", "ops"]);
+        assert_eq!(apps("todos"), ["ops"]);
+        assert!(apps("notifications").is_empty());
     }
 
     #[test]
