@@ -385,8 +385,8 @@ async fn events(command: EventsCommand) -> Result<()> {
     result
 }
 
-/// `events stats` as text: the totals (of every app, or of the one asked for), the types,
-/// then, for every app, one line per app.
+/// `events stats` as text: the totals (of every app, or of the one asked for) and the types;
+/// with `per_app`, then one line per app.
 fn print_stats(stats: &crate::store::Stats, per_app: bool) {
     let waiting = |age: Option<i64>| match age {
         Some(ms) => format!("oldest waiting event: due {:.1} s ago", ms as f64 / 1000.0),

@@ -265,10 +265,9 @@ impl PostgresStore {
 
     /// Folds the shards of the maintained counts (migrations 8 and 11) into shard 0 and drops
     /// rows that count nothing, so `stats` reads about one row per (app, type, state) it
-    /// reports. Sums
-    /// are unchanged: each statement moves counts inside its own transaction. Rows a writer
-    /// holds are skipped, not waited for. `stats` runs this in the background at most once a
-    /// minute (per replica). Returns how many rows it took out.
+    /// reports. Sums are unchanged: each statement moves counts inside its own transaction.
+    /// Rows a writer holds are skipped, not waited for. `stats` runs this in the background
+    /// at most once a minute (per replica). Returns how many rows it took out.
     pub async fn compact_counts(&self) -> Result<u64, StoreError> {
         compact_counts(&self.stats_pool, self.options.operation_timeout).await
     }

@@ -7,6 +7,8 @@
 //! Also here: one row mapper each for [`StoredEvent`] and [`Document`] (over [`SqlRow`], which
 //! both drivers' rows implement) and the assembly of [`Stats`].
 
+use std::collections::BTreeMap;
+
 use super::{AppStats, Document, EventState, Stats, StoredEvent};
 
 /// The SQL dialect a store speaks.
@@ -570,8 +572,9 @@ pub struct Statements {
     pub replay_state: String,
     /// now, received since.
     pub replay_since: String,
-    /// → (app, event_type, state, count) rows, counts not zero: the maintained counts
-    /// (migrations 8 and 11), whose size is the number of apps and types, not of events.
+    /// → (app, event_type, state, count) rows, counts not zero, one per PostgreSQL session
+    /// (shard) for the same key, summed by [`stats_from`]: the maintained counts (migrations 8
+    /// and 11), whose size is the number of apps and types, not of events.
     pub stats_counts: String,
     /// app → the same rows, of that app only.
     pub stats_counts_app: String,
@@ -665,15 +668,13 @@ impl Statements {
             ),
             replay_state: sql(&format!("{REPLAY_SET} state = $2")),
             replay_since: sql(&format!("{REPLAY_SET} received_at >= $2")),
-            // Shards are summed (PostgreSQL); a count of zero is a type that had events in
-            // that state once.
-            stats_counts: sql(
-                "SELECT app, event_type, state, CAST(SUM(n) AS BIGINT) FROM event_counts \
-                 GROUP BY app, event_type, state HAVING SUM(n) <> 0",
-            ),
+            // One row per (app, type, state) on SQLite, per session too on PostgreSQL
+            // (shards): `stats_from` sums them. Not `GROUP BY`: grouping the rows of a
+            // thousand apps costs several times the reading (PostgreSQL sums BIGINT as
+            // NUMERIC), and a scrape of a few apps reads a handful of rows either way.
+            stats_counts: sql("SELECT app, event_type, state, n FROM event_counts WHERE n <> 0"),
             stats_counts_app: sql(
-                "SELECT app, event_type, state, CAST(SUM(n) AS BIGINT) FROM event_counts \
-                 WHERE app = $1 GROUP BY app, event_type, state HAVING SUM(n) <> 0",
+                "SELECT app, event_type, state, n FROM event_counts WHERE app = $1 AND n <> 0",
             ),
             stats_oldest: sql(&format!(
                 "{waiting} SELECT app, ({}) FROM waiting WHERE app IS NOT NULL",
@@ -801,47 +802,68 @@ pub fn count(n: i64) -> u64 {
 
 /// [`Stats`] from the rows of [`Statements::stats_counts`] (or `stats_counts_app`) and of
 /// [`Statements::stats_oldest`] (or `stats_oldest_app`, with its app). `asked`: the app asked
-/// for, shown in [`Stats::by_app`] even without events.
+/// for, shown in [`Stats::by_app`] even without events. The rows of one (app, type, state)
+/// (PostgreSQL's shards) are summed signed, since a session may have taken out what another
+/// put in; what sums to 0 is left out, as if it had no row.
 pub fn stats_from(
     counts: impl IntoIterator<Item = (String, String, String, i64)>,
     oldest: impl IntoIterator<Item = (String, i64)>,
     asked: Option<&str>,
     now_ms: i64,
 ) -> Stats {
-    let every_state = || {
-        EventState::ALL
+    type Sums = BTreeMap<String, i64>;
+    let (mut by_state, mut by_app, mut by_type) = (Sums::new(), BTreeMap::new(), BTreeMap::new());
+    for (app, event_type, state, n) in counts {
+        *by_state.entry(state.clone()).or_insert(0) += n;
+        *by_app
+            .entry(app)
+            .or_insert_with(Sums::new)
+            .entry(state.clone())
+            .or_insert(0) += n;
+        *by_type
+            .entry(event_type)
+            .or_insert_with(Sums::new)
+            .entry(state)
+            .or_insert(0) += n;
+    }
+    let not_zero = |sums: Sums| sums.into_iter().filter(|&(_, n)| n != 0);
+    let every_state = |sums: Sums| {
+        let mut counts: BTreeMap<String, u64> = EventState::ALL
             .into_iter()
             .map(|state| (state.as_str().to_owned(), 0))
-            .collect()
+            .collect();
+        for (state, n) in not_zero(sums) {
+            *counts.entry(state).or_insert(0) += count(n);
+        }
+        counts
     };
-    let app_stats = || AppStats {
-        by_state: every_state(),
+    let app_stats = |sums: Sums| AppStats {
+        by_state: every_state(sums),
         oldest_pending_age_ms: None,
     };
     let age = |due: i64| now_ms.saturating_sub(due).max(0);
     let mut stats = Stats {
-        by_state: every_state(),
+        by_state: every_state(by_state),
+        by_type: by_type
+            .into_iter()
+            .filter_map(|(event_type, sums)| {
+                let states: BTreeMap<String, u64> =
+                    not_zero(sums).map(|(state, n)| (state, count(n))).collect();
+                (!states.is_empty()).then_some((event_type, states))
+            })
+            .collect(),
         ..Stats::default()
     };
-    if let Some(app) = asked {
-        stats.by_app.insert(app.to_owned(), app_stats());
+    for (app, sums) in by_app {
+        if sums.values().any(|&n| n != 0) {
+            stats.by_app.insert(app, app_stats(sums));
+        }
     }
-    for (app, event_type, state, n) in counts {
-        let n = count(n);
-        *stats.by_state.entry(state.clone()).or_insert(0) += n;
-        *stats
+    if let Some(app) = asked {
+        stats
             .by_app
-            .entry(app)
-            .or_insert_with(app_stats)
-            .by_state
-            .entry(state.clone())
-            .or_insert(0) += n;
-        *stats
-            .by_type
-            .entry(event_type)
-            .or_default()
-            .entry(state)
-            .or_insert(0) += n;
+            .entry(app.to_owned())
+            .or_insert_with(|| app_stats(Sums::new()));
     }
     let mut earliest: Option<i64> = None;
     for (app, due) in oldest {
@@ -849,7 +871,7 @@ pub fn stats_from(
         stats
             .by_app
             .entry(app)
-            .or_insert_with(app_stats)
+            .or_insert_with(|| app_stats(Sums::new()))
             .oldest_pending_age_ms = Some(age(due));
     }
     stats.oldest_pending_age_ms = earliest.map(age);
@@ -1333,6 +1355,26 @@ CREATE VIEW notifications AS SELECT
         assert_eq!(stats.by_app["default"].oldest_pending_age_ms, Some(0));
         assert_eq!(stats.by_app["ops"].by_state["pending"], 1);
         assert_eq!(stats.by_app["ops"].oldest_pending_age_ms, Some(3));
+        // Shards: summed signed, and what sums to 0 is as if it had no row.
+        let shards = stats_from(
+            [
+                row("ops", "x", "pending", 2),
+                row("ops", "x", "pending", -2),
+                row("default", "y", "done", -1),
+                row("default", "y", "done", 3),
+                row("default", "y", "dead", 1),
+                row("default", "y", "dead", -1),
+            ],
+            [],
+            None,
+            4,
+        );
+        assert_eq!(shards.by_state["done"], 2);
+        assert_eq!(shards.by_state["pending"], 0);
+        assert_eq!(shards.by_type.keys().collect::<Vec<_>>(), ["y"]);
+        assert_eq!(shards.by_type["y"].len(), 1, "{shards:?}");
+        assert_eq!(shards.by_app.keys().collect::<Vec<_>>(), ["default"]);
+        assert_eq!(shards.by_app["default"].by_state["done"], 2);
         let asked = stats_from([], [], Some("quiet"), 4);
         assert_eq!(asked.by_app.keys().collect::<Vec<_>>(), ["quiet"]);
         assert_eq!(asked.by_app["quiet"].by_state, asked.by_state);
