@@ -148,10 +148,11 @@ DROP INDEX events_waiting_since;
     // collection written unscoped, `<app>` for one written `@<app>/<name>` (`store::scoped`).
     // They read every document now (a scoped collection has no prefix an index could find
     // without knowing the apps), which suits the operator's queries they are for.
+    // IF EXISTS: an operator may have dropped a view, and nothing else depends on them.
     r#"
-DROP VIEW groups;
-DROP VIEW todos;
-DROP VIEW notifications;
+DROP VIEW IF EXISTS groups;
+DROP VIEW IF EXISTS todos;
+DROP VIEW IF EXISTS notifications;
 CREATE VIEW groups AS SELECT
     {app_of:group} AS app,
     key AS open_conversation_id,
@@ -323,12 +324,13 @@ CREATE TRIGGER events_count_delete AFTER DELETE ON events
 /// Migration 11 for SQLite: `event_counts` again, keyed by app first, and migration 8's row
 /// triggers with the app in the key (a change of app, which only an operator's SQL makes,
 /// moves the count like a change of state). Inside the migration's transaction, so nothing is
-/// written between the count and the triggers.
+/// written between the count and the triggers. `IF EXISTS`: whatever an operator (or
+/// `scripts/counts-cost.sh`, interrupted) left of the counts, they are made whole again.
 const SQLITE_COUNTS_BY_APP: &str = r#"
-DROP TRIGGER events_count_insert;
-DROP TRIGGER events_count_update;
-DROP TRIGGER events_count_delete;
-DROP TABLE event_counts;
+DROP TRIGGER IF EXISTS events_count_insert;
+DROP TRIGGER IF EXISTS events_count_update;
+DROP TRIGGER IF EXISTS events_count_delete;
+DROP TABLE IF EXISTS event_counts;
 CREATE TABLE event_counts (
     app        TEXT    NOT NULL,
     event_type TEXT    NOT NULL,
@@ -362,14 +364,18 @@ INSERT INTO event_counts (app, event_type, state, shard, n)
 "#;
 
 /// Migration 11 for PostgreSQL: `event_counts` again, keyed by app first, and migration 10's
-/// two functions with the app in the key. The triggers stay (they name the functions, and the
-/// update trigger fires on any update, a change of app included). The table is locked first,
-/// as for migration 8: a replica of the version before waits, and its inserts are counted by
-/// the new functions once this commits. Such a replica's compaction no longer finds its
-/// `ON CONFLICT` key and fails (logged, nothing changed) until it is replaced.
+/// two functions and three triggers with the app in the key (the update trigger fires on any
+/// update, a change of app included). The table is locked first, as for migration 8: a
+/// replica of the version before waits, and its inserts are counted by the new functions
+/// once this commits. Such a replica's compaction no longer finds its `ON CONFLICT` key and
+/// fails (logged, nothing changed) until it is replaced. `IF EXISTS` and `OR REPLACE`:
+/// whatever an operator left of the counts, they are made whole again.
 const POSTGRES_COUNTS_BY_APP: &str = r#"
 LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
-DROP TABLE event_counts;
+DROP TRIGGER IF EXISTS events_count_insert ON events;
+DROP TRIGGER IF EXISTS events_count_update ON events;
+DROP TRIGGER IF EXISTS events_count_delete ON events;
+DROP TABLE IF EXISTS event_counts;
 CREATE TABLE event_counts (
     app        TEXT    NOT NULL,
     event_type TEXT    NOT NULL,
@@ -411,6 +417,14 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+CREATE TRIGGER events_count_insert AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION dinghook_count_insert();
+CREATE TRIGGER events_count_update AFTER UPDATE ON events
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_changes();
+CREATE TRIGGER events_count_delete AFTER DELETE ON events
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_changes();
 INSERT INTO event_counts (app, event_type, state, shard, n)
     SELECT app, event_type, state, 0, COUNT(*) FROM events GROUP BY app, event_type, state;
 "#;
