@@ -2,7 +2,8 @@
 //! `docs/benchmarks.md`. Run it in release mode on a store made for it:
 //!
 //!   # fill with N events (raw SQL, the count triggers keep up), then time 50 `stats` calls;
-//!   # --before also times the statements `stats` ran before migration 8, on the same data
+//!   # --before also times the statements `stats` ran before migration 8, on the same data;
+//!   # --apps N spreads the events over N apps
 //!   cargo run --release --example store_bench -- scrape --url sqlite:///tmp/b.db \
 //!       --events 1000000 --before
 //!   # distinct events through `Store::insert`, 64 at a time, in rounds alternating the
@@ -41,6 +42,10 @@ enum Command {
         /// Also time the statements of the version before migration 8 (table scans).
         #[arg(long)]
         before: bool,
+        /// Apps the events are spread over (`app_0` …; 1: all the `default` app's): `stats`
+        /// reads each app's oldest waiting event.
+        #[arg(long, default_value_t = 1)]
+        apps: u64,
     },
     /// Time distinct inserts through the store API.
     Insert {
@@ -85,7 +90,8 @@ async fn main() -> anyhow::Result<()> {
             events,
             runs,
             before,
-        } => scrape(&url, events, runs, before).await,
+            apps,
+        } => scrape(&url, events, runs, before, apps).await,
         Command::Insert {
             url,
             events,
@@ -179,12 +185,13 @@ const PAD: &str =
 klmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRS\
 TUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz";
 
-/// Writes `events` events, a million per statement: 8 types; 0.5 % pending, 0.5 % retry,
-/// 2 % dead, 0.1 % running, the rest done. Received over the last 30 days. SQLite counts them
+/// Writes `events` events, a million per statement: 8 types, spread over `apps` apps; 0.5 %
+/// pending, 0.5 % retry, 2 % dead, 0.1 % running, the rest done. Received over the last 30
+/// days. SQLite counts them
 /// with its triggers; PostgreSQL's insert trigger counts one row at a time, which inside one
 /// statement of a million rows costs N² (see migration 10), so there the triggers are off for
 /// the fill and the counts are computed afterwards, as the migration does.
-async fn fill(raw: &Raw, events: u64) -> anyhow::Result<()> {
+async fn fill(raw: &Raw, events: u64, apps: u64) -> anyhow::Result<()> {
     if let Raw::Postgres(_) = raw {
         raw.execute("SET session_replication_role = replica")
             .await?;
@@ -201,7 +208,12 @@ async fn fill(raw: &Raw, events: u64) -> anyhow::Result<()> {
                      WHEN i % 1000 < 30 THEN 'dead' WHEN i % 1000 = 30 THEN 'running' \
                      ELSE 'done' END";
         let columns = "dedup_key, event_type, corp_id, payload, source, received_at, state, \
-                       attempts, next_attempt_at, updated_at";
+                       attempts, next_attempt_at, updated_at, app";
+        // By blocks of 1 000, so every app has waiting events (every block has 10).
+        let app = match apps {
+            0 | 1 => "'default'".to_owned(),
+            n => format!("'app_' || ((i / 1000) % {n})"),
+        };
         let sql = match raw {
             Raw::Sqlite(_) => format!(
                 "BEGIN; WITH RECURSIVE s(i) AS (SELECT {from} UNION ALL SELECT i + 1 FROM s \
@@ -209,14 +221,14 @@ async fn fill(raw: &Raw, events: u64) -> anyhow::Result<()> {
                  SELECT 'bench:' || i, 'type_' || (i % 8), 'dingcorp', \
                  '{{\"EventType\":\"type_' || (i % 8) || '\",\"eventId\":\"' || i || \
                  '\",\"pad\":\"{PAD}\"}}', 'push', {start} + i * {step}, {state}, 1, \
-                 {start} + i * {step}, {start} + i * {step} FROM s; COMMIT;"
+                 {start} + i * {step}, {start} + i * {step}, {app} FROM s; COMMIT;"
             ),
             Raw::Postgres(_) => format!(
                 "INSERT INTO events ({columns}) \
                  SELECT 'bench:' || i, 'type_' || (i % 8), 'dingcorp', \
                  '{{\"EventType\":\"type_' || (i % 8) || '\",\"eventId\":\"' || i || \
                  '\",\"pad\":\"{PAD}\"}}', 'push', {start} + i * {step}, {state}, 1, \
-                 {start} + i * {step}, {start} + i * {step} \
+                 {start} + i * {step}, {start} + i * {step}, {app} \
                  FROM generate_series({from}::bigint, {to}::bigint - 1) AS i"
             ),
         };
@@ -231,8 +243,9 @@ async fn fill(raw: &Raw, events: u64) -> anyhow::Result<()> {
         raw.execute(
             "SET session_replication_role = origin; \
              BEGIN; LOCK TABLE events; DELETE FROM event_counts; \
-             INSERT INTO event_counts (event_type, state, shard, n) \
-             SELECT event_type, state, 0, COUNT(*) FROM events GROUP BY event_type, state; \
+             INSERT INTO event_counts (app, event_type, state, shard, n) \
+             SELECT app, event_type, state, 0, COUNT(*) FROM events \
+             GROUP BY app, event_type, state; \
              COMMIT",
         )
         .await?;
@@ -262,12 +275,18 @@ impl Timings {
     }
 }
 
-async fn scrape(url: &str, events: u64, runs: usize, before: bool) -> anyhow::Result<()> {
+async fn scrape(
+    url: &str,
+    events: u64,
+    runs: usize,
+    before: bool,
+    apps: u64,
+) -> anyhow::Result<()> {
     let store = open(url).await?;
     let raw = Raw::open(url).await?;
     eprintln!("filling {url} with {events} events");
     let started = Instant::now();
-    fill(&raw, events).await?;
+    fill(&raw, events, apps).await?;
     eprintln!("filled in {:.1?}", started.elapsed());
 
     let mut times = Vec::new();
@@ -280,8 +299,13 @@ async fn scrape(url: &str, events: u64, runs: usize, before: bool) -> anyhow::Re
     let stats = last.unwrap_or_default();
     let total: u64 = stats.by_state.values().sum();
     anyhow::ensure!(total == events, "stats counted {total} of {events} events");
+    let by_app = stats.by_app.len() as u64;
+    anyhow::ensure!(
+        by_app == apps.max(1),
+        "stats showed {by_app} of {apps} apps"
+    );
     println!(
-        "{url} {events} events: stats (maintained counts) {}",
+        "{url} {events} events, {by_app} apps: stats (maintained counts) {}",
         Timings(times).show()
     );
 
@@ -307,7 +331,7 @@ async fn scrape(url: &str, events: u64, runs: usize, before: bool) -> anyhow::Re
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Schema {
-    /// Migrations 8 and 10 as they are.
+    /// Migrations 8, 10 and 11 as they are.
     Counts,
     /// The count triggers dropped: what an insert cost before migration 8.
     NoCounts,
@@ -318,7 +342,7 @@ enum Schema {
 const SQLITE_TRIGGERS: &str = "events_count_insert, events_count_update, events_count_delete";
 
 /// Puts the database in `schema`. The triggers' and function's text is read back from the
-/// database, so what is measured is what migrations 8 and 10 made.
+/// database, so what is measured is what migrations 8, 10 and 11 made.
 async fn set_schema(raw: &Raw, schema: Schema, saved: &mut Vec<String>) -> anyhow::Result<()> {
     // Back to the schema as it is first.
     for sql in saved.drain(..) {

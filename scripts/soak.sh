@@ -43,7 +43,7 @@ sample() {
         local rss waiting
         rss=$(awk '$1 == "VmRSS:" {print $2}' "/proc/$server/status" 2>/dev/null) || break
         waiting=$(curl -s "http://127.0.0.1:$ops_port/metrics" |
-            awk '/^dinghook_queue_depth\{state="(pending|retry|leased)"\}/ {n += $2} END {print n + 0}')
+            awk '/^dinghook_queue_depth\{.*state="(pending|retry)"\}/ {n += $2} END {print n + 0}')
         echo "$(( $(date +%s) - t0 )),$rss,$waiting" >>"$out/samples.csv"
         sleep 1
     done

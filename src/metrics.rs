@@ -9,7 +9,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::store::Stats;
+use crate::store::{EventState, Stats};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeOutcome {
@@ -30,9 +30,16 @@ struct Reason {
     reason: &'static str,
 }
 
+/// One app's events in one state (the queue gauges).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct State {
-    state: String,
+struct AppState {
+    app: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct App {
+    app: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,8 +72,12 @@ pub struct Metrics {
     ack_seconds: Histogram,
     handler_runs: Family<TypeOutcome, Counter>,
     dead_letters: Counter,
-    queue_depth: Family<State, Gauge>,
-    oldest_pending_seconds: Gauge<f64, AtomicU64>,
+    queue_depth: Family<AppState, Gauge>,
+    oldest_pending_seconds: Family<App, Gauge<f64, AtomicU64>>,
+    /// The apps whose queue gauges have been shown. Once shown, an app's gauges stay, at 0
+    /// when its events are gone, so a drained queue reads 0 rather than "no data". A std
+    /// mutex: held only while the gauges are set, never across an await.
+    queue_apps: std::sync::Mutex<std::collections::BTreeSet<String>>,
     store_up: Gauge,
     dingtalk: Family<Name, Gauge<f64, AtomicU64>>,
     notifications_sent: Family<Kind, Counter>,
@@ -290,16 +301,16 @@ impl Metrics {
             "Events that became dead (retries used up or a permanent failure)",
             dead_letters.clone(),
         );
-        let queue_depth = Family::<State, Gauge>::default();
+        let queue_depth = Family::<AppState, Gauge>::default();
         registry.register(
             "queue_depth",
-            "Stored events by state, read at scrape time",
+            "Stored events by app and state, read at scrape time",
             queue_depth.clone(),
         );
-        let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
+        let oldest_pending_seconds = Family::<App, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "oldest_pending_age_seconds",
-            "How long the most overdue event waiting to run (pending or retry) has been due",
+            "How long each app's most overdue event waiting to run (pending or retry) has been due",
             oldest_pending_seconds.clone(),
         );
         let store_up = Gauge::default();
@@ -364,6 +375,7 @@ impl Metrics {
             dead_letters,
             queue_depth,
             oldest_pending_seconds,
+            queue_apps: std::sync::Mutex::default(),
             store_up,
             dingtalk,
             type_labels: std::sync::Mutex::default(),
@@ -598,24 +610,37 @@ impl Metrics {
         }
     }
 
-    /// Updates the queue gauges from fresh store statistics (`None`: the store did not answer).
+    /// Updates the queue gauges from fresh store statistics of every app (`None`: the store
+    /// did not answer, and the gauges keep their last values).
     pub fn set_queue(&self, stats: Option<&Stats>) {
-        match stats {
-            Some(stats) => {
-                self.store_up.set(1);
-                for (state, count) in &stats.by_state {
-                    self.queue_depth
-                        .get_or_create(&State {
-                            state: state.clone(),
-                        })
-                        .set(i64::try_from(*count).unwrap_or(i64::MAX));
-                }
-                self.oldest_pending_seconds
-                    .set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+        let Some(stats) = stats else {
+            self.store_up.set(0);
+            return;
+        };
+        self.store_up.set(1);
+        let mut shown = self
+            .queue_apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shown.extend(stats.by_app.keys().cloned());
+        for app in shown.iter() {
+            let figures = stats.by_app.get(app);
+            for state in EventState::ALL {
+                let n = figures
+                    .and_then(|f| f.by_state.get(state.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                self.queue_depth
+                    .get_or_create(&AppState {
+                        app: app.clone(),
+                        state: state.as_str(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
-            None => {
-                self.store_up.set(0);
-            }
+            let oldest_ms = figures.and_then(|f| f.oldest_pending_age_ms).unwrap_or(0);
+            self.oldest_pending_seconds
+                .get_or_create(&App { app: app.clone() })
+                .set(oldest_ms as f64 / 1000.0);
         }
     }
 

@@ -107,13 +107,16 @@ struct Figures {
 }
 
 impl Figures {
-    /// The statistics as of now: the oldest waiting event has aged since they were read.
+    /// The statistics as of now: the oldest waiting events (of all, and of each app) have
+    /// aged since they were read.
     fn stats_now(&self) -> Option<Stats> {
         let mut stats = self.stats.clone()?;
         let since = i64::try_from(self.read_at.elapsed().as_millis()).unwrap_or(i64::MAX);
-        stats.oldest_pending_age_ms = stats
-            .oldest_pending_age_ms
-            .map(|age| age.saturating_add(since));
+        let aged = |age: &mut Option<i64>| *age = age.map(|age| age.saturating_add(since));
+        aged(&mut stats.oldest_pending_age_ms);
+        for app in stats.by_app.values_mut() {
+            aged(&mut app.oldest_pending_age_ms);
+        }
         Some(stats)
     }
 }

@@ -3,8 +3,9 @@
 mod support;
 
 use std::process::Command;
+use std::sync::Arc;
 
-use dinghook::store::{NewEvent, Source};
+use dinghook::store::{scoped, NewEvent, Source};
 use dinghook::time::now_millis;
 use support::stores::open_url;
 
@@ -113,6 +114,158 @@ async fn list_show_stats_and_replay() {
     assert!(!ok && err.contains("unknown state"), "{err}");
     let (ok, _, err) = dinghook(&url, &["events", "show", "999"]);
     assert!(!ok && err.contains("no event with id 999"), "{err}");
+}
+
+/// `events stats` with several apps: the totals and one line per app; `--app NAME` that
+/// app's counts, types and oldest waiting event only; an app without events, zeros.
+#[tokio::test]
+async fn stats_of_every_app_and_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let store = open_url(&url).await;
+    let now = now_millis();
+    let event = |key: &str, event_type: &str, received_at: i64| NewEvent {
+        app: "default".into(),
+        dedup_key: key.into(),
+        event_type: event_type.into(),
+        corp_id: None,
+        payload: "{}".into(),
+        source: Source::Push,
+        received_at,
+        routes: Vec::new(),
+    };
+    // Through each app's view of the store, as the server writes them.
+    let default = scoped::for_app(Arc::clone(&store), "default");
+    let ops = scoped::for_app(Arc::clone(&store), "ops");
+    default
+        .insert(event("d1", "chat_update_title", now - 90_000))
+        .await
+        .unwrap();
+    default
+        .insert(event("d2", "todo_task_create", now - 30_000))
+        .await
+        .unwrap();
+    ops.insert(event("o1", "chat_update_title", now - 60_000))
+        .await
+        .unwrap();
+    ops.insert(event("o2", "check_in", now - 50_000))
+        .await
+        .unwrap();
+    ops.schedule(event("o3", "check_in", now), now + 3_600_000)
+        .await
+        .unwrap();
+    // The oldest of each app: default's d1 done, ops's o1 dead.
+    let claimed = store.claim("w", 1, 60_000, now).await.unwrap();
+    assert_eq!(claimed[0].dedup_key, "d1");
+    store.mark_done(claimed[0].id, "w", now).await.unwrap();
+    let claimed = store.claim("w", 1, 60_000, now).await.unwrap();
+    assert_eq!(claimed[0].dedup_key, "@ops/o1");
+    store
+        .mark_dead(claimed[0].id, "w", "no", &[], now)
+        .await
+        .unwrap();
+    store.close().await;
+
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = dinghook(&url, args);
+        assert!(ok, "{err}");
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let all = json(&["events", "stats", "--json"]);
+    assert_eq!(all["by_state"]["pending"], 3);
+    assert_eq!(all["by_state"]["done"], 1);
+    assert_eq!(all["by_state"]["dead"], 1);
+    assert_eq!(all["by_type"]["chat_update_title"]["dead"], 1);
+    assert_eq!(all["by_type"]["chat_update_title"]["done"], 1);
+    assert_eq!(all["by_app"]["default"]["by_state"]["pending"], 1);
+    assert_eq!(all["by_app"]["default"]["by_state"]["done"], 1);
+    assert_eq!(all["by_app"]["ops"]["by_state"]["pending"], 2);
+    assert_eq!(all["by_app"]["ops"]["by_state"]["dead"], 1);
+    assert_eq!(all["by_app"]["ops"]["by_state"]["running"], 0);
+    let age = |v: &serde_json::Value| v.as_i64().expect("an age");
+    let default_age = age(&all["by_app"]["default"]["oldest_pending_age_ms"]);
+    let ops_age = age(&all["by_app"]["ops"]["oldest_pending_age_ms"]);
+    assert!((30_000..40_000).contains(&default_age), "{default_age}");
+    assert!((50_000..60_000).contains(&ops_age), "{ops_age}");
+    assert_eq!(age(&all["oldest_pending_age_ms"]), ops_age);
+
+    let one = json(&["events", "stats", "--app", "ops", "--json"]);
+    assert_eq!(one["by_state"]["pending"], 2);
+    assert_eq!(one["by_state"]["dead"], 1);
+    assert_eq!(one["by_state"]["done"], 0);
+    assert_eq!(
+        one["by_type"],
+        serde_json::json!({"chat_update_title": {"dead": 1}, "check_in": {"pending": 2}})
+    );
+    let one_age = age(&one["oldest_pending_age_ms"]);
+    assert!(
+        (ops_age..ops_age + 5_000).contains(&one_age),
+        "{one_age}, then {ops_age}"
+    );
+    let apps: Vec<&String> = one["by_app"].as_object().unwrap().keys().collect();
+    assert_eq!(apps, ["ops"]);
+
+    let nobody = json(&["events", "stats", "--app", "nobody", "--json"]);
+    assert_eq!(nobody["by_state"]["pending"], 0);
+    assert_eq!(nobody["by_type"], serde_json::json!({}));
+    assert_eq!(nobody["oldest_pending_age_ms"], serde_json::Value::Null);
+    assert_eq!(nobody["by_app"]["nobody"]["by_state"]["dead"], 0);
+
+    // Text: the totals, the types, then one line per app.
+    let (ok, out, err) = dinghook(&url, &["events", "stats"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..5],
+        [
+            "dead     1",
+            "done     1",
+            "pending  3",
+            "retry    0",
+            "running  0"
+        ]
+    );
+    assert!(lines[5].starts_with("oldest waiting event: due 5"), "{out}");
+    let apps: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("app "))
+        .map(|l| l.split(';').next().unwrap())
+        .collect();
+    assert_eq!(
+        apps,
+        [
+            "default          dead=0 done=1 pending=1 retry=0 running=0",
+            "ops              dead=1 done=0 pending=2 retry=0 running=0",
+        ],
+        "{out}"
+    );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .contains("; oldest waiting event: due 5"),
+        "{out}"
+    );
+
+    let (ok, out, err) = dinghook(&url, &["events", "stats", "--app", "default"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..5],
+        [
+            "dead     0",
+            "done     1",
+            "pending  1",
+            "retry    0",
+            "running  0"
+        ]
+    );
+    assert!(lines[5].starts_with("oldest waiting event: due 3"), "{out}");
+    assert!(
+        out.contains("todo_task_create") && !out.contains("check_in"),
+        "{out}"
+    );
+    assert!(!out.contains("app "), "no per-app lines for one app: {out}");
 }
 
 /// The binary with a clean environment and the callback keys every command needs.
@@ -269,6 +422,14 @@ async fn the_event_list_is_safe_to_print_and_to_cut_short() {
     let (ok, out, err) = dinghook(&url, &["events", "list", "--limit", "5000"]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 2000, "one line per event, none forged");
+    assert!(
+        out.contains(r"evil\u{a}") && !out.contains('\u{1b}'),
+        "{out:.300}"
+    );
+    let (ok, out, err) = dinghook(&url, &["events", "stats"]);
+    assert!(ok, "{err}");
+    // Five states, the oldest waiting, 2 000 types, one app: none forged.
+    assert_eq!(out.lines().count(), 5 + 1 + 2000 + 1);
     assert!(
         out.contains(r"evil\u{a}") && !out.contains('\u{1b}'),
         "{out:.300}"

@@ -229,7 +229,7 @@ async fn metrics_report_receipts_rejections_queue_and_handler_runs() {
         r#"dinghook_callbacks_rejected_total{app="default",reason="missing_parameter"} 1"#,
         r#"dinghook_handler_runs_total{app="default",event_type="chat_update_title",outcome="dead"} 1"#,
         r#"dinghook_dead_letters_total 1"#,
-        r#"dinghook_queue_depth{state="dead"} 1"#,
+        r#"dinghook_queue_depth{app="default",state="dead"} 1"#,
         r#"dinghook_store_up 1"#,
         "dinghook_ack_duration_seconds_count 2",
         "dinghook_oldest_pending_age_seconds",

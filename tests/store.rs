@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use dinghook::store::postgres::{PostgresOptions, PostgresStore};
-use dinghook::store::{EventState, Inserted, NewEvent, ReplaySelector, Source, Store, StoreError};
+use dinghook::store::{
+    scoped, EventState, Inserted, NewEvent, ReplaySelector, Source, Store, StoreError,
+};
 use support::stores::{fresh, open_url, Backend};
 
 const T0: i64 = 1_800_000_000_000;
@@ -542,6 +544,249 @@ async fn stats_count_states_types_and_age(store: Arc<dyn Store>) {
     assert_eq!(stats.oldest_pending_age_ms, Some(10_000 - 100));
 }
 
+/// Counts by app: every app's in `by_app`, one app's through `stats_for`, and an app's view
+/// of the store (`scoped::for_app`) counts that app's events only, whatever it is asked.
+async fn stats_by_app_and_through_an_apps_view(store: Arc<dyn Store>) {
+    let ops = scoped::for_app(Arc::clone(&store), "ops");
+    let crm = scoped::for_app(Arc::clone(&store), "crm");
+    for (view, key, event_type, at) in [
+        (&store, "d1", "chat_update_title", T0),
+        (&store, "d2", "todo_task_create", T0 + 100),
+        (&ops, "o1", "chat_update_title", T0 + 10),
+        (&ops, "o2", "chat_update_title", T0 + 20),
+        (&ops, "o3", "check_in", T0 + 300),
+        (&crm, "c1", "check_in", T0 + 400),
+    ] {
+        let inserted = view.insert(event(key, event_type, at)).await.unwrap();
+        assert!(matches!(inserted, Inserted::Stored { .. }), "{inserted:?}");
+    }
+    // The four oldest: d1 and o1 done, o2 dead, d2 retried later.
+    let claimed = store.claim("w", 4, 60_000, T0 + 1_000).await.unwrap();
+    let keys: Vec<&str> = claimed.iter().map(|e| e.dedup_key.as_str()).collect();
+    assert_eq!(keys, ["d1", "@ops/o1", "@ops/o2", "d2"]);
+    store
+        .mark_done(claimed[0].id, "w", T0 + 1_000)
+        .await
+        .unwrap();
+    store
+        .mark_done(claimed[1].id, "w", T0 + 1_000)
+        .await
+        .unwrap();
+    store
+        .mark_dead(claimed[2].id, "w", "no", &[], T0 + 1_000)
+        .await
+        .unwrap();
+    store
+        .mark_retry(claimed[3].id, "w", T0 + 5_000, "later", &[], T0 + 1_000)
+        .await
+        .unwrap();
+
+    let now = T0 + 10_000;
+    let all = store.stats(now).await.unwrap();
+    assert_eq!(all, store.stats_for(None, now).await.unwrap());
+    let states = |stats: &dinghook::store::AppStats| -> Vec<(String, u64)> {
+        stats
+            .by_state
+            .iter()
+            .map(|(s, n)| (s.clone(), *n))
+            .collect()
+    };
+    let expect = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = EventState::ALL
+            .iter()
+            .map(|s| (s.as_str().to_owned(), 0))
+            .collect();
+        for (state, n) in pairs {
+            all.iter_mut().find(|(s, _)| s == state).unwrap().1 = *n;
+        }
+        all.sort();
+        all
+    };
+    assert_eq!(
+        all.by_app.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["crm", "default", "ops"]
+    );
+    assert_eq!(
+        states(&all.by_app["default"]),
+        expect(&[("done", 1), ("retry", 1)])
+    );
+    assert_eq!(
+        states(&all.by_app["ops"]),
+        expect(&[("done", 1), ("dead", 1), ("pending", 1)])
+    );
+    assert_eq!(states(&all.by_app["crm"]), expect(&[("pending", 1)]));
+    assert_eq!(all.by_state["done"], 2);
+    assert_eq!(all.by_state["pending"], 2);
+    assert_eq!(all.by_type["chat_update_title"]["done"], 2);
+    // Each app's most overdue waiting event: d2's retry (due at T0 + 5 000), o3, c1.
+    assert_eq!(all.by_app["default"].oldest_pending_age_ms, Some(5_000));
+    assert_eq!(all.by_app["ops"].oldest_pending_age_ms, Some(10_000 - 300));
+    assert_eq!(all.by_app["crm"].oldest_pending_age_ms, Some(10_000 - 400));
+    assert_eq!(all.oldest_pending_age_ms, Some(10_000 - 300));
+
+    let of_ops = store.stats_for(Some("ops"), now).await.unwrap();
+    assert_eq!(of_ops.by_state, all.by_app["ops"].by_state);
+    assert_eq!(of_ops.by_app.len(), 1);
+    assert_eq!(of_ops.by_app["ops"], all.by_app["ops"]);
+    assert_eq!(of_ops.oldest_pending_age_ms, Some(10_000 - 300));
+    assert_eq!(of_ops.by_type["chat_update_title"].get("done"), Some(&1));
+    assert_eq!(of_ops.by_type["chat_update_title"].get("dead"), Some(&1));
+    assert_eq!(of_ops.by_type["check_in"].get("pending"), Some(&1));
+    assert_eq!(of_ops.by_type.len(), 2, "{of_ops:?}");
+
+    // The view counts its own app's events, asked for every app or for its own...
+    assert_eq!(ops.stats(now).await.unwrap(), of_ops);
+    assert_eq!(ops.stats_for(Some("ops"), now).await.unwrap(), of_ops);
+    // ...and no other app's.
+    let other = ops.stats_for(Some("crm"), now).await.unwrap();
+    assert!(other.by_state.values().all(|n| *n == 0), "{other:?}");
+    assert!(other.by_type.is_empty() && other.oldest_pending_age_ms.is_none());
+    assert_eq!(crm.stats(now).await.unwrap().by_state["pending"], 1);
+
+    // An app without events: zeros, and its name, so a caller can tell it was asked.
+    let quiet = store.stats_for(Some("quiet"), now).await.unwrap();
+    assert!(quiet.by_state.values().all(|n| *n == 0), "{quiet:?}");
+    assert_eq!(quiet.by_app.keys().collect::<Vec<_>>(), ["quiet"]);
+    assert_eq!(quiet.by_app["quiet"].by_state.len(), 5);
+}
+
+/// Rows of text (or NULL) from the store's database, for what no store call reads: the views.
+async fn sql_rows(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            let mut stmt = conn.prepare(sql).unwrap();
+            let columns = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| (0..columns).map(|i| r.get(i)).collect())
+                .unwrap();
+            rows.collect::<Result<_, _>>().unwrap()
+        }
+        None => {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            if !sql.trim_start().starts_with("SELECT") {
+                client.batch_execute(sql).await.unwrap();
+                return Vec::new();
+            }
+            let rows = client.query(sql, &[]).await.unwrap();
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
+                .collect()
+        }
+    }
+}
+
+/// The views `groups`, `todos` and `notifications` show every app's documents with their
+/// app, on a database migrated before they did (migration 12) too: before it, the `ops`
+/// app's group is not in `groups`; after it, it is, beside the `default` app's.
+async fn views_show_every_apps_documents(store: Arc<dyn Store>, url: &str) {
+    use serde_json::json;
+    // The views as they were before migration 12 (stand-ins for migration 4's, of the same
+    // names: migration 12 replaces them whatever they select).
+    let version = match url.starts_with("sqlite://") {
+        true => "DROP TABLE deliveries; DROP TABLE route_pauses; PRAGMA user_version = 11;",
+        false => {
+            "DROP TABLE deliveries; DROP TABLE route_pauses; \
+                  DELETE FROM dinghook_migrations WHERE version > 11;"
+        }
+    };
+    let old_views = format!(
+        "DROP VIEW groups; DROP VIEW todos; DROP VIEW notifications; \
+         CREATE VIEW groups AS SELECT key AS open_conversation_id, updated_at \
+             FROM documents WHERE collection = 'group'; \
+         CREATE VIEW todos AS SELECT key AS task_id, updated_at \
+             FROM documents WHERE collection = 'todo'; \
+         CREATE VIEW notifications AS SELECT key AS task_id, updated_at \
+             FROM documents WHERE collection = 'notification'; \
+         {version}"
+    );
+    match url.strip_prefix("sqlite://") {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(&old_views)
+            .unwrap(),
+        None => {
+            sql_rows(url, &old_views).await;
+        }
+    }
+    let ops = scoped::for_app(Arc::clone(&store), "ops");
+    let crm = scoped::for_app(Arc::clone(&store), "crm-2");
+    let put = |view: &Arc<dyn Store>, collection: &'static str, key: &'static str, body| {
+        let view = Arc::clone(view);
+        async move {
+            view.put_document(collection, key, &body, T0).await.unwrap();
+        }
+    };
+    put(
+        &store,
+        "group",
+        "cid-d",
+        json!({"title": "Default's", "status": "installed"}),
+    )
+    .await;
+    put(
+        &ops,
+        "group",
+        "cid-o",
+        json!({"title": "Ops's", "status": "uninstalled"}),
+    )
+    .await;
+    put(&store, "todo", "t-d", json!({"subject": "Default's to-do"})).await;
+    put(&ops, "todo", "t-o", json!({"subject": "Ops's to-do"})).await;
+    put(
+        &crm,
+        "notification",
+        "n-c",
+        json!({"kind": "todo", "status": "sent"}),
+    )
+    .await;
+    // Not in any view.
+    put(&ops, "effect", "e-o", json!({"n": 1})).await;
+    put(&store, "user", "u-d", json!({"userid": "u"})).await;
+    let text = |rows: &[&[&str]]| -> Vec<Vec<Option<String>>> {
+        rows.iter()
+            .map(|r| r.iter().map(|c| Some((*c).to_owned())).collect())
+            .collect()
+    };
+    let groups = "SELECT open_conversation_id FROM groups ORDER BY open_conversation_id";
+    assert_eq!(sql_rows(url, groups).await, text(&[&["cid-d"]]), "before");
+    store.close().await;
+
+    let upgraded = open_url(url).await;
+    assert_eq!(
+        sql_rows(
+            url,
+            "SELECT app, open_conversation_id, title, status FROM groups \
+             ORDER BY app, open_conversation_id"
+        )
+        .await,
+        text(&[
+            &["default", "cid-d", "Default's", "installed"],
+            &["ops", "cid-o", "Ops's", "uninstalled"],
+        ])
+    );
+    assert_eq!(
+        sql_rows(url, "SELECT app, task_id, subject FROM todos ORDER BY app").await,
+        text(&[
+            &["default", "t-d", "Default's to-do"],
+            &["ops", "t-o", "Ops's to-do"],
+        ])
+    );
+    assert_eq!(
+        sql_rows(url, "SELECT app, task_id, kind, status FROM notifications").await,
+        text(&[&["crm-2", "n-c", "todo", "sent"]])
+    );
+    // One app's, as an operator asks.
+    assert_eq!(
+        sql_rows(url, "SELECT title FROM groups WHERE app = 'ops'").await,
+        text(&[&["Ops's"]])
+    );
+    upgraded.close().await;
+}
+
 async fn api_call_counter_survives_reopen(store: Arc<dyn Store>, url: &str) {
     assert_eq!(store.api_calls("2026-11").await.unwrap(), 0);
     assert_eq!(store.add_api_calls("2026-11", 3).await.unwrap(), 3);
@@ -1043,6 +1288,10 @@ macro_rules! for_each_backend {
                 let t = fresh(Backend::Sqlite).await.unwrap();
                 super::client_counter_survives_restart(Arc::clone(&t.store), &t.url).await;
             }
+            #[tokio::test] async fn views_show_every_apps_documents() {
+                let t = fresh(Backend::Sqlite).await.unwrap();
+                super::views_show_every_apps_documents(Arc::clone(&t.store), &t.url).await;
+            }
         }
         mod postgres {
             use super::*;
@@ -1057,6 +1306,10 @@ macro_rules! for_each_backend {
             #[tokio::test] async fn client_counter_survives_restart() {
                 let Some(t) = fresh(Backend::Postgres).await else { return };
                 super::client_counter_survives_restart(Arc::clone(&t.store), &t.url).await;
+            }
+            #[tokio::test] async fn views_show_every_apps_documents() {
+                let Some(t) = fresh(Backend::Postgres).await else { return };
+                super::views_show_every_apps_documents(Arc::clone(&t.store), &t.url).await;
             }
             // PostgreSQL only: several replicas (one pool each) on one database, and a
             // database that is down or stuck.
@@ -1114,6 +1367,7 @@ for_each_backend!(
     claim_apps_takes_each_apps_share,
     deliveries_fan_out_and_run_their_course,
     stats_count_states_types_and_age,
+    stats_by_app_and_through_an_apps_view,
     scheduled_events_wait_until_due,
     documents_put_get_insert_once_and_list,
 );

@@ -172,10 +172,13 @@ enum EventsCommand {
         #[arg(long, conflicts_with = "ids")]
         since: Option<String>,
     },
-    /// Counts per state and type, and the age of the oldest waiting event.
+    /// Counts per state and type, and the age of the oldest waiting event; then each app's.
     Stats {
         #[command(flatten)]
         config: ConfigArg,
+        /// Only this app's events.
+        #[arg(long)]
+        app: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -387,31 +390,48 @@ async fn events(command: EventsCommand) -> Result<()> {
             println!("{n} event(s) sent back to pending");
             Ok(())
         }
-        EventsCommand::Stats { json, .. } => {
-            let stats = store.stats(now_millis()).await?;
+        EventsCommand::Stats { app, json, .. } => {
+            let stats = store.stats_for(app.as_deref(), now_millis()).await?;
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
-                for (state, n) in &stats.by_state {
-                    println!("{state:<8} {n}");
-                }
-                match stats.oldest_pending_age_ms {
-                    Some(ms) => {
-                        println!("oldest waiting event: due {:.1} s ago", ms as f64 / 1000.0)
-                    }
-                    None => println!("nothing waiting"),
-                }
-                for (event_type, states) in &stats.by_type {
-                    let parts: Vec<String> =
-                        states.iter().map(|(s, n)| format!("{s}={n}")).collect();
-                    println!("{event_type:<34} {}", parts.join(" "));
-                }
+                print_stats(&stats, app.is_none());
             }
             Ok(())
         }
     };
     store.close().await;
     result
+}
+
+/// `events stats` as text: the totals (of every app, or of the one asked for) and the types;
+/// with `per_app`, then one line per app.
+fn print_stats(stats: &crate::store::Stats, per_app: bool) {
+    let waiting = |age: Option<i64>| match age {
+        Some(ms) => format!("oldest waiting event: due {:.1} s ago", ms as f64 / 1000.0),
+        None => "nothing waiting".to_owned(),
+    };
+    let states = |counts: &std::collections::BTreeMap<String, u64>| {
+        let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
+        parts.join(" ")
+    };
+    for (state, n) in &stats.by_state {
+        println!("{state:<8} {n}");
+    }
+    println!("{}", waiting(stats.oldest_pending_age_ms));
+    for (event_type, counts) in &stats.by_type {
+        println!("{:<34} {}", printable(event_type), states(counts));
+    }
+    if per_app {
+        for (app, figures) in &stats.by_app {
+            println!(
+                "app {:<16} {}; {}",
+                printable(app),
+                states(&figures.by_state),
+                waiting(figures.oldest_pending_age_ms)
+            );
+        }
+    }
 }
 
 fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {

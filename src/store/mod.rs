@@ -231,7 +231,8 @@ pub enum ReplaySelector {
     Since(i64),
 }
 
-/// Counts for `dinghook events stats` and `/metrics`.
+/// Counts for `dinghook events stats` and `/metrics`: of every app, or of the one asked for
+/// ([`Store::stats_for`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     /// Every state, zero included.
@@ -241,6 +242,17 @@ pub struct Stats {
     /// How long (ms) the most overdue event waiting to run (`pending` or `retry`) has been due:
     /// since it was received, for one not run yet; since its retry time, for a retry; 0 when
     /// none is due yet; `None` when none waits.
+    pub oldest_pending_age_ms: Option<i64>,
+    /// Each app that has events (and the app asked for, even without any) → its figures.
+    pub by_app: std::collections::BTreeMap<String, AppStats>,
+}
+
+/// One app's part of [`Stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AppStats {
+    /// Every state, zero included.
+    pub by_state: std::collections::BTreeMap<String, u64>,
+    /// As [`Stats::oldest_pending_age_ms`], for this app's events.
     pub oldest_pending_age_ms: Option<i64>,
 }
 
@@ -370,7 +382,15 @@ pub trait Store: Send + Sync + 'static {
     /// re-runs only the handlers that had not succeeded). `running` events are left alone.
     /// Returns how many changed.
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError>;
-    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError>;
+    /// Every app's counts: the totals, and each app's in [`Stats::by_app`]. The same as
+    /// `stats_for(None, now_ms)`; stores and wrappers implement [`Store::stats_for`] only.
+    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
+        self.stats_for(None, now_ms).await
+    }
+    /// The counts of app `app` only (`None`: of every app, as [`Store::stats`]). Read from the
+    /// maintained counts and one index entry per app with waiting events, never from the
+    /// events themselves, so the cost does not grow with the number of events.
+    async fn stats_for(&self, app: Option<&str>, now_ms: i64) -> Result<Stats, StoreError>;
 
     // --- documents kept by the built-in handlers --------------------------------------------
 

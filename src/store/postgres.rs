@@ -89,7 +89,7 @@ pub struct PostgresStore {
     inserts: InsertHealth,
 }
 
-/// How often `stats` folds the counter shards back into one row per (type, state).
+/// How often `stats` folds the counter shards back into one row per (app, type, state).
 const COMPACT_EVERY_MS: i64 = 60_000;
 
 impl From<PoolError> for StoreError {
@@ -267,11 +267,11 @@ impl PostgresStore {
         run_bounded(pool, self.options.operation_timeout, op).await
     }
 
-    /// Folds the shards of the maintained counts (migration 8) into shard 0 and drops rows
-    /// that count nothing, so `stats` reads about one row per (type, state) it reports. Sums
-    /// are unchanged: each statement moves counts inside its own transaction. Rows a writer
-    /// holds are skipped, not waited for. `stats` runs this in the background at most once a
-    /// minute (per replica). Returns how many rows it took out.
+    /// Folds the shards of the maintained counts (migrations 8 and 11) into shard 0 and drops
+    /// rows that count nothing, so `stats` reads about one row per (app, type, state) it
+    /// reports. Sums are unchanged: each statement moves counts inside its own transaction.
+    /// Rows a writer holds are skipped, not waited for. `stats` runs this in the background
+    /// at most once a minute (per replica). Returns how many rows it took out.
     pub async fn compact_counts(&self) -> Result<u64, StoreError> {
         compact_counts(&self.stats_pool, self.options.operation_timeout).await
     }
@@ -399,19 +399,19 @@ where
 /// Folds the sessions' shards of the counts into shard 0 (no session's), then drops rows of
 /// shard 0 that count nothing (see [`PostgresStore::compact_counts`]). SKIP LOCKED: a row its
 /// session is writing is left for the next time, so compacting never waits for a writer. It
-/// can wait only for another compaction's rows of shard 0, and both lock those in (type,
+/// can wait only for another compaction's rows of shard 0, and both lock those in (app, type,
 /// state) order, so they cannot deadlock.
 const COMPACT_COUNTS: [&str; 2] = [
-    "WITH taken AS (DELETE FROM event_counts WHERE (event_type, state, shard) IN \
-         (SELECT event_type, state, shard FROM event_counts WHERE shard <> 0 \
-          ORDER BY event_type, state, shard FOR UPDATE SKIP LOCKED) \
-         RETURNING event_type, state, n) \
-     INSERT INTO event_counts (event_type, state, shard, n) \
-     SELECT event_type, state, 0, CAST(SUM(n) AS BIGINT) FROM taken \
-     GROUP BY event_type, state ORDER BY event_type, state \
-     ON CONFLICT (event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n",
-    "DELETE FROM event_counts WHERE (event_type, state, shard) IN \
-         (SELECT event_type, state, shard FROM event_counts \
+    "WITH taken AS (DELETE FROM event_counts WHERE (app, event_type, state, shard) IN \
+         (SELECT app, event_type, state, shard FROM event_counts WHERE shard <> 0 \
+          ORDER BY app, event_type, state, shard FOR UPDATE SKIP LOCKED) \
+         RETURNING app, event_type, state, n) \
+     INSERT INTO event_counts (app, event_type, state, shard, n) \
+     SELECT app, event_type, state, 0, CAST(SUM(n) AS BIGINT) FROM taken \
+     GROUP BY app, event_type, state ORDER BY app, event_type, state \
+     ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n",
+    "DELETE FROM event_counts WHERE (app, event_type, state, shard) IN \
+         (SELECT app, event_type, state, shard FROM event_counts \
           WHERE shard = 0 AND n = 0 FOR UPDATE SKIP LOCKED)",
 ];
 
@@ -756,20 +756,38 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
+    async fn stats_for(&self, app: Option<&str>, now_ms: i64) -> Result<Stats, StoreError> {
         let stats = self
             .run_on(&self.stats_pool, async |c| {
-                let rows = Self::query(c, &self.sql.stats_counts, &[]).await?;
+                let rows = match app {
+                    None => Self::query(c, &self.sql.stats_counts, &[]).await?,
+                    Some(app) => Self::query(c, &self.sql.stats_counts_app, &[&app]).await?,
+                };
                 let counts = rows
                     .iter()
-                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+                    .map(|row| {
+                        Ok((
+                            row.try_get(0)?,
+                            row.try_get(1)?,
+                            row.try_get(2)?,
+                            row.try_get(3)?,
+                        ))
+                    })
                     .collect::<Result<Vec<_>, StoreError>>()?;
-                let oldest: Option<i64> =
-                    match Self::query_opt(c, &self.sql.stats_oldest, &[]).await? {
-                        Some(row) => row.try_get(0)?,
-                        None => None,
-                    };
-                Ok(schema::stats_from(counts, oldest, now_ms))
+                let oldest = match app {
+                    None => Self::query(c, &self.sql.stats_oldest, &[])
+                        .await?
+                        .iter()
+                        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                        .collect::<Result<Vec<_>, StoreError>>()?,
+                    Some(app) => {
+                        match Self::query_opt(c, &self.sql.stats_oldest_app, &[&app]).await? {
+                            Some(row) => vec![(app.to_owned(), row.try_get(0)?)],
+                            None => Vec::new(),
+                        }
+                    }
+                };
+                Ok(schema::stats_from(counts, oldest, app, now_ms))
             })
             .await?;
         let last = self.compacted_at.load(Ordering::Relaxed);

@@ -7,7 +7,9 @@
 //! Also here: one row mapper each for [`StoredEvent`] and [`Document`] (over [`SqlRow`], which
 //! both drivers' rows implement) and the assembly of [`Stats`].
 
-use super::{Document, EventState, Stats, StoredEvent};
+use std::collections::BTreeMap;
+
+use super::{AppStats, Document, EventState, Stats, StoredEvent};
 
 /// The SQL dialect a store speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,8 +23,11 @@ pub enum Dialect {
 /// tokens render to; a change is a new migration at the end.
 ///
 /// Tokens: `{id_pk}` an auto-incrementing 64-bit key, `{bigint}` a 64-bit integer,
-/// `{json:f}` the text of field `f` of the JSON in column `body`, `{event_counts}` and
-/// `{event_counts_per_statement}` migrations 8 and 10 in each dialect's own words.
+/// `{json:f}` the text of field `f` of the JSON in column `body`, `{of_every_app:c}` true for
+/// the documents of collection `c` of every app (column `collection` is `c` or `@<app>/c`),
+/// `{app_of:c}` the app such a document belongs to, `{event_counts}`,
+/// `{event_counts_per_statement}` and `{event_counts_by_app}` migrations 8, 10 and 11 in each
+/// dialect's own words.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -135,7 +140,52 @@ CREATE INDEX IF NOT EXISTS events_app_waiting ON events (app, next_attempt_at, i
     r#"
 DROP INDEX events_waiting_since;
 {event_counts_per_statement}"#,
-    // 12 (routes): one delivery per (event, route), created with the event; and the routes
+    // 11: the counts by app too (`app` is part of the key), so `stats` can report each app's
+    // queue from the counts alone. They are computed again from `events`, not carried over
+    // from the rows before: see `SQLITE_COUNTS_BY_APP`, `POSTGRES_COUNTS_BY_APP`.
+    "{event_counts_by_app}",
+    // 12: the views show every app's documents, with the app they belong to: `default` for a
+    // collection written unscoped, `<app>` for one written `@<app>/<name>` (`store::scoped`).
+    // They read every document now (a scoped collection has no prefix an index could find
+    // without knowing the apps), which suits the operator's queries they are for.
+    // IF EXISTS: an operator may have dropped a view, and nothing else depends on them.
+    r#"
+DROP VIEW IF EXISTS groups;
+DROP VIEW IF EXISTS todos;
+DROP VIEW IF EXISTS notifications;
+CREATE VIEW groups AS SELECT
+    {app_of:group} AS app,
+    key AS open_conversation_id,
+    {json:title} AS title,
+    {json:status} AS status,
+    {json:robot_code} AS robot_code,
+    {json:cool_app_code} AS cool_app_code,
+    {json:corp_id} AS corp_id,
+    {json:operator} AS operator,
+    {json:installed_at} AS installed_at,
+    updated_at
+    FROM documents WHERE {of_every_app:group};
+CREATE VIEW todos AS SELECT
+    {app_of:todo} AS app,
+    key AS task_id,
+    {json:subject} AS subject,
+    {json:done} AS done,
+    {json:deleted} AS deleted,
+    {json:notification_task_id} AS notification_task_id,
+    updated_at
+    FROM documents WHERE {of_every_app:todo};
+CREATE VIEW notifications AS SELECT
+    {app_of:notification} AS app,
+    key AS task_id,
+    {json:kind} AS kind,
+    {json:userids} AS userids,
+    {json:status} AS status,
+    {json:result} AS result,
+    created_at,
+    updated_at
+    FROM documents WHERE {of_every_app:notification};
+"#,
+    // 13 (routes): one delivery per (event, route), created with the event; and the routes
     // paused by hand, by a 410 Gone or by their circuit breaker.
     r#"
 CREATE TABLE deliveries (
@@ -303,6 +353,114 @@ CREATE TRIGGER events_count_delete AFTER DELETE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_changes();
 "#;
 
+/// Migration 11 for SQLite: `event_counts` again, keyed by app first, and migration 8's row
+/// triggers with the app in the key (a change of app, which only an operator's SQL makes,
+/// moves the count like a change of state). Inside the migration's transaction, so nothing is
+/// written between the count and the triggers. `IF EXISTS`: whatever an operator (or
+/// `scripts/counts-cost.sh`, interrupted) left of the counts, they are made whole again.
+const SQLITE_COUNTS_BY_APP: &str = r#"
+DROP TRIGGER IF EXISTS events_count_insert;
+DROP TRIGGER IF EXISTS events_count_update;
+DROP TRIGGER IF EXISTS events_count_delete;
+DROP TABLE IF EXISTS event_counts;
+CREATE TABLE event_counts (
+    app        TEXT    NOT NULL,
+    event_type TEXT    NOT NULL,
+    state      TEXT    NOT NULL,
+    shard      INTEGER NOT NULL,
+    n          INTEGER NOT NULL,
+    PRIMARY KEY (app, event_type, state, shard)
+) WITHOUT ROWID;
+CREATE TRIGGER events_count_insert AFTER INSERT ON events BEGIN
+    INSERT INTO event_counts (app, event_type, state, shard, n)
+    VALUES (NEW.app, NEW.event_type, NEW.state, 0, 1)
+    ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER events_count_update AFTER UPDATE OF state, event_type, app ON events
+WHEN OLD.state IS NOT NEW.state OR OLD.event_type IS NOT NEW.event_type
+    OR OLD.app IS NOT NEW.app BEGIN
+    INSERT INTO event_counts (app, event_type, state, shard, n)
+    VALUES (OLD.app, OLD.event_type, OLD.state, 0, -1)
+    ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+    INSERT INTO event_counts (app, event_type, state, shard, n)
+    VALUES (NEW.app, NEW.event_type, NEW.state, 0, 1)
+    ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER events_count_delete AFTER DELETE ON events BEGIN
+    INSERT INTO event_counts (app, event_type, state, shard, n)
+    VALUES (OLD.app, OLD.event_type, OLD.state, 0, -1)
+    ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = n + excluded.n;
+END;
+INSERT INTO event_counts (app, event_type, state, shard, n)
+    SELECT app, event_type, state, 0, COUNT(*) FROM events GROUP BY app, event_type, state;
+"#;
+
+/// Migration 11 for PostgreSQL: `event_counts` again, keyed by app first, and migration 10's
+/// two functions and three triggers with the app in the key (the update trigger fires on any
+/// update, a change of app included). The table is locked first, as for migration 8: a
+/// replica of the version before waits, and its inserts are counted by the new functions
+/// once this commits. Such a replica's compaction no longer finds its `ON CONFLICT` key and
+/// fails (logged, nothing changed) until it is replaced. `IF EXISTS` and `OR REPLACE`:
+/// whatever an operator left of the counts, they are made whole again.
+const POSTGRES_COUNTS_BY_APP: &str = r#"
+LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
+DROP TRIGGER IF EXISTS events_count_insert ON events;
+DROP TRIGGER IF EXISTS events_count_update ON events;
+DROP TRIGGER IF EXISTS events_count_delete ON events;
+DROP TABLE IF EXISTS event_counts;
+CREATE TABLE event_counts (
+    app        TEXT    NOT NULL,
+    event_type TEXT    NOT NULL,
+    state      TEXT    NOT NULL,
+    shard      INTEGER NOT NULL,
+    n          BIGINT  NOT NULL,
+    PRIMARY KEY (app, event_type, state, shard)
+);
+CREATE OR REPLACE FUNCTION dinghook_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE event_counts SET n = n + 1
+    WHERE app = NEW.app AND event_type = NEW.event_type AND state = NEW.state
+        AND shard = pg_backend_pid();
+    IF NOT FOUND THEN
+        INSERT INTO event_counts (app, event_type, state, shard, n)
+        VALUES (NEW.app, NEW.event_type, NEW.state, pg_backend_pid(), 1)
+        ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = event_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE OR REPLACE FUNCTION dinghook_count_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO event_counts (app, event_type, state, shard, n)
+        SELECT app, event_type, state, pg_backend_pid(), -COUNT(*) FROM old_rows
+        GROUP BY app, event_type, state
+        ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+    ELSE
+        INSERT INTO event_counts (app, event_type, state, shard, n)
+        SELECT app, event_type, state, pg_backend_pid(), SUM(d) FROM (
+            SELECT app, event_type, state, 1 AS d FROM new_rows
+            UNION ALL
+            SELECT app, event_type, state, -1 AS d FROM old_rows
+        ) AS moved
+        GROUP BY app, event_type, state HAVING SUM(d) <> 0
+        ON CONFLICT (app, event_type, state, shard) DO UPDATE SET n = event_counts.n + EXCLUDED.n;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER events_count_insert AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION dinghook_count_insert();
+CREATE TRIGGER events_count_update AFTER UPDATE ON events
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_changes();
+CREATE TRIGGER events_count_delete AFTER DELETE ON events
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dinghook_count_changes();
+INSERT INTO event_counts (app, event_type, state, shard, n)
+    SELECT app, event_type, state, 0, COUNT(*) FROM events GROUP BY app, event_type, state;
+"#;
+
 impl Dialect {
     /// Every migration, in order, in this dialect.
     pub fn migrations(self) -> impl ExactSizeIterator<Item = String> {
@@ -321,6 +479,38 @@ impl Dialect {
                 return out;
             };
             let (name, after) = (&token[..end], &token[end + 1..]);
+            // The same words in both dialects: substr and length count characters in both,
+            // and an app name is ASCII.
+            let scoped = |collection: &str| {
+                let suffix = format!("/{collection}");
+                format!(
+                    "substr(collection, 1, 1) = '@' AND length(collection) > {} \
+                     AND substr(collection, length(collection) - {}) = '{suffix}'",
+                    suffix.len() + 1,
+                    suffix.len() - 1,
+                )
+            };
+            if let Some(collection) = name.strip_prefix("of_every_app:") {
+                out.push_str(&format!(
+                    "(collection = '{collection}' OR ({}))",
+                    scoped(collection)
+                ));
+                rest = after;
+                continue;
+            }
+            // The app only where the name is scoped: PostgreSQL may compute it before the
+            // view's filter (for a query's `WHERE app = …`), and refuses a negative length.
+            if let Some(collection) = name.strip_prefix("app_of:") {
+                out.push_str(&format!(
+                    "CASE WHEN collection = '{collection}' THEN '{}' \
+                     WHEN {} THEN substr(collection, 2, length(collection) - {}) END",
+                    super::scoped::DEFAULT_APP,
+                    scoped(collection),
+                    collection.len() + 2,
+                ));
+                rest = after;
+                continue;
+            }
             match (self, name, name.strip_prefix("json:")) {
                 (Dialect::Sqlite, "event_counts", _) => out.push_str(SQLITE_EVENT_COUNTS),
                 (Dialect::Postgres, "event_counts", _) => out.push_str(POSTGRES_EVENT_COUNTS),
@@ -330,6 +520,10 @@ impl Dialect {
                 }
                 (Dialect::Postgres, "event_counts_per_statement", _) => {
                     out.push_str(POSTGRES_COUNTS_PER_STATEMENT)
+                }
+                (Dialect::Sqlite, "event_counts_by_app", _) => out.push_str(SQLITE_COUNTS_BY_APP),
+                (Dialect::Postgres, "event_counts_by_app", _) => {
+                    out.push_str(POSTGRES_COUNTS_BY_APP)
                 }
                 (Dialect::Sqlite, "id_pk", _) => out.push_str("INTEGER PRIMARY KEY AUTOINCREMENT"),
                 (Dialect::Postgres, "id_pk", _) => out.push_str("BIGSERIAL PRIMARY KEY"),
@@ -424,12 +618,18 @@ pub struct Statements {
     pub replay_state: String,
     /// now, received since.
     pub replay_since: String,
-    /// → (event_type, state, count) rows, counts not zero: the maintained counts (migration 8),
-    /// whose size is the number of types, not of events.
+    /// → (app, event_type, state, count) rows, counts not zero, one per PostgreSQL session
+    /// (shard) for the same key, summed by [`stats_from`]: the maintained counts (migrations 8
+    /// and 11), whose size is the number of apps and types, not of events.
     pub stats_counts: String,
-    /// → the earliest `next_attempt_at` of a waiting event, or no row: the first entry of the
-    /// partial index `events_waiting`, which holds only waiting events, in due order.
+    /// app → the same rows, of that app only.
+    pub stats_counts_app: String,
+    /// → (app, earliest `next_attempt_at`) for each app with waiting events: a skip scan of the
+    /// partial index `events_app_waiting` (as `waiting_apps`), then that app's first entry in
+    /// due order, so it costs two index look-ups per app with waiting events.
     pub stats_oldest: String,
+    /// app → that app's earliest `next_attempt_at` of a waiting event, or no row.
+    pub stats_oldest_app: String,
     /// collection, key, body, now.
     pub put_document: String,
     /// collection, key, body, now; changes no row if the document exists.
@@ -447,6 +647,29 @@ pub struct Statements {
 impl Statements {
     pub fn new(dialect: Dialect) -> Self {
         let sql = |text: &str| dialect.statement(text);
+        // INDEXED BY (SQLite) pins the plans to the partial index of waiting events by app.
+        let pin = match dialect {
+            Dialect::Sqlite => "INDEXED BY events_app_waiting",
+            Dialect::Postgres => "",
+        };
+        // A skip scan of `events_app_waiting`: each step finds the next app after the last,
+        // so the cost grows with the number of apps, not of waiting events.
+        let waiting = format!(
+            "WITH RECURSIVE waiting(app) AS ( \
+             SELECT MIN(app) FROM events {pin} WHERE state IN ('pending', 'retry') \
+             UNION ALL \
+             SELECT (SELECT MIN(e.app) FROM events e {pin} \
+             WHERE e.state IN ('pending', 'retry') AND e.app > waiting.app) \
+             FROM waiting WHERE waiting.app IS NOT NULL)"
+        );
+        // One app's first waiting entry in due order (the index is by app, then due time).
+        let first_due = |app: &str| {
+            format!(
+                "SELECT e.next_attempt_at FROM events e {pin} \
+                 WHERE e.app = {app} AND e.state IN ('pending', 'retry') \
+                 ORDER BY e.next_attempt_at LIMIT 1"
+            )
+        };
         Statements {
             insert_event: sql(
                 "INSERT INTO events (dedup_key, event_type, corp_id, payload, source, \
@@ -469,20 +692,8 @@ impl Statements {
                  AND (CAST($4 AS TEXT) IS NULL OR app = $4) \
                  ORDER BY id DESC LIMIT $3"
             )),
-            // A skip scan of `events_app_waiting`: each step finds the next app after the last,
-            // so the cost grows with the number of apps, not of waiting events.
             waiting_apps: sql(&format!(
-                "WITH RECURSIVE waiting(app) AS ( \
-                 SELECT MIN(app) FROM events {pin} WHERE state IN ('pending', 'retry') \
-                 UNION ALL \
-                 SELECT (SELECT MIN(e.app) FROM events e {pin} \
-                 WHERE e.state IN ('pending', 'retry') AND e.app > waiting.app) \
-                 FROM waiting WHERE waiting.app IS NOT NULL) \
-                 SELECT app FROM waiting WHERE app IS NOT NULL",
-                pin = match dialect {
-                    Dialect::Sqlite => "INDEXED BY events_app_waiting",
-                    Dialect::Postgres => "",
-                }
+                "{waiting} SELECT app FROM waiting WHERE app IS NOT NULL"
             )),
             count_events: sql("SELECT COUNT(*) FROM events"),
             // A done event replayed runs every handler again.
@@ -503,21 +714,19 @@ impl Statements {
             ),
             replay_state: sql(&format!("{REPLAY_SET} state = $2")),
             replay_since: sql(&format!("{REPLAY_SET} received_at >= $2")),
-            // Shards are summed (PostgreSQL); a count of zero is a type that had events in
-            // that state once.
-            stats_counts: sql(
-                "SELECT event_type, state, CAST(SUM(n) AS BIGINT) FROM event_counts \
-                 GROUP BY event_type, state HAVING SUM(n) <> 0",
+            // One row per (app, type, state) on SQLite, per session too on PostgreSQL
+            // (shards): `stats_from` sums them. Not `GROUP BY`: grouping the rows of a
+            // thousand apps costs several times the reading (PostgreSQL sums BIGINT as
+            // NUMERIC), and a scrape of a few apps reads a handful of rows either way.
+            stats_counts: sql("SELECT app, event_type, state, n FROM event_counts WHERE n <> 0"),
+            stats_counts_app: sql(
+                "SELECT app, event_type, state, n FROM event_counts WHERE app = $1 AND n <> 0",
             ),
-            // INDEXED BY (SQLite) pins the plan, as for claims.
             stats_oldest: sql(&format!(
-                "SELECT next_attempt_at FROM events {} \
-                 WHERE state IN ('pending', 'retry') ORDER BY next_attempt_at LIMIT 1",
-                match dialect {
-                    Dialect::Sqlite => "INDEXED BY events_waiting",
-                    Dialect::Postgres => "",
-                }
+                "{waiting} SELECT app, ({}) FROM waiting WHERE app IS NOT NULL",
+                first_due("waiting.app")
             )),
+            stats_oldest_app: sql(&first_due("$1")),
             put_document: sql(&format!(
                 "INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $4) \
                  ON CONFLICT (collection, key) DO UPDATE SET body = EXCLUDED.body, \
@@ -644,28 +853,81 @@ pub fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-/// [`Stats`] from the rows of [`Statements::stats_counts`] and the result of
-/// [`Statements::stats_oldest`].
+/// [`Stats`] from the rows of [`Statements::stats_counts`] (or `stats_counts_app`) and of
+/// [`Statements::stats_oldest`] (or `stats_oldest_app`, with its app). `asked`: the app asked
+/// for, shown in [`Stats::by_app`] even without events. The rows of one (app, type, state)
+/// (PostgreSQL's shards) are summed signed, since a session may have taken out what another
+/// put in; what sums to 0 is left out, as if it had no row.
 pub fn stats_from(
-    counts: impl IntoIterator<Item = (String, String, i64)>,
-    oldest_pending: Option<i64>,
+    counts: impl IntoIterator<Item = (String, String, String, i64)>,
+    oldest: impl IntoIterator<Item = (String, i64)>,
+    asked: Option<&str>,
     now_ms: i64,
 ) -> Stats {
-    let mut stats = Stats::default();
-    for state in EventState::ALL {
-        stats.by_state.insert(state.as_str().to_owned(), 0);
-    }
-    for (event_type, state, n) in counts {
-        let n = count(n);
-        *stats.by_state.entry(state.clone()).or_insert(0) += n;
-        *stats
-            .by_type
+    type Sums = BTreeMap<String, i64>;
+    let (mut by_state, mut by_app, mut by_type) = (Sums::new(), BTreeMap::new(), BTreeMap::new());
+    for (app, event_type, state, n) in counts {
+        *by_state.entry(state.clone()).or_insert(0) += n;
+        *by_app
+            .entry(app)
+            .or_insert_with(Sums::new)
+            .entry(state.clone())
+            .or_insert(0) += n;
+        *by_type
             .entry(event_type)
-            .or_default()
+            .or_insert_with(Sums::new)
             .entry(state)
             .or_insert(0) += n;
     }
-    stats.oldest_pending_age_ms = oldest_pending.map(|t| now_ms.saturating_sub(t).max(0));
+    let not_zero = |sums: Sums| sums.into_iter().filter(|&(_, n)| n != 0);
+    let every_state = |sums: Sums| {
+        let mut counts: BTreeMap<String, u64> = EventState::ALL
+            .into_iter()
+            .map(|state| (state.as_str().to_owned(), 0))
+            .collect();
+        for (state, n) in not_zero(sums) {
+            *counts.entry(state).or_insert(0) += count(n);
+        }
+        counts
+    };
+    let app_stats = |sums: Sums| AppStats {
+        by_state: every_state(sums),
+        oldest_pending_age_ms: None,
+    };
+    let age = |due: i64| now_ms.saturating_sub(due).max(0);
+    let mut stats = Stats {
+        by_state: every_state(by_state),
+        by_type: by_type
+            .into_iter()
+            .filter_map(|(event_type, sums)| {
+                let states: BTreeMap<String, u64> =
+                    not_zero(sums).map(|(state, n)| (state, count(n))).collect();
+                (!states.is_empty()).then_some((event_type, states))
+            })
+            .collect(),
+        ..Stats::default()
+    };
+    for (app, sums) in by_app {
+        if sums.values().any(|&n| n != 0) {
+            stats.by_app.insert(app, app_stats(sums));
+        }
+    }
+    if let Some(app) = asked {
+        stats
+            .by_app
+            .entry(app.to_owned())
+            .or_insert_with(|| app_stats(Sums::new()));
+    }
+    let mut earliest: Option<i64> = None;
+    for (app, due) in oldest {
+        earliest = Some(earliest.map_or(due, |e| e.min(due)));
+        stats
+            .by_app
+            .entry(app)
+            .or_insert_with(|| app_stats(Sums::new()))
+            .oldest_pending_age_ms = Some(age(due));
+    }
+    stats.oldest_pending_age_ms = earliest.map(age);
     stats
 }
 
@@ -860,7 +1122,7 @@ CREATE VIEW notifications AS SELECT
     #[test]
     fn sqlite_renders_the_old_migrations_to_the_letter() {
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
-        assert_eq!(new.len(), OLD_SQLITE.len() + 7, "migrations 5 to 11 added");
+        assert_eq!(new.len(), OLD_SQLITE.len() + 9, "migrations 5 to 13 added");
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
         }
@@ -893,7 +1155,7 @@ CREATE VIEW notifications AS SELECT
         // Only the spacing of the column lists may differ from the old texts; the suite in
         // tests/store.rs runs the rendering on a real server.
         let new: Vec<String> = Dialect::Postgres.migrations().collect();
-        assert_eq!(new.len(), OLD_POSTGRES.len() + 7);
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 9);
         for (i, old) in OLD_POSTGRES.iter().enumerate() {
             assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
         }
@@ -901,6 +1163,45 @@ CREATE VIEW notifications AS SELECT
             words(&new[4]),
             words("ALTER TABLE events ADD COLUMN handled TEXT;")
         );
+    }
+
+    #[test]
+    fn the_views_show_each_apps_documents_and_no_others() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in Dialect::Sqlite.migrations() {
+            conn.execute_batch(&sql).unwrap();
+        }
+        for collection in [
+            "group",
+            "@ops/group",
+            "@a-1_b/group",
+            // Not groups: another collection, of the default app and of another, a name that
+            // only ends like one, and a scoped name without an app.
+            "groups",
+            "@ops/groups",
+            "@ops/subgroup",
+            "xgroup",
+            "@/group",
+            "@ops/todo",
+        ] {
+            conn.execute(
+                "INSERT INTO documents (collection, key, body, created_at, updated_at) \
+                 VALUES (?1, 'k', '{\"title\": \"t\"}', 1, 1)",
+                [collection],
+            )
+            .unwrap();
+        }
+        let apps = |view: &str| -> Vec<String> {
+            conn.prepare(&format!("SELECT app FROM {view} ORDER BY app"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(apps("groups"), ["a-1_b", "default", "ops"]);
+        assert_eq!(apps("todos"), ["ops"]);
+        assert!(apps("notifications").is_empty());
     }
 
     #[test]
@@ -933,8 +1234,11 @@ CREATE VIEW notifications AS SELECT
             &s.mark_dead,
             &s.replay_state,
             &s.replay_since,
+            &s.waiting_apps,
             &s.stats_counts,
+            &s.stats_counts_app,
             &s.stats_oldest,
+            &s.stats_oldest_app,
             &s.put_document,
             &s.insert_document,
             &s.get_document,
@@ -971,17 +1275,19 @@ CREATE VIEW notifications AS SELECT
             conn.execute_batch(later).unwrap();
         }
         let s = Statements::new(Dialect::Sqlite);
-        let read = |sql: &str| -> Vec<(String, String, i64)> {
+        let read = |sql: &str| -> Vec<(String, String, String, i64)> {
             let mut stmt = conn.prepare(sql).unwrap();
             let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                 .unwrap();
             let mut rows: Vec<_> = rows.collect::<Result<_, _>>().unwrap();
             rows.sort();
             rows
         };
-        let truth = "SELECT event_type, state, COUNT(*) FROM events GROUP BY event_type, state";
+        let truth = "SELECT app, event_type, state, COUNT(*) FROM events \
+                     GROUP BY app, event_type, state";
         assert_eq!(read(&s.stats_counts), read(truth));
+        assert!(read(truth).iter().all(|(app, ..)| app == "default"));
         conn.execute(
             "UPDATE events SET state = 'dead' WHERE received_at < 10",
             [],
@@ -989,9 +1295,24 @@ CREATE VIEW notifications AS SELECT
         .unwrap();
         conn.execute("DELETE FROM events WHERE received_at >= 90", [])
             .unwrap();
+        conn.execute(
+            "UPDATE events SET app = 'ops' WHERE received_at BETWEEN 40 AND 59",
+            [],
+        )
+        .unwrap();
         assert_eq!(read(&s.stats_counts), read(truth));
-        let oldest: i64 = conn.query_row(&s.stats_oldest, [], |r| r.get(0)).unwrap();
-        assert_eq!(oldest, 10);
+        let oldest: Vec<(String, i64)> = conn
+            .prepare(&s.stats_oldest)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(oldest, [("default".to_owned(), 10), ("ops".to_owned(), 41)]);
+        let ops: i64 = conn
+            .query_row(&s.stats_oldest_app, ["ops"], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ops, 41);
     }
 
     #[test]
@@ -1003,7 +1324,10 @@ CREATE VIEW notifications AS SELECT
         let s = Statements::new(Dialect::Sqlite);
         let plan = |sql: &str| -> String {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
+            let app = vec!["ops"; stmt.parameter_count()];
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(app), |r| r.get::<_, String>(3))
+                .unwrap();
             rows.collect::<Result<Vec<_>, _>>().unwrap().join("; ")
         };
         let counts = plan(&s.stats_counts);
@@ -1011,12 +1335,21 @@ CREATE VIEW notifications AS SELECT
             counts.contains("event_counts") && !counts.contains("events "),
             "{counts}"
         );
-        let oldest = plan(&s.stats_oldest);
-        // In due order over waiting events only; LIMIT 1 stops at the first entry.
+        let counts = plan(&s.stats_counts_app);
         assert!(
-            oldest.contains("INDEX events_waiting") && !oldest.contains("TEMP B-TREE"),
-            "{oldest}"
+            counts.contains("SEARCH event_counts") && !counts.contains("events "),
+            "{counts}"
         );
+        // Per app, in due order over waiting events only; LIMIT 1 stops at the first entry.
+        for sql in [&s.stats_oldest, &s.stats_oldest_app] {
+            let oldest = plan(sql);
+            assert!(
+                oldest.contains("INDEX events_app_waiting (app=?)")
+                    && !oldest.contains("TEMP B-TREE")
+                    && !oldest.contains("SCAN e "),
+                "{oldest}"
+            );
+        }
     }
 
     #[test]
@@ -1050,17 +1383,55 @@ CREATE VIEW notifications AS SELECT
             .query_row(&s.get_event, [1], |r| event_from_row(r))
             .is_err());
 
+        let row = |app: &str, t: &str, state: &str, n| (app.into(), t.into(), state.into(), n);
         let stats = stats_from(
             [
-                ("x".to_owned(), "done".to_owned(), 2),
-                ("y".to_owned(), "done".to_owned(), 1),
+                row("default", "x", "done", 2),
+                row("default", "y", "done", 1),
+                row("ops", "x", "done", 4),
+                row("ops", "x", "pending", 1),
             ],
-            Some(10),
+            [("default".to_owned(), 10), ("ops".to_owned(), 1)],
+            None,
             4,
         );
-        assert_eq!(stats.by_state["done"], 3);
+        assert_eq!(stats.by_state["done"], 7);
         assert_eq!(stats.by_state["dead"], 0);
-        assert_eq!(stats.by_type["x"]["done"], 2);
-        assert_eq!(stats.oldest_pending_age_ms, Some(0));
+        assert_eq!(stats.by_type["x"]["done"], 6);
+        assert_eq!(
+            stats.oldest_pending_age_ms,
+            Some(3),
+            "the most overdue app's"
+        );
+        assert_eq!(stats.by_app["default"].by_state["done"], 3);
+        assert_eq!(stats.by_app["default"].by_state["pending"], 0);
+        assert_eq!(stats.by_app["default"].oldest_pending_age_ms, Some(0));
+        assert_eq!(stats.by_app["ops"].by_state["pending"], 1);
+        assert_eq!(stats.by_app["ops"].oldest_pending_age_ms, Some(3));
+        // Shards: summed signed, and what sums to 0 is as if it had no row.
+        let shards = stats_from(
+            [
+                row("ops", "x", "pending", 2),
+                row("ops", "x", "pending", -2),
+                row("default", "y", "done", -1),
+                row("default", "y", "done", 3),
+                row("default", "y", "dead", 1),
+                row("default", "y", "dead", -1),
+            ],
+            [],
+            None,
+            4,
+        );
+        assert_eq!(shards.by_state["done"], 2);
+        assert_eq!(shards.by_state["pending"], 0);
+        assert_eq!(shards.by_type.keys().collect::<Vec<_>>(), ["y"]);
+        assert_eq!(shards.by_type["y"].len(), 1, "{shards:?}");
+        assert_eq!(shards.by_app.keys().collect::<Vec<_>>(), ["default"]);
+        assert_eq!(shards.by_app["default"].by_state["done"], 2);
+        let asked = stats_from([], [], Some("quiet"), 4);
+        assert_eq!(asked.by_app.keys().collect::<Vec<_>>(), ["quiet"]);
+        assert_eq!(asked.by_app["quiet"].by_state, asked.by_state);
+        assert_eq!(asked.by_app["quiet"].by_state.len(), 5);
+        assert_eq!(asked.oldest_pending_age_ms, None);
     }
 }

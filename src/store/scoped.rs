@@ -3,8 +3,10 @@
 //! Every app shares one store. Its events carry the app's name (the `app` column), and what
 //! belongs to an app is kept apart by name: de-duplication keys, document collections,
 //! monthly call counters and leadership names of an app other than `default` are written
-//! `@<app>/<name>`. The `default` app's view is the store itself, so a database from before
-//! apps existed is the `default` app's, unchanged and without a data migration. App names
+//! `@<app>/<name>`. Another app's view gets, lists and counts (`stats`) that app's events
+//! only. The `default` app's view is the store itself, so a database from before apps existed
+//! is the `default` app's, unchanged and without a data migration (and that view sees every
+//! app's events; `stats_for(Some("default"))` gives the `default` app's counts). App names
 //! (`[a-z0-9_-]`) never contain `@` or `/`, and no unscoped name starts with `@`, so two apps'
 //! names can never meet.
 
@@ -158,8 +160,15 @@ impl Store for AppStore {
         self.inner.replay(selector, now_ms).await
     }
 
-    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
-        self.inner.stats(now_ms).await
+    /// This app's counts, whatever is asked: another app's are not this view's to show (as
+    /// [`Store::get`] does not show another app's events), so asking for one gives zeros.
+    async fn stats_for(&self, app: Option<&str>, now_ms: i64) -> Result<Stats, StoreError> {
+        match app {
+            Some(other) if other != self.app => {
+                Ok(super::schema::stats_from([], [], Some(other), now_ms))
+            }
+            _ => self.inner.stats_for(Some(&self.app), now_ms).await,
+        }
     }
 
     async fn put_document(

@@ -675,21 +675,36 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
+    async fn stats_for(&self, app: Option<&str>, now_ms: i64) -> Result<Stats, StoreError> {
         let sql = Arc::clone(&self.sql);
-        // One read transaction, so the counts and the oldest event are of the same moment.
+        let app = app.map(str::to_owned);
+        // One read transaction, so the counts and the oldest events are of the same moment.
         Self::read_on(&self.stats_reader, move |conn| {
             let tx = conn.unchecked_transaction()?;
-            let counts = tx
-                .prepare_cached(&sql.stats_counts)?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let oldest: Option<i64> = tx
-                .prepare_cached(&sql.stats_oldest)?
-                .query_row([], |r| r.get(0))
-                .optional()?;
+            let count_row = |r: &Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
+            let (counts, oldest) = match &app {
+                None => (
+                    tx.prepare_cached(&sql.stats_counts)?
+                        .query_map([], count_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                    tx.prepare_cached(&sql.stats_oldest)?
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                ),
+                Some(app) => (
+                    tx.prepare_cached(&sql.stats_counts_app)?
+                        .query_map([app], count_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                    tx.prepare_cached(&sql.stats_oldest_app)?
+                        .query_row([app], |r| r.get::<_, i64>(0))
+                        .optional()?
+                        .map(|due| (app.clone(), due))
+                        .into_iter()
+                        .collect(),
+                ),
+            };
             tx.finish()?;
-            Ok(schema::stats_from(counts, oldest, now_ms))
+            Ok(schema::stats_from(counts, oldest, app.as_deref(), now_ms))
         })
         .await
     }

@@ -149,11 +149,11 @@ impl Store for CountingStore {
         self.count("replay");
         self.inner.replay(selector, now_ms).await
     }
-    async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {
+    async fn stats_for(&self, app: Option<&str>, now_ms: i64) -> Result<Stats, StoreError> {
         self.count("stats");
         let delay = *self.stats_delay.lock().unwrap();
         tokio::time::sleep(delay).await;
-        self.inner.stats(now_ms).await
+        self.inner.stats_for(app, now_ms).await
     }
     async fn put_document(
         &self,
