@@ -99,7 +99,8 @@ impl RouteRunner {
         let mut cool_down = FIRST_COOL_DOWN;
         // While paused: when the breaker may probe (None: paused by hand or by a 410).
         let mut paused: Option<Option<tokio::time::Instant>> = None;
-        let mut checked_pause = tokio::time::Instant::now() - Duration::from_secs(60);
+        // When the pause was last read (None: not yet).
+        let mut checked_pause: Option<tokio::time::Instant> = None;
         let gap =
             (this.spec.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(this.spec.rate)));
         let mut next_send = tokio::time::Instant::now();
@@ -111,8 +112,9 @@ impl RouteRunner {
             }
             // The pause is the store's (by hand, from another replica): read at most once a
             // poll interval.
-            if !stopping && checked_pause.elapsed() >= this.settings.poll_interval {
-                checked_pause = tokio::time::Instant::now();
+            let due = checked_pause.is_none_or(|at| at.elapsed() >= this.settings.poll_interval);
+            if !stopping && due {
+                checked_pause = Some(tokio::time::Instant::now());
                 match this.store.deliveries().route_pauses().await {
                     Ok(pauses) => {
                         let pause = pauses.into_iter().find(|p| p.route == this.spec.name);
