@@ -14,7 +14,7 @@ use dinghook::time::now_millis;
 use fake_dingtalk::FakeDingTalk;
 use serde_json::json;
 
-use support::{assert_error, stores, TestApp};
+use support::{assert_error, stores, wait_until, TestApp};
 
 const OPS_TOKEN: &str = "ops-token-4d3c2b";
 const OPS_AES_KEY: &str = "ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvut";
@@ -86,14 +86,6 @@ async fn post_ops(app: &TestApp, cipher: &CallbackCipher, msg: &str) -> reqwest:
         .send()
         .await
         .unwrap()
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn two_apps_side_by_side(store_url: Option<String>) {

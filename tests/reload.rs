@@ -17,7 +17,7 @@ use dinghook::time::now_millis;
 use fake_dingtalk::FakeDingTalk;
 use serde_json::{json, Value};
 
-use support::{deliver, free_port, stores, ServerProcess, TestApp};
+use support::{deliver, free_port, stores, wait_until, ServerProcess, TestApp};
 
 const KEY_A: &str = "ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvut";
 const KEY_B: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
@@ -462,14 +462,6 @@ fn config_of(app: &TestApp, default_url: &str, ops_url: Option<&str>) -> dinghoo
 
 async fn post_ops(app: &TestApp, msg: &str) -> u16 {
     post(&app.client, &app.url(""), OPS_PATH, &ops_cipher(), msg).await
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -292,6 +292,15 @@ impl TestApp {
 
 /// Asserts a DingTalk-acceptable reply: exactly the four string fields, a valid signature,
 /// and `success` inside.
+/// Waits (up to 10 s, looking every 20 ms) until `done` holds; fails naming `what`.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn assert_success_reply(response: reqwest::Response) {
     assert_eq!(response.status(), 200);
     let value: serde_json::Value = response.json().await.expect("json reply");
