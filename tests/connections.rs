@@ -101,11 +101,13 @@ async fn metric(client: &reqwest::Client, server: &ServerProcess, sample: &str) 
 async fn idle_and_slow_sockets_beyond_the_file_limit_do_not_keep_callbacks_out() {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let dir = tempfile::tempdir().unwrap();
-    let header_timeout = Duration::from_secs(4);
+    // Long enough that all 2 000 sockets are open before the first idle ones time out (the
+    // loop opening them takes seconds on a loaded machine): the server must make room.
+    let header_timeout = Duration::from_secs(8);
     let mut server = start_limited(
         dir.path(),
         &[
-            ("DINGHOOK_HEADER_TIMEOUT", "4s"),
+            ("DINGHOOK_HEADER_TIMEOUT", "8s"),
             ("DINGHOOK_DISPATCH", "off"),
         ],
     )
@@ -116,6 +118,7 @@ async fn idle_and_slow_sockets_beyond_the_file_limit_do_not_keep_callbacks_out()
     // 250 from each of 127.0.0.1 … 127.0.0.8: every second one idle, the others sending a
     // request head one byte a second.
     let mut sockets = Vec::new();
+    let opening = Instant::now();
     for host in 1..=8u8 {
         for _ in 0..250 {
             match connect_from(host, server.port).await {
@@ -125,6 +128,7 @@ async fn idle_and_slow_sockets_beyond_the_file_limit_do_not_keep_callbacks_out()
         }
     }
     assert_eq!(sockets.len(), 2_000);
+    eprintln!("2 000 sockets opened in {:?}", opening.elapsed());
     let (slow, idle): (Vec<_>, Vec<_>) = sockets
         .into_iter()
         .enumerate()
