@@ -104,6 +104,8 @@ impl RouteRunner {
         let gap =
             (this.spec.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(this.spec.rate)));
         let mut next_send = tokio::time::Instant::now();
+        // New deliveries may be due (set by a wake-up or the poll interval).
+        let mut look = true;
         tracing::info!(route = %this.spec.name, kind = this.spec.target.kind(), url = %this.spec.shown_url, "route started");
         loop {
             let stopping = *stop.borrow();
@@ -137,10 +139,17 @@ impl RouteRunner {
             }
             let probing = matches!(paused, Some(Some(at)) if tokio::time::Instant::now() >= at);
             let free = capacity.saturating_sub(in_flight.len());
-            let may_claim =
-                !stopping && free > 0 && (paused.is_none() || (probing && in_flight.is_empty()));
+            // Claim when there may be new deliveries (a wake-up, the poll interval), when half
+            // the slots are free, or when idle; not for every delivery that ends, which would
+            // be a claim (a store write) per delivery.
+            let worth_it = look || free * 2 >= capacity || in_flight.is_empty();
+            let may_claim = !stopping
+                && free > 0
+                && worth_it
+                && (paused.is_none() || (probing && in_flight.is_empty()));
             let mut claimed_any = false;
             if may_claim {
+                look = false;
                 let limit = if probing { 1 } else { free };
                 let limit = u32::try_from(limit).unwrap_or(u32::MAX);
                 match this
@@ -200,8 +209,8 @@ impl RouteRunner {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(probe_at) => {}
-                () = this.wake.notified(), if room && paused.is_none() => {}
+                () = tokio::time::sleep_until(probe_at) => look = true,
+                () = this.wake.notified(), if room && paused.is_none() => look = true,
                 _ = stop.changed(), if !stopping => {}
             }
         }
