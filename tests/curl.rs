@@ -29,14 +29,15 @@ fn curl_scripts_pass() {
         "expected the curl scripts, found {scripts:?}"
     );
     for script in scripts {
+        let [port, ops_port, fake_port] = support::free_ports::<3>();
         let output = std::process::Command::new("bash")
             .arg(&script)
             .env("DINGHOOK_BIN", env!("CARGO_BIN_EXE_dinghook"))
             .env("FAKE_BIN", &fake_bin)
-            .env("PORT", support::free_port().to_string())
-            .env("OPS_PORT", support::free_port().to_string())
+            .env("PORT", port.to_string())
+            .env("OPS_PORT", ops_port.to_string())
             // For scripts that also start a fake DingTalk.
-            .env("FAKE_PORT", support::free_port().to_string())
+            .env("FAKE_PORT", fake_port.to_string())
             .output()
             .expect("run bash");
         assert!(

@@ -340,10 +340,16 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
 
 /// A free loopback port (bound, then released for the child process to take).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports: the listeners are held until all are chosen (two `free_port`
+/// calls in a row may get the same port back from the kernel).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("free port").port())
 }
 
 /// The `fake-dingtalk` binary (another package of the workspace, so no `CARGO_BIN_EXE_` for it):
@@ -456,7 +462,10 @@ impl ServerProcess {
             .append(true)
             .open(&log)
             .expect("log file");
-        let ops_port = free_port();
+        // Not the public port, which the caller chose with its listener already closed.
+        let ops_port = std::iter::repeat_with(free_port)
+            .find(|p| *p != port)
+            .expect("a free port");
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
