@@ -594,7 +594,7 @@ impl Application {
             probe_timeout: config.request_timeout,
             routes: routes.specs.iter().map(|r| r.name.clone()).collect(),
         });
-        let route_wake = Arc::new(tokio::sync::Notify::new());
+        let routing = crate::routes::Routing::new(Arc::clone(&routes));
         let node = format!(
             "{}-{}",
             std::process::id(),
@@ -614,7 +614,7 @@ impl Application {
                         poll_interval: config.dispatch.poll_interval,
                         node: node.clone(),
                     },
-                    Arc::clone(&route_wake),
+                    routing.wake_for(&spec.name),
                 )
             })
             .collect();
@@ -627,7 +627,7 @@ impl Application {
             request_timeout: config.request_timeout,
             program,
             ops: Arc::clone(&ops),
-            routing: crate::routes::Routing::new(routes, route_wake),
+            routing,
         };
         let apps = AppSet::build(&fixed, &config, specs, None)?;
         let mut recoveries = Recoveries::default();

@@ -567,3 +567,41 @@ async fn a_callback_reaches_a_jetstream_stream() {
     app.stop().await;
     js.delete_stream(&name).await.unwrap();
 }
+
+/// A stored event wakes its route's runner: with a poll interval of 10 s, each of a few events
+/// sent one after another is still delivered within a second.
+#[tokio::test]
+async fn a_new_event_wakes_its_route_at_once() {
+    let (receiver, url) = Receiver::start().await;
+    let app = TestApp::spawn_with_handlers(
+        |config| {
+            config.dispatch.poll_interval = Duration::from_secs(10);
+            config.routes = vec![route("quick", &url, &[])];
+        },
+        RegistryBuilder::new(),
+    )
+    .await;
+    // Past the runner's first look at start-up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            app.post_event(&renamed(&format!("w-{i}"))).await.status(),
+            200
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while receiver.got().len() < i + 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "event {i} not delivered within 1 s of its acknowledgement"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eprintln!(
+            "event {i} delivered {:?} after it was sent",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}

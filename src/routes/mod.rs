@@ -63,17 +63,35 @@ pub fn destination(spec: &RouteSpec) -> Result<Arc<dyn Destination>, RouteError>
     }
 }
 
-/// What the sources need of the routes: which take an event, and a wake-up for the runners
-/// once an event with deliveries is stored.
+/// What the sources need of the routes: which take an event, and a wake-up for each route's
+/// runner once an event with deliveries for it is stored.
 #[derive(Clone, Default)]
 pub struct Routing {
     routes: Arc<config::Routes>,
-    wake: Arc<tokio::sync::Notify>,
+    /// One per route: `notify_one` keeps a permit for a runner busy claiming, so no wake-up
+    /// is lost (it would wait a poll interval).
+    wakes: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 impl Routing {
-    pub fn new(routes: Arc<config::Routes>, wake: Arc<tokio::sync::Notify>) -> Self {
-        Routing { routes, wake }
+    pub fn new(routes: Arc<config::Routes>) -> Self {
+        let wakes = routes
+            .specs
+            .iter()
+            .map(|r| (r.name.clone(), Arc::new(tokio::sync::Notify::new())))
+            .collect();
+        Routing {
+            routes,
+            wakes: Arc::new(wakes),
+        }
+    }
+
+    /// The wake-up of route `name`'s runner.
+    pub fn wake_for(&self, name: &str) -> Arc<tokio::sync::Notify> {
+        self.wakes
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(tokio::sync::Notify::new()))
     }
 
     /// Names in `event.routes` the routes that take it (DingTalk's events only: dinghook's
@@ -85,9 +103,13 @@ impl Routing {
         event.routes = self.routes.matching(&event.app, &event.event_type);
     }
 
-    /// An event with deliveries was stored: the runners look at once.
-    pub fn stored(&self) {
-        self.wake.notify_waiters();
+    /// An event with deliveries for `routes` was stored: their runners look at once.
+    pub fn stored(&self, routes: &[String]) {
+        for route in routes {
+            if let Some(wake) = self.wakes.get(route) {
+                wake.notify_one();
+            }
+        }
     }
 }
 

@@ -403,13 +403,11 @@ async fn handle(
             // The app's name as the store writes it (the scoped store sets it too).
             event.app = state.app.to_string();
             state.routing.route(&mut event);
-            let routed = !event.routes.is_empty();
+            let routes = event.routes.clone();
             let outcome = match state.store.insert(event).await? {
                 Inserted::Stored { id } => {
                     state.stored.notify_one();
-                    if routed {
-                        state.routing.stored();
-                    }
+                    state.routing.stored(&routes);
                     tracing::debug!(id, %event_type, "event stored");
                     "stored"
                 }

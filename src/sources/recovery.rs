@@ -339,13 +339,13 @@ impl Recovery {
         };
         event.app = self.app.clone();
         self.routing.route(&mut event);
-        let routed = !event.routes.is_empty();
+        let routes = event.routes.clone();
         let mut attempt = 1;
         loop {
             match self.store.insert(event.clone()).await {
                 Ok(inserted) => {
-                    if routed && matches!(inserted, Inserted::Stored { .. }) {
-                        self.routing.stored();
+                    if matches!(inserted, Inserted::Stored { .. }) {
+                        self.routing.stored(&routes);
                     }
                     return Ok(Some(inserted));
                 }
