@@ -48,7 +48,8 @@ struct Name {
     name: &'static str,
 }
 
-/// The `name` labels of `dinghook_dingtalk`, as [`Metrics::set_quota`] sets them.
+/// The `name` labels of `dinghook_dingtalk`, in the order [`Metrics::set_quota`] gives the
+/// values.
 const DINGTALK_FIGURES: [&str; 12] = [
     "calls_this_month",
     "monthly_quota",
@@ -568,27 +569,26 @@ impl Metrics {
         stats: &crate::dingtalk::ClientStats,
     ) {
         let limit = quota.limit as f64;
-        let figures = [
-            ("calls_this_month", quota.used as f64),
-            ("monthly_quota", limit),
-            ("quota_remaining", quota.remaining as f64),
-            (
-                "quota_used_ratio",
-                if limit > 0.0 {
-                    quota.used as f64 / limit
-                } else {
-                    0.0
-                },
-            ),
-            ("requests_sent", stats.requests_sent as f64),
-            ("throttled_retries", stats.throttled_retries as f64),
-            ("busy_retries", stats.busy_retries as f64),
-            ("quota_rejections", stats.quota_rejections as f64),
-            ("ip_bans", stats.ip_bans as f64),
-            ("disabled_answers", stats.disabled_answers as f64),
-            ("token_fetches", stats.token_fetches as f64),
-            ("quota_warnings", stats.quota_warnings as f64),
+        // In the order of DINGTALK_FIGURES, which names them.
+        let values: [f64; DINGTALK_FIGURES.len()] = [
+            quota.used as f64,
+            limit,
+            quota.remaining as f64,
+            if limit > 0.0 {
+                quota.used as f64 / limit
+            } else {
+                0.0
+            },
+            stats.requests_sent as f64,
+            stats.throttled_retries as f64,
+            stats.busy_retries as f64,
+            stats.quota_rejections as f64,
+            stats.ip_bans as f64,
+            stats.disabled_answers as f64,
+            stats.token_fetches as f64,
+            stats.quota_warnings as f64,
         ];
+        let figures = DINGTALK_FIGURES.into_iter().zip(values);
         for (name, value) in figures {
             self.dingtalk
                 .get_or_create(&Name {
@@ -697,6 +697,17 @@ mod tests {
                 text.contains(&format!("dinghook_dingtalk{{app=\"ops\",name=\"{name}\"}}")),
                 "{name} in:\n{text}"
             );
+        }
+        // Each value under its own name.
+        for (name, value) in [
+            ("calls_this_month", "1.0"),
+            ("monthly_quota", "5000.0"),
+            ("quota_remaining", "4999.0"),
+            ("quota_used_ratio", "0.0002"),
+            ("requests_sent", "0.0"),
+        ] {
+            let line = format!("dinghook_dingtalk{{app=\"ops\",name=\"{name}\"}} {value}");
+            assert!(text.contains(&line), "{line} in:\n{text}");
         }
         metrics.forget_client("ops");
         let text = metrics.render();
