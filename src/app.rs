@@ -117,7 +117,12 @@ fn registry(
     let mut builtin = RegistryBuilder::new();
     for app in specs {
         builtin = builtin
-            .merge(crate::builtin::registrations(&app.handlers).for_app(&app.name, DEFAULT_APP));
+            .merge(crate::builtin::registrations(&app.handlers).for_app(&app.name, DEFAULT_APP))
+            // Actions run whatever `[handlers]` says: the API asked for them.
+            .merge(
+                crate::builtin::action::register(RegistryBuilder::new(), &app.handlers)
+                    .for_app(&app.name, DEFAULT_APP),
+            );
     }
     builtin.merge(program.clone()).build()
 }
@@ -129,6 +134,8 @@ pub struct Application {
     local_addr: SocketAddr,
     /// The operator listener (`/metrics`), unless `ops.listen` is empty.
     ops_listener: Option<(TcpListener, SocketAddr)>,
+    /// The HTTP API's listener and routes, when `api.listen` is set.
+    api_listener: Option<((TcpListener, SocketAddr), axum::Router)>,
     limits: Limits,
     ops_router: axum::Router,
     live: Arc<Live>,
@@ -150,6 +157,8 @@ struct Fixed {
     ops: Arc<OpsState>,
     /// Which routes take an event, for the sources; the runners' wake-up.
     routing: crate::routes::Routing,
+    /// The HTTP API's state, when `api.listen` is set.
+    api: Option<Arc<crate::api::ApiState>>,
 }
 
 /// What one configuration of apps makes: each app's client, store view and callback route,
@@ -232,6 +241,27 @@ impl AppSet {
             registry,
             router,
         })
+    }
+
+    /// What the HTTP API knows of these apps.
+    fn api_apps(&self) -> crate::api::ApiApps {
+        self.specs
+            .iter()
+            .filter_map(|spec| {
+                let context = self.contexts.get(&spec.name)?;
+                Some((
+                    spec.name.clone(),
+                    crate::api::ApiApp {
+                        name: spec.name.clone(),
+                        callback_path: spec.callback.path.clone(),
+                        client: context.client.clone(),
+                        store: Arc::clone(&context.store),
+                        qps: spec.dingtalk.qps,
+                        recovery: spec.recovery.enabled && context.client.is_some(),
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// The failed-push reader of app `spec` (with this set's client), when it has one.
@@ -487,6 +517,9 @@ impl Live {
         self.dispatcher
             .replace_apps(apps.registry.clone(), apps.contexts.clone());
         self.fixed.ops.clients.store(Arc::new(apps.clients.clone()));
+        if let Some(api) = &self.fixed.api {
+            api.apps.store(Arc::new(apps.api_apps()));
+        }
         self.fixed.metrics.set_apps(apps.specs.len());
         for gone in state.apps.clients.keys() {
             if !apps.clients.contains_key(gone) {
@@ -510,11 +543,18 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         serde_json::to_value(v).ok()
     }
     let (a, b) = (started, new);
-    let checks: [(&'static str, bool); 12] = [
+    let checks: [(&'static str, bool); 13] = [
         // Until the route workers follow a reload.
         ("routes", value(&a.routes) == value(&b.routes)),
         ("listen", a.listen == b.listen),
         ("ops.listen", a.ops.listen == b.ops.listen),
+        (
+            "api",
+            a.api.listen == b.api.listen
+                && a.api.token == b.api.token
+                && value(&a.api.tokens) == value(&b.api.tokens)
+                && a.api.body_limit == b.api.body_limit,
+        ),
         ("log_format", value(&a.log_format) == value(&b.log_format)),
         ("log_level", a.log_level == b.log_level),
         ("shutdown_timeout", a.shutdown_timeout == b.shutdown_timeout),
@@ -566,6 +606,8 @@ impl Application {
         let trusted_proxies = config.trusted_proxies()?;
         let addr = config.listen_addr()?;
         let ops_addr = config.ops_addr()?;
+        let api_addr = config.api_addr()?;
+        let api_tokens = config.api_tokens(&specs)?;
         // Registration problems (two handlers with one name) before anything is opened.
         registry(&specs, &program)?;
         let routes = Arc::new(config.routes_for(&specs)?);
@@ -618,18 +660,45 @@ impl Application {
                 )
             })
             .collect();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let api = api_addr.map(|_| {
+            Arc::new(crate::api::ApiState {
+                store: Arc::clone(&store),
+                metrics: Arc::clone(&metrics),
+                apps: arc_swap::ArcSwap::default(),
+                tokens: api_tokens,
+                wake: Arc::clone(&wake),
+                routes: routes
+                    .specs
+                    .iter()
+                    .map(|r| crate::api::RouteInfo {
+                        name: r.name.clone(),
+                        kind: r.target.kind(),
+                        destination: r.shown_url.clone(),
+                        apps: r.apps.as_ref().map(|a| a.iter().cloned().collect()),
+                        events: r.event_patterns.clone(),
+                    })
+                    .collect(),
+                routing: routing.clone(),
+                body_limit: config.api.body_limit,
+            })
+        });
         let fixed = Fixed {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
-            wake: Arc::new(tokio::sync::Notify::new()),
+            wake,
             body_budget: push::BodyBudget::new(config.callback.body_budget),
             trusted_proxies: trusted_proxies.clone(),
             request_timeout: config.request_timeout,
             program,
             ops: Arc::clone(&ops),
             routing,
+            api,
         };
         let apps = AppSet::build(&fixed, &config, specs, None)?;
+        if let Some(api) = &fixed.api {
+            api.apps.store(Arc::new(apps.api_apps()));
+        }
         let mut recoveries = Recoveries::default();
         for spec in &apps.specs {
             recoveries.replace(&spec.name, apps.recovery(&fixed, spec));
@@ -657,18 +726,26 @@ impl Application {
         });
         let ops_router = crate::http::wrap(
             ops::router(ops).merge(reload_route(Reloader(Arc::clone(&live)))),
-            trusted_proxies,
+            trusted_proxies.clone(),
         );
         let (listener, local_addr) = bind(addr).await?;
         let ops_listener = match ops_addr {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let api_listener = match (api_addr, &live.fixed.api) {
+            (Some(addr), Some(api)) => Some((
+                bind(addr).await?,
+                crate::http::wrap(crate::api::router(Arc::clone(api)), trusted_proxies.clone()),
+            )),
+            _ => None,
+        };
         Ok(Application {
             config,
             listener,
             local_addr,
             ops_listener,
+            api_listener,
             limits,
             ops_router,
             live,
@@ -702,6 +779,11 @@ impl Application {
         self.ops_listener.as_ref().map(|(_, addr)| *addr)
     }
 
+    /// The HTTP API's address, when `api.listen` is set.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_listener.as_ref().map(|((_, addr), _)| *addr)
+    }
+
     pub fn store(&self) -> Arc<dyn Store> {
         Arc::clone(&self.live.fixed.store)
     }
@@ -725,12 +807,14 @@ impl Application {
             listener,
             local_addr,
             ops_listener,
+            api_listener,
             limits,
             ops_router,
             live,
             runners,
         } = self;
         let ops_addr = ops_listener.as_ref().map(|(_, addr)| *addr);
+        let api_addr = api_listener.as_ref().map(|((_, addr), _)| *addr);
         {
             let state = live.state.lock().await;
             let apps = &state.apps.specs;
@@ -749,6 +833,7 @@ impl Application {
             tracing::info!(
                 %local_addr,
                 ops_addr = ops_addr.map(tracing::field::display),
+                api_addr = api_addr.map(tracing::field::display),
                 apps = %paths.join(" "),
                 store = %crate::store::redact_url(&config.store.url),
                 "dinghook listening"

@@ -19,6 +19,8 @@
 //! [`secret`], [`setting`]. [`config`] composes each room's section, [`app`] wires the rooms
 //! into an [`Application`], and [`cli`] is the `dinghook` command line.
 
+pub mod actions;
+pub mod api;
 pub mod app;
 pub mod batch;
 pub mod builtin;

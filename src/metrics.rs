@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
 
 use crate::store::{EventState, Stats};
@@ -79,6 +80,8 @@ pub struct Metrics {
     /// when its events are gone, so a drained queue reads 0 rather than "no data". A std
     /// mutex: held only while the gauges are set, never across an await.
     queue_apps: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// What the API's app health shows that counters cannot.
+    recent: Recent,
     store_up: Gauge,
     dingtalk: Family<Name, Gauge<f64, AtomicU64>>,
     notifications_sent: Family<Kind, Counter>,
@@ -377,6 +380,7 @@ impl Metrics {
             queue_depth,
             oldest_pending_seconds,
             queue_apps: std::sync::Mutex::default(),
+            recent: Recent::default(),
             store_up,
             dingtalk,
             type_labels: std::sync::Mutex::default(),
@@ -524,6 +528,17 @@ impl Metrics {
                 reason,
             })
             .inc();
+        self.recent.refused(app, reason, crate::time::now_millis());
+    }
+
+    /// `app`'s callbacks refused in the last hour, by reason (counted per minute).
+    pub fn refusals_last_hour(&self, app: &str) -> BTreeMap<String, u64> {
+        self.recent.refusals(app, crate::time::now_millis())
+    }
+
+    /// When `app`'s last recovery cycle ended (epoch ms) and how, since this process started.
+    pub fn last_recovery_run(&self, app: &str) -> Option<(i64, &'static str)> {
+        self.recent.last_recovery(app)
     }
 
     pub fn handler_run(&self, app: &str, event_type: &str, outcome: &'static str) {
@@ -663,6 +678,8 @@ impl Metrics {
                 outcome,
             })
             .inc();
+        self.recent
+            .recovered(app, outcome, crate::time::now_millis());
     }
 
     /// The Prometheus text exposition.
@@ -713,5 +730,112 @@ mod tests {
         let text = metrics.render();
         assert!(!text.contains("app=\"ops\""), "{text}");
         assert!(text.contains("app=\"other\""), "{text}");
+    }
+}
+
+/// Per app: callback refusals by reason in one-minute buckets over the last hour, and the last
+/// recovery cycle. Bounded: at most [`RECENT_MINUTES`] buckets of a few reasons per app, and
+/// only apps that had a refusal or a recovery run. A std mutex, never held across an await.
+#[derive(Default)]
+struct Recent {
+    apps: std::sync::Mutex<HashMap<String, AppRecent>>,
+}
+
+/// The minutes [`Recent`] keeps.
+const RECENT_MINUTES: i64 = 60;
+
+#[derive(Default)]
+struct AppRecent {
+    /// (minute since the epoch, reason → count), oldest first.
+    refusals: std::collections::VecDeque<(i64, BTreeMap<&'static str, u64>)>,
+    last_recovery: Option<(i64, &'static str)>,
+}
+
+impl Recent {
+    fn with<R>(&self, app: &str, f: impl FnOnce(&mut AppRecent) -> R) -> R {
+        let mut apps = self
+            .apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match apps.get_mut(app) {
+            Some(recent) => f(recent),
+            None => f(apps.entry(app.to_owned()).or_default()),
+        }
+    }
+
+    fn refused(&self, app: &str, reason: &'static str, now_ms: i64) {
+        let minute = now_ms.div_euclid(60_000);
+        self.with(app, |recent| {
+            while recent
+                .refusals
+                .front()
+                .is_some_and(|(m, _)| *m <= minute - RECENT_MINUTES)
+            {
+                recent.refusals.pop_front();
+            }
+            match recent.refusals.back_mut() {
+                Some((m, counts)) if *m == minute => *counts.entry(reason).or_default() += 1,
+                _ => recent
+                    .refusals
+                    .push_back((minute, BTreeMap::from([(reason, 1)]))),
+            }
+        });
+    }
+
+    fn refusals(&self, app: &str, now_ms: i64) -> BTreeMap<String, u64> {
+        let minute = now_ms.div_euclid(60_000);
+        let apps = self
+            .apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut total = BTreeMap::new();
+        if let Some(recent) = apps.get(app) {
+            for (_, counts) in recent
+                .refusals
+                .iter()
+                .filter(|(m, _)| *m > minute - RECENT_MINUTES)
+            {
+                for (reason, n) in counts {
+                    *total.entry((*reason).to_owned()).or_default() += n;
+                }
+            }
+        }
+        total
+    }
+
+    fn recovered(&self, app: &str, outcome: &'static str, now_ms: i64) {
+        self.with(app, |recent| recent.last_recovery = Some((now_ms, outcome)));
+    }
+
+    fn last_recovery(&self, app: &str) -> Option<(i64, &'static str)> {
+        let apps = self
+            .apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        apps.get(app).and_then(|r| r.last_recovery)
+    }
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_counted_for_an_hour() {
+        let recent = Recent::default();
+        let t0 = 1_700_000_000_000;
+        recent.refused("a", "signature", t0);
+        recent.refused("a", "signature", t0 + 1_000);
+        recent.refused("a", "decrypt", t0 + 30 * 60_000);
+        recent.refused("b", "signature", t0);
+        let at = |t| recent.refusals("a", t);
+        assert_eq!(at(t0 + 1_000).get("signature"), Some(&2));
+        assert_eq!(at(t0 + 59 * 60_000).get("signature"), Some(&2));
+        assert_eq!(at(t0 + 61 * 60_000).get("signature"), None);
+        assert_eq!(at(t0 + 61 * 60_000).get("decrypt"), Some(&1));
+        assert!(recent.refusals("c", t0).is_empty());
+        recent.recovered("a", "ok", t0);
+        assert_eq!(recent.last_recovery("a"), Some((t0, "ok")));
+        assert_eq!(recent.last_recovery("b"), None);
     }
 }

@@ -19,10 +19,13 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["store", "dingtalk", "telemetry"],
     ),
     ("observability and HTTP", &["metrics", "http"]),
-    ("the extension API and the routes", &["handler", "routes"]),
+    (
+        "the extension API, the routes and the actions",
+        &["handler", "routes", "actions"],
+    ),
     (
         "the rooms",
-        &["sources", "dispatch", "builtin", "ops", "server"],
+        &["sources", "dispatch", "builtin", "ops", "server", "api"],
     ),
     ("composition", &["config"]),
     ("wiring", &["app"]),

@@ -16,6 +16,7 @@ use crate::handler::{Context, HandlerError, RegistryBuilder};
 use crate::store::{Inserted, NewEvent, Source};
 use crate::time::{duration_str, now_millis};
 
+pub mod action;
 pub mod attendance;
 pub mod chat;
 pub mod cool_app;

@@ -23,6 +23,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod act;
 mod routes;
 
 use crate::app::{shutdown_signal, AppBuilder, Application};
@@ -123,6 +124,9 @@ enum Command {
     /// The deliveries of routes: list, show, send again.
     #[command(subcommand)]
     Deliveries(routes::DeliveriesCommand),
+    /// Queue an action on DingTalk (as `POST /api/v1/apps/{app}/actions` does); the running
+    /// server's workers run it. Prints its id; `dinghook events show ID` follows it.
+    Act(act::ActArgs),
     /// Exit 0 if URL answers 2xx within 3 s (for container health checks; no curl needed).
     Healthcheck {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
@@ -348,6 +352,7 @@ async fn events(command: EventsCommand) -> Result<()> {
                 state,
                 event_type,
                 limit: Some(limit),
+                ..ListQuery::default()
             };
             for e in store.list(&query).await? {
                 if json {
@@ -749,6 +754,7 @@ async fn dispatch_command(customize: Customize) -> ExitCode {
         Command::Healthcheck { url } => healthcheck(&url).await,
         Command::Reload { config, ops_url } => reload(&config, ops_url).await,
         Command::Routes(command) => routes::routes(command).await,
+        Command::Act(args) => act::act(args).await,
         Command::Deliveries(command) => routes::deliveries(command).await,
     };
     match result {

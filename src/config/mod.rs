@@ -73,6 +73,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "DINGHOOK_MAX_CONNECTIONS_PER_CLIENT",
     ),
     ("ops.listen", "DINGHOOK_OPS_LISTEN"),
+    ("api.listen", "DINGHOOK_API_LISTEN"),
+    ("api.token", "DINGHOOK_API_TOKEN"),
     ("callback.path", "DINGHOOK_CALLBACK_PATH"),
     ("callback.token", "DINGHOOK_TOKEN"),
     ("callback.aes_key", "DINGHOOK_AES_KEY"),
@@ -131,6 +133,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// The operator listener (`/metrics`, `/healthz`, `/readyz`).
     pub ops: OpsConfig,
+    /// The HTTP API for the user's systems (off unless `api.listen` is set).
+    pub api: crate::api::ApiConfig,
     pub callback: CallbackConfig,
     pub store: StoreConfig,
     pub dispatch: DispatchConfig,
@@ -158,6 +162,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(10),
             server: ServerConfig::default(),
             ops: OpsConfig::default(),
+            api: crate::api::ApiConfig::default(),
             callback: CallbackConfig::default(),
             store: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
@@ -257,6 +262,7 @@ impl Config {
     pub fn validated_apps(&self) -> Result<Vec<AppSpec>, ConfigError> {
         self.listen_addr()?;
         self.ops_addr()?;
+        self.api_addr()?;
         self.check_ranges()?;
         self.trusted_proxies()?;
         StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))?;
@@ -275,7 +281,41 @@ impl Config {
         // Each app's keys, client, handler options and recovery; paths distinct.
         let apps = self.apps()?;
         self.routes_for(&apps)?;
+        self.api_tokens(&apps)?;
         Ok(apps)
+    }
+
+    /// The API listener's address, unless `api.listen` is empty (the API is off).
+    pub fn api_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let listen = self.api.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "api.listen",
+                format!("{listen:?} is not an address like 127.0.0.1:8081 (empty: off)"),
+            )
+        })
+    }
+
+    /// The API's tokens (`api.token` and `[[api.tokens]]`, token files read), checked against
+    /// the configured `apps`. With the API on, at least one is needed.
+    pub fn api_tokens(&self, apps: &[AppSpec]) -> Result<crate::api::Tokens, ConfigError> {
+        let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+        let tokens = crate::api::Tokens::resolve(&self.api.token, &self.api.tokens, &names)
+            .map_err(|e| ConfigError::Invalid {
+                env: env_name(&e.key).to_owned(),
+                key: e.key,
+                message: e.message,
+            })?;
+        if tokens.is_empty() && !self.api.listen.trim().is_empty() {
+            return Err(invalid(
+                "api.token",
+                "the API is on (api.listen) but has no token: set DINGHOOK_API_TOKEN or [[api.tokens]]",
+            ));
+        }
+        Ok(tokens)
     }
 
     /// The `[[routes]]`, validated against the configured `apps`.

@@ -14,8 +14,8 @@ const SEND_NOT_FINISHED: i64 = 41052;
 const SEND_DONE: i64 = 2;
 
 /// The `msg` object of a work notification. Serialises as `{"msgtype": "...", "<msgtype>": {...}}`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-#[serde(tag = "msgtype", rename_all = "snake_case")]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "msgtype", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WorkMessage {
     /// Plain text.
     Text {
@@ -45,14 +45,16 @@ pub enum WorkMessage {
 }
 
 /// `text` message body.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Text {
     /// The text.
     pub content: String,
 }
 
 /// `markdown` message body.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Markdown {
     /// Shown in the conversation list.
     pub title: String,
@@ -61,8 +63,8 @@ pub struct Markdown {
 }
 
 /// `link` message body (DingTalk spells these fields in camelCase).
-#[derive(Clone, Debug, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Link {
     /// Where a click goes.
     pub message_url: String,
@@ -75,7 +77,8 @@ pub struct Link {
 }
 
 /// `action_card` message body: either `single_title` + `single_url`, or buttons.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ActionCard {
     /// Title.
     pub title: String,
@@ -91,12 +94,13 @@ pub struct ActionCard {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub btn_orientation: Option<String>,
     /// Buttons, when there is no single button.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub btn_json_list: Vec<ActionCardButton>,
 }
 
 /// One action-card button.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ActionCardButton {
     /// Button text.
     pub title: String,
@@ -105,7 +109,8 @@ pub struct ActionCardButton {
 }
 
 /// `oa` message body.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct OaMessage {
     /// Link opened on mobile.
     pub message_url: String,
@@ -122,7 +127,8 @@ pub struct OaMessage {
 }
 
 /// `oa.head`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct OaHead {
     /// ARGB colour, e.g. `FFBBBBBB`.
     pub bgcolor: String,
@@ -131,7 +137,8 @@ pub struct OaHead {
 }
 
 /// `oa.status_bar` (also the body of `status_bar/update`).
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct OaStatusBar {
     /// Status text.
     pub status_value: String,
@@ -141,13 +148,14 @@ pub struct OaStatusBar {
 }
 
 /// `oa.body`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct OaBody {
     /// Title.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
     /// Key/value lines (at most 6 are shown).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub form: Vec<OaForm>,
     /// A number with a unit, shown large.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,7 +175,8 @@ pub struct OaBody {
 }
 
 /// One `oa.body.form` line.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct OaForm {
     /// Label.
     pub key: String,
@@ -176,7 +185,8 @@ pub struct OaForm {
 }
 
 /// `oa.body.rich`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct OaRich {
     /// The number.
     pub num: String,

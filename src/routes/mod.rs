@@ -97,7 +97,12 @@ impl Routing {
     /// Names in `event.routes` the routes that take it (DingTalk's events only: dinghook's
     /// own follow-up jobs are not routed).
     pub fn route(&self, event: &mut crate::store::NewEvent) {
-        if self.routes.is_empty() || event.source == crate::store::Source::Internal {
+        if self.routes.is_empty()
+            || matches!(
+                event.source,
+                crate::store::Source::Internal | crate::store::Source::Api
+            )
+        {
             return;
         }
         event.routes = self.routes.matching(&event.app, &event.event_type);

@@ -91,6 +91,8 @@ pub enum Source {
     Recovery,
     /// Scheduled by dinghook itself (a follow-up job of a handler).
     Internal,
+    /// Asked for through the HTTP API or `dinghook act` (an action).
+    Api,
 }
 
 impl Source {
@@ -99,6 +101,7 @@ impl Source {
             Source::Push => "push",
             Source::Recovery => "recovery",
             Source::Internal => "internal",
+            Source::Api => "api",
         }
     }
 }
@@ -264,6 +267,11 @@ pub struct ListQuery {
     pub state: Option<EventState>,
     pub event_type: Option<String>,
     pub limit: Option<u32>,
+    /// Only events with an id below this one (keyset pagination: the last id of the page
+    /// before).
+    pub before_id: Option<i64>,
+    /// Only events received at or after this epoch-ms time.
+    pub since: Option<i64>,
 }
 
 /// Why the store could not do what was asked. Every variant means "not durable": the

@@ -588,7 +588,14 @@ impl Store for PostgresStore {
             let rows = Self::query(
                 c,
                 &self.sql.list_events,
-                &[&state, &event_type, &limit, &app],
+                &[
+                    &state,
+                    &event_type,
+                    &limit,
+                    &app,
+                    &query.before_id,
+                    &query.since,
+                ],
             )
             .await?;
             events_from_rows(&rows)

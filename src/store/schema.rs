@@ -690,6 +690,8 @@ impl Statements {
                  WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
                  AND (CAST($2 AS TEXT) IS NULL OR event_type = $2) \
                  AND (CAST($4 AS TEXT) IS NULL OR app = $4) \
+                 AND (CAST($5 AS BIGINT) IS NULL OR id < $5) \
+                 AND (CAST($6 AS BIGINT) IS NULL OR received_at >= $6) \
                  ORDER BY id DESC LIMIT $3"
             )),
             waiting_apps: sql(&format!(

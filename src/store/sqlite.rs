@@ -487,10 +487,14 @@ impl Store for SqliteStore {
         let event_type = query.event_type.clone();
         let limit = i64::from(query.limit.unwrap_or(100));
         let app = query.app.clone();
+        let (before, since) = (query.before_id, query.since);
         let sql = Arc::clone(&self.sql);
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&sql.list_events)?;
-            let rows = stmt.query_map(params![state, event_type, limit, app], event_from_row)?;
+            let rows = stmt.query_map(
+                params![state, event_type, limit, app, before, since],
+                event_from_row,
+            )?;
             rows.collect()
         })
         .await

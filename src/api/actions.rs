@@ -1,0 +1,262 @@
+//! `POST /api/v1/apps/{app}/actions` and `GET /api/v1/actions/{id}`: act on DingTalk through
+//! dinghook. An action is stored (durably, as an inbox event) before the 202; the same
+//! `Idempotency-Key` with the same body answers the same action (200), with another body 409.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::problem::ProblemDocument;
+use super::{
+    body_bytes, json_content_type, path_id, ApiApp, ApiResult, ApiState, Caller, Problem, Scope,
+};
+use crate::actions::{self, Action, StoredAction, ACTION_EFFECT, ACTION_EVENT, ACTION_KEY_PREFIX};
+use crate::store::{Inserted, NewEvent, Source, Store, StoredEvent};
+use crate::time::now_millis;
+
+/// The header that makes a submission safe to repeat.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Longest idempotency key.
+const MAX_KEY_LEN: usize = 255;
+
+/// An action and where it is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionView {
+    pub id: i64,
+    pub app: String,
+    /// `work_notification`, `status_bar`, `recall`, `group_message`, `todo_update`, `war_room`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `queued`, `running`, `done` or `dead`.
+    pub state: String,
+    pub attempts: i64,
+    pub idempotency_key: String,
+    /// The token that asked for it.
+    pub requested_by: String,
+    pub received_at: i64,
+    pub updated_at: i64,
+    /// DingTalk's result once done (`task_id`, `process_query_key`, `open_conversation_id`
+    /// and `chat_id`, …).
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    /// Why it failed (the last attempt), DingTalk's reason included.
+    pub error: Option<String>,
+    /// The body as submitted.
+    #[schema(value_type = Object)]
+    pub request: Value,
+}
+
+/// The answer to a new action.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionAccepted {
+    pub id: i64,
+    /// `queued`.
+    pub state: String,
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<String> {
+    let missing = || {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "missing_idempotency_key",
+            format!("send an Idempotency-Key header (1 to {MAX_KEY_LEN} visible ASCII characters)"),
+        )
+    };
+    let value = headers.get(IDEMPOTENCY_KEY).ok_or_else(missing)?;
+    let key = value.to_str().map_err(|_| missing())?.trim();
+    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(missing());
+    }
+    Ok(key.to_owned())
+}
+
+/// Queues an action for `app`: validated, stored, then run by the dispatcher through the
+/// app's client.
+#[utoipa::path(post, path = "/api/v1/apps/{app}/actions", tag = "actions",
+    params(("app" = String, Path), ("Idempotency-Key" = String, Header, description = "The same key with the same body returns the same action")),
+    request_body(content = Object, description = "One action: {\"type\": \"work_notification\" | \"status_bar\" | \"recall\" | \"group_message\" | \"todo_update\" | \"war_room\", …} with DingTalk's own field names (see README, HTTP API)"),
+    security(("bearer" = [])),
+    responses((status = 202, body = ActionAccepted), (status = 200, body = ActionView, description = "This key was used before with this body"),
+        (status = 409, body = ProblemDocument, content_type = "application/problem+json", description = "This key was used before with another body"),
+        (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn submit(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    caller.require(Scope::Act)?;
+    let name = name
+        .map(|p| p.0)
+        .map_err(|_| Problem::not_found("no such app"))?;
+    let app = state.app(&caller, &name)?;
+    let body = body_bytes(body)?;
+    json_content_type(&headers)?;
+    let key = idempotency_key(&headers)?;
+    let request: Value = serde_json::from_slice(&body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    let outcome = submit_action(&state.store, &app, caller.name(), &key, request).await?;
+    Ok(match outcome {
+        Submitted::Queued(id) => {
+            state.wake.notify_one();
+            (
+                StatusCode::ACCEPTED,
+                Json(ActionAccepted {
+                    id,
+                    state: "queued".into(),
+                }),
+            )
+                .into_response()
+        }
+        Submitted::Existing(view) => (StatusCode::OK, Json(*view)).into_response(),
+    })
+}
+
+/// What a submission did.
+pub enum Submitted {
+    /// Stored as a new action, with this id.
+    Queued(i64),
+    /// The key was used before with the same body: that action.
+    Existing(Box<ActionView>),
+}
+
+/// Validates and stores an action of `app` (the path `dinghook act` shares): 422 for an
+/// invalid action or an app without a DingTalk client, 409 for a key used with another body.
+pub async fn submit_action(
+    store: &Arc<dyn Store>,
+    app: &ApiApp,
+    requested_by: &str,
+    key: &str,
+    request: Value,
+) -> ApiResult<Submitted> {
+    let action = Action::parse(&request).map_err(|e| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_action",
+            e.reason.clone(),
+        )
+        .with_field(e.field)
+    })?;
+    if app.client.is_none() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no_dingtalk_client",
+            format!("app {:?} has no app key: it cannot call DingTalk", app.name),
+        ));
+    }
+    let stored = StoredAction {
+        action: request,
+        idempotency_key: key.to_owned(),
+        requested_by: requested_by.to_owned(),
+    };
+    let payload = serde_json::to_string(&stored).map_err(|e| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_action",
+            e.to_string(),
+        )
+    })?;
+    let event = NewEvent {
+        app: app.name.clone(),
+        dedup_key: format!("{ACTION_KEY_PREFIX}{key}"),
+        event_type: ACTION_EVENT.to_owned(),
+        corp_id: None,
+        payload,
+        source: Source::Api,
+        received_at: now_millis(),
+        routes: Vec::new(),
+    };
+    match app.store.insert(event).await? {
+        Inserted::Stored { id } => {
+            tracing::info!(app = %app.name, id, action = action.kind(), by = requested_by, "action queued");
+            Ok(Submitted::Queued(id))
+        }
+        Inserted::Duplicate { id } => {
+            let existing = store
+                .get(id)
+                .await?
+                .ok_or_else(|| Problem::not_found(format!("no action {id}")))?;
+            let before: StoredAction = serde_json::from_str(&existing.payload).map_err(|e| {
+                Problem::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_conflict",
+                    format!("the key names a stored record that is not an action: {e}"),
+                )
+            })?;
+            if before.action != stored.action {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_conflict",
+                    format!("Idempotency-Key {key:?} was used for another request (action {id})"),
+                ));
+            }
+            Ok(Submitted::Existing(Box::new(view(app, &existing).await?)))
+        }
+    }
+}
+
+/// The API's view of a stored action.
+async fn view(app: &ApiApp, event: &StoredEvent) -> ApiResult<ActionView> {
+    let stored: StoredAction = serde_json::from_str(&event.payload)
+        .map_err(|_| Problem::not_found(format!("no action {}", event.id)))?;
+    let effect_key = format!("{}/{ACTION_EFFECT}", event.dedup_key);
+    let result = app
+        .store
+        .get_document("effect", &effect_key)
+        .await?
+        .map(|d| d.body);
+    Ok(ActionView {
+        id: event.id,
+        app: event.app.clone(),
+        kind: stored
+            .action
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        state: actions::state_name(event.state).to_owned(),
+        attempts: event.attempts,
+        idempotency_key: stored.idempotency_key,
+        requested_by: stored.requested_by,
+        received_at: event.received_at,
+        updated_at: event.updated_at,
+        result,
+        error: event.last_error.clone(),
+        request: stored.action,
+    })
+}
+
+/// An action: its state, attempts, DingTalk's result or the error.
+#[utoipa::path(get, path = "/api/v1/actions/{id}", tag = "actions",
+    params(("id" = i64, Path)), security(("bearer" = [])),
+    responses((status = 200, body = ActionView), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn show(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<ActionView>> {
+    caller.require(Scope::Read)?;
+    let id = path_id(id)?;
+    let not_found = || Problem::not_found(format!("no action {id}"));
+    let event = state.store.get(id).await?.ok_or_else(not_found)?;
+    if event.event_type != ACTION_EVENT || !caller.token().may_touch(&event.app) {
+        return Err(not_found());
+    }
+    let app = state.app(&caller, &event.app).map_err(|_| not_found())?;
+    Ok(Json(view(&app, &event).await?))
+}

@@ -1,0 +1,183 @@
+//! `/api/v1/apps`: each app's health at a glance.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::problem::ProblemDocument;
+use super::{ApiApp, ApiResult, ApiState, Caller, Problem, Scope};
+use crate::store::ListQuery;
+use crate::time::now_millis;
+
+/// One app's health.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppHealth {
+    pub name: String,
+    pub callback_path: String,
+    /// Whether it has an app key (handlers and actions can call DingTalk).
+    pub dingtalk: bool,
+    /// When its newest event was received (epoch ms); `null`: none yet.
+    pub last_event_received_at: Option<i64>,
+    /// Callbacks refused in the last hour by this process, by reason (`signature`,
+    /// `decrypt`, `stale`, …).
+    pub callback_errors_last_hour: BTreeMap<String, u64>,
+    /// Its events by state (`pending`, `running`, `retry`, `done`, `dead`).
+    pub queue: BTreeMap<String, u64>,
+    /// How long its most overdue waiting event has been due (ms).
+    pub oldest_pending_age_ms: Option<i64>,
+    /// Events that failed for good.
+    pub dead_letters: u64,
+    /// This month's DingTalk calls (`null` without an app key).
+    pub quota: Option<QuotaHealth>,
+    /// The QPS budget its client keeps to.
+    pub qps: u32,
+    pub recovery: RecoveryHealth,
+    /// The Stream mode connection (`null`: the app uses HTTP push only).
+    #[schema(value_type = Option<Object>)]
+    pub stream: Option<serde_json::Value>,
+}
+
+/// Quota use this month, with a projection to the month's end at the pace so far.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QuotaHealth {
+    /// `YYYY-MM`, UTC.
+    pub month: String,
+    pub used: u64,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Calls the month will have taken at this month's pace.
+    pub projected_month_end: u64,
+}
+
+/// The failed-push reader.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecoveryHealth {
+    pub enabled: bool,
+    /// When its last cycle in this process ended (epoch ms).
+    pub last_run_at: Option<i64>,
+    /// How it ended (`ok`, `not_leader`, `dingtalk_error`, …).
+    pub last_outcome: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppList {
+    pub items: Vec<AppHealth>,
+}
+
+/// `used` scaled from the part of the month gone to the whole month.
+fn projection(used: u64, now_ms: i64) -> u64 {
+    let Ok(now) = jiff::Timestamp::from_millisecond(now_ms) else {
+        return used;
+    };
+    let date = now.to_zoned(jiff::tz::TimeZone::UTC).date();
+    let start = date.first_of_month();
+    let end = date.last_of_month().tomorrow().unwrap_or(start);
+    let (Ok(start), Ok(end)) = (
+        start.to_zoned(jiff::tz::TimeZone::UTC),
+        end.to_zoned(jiff::tz::TimeZone::UTC),
+    ) else {
+        return used;
+    };
+    let whole = (end.timestamp().as_millisecond() - start.timestamp().as_millisecond()).max(1);
+    let gone = (now_ms - start.timestamp().as_millisecond()).clamp(1, whole);
+    let projected = u128::from(used) * whole as u128 / gone as u128;
+    u64::try_from(projected).unwrap_or(u64::MAX)
+}
+
+async fn health(state: &ApiState, app: &ApiApp) -> ApiResult<AppHealth> {
+    let now = now_millis();
+    let stats = state.store.stats_for(Some(&app.name), now).await?;
+    let figures = stats.by_app.get(&app.name).cloned().unwrap_or_default();
+    let newest = state
+        .store
+        .list(&ListQuery {
+            app: Some(app.name.clone()),
+            limit: Some(1),
+            ..ListQuery::default()
+        })
+        .await?;
+    let quota = match &app.client {
+        Some(client) => {
+            let q = client.quota().await;
+            Some(QuotaHealth {
+                projected_month_end: projection(q.used, now),
+                month: q.month,
+                used: q.used,
+                limit: q.limit,
+                remaining: q.remaining,
+            })
+        }
+        None => None,
+    };
+    let last = state.metrics.last_recovery_run(&app.name);
+    Ok(AppHealth {
+        name: app.name.clone(),
+        callback_path: app.callback_path.clone(),
+        dingtalk: app.client.is_some(),
+        last_event_received_at: newest.first().map(|e| e.received_at),
+        callback_errors_last_hour: state.metrics.refusals_last_hour(&app.name),
+        dead_letters: figures.by_state.get("dead").copied().unwrap_or(0),
+        queue: figures.by_state,
+        oldest_pending_age_ms: figures.oldest_pending_age_ms,
+        quota,
+        qps: app.qps,
+        recovery: RecoveryHealth {
+            enabled: app.recovery,
+            last_run_at: last.map(|(at, _)| at),
+            last_outcome: last.map(|(_, outcome)| outcome.to_owned()),
+        },
+        stream: None,
+    })
+}
+
+/// Every app the token may touch, with its health.
+#[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("bearer" = [])),
+    responses((status = 200, body = AppList), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn list(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<AppList>> {
+    caller.require(Scope::Read)?;
+    let apps = state.apps.load_full();
+    let mut items = Vec::new();
+    for app in apps.values().filter(|a| caller.token().may_touch(&a.name)) {
+        items.push(health(&state, app).await?);
+    }
+    Ok(Json(AppList { items }))
+}
+
+/// One app's health.
+#[utoipa::path(get, path = "/api/v1/apps/{app}", tag = "apps",
+    params(("app" = String, Path)), security(("bearer" = [])),
+    responses((status = 200, body = AppHealth), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn show(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<AppHealth>> {
+    caller.require(Scope::Read)?;
+    let name = name
+        .map(|p| p.0)
+        .map_err(|_| Problem::not_found("no such app"))?;
+    let app = state.app(&caller, &name)?;
+    Ok(Json(health(&state, &app).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::projection;
+
+    #[test]
+    fn the_projection_scales_to_the_whole_month() {
+        // 2026-11-16T00:00:00Z: half of November (30 days) is gone.
+        let mid = jiff::Timestamp::from_second(1_795_132_800).unwrap();
+        assert_eq!(mid.to_string(), "2026-11-16T00:00:00Z");
+        assert_eq!(projection(1_000, mid.as_millisecond()), 2_000);
+        assert_eq!(projection(0, mid.as_millisecond()), 0);
+    }
+}

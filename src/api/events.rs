@@ -1,0 +1,385 @@
+//! `/api/v1/events`: list (keyset pages, newest first), show, replay.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use super::problem::ProblemDocument;
+use super::routes::DeliveryItem;
+use super::{
+    json_body, page_limit, parse_time, path_id, query, ApiResult, ApiState, Caller, Problem, Scope,
+};
+use crate::store::{scoped, DeliveryQuery, EventState, ListQuery, ReplaySelector, StoredEvent};
+use crate::time::now_millis;
+
+/// One event, as `dinghook events list --json` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EventItem {
+    pub id: i64,
+    pub app: String,
+    /// As DingTalk's event gives it (`eventId`, …), without the app's scope.
+    pub dedup_key: String,
+    pub event_type: String,
+    /// `pending`, `running`, `retry`, `done` or `dead`.
+    pub state: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub corp_id: Option<String>,
+    /// `push`, `recovery`, `internal` or `api`.
+    pub source: String,
+    /// Epoch ms.
+    pub received_at: i64,
+    pub next_attempt_at: i64,
+    /// The handlers that already succeeded.
+    pub handled: Vec<String>,
+}
+
+impl From<&StoredEvent> for EventItem {
+    fn from(e: &StoredEvent) -> Self {
+        EventItem {
+            id: e.id,
+            app: e.app.clone(),
+            dedup_key: scoped::unscoped(&e.app, &e.dedup_key).to_owned(),
+            event_type: e.event_type.clone(),
+            state: e.state.as_str().to_owned(),
+            attempts: e.attempts,
+            last_error: e.last_error.clone(),
+            corp_id: e.corp_id.clone(),
+            source: e.source.clone(),
+            received_at: e.received_at,
+            next_attempt_at: e.next_attempt_at,
+            handled: e.handled.clone(),
+        }
+    }
+}
+
+/// A page of events, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventPage {
+    pub items: Vec<EventItem>,
+    /// Pass as `cursor` for the next (older) page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The filters of `GET /api/v1/events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// One app's events (required for a token limited to several apps).
+    pub app: Option<String>,
+    /// `pending`, `running`, `retry`, `done` or `dead`.
+    pub state: Option<String>,
+    /// The event type, exactly.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub event_type: Option<String>,
+    /// Received at or after: epoch ms or RFC 3339.
+    pub since: Option<String>,
+    /// 1 to 500; default 50.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the page before.
+    pub cursor: Option<String>,
+}
+
+/// The last run of an event: when it ended, how, and why it failed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunSummary {
+    /// Runs so far.
+    pub attempts: i64,
+    /// When the event last changed state (epoch ms).
+    pub at: i64,
+    /// The state the last run left it in.
+    pub outcome: String,
+    pub error: Option<String>,
+    pub handled: Vec<String>,
+}
+
+/// One event with its payload, its last run and its deliveries.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventDetail {
+    #[serde(flatten)]
+    pub event: EventItem,
+    /// The decrypted payload (JSON when it is JSON, else the text).
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    pub updated_at: i64,
+    /// Its runs, as far as the store keeps them (the last one).
+    pub runs: Vec<RunSummary>,
+    /// One per route that takes it.
+    pub deliveries: Vec<DeliveryItem>,
+}
+
+/// Which events to replay: ids, or a filter (every field optional, at least one given).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayFilter {
+    pub ids: Option<Vec<i64>>,
+    pub app: Option<String>,
+    pub state: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// Received at or after: epoch ms or RFC 3339.
+    pub since: Option<String>,
+}
+
+/// How many were sent back to `pending`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    pub replayed: u64,
+}
+
+pub(super) fn parse_state(text: Option<&str>) -> ApiResult<Option<EventState>> {
+    text.map(|s| {
+        EventState::parse(s).ok_or_else(|| {
+            Problem::invalid(
+                "state",
+                format!("unknown state {s:?}: pending, running, retry, done or dead"),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// The app a listing is limited to: the one asked for (which the token must be allowed), or
+/// the token's only app; a token limited to several apps must say which.
+fn listing_app(caller: &Caller, asked: Option<String>) -> ApiResult<Option<String>> {
+    match asked {
+        Some(app) => {
+            caller.app(&app)?;
+            Ok(Some(app))
+        }
+        None if caller.token().apps.is_none() => Ok(None),
+        None => match caller.only_app() {
+            Some(app) => Ok(Some(app.to_owned())),
+            None => Err(Problem::invalid(
+                "app",
+                "this token may read several apps, not all: name one with app=",
+            )),
+        },
+    }
+}
+
+/// Events, newest first, a page at a time.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = EventPage), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn list(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult<Json<EventPage>> {
+    caller.require(Scope::Read)?;
+    let q = query(q)?;
+    let limit = page_limit(q.limit)?;
+    let before_id = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| Problem::invalid("cursor", "not a cursor this API gave"))
+        })
+        .transpose()?;
+    let list = ListQuery {
+        app: listing_app(&caller, q.app)?,
+        state: parse_state(q.state.as_deref())?,
+        event_type: q.event_type,
+        limit: Some(limit),
+        before_id,
+        since: q
+            .since
+            .as_deref()
+            .map(|s| parse_time("since", s))
+            .transpose()?,
+    };
+    let events = state.store.list(&list).await?;
+    let next_cursor = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok(Json(EventPage {
+        items: events.iter().map(EventItem::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// An event the caller may read, or 404 (also for another app's: no hint it exists).
+async fn readable(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<StoredEvent> {
+    match state.store.get(id).await? {
+        Some(event) if caller.token().may_touch(&event.app) => Ok(event),
+        _ => Err(Problem::not_found(format!("no event {id}"))),
+    }
+}
+
+/// One event with its payload, last run and deliveries.
+#[utoipa::path(get, path = "/api/v1/events/{id}", tag = "events",
+    params(("id" = i64, Path, description = "The event's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = EventDetail), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn show(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<EventDetail>> {
+    caller.require(Scope::Read)?;
+    let id = path_id(id)?;
+    let event = readable(&state, &caller, id).await?;
+    let deliveries = state
+        .store
+        .deliveries()
+        .list_deliveries(&DeliveryQuery {
+            event_id: Some(id),
+            limit: Some(1_000),
+            ..DeliveryQuery::default()
+        })
+        .await?;
+    let payload = serde_json::from_str(&event.payload)
+        .unwrap_or_else(|_| Value::String(event.payload.clone()));
+    let runs = if event.attempts > 0 {
+        vec![RunSummary {
+            attempts: event.attempts,
+            at: event.updated_at,
+            outcome: event.state.as_str().to_owned(),
+            error: event.last_error.clone(),
+            handled: event.handled.clone(),
+        }]
+    } else {
+        Vec::new()
+    };
+    Ok(Json(EventDetail {
+        event: EventItem::from(&event),
+        payload,
+        updated_at: event.updated_at,
+        runs,
+        deliveries: deliveries.iter().map(DeliveryItem::from).collect(),
+    }))
+}
+
+/// Sends one event back to `pending` (every handler that has not succeeded runs again).
+#[utoipa::path(post, path = "/api/v1/events/{id}/replay", tag = "events",
+    params(("id" = i64, Path, description = "The event's id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Replayed), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn replay_one(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<Replayed>> {
+    caller.require(Scope::Replay)?;
+    let id = path_id(id)?;
+    readable(&state, &caller, id).await?;
+    let replayed = state
+        .store
+        .replay(&ReplaySelector::Ids(vec![id]), now_millis())
+        .await?;
+    state.wake.notify_one();
+    Ok(Json(Replayed { replayed }))
+}
+
+/// Most events one filtered replay reads at a time.
+const REPLAY_PAGE: u32 = 1_000;
+
+/// Sends events back to `pending`: by ids, or every event a filter matches (running ones are
+/// left alone).
+#[utoipa::path(post, path = "/api/v1/events/replay", tag = "events", request_body = ReplayFilter,
+    security(("bearer" = [])),
+    responses((status = 200, body = Replayed), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn replay_many(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Replayed>> {
+    caller.require(Scope::Replay)?;
+    let filter: ReplayFilter = json_body(&headers, body)?;
+    let now = now_millis();
+    if let Some(ids) = filter.ids {
+        if filter.app.is_some()
+            || filter.state.is_some()
+            || filter.event_type.is_some()
+            || filter.since.is_some()
+        {
+            return Err(Problem::invalid("ids", "give ids or a filter, not both"));
+        }
+        if ids.is_empty() || ids.len() > REPLAY_PAGE as usize {
+            return Err(Problem::invalid(
+                "ids",
+                format!("give 1 to {REPLAY_PAGE} ids"),
+            ));
+        }
+        let mut allowed = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(event) = state.store.get(id).await? {
+                if caller.token().may_touch(&event.app) {
+                    allowed.push(id);
+                }
+            }
+        }
+        let replayed = if allowed.is_empty() {
+            0
+        } else {
+            state
+                .store
+                .replay(&ReplaySelector::Ids(allowed), now)
+                .await?
+        };
+        state.wake.notify_one();
+        return Ok(Json(Replayed { replayed }));
+    }
+    let event_state = parse_state(filter.state.as_deref())?;
+    let since = filter
+        .since
+        .as_deref()
+        .map(|s| parse_time("since", s))
+        .transpose()?;
+    if event_state.is_none() && since.is_none() && filter.event_type.is_none() {
+        return Err(Problem::invalid(
+            "state",
+            "give ids, or a filter with at least one of state, type and since",
+        ));
+    }
+    if event_state == Some(EventState::Running) {
+        return Err(Problem::invalid(
+            "state",
+            "running events cannot be replayed",
+        ));
+    }
+    let app = listing_app(&caller, filter.app)?;
+    // Page through what matches, newest first, replaying each page by id: the filter may
+    // name an app and a type, which the store's own replay selectors do not.
+    let mut replayed = 0;
+    let mut before_id = None;
+    loop {
+        let page = state
+            .store
+            .list(&ListQuery {
+                app: app.clone(),
+                state: event_state,
+                event_type: filter.event_type.clone(),
+                limit: Some(REPLAY_PAGE),
+                before_id,
+                since,
+            })
+            .await?;
+        let ids: Vec<i64> = page
+            .iter()
+            .filter(|e| e.state != EventState::Running)
+            .map(|e| e.id)
+            .collect();
+        if !ids.is_empty() {
+            replayed += state.store.replay(&ReplaySelector::Ids(ids), now).await?;
+        }
+        if page.len() < REPLAY_PAGE as usize {
+            break;
+        }
+        before_id = page.last().map(|e| e.id);
+    }
+    state.wake.notify_one();
+    Ok(Json(Replayed { replayed }))
+}

@@ -1,0 +1,65 @@
+//! Runs the actions the HTTP API and `dinghook act` store ([`crate::actions`]): one handler,
+//! registered for every app whatever `[handlers]` says, because an action was asked for
+//! explicitly.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::actions::{Action, StoredAction, ACTION_EFFECT, ACTION_EVENT};
+use crate::event::Event;
+use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
+
+use super::{effect_once, notification_budget, HandlersConfig};
+
+/// The handler's name, recorded with each action's outcome.
+pub const HANDLER_NAME: &str = "builtin.action";
+
+/// Registers the action handler with the app's notification reserve.
+pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBuilder {
+    let reserve = Arc::new(config.notify_quota_reserve);
+    builder
+        .named(HANDLER_NAME)
+        .on(ACTION_EVENT, move |event: Event, ctx: Context| {
+            let reserve = Arc::clone(&reserve);
+            async move { run(event, ctx, *reserve).await }
+        })
+}
+
+/// Runs one stored action once: the result is recorded as the event's `action` effect, so a
+/// retry after the call succeeded (a store hiccup, a lease lost) does not call DingTalk
+/// again. A notification is refused (dead, with the reason) while the monthly quota is under
+/// the reserve.
+pub async fn run(event: Event, ctx: Context, reserve: u64) -> Result<(), HandlerError> {
+    let Event::Unknown { raw, .. } = event else {
+        return Err(HandlerError::permanent(format!(
+            "the action handler received a {} event",
+            event.event_type()
+        )));
+    };
+    let stored: StoredAction = serde_json::from_value(raw)
+        .map_err(|e| HandlerError::permanent(format!("not a stored action: {e}")))?;
+    let action = Action::parse(&stored.action)
+        .map_err(|e| HandlerError::permanent(format!("invalid action: {e}")))?;
+    let client = ctx.dingtalk()?.clone();
+    if action.is_notification() && !notification_budget(&ctx, reserve, action.kind()).await {
+        return Err(HandlerError::permanent(format!(
+            "{} refused: the monthly DingTalk quota is under the notification reserve \
+             ({reserve} calls); replay it when the quota allows",
+            action.kind()
+        )));
+    }
+    let dedup = stored.dedup_id(&ctx.record.app);
+    let result: Value = effect_once(&ctx, ACTION_EFFECT, || async {
+        Ok(action.execute(&client, &dedup).await?)
+    })
+    .await?;
+    tracing::info!(
+        action = action.kind(),
+        id = ctx.record.id,
+        app = %ctx.record.app,
+        %result,
+        "action done"
+    );
+    Ok(())
+}
