@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dinghook::dingtalk::{
-    current_month, ActionCard, AttendanceListRequest, CallCounter, Client, CounterError, Error,
-    Link, Markdown, OaBody, OaForm, OaHead, OaMessage, OaStatusBar, RobotGroupMessage, Text,
-    TodoTaskUpdate, WorkMessage, WorkNotification,
+    current_month, ActionCard, AttendanceListRequest, CallCounter, Client, CounterError,
+    CreateSceneGroup, Error, Link, Markdown, OaBody, OaForm, OaHead, OaMessage, OaStatusBar,
+    RobotGroupMessage, SceneGroupManagementOptions, Text, TodoTaskUpdate, WorkMessage,
+    WorkNotification,
 };
 use fake_dingtalk::{FakeSendResult, FaultSpec, RecordedCall};
 use serde_json::{json, Value};
@@ -24,6 +25,8 @@ use tokio::time::Instant;
 const ASYNC_SEND: &str = "/topapi/message/corpconversation/asyncsend_v2";
 const USER_GET: &str = "/topapi/v2/user/get";
 const GROUP_QUERY: &str = "/v1.0/im/sceneGroups/query";
+const GROUP_CREATE: &str = "/v1.0/im/sceneGroup/create";
+const BY_MOBILE: &str = "/topapi/v2/user/getbymobile";
 
 /// An old-API call: POST, token in the query and not in a header, JSON body, our User-Agent.
 fn assert_old_api_call(call: &RecordedCall, path: &str) {
@@ -313,6 +316,152 @@ async fn scene_group_query_parses_the_group() {
     }
     assert_eq!(t.calls(GROUP_QUERY).len(), 3, "one request each");
     assert!(t.calls(GROUP_QUERY)[1].body.as_ref().unwrap()["coolAppCode"].is_null());
+}
+
+#[tokio::test]
+async fn war_room_is_created_once_per_uuid_and_is_a_group_like_any_other() {
+    let t = start().await.with_alice();
+    t.fake
+        .add_user(json!({"userid": "bob", "name": "Bob", "mobile": "13900000001"}));
+    t.fake.add_user(json!({"userid": "carol", "name": "Carol"}));
+    t.fake.add_scene_template("tpl-war-room");
+
+    // A member given by mobile: getbymobile (free), then the create (counted).
+    let bob = t.client.user_id_by_mobile("13900000001").await.unwrap();
+    let war_room = CreateSceneGroup {
+        user_ids: vec![bob, "carol".into()],
+        subadmin_ids: vec!["carol".into()],
+        uuid: Some("default:incident-42".into()),
+        management_options: Some(SceneGroupManagementOptions {
+            show_history_type: Some(1),
+            ..SceneGroupManagementOptions::default()
+        }),
+        ..CreateSceneGroup::new("INC-42 支付失败", "tpl-war-room", "alice")
+    };
+    let created = t.client.create_scene_group(&war_room).await.unwrap();
+    assert!(
+        created.open_conversation_id.starts_with("cid"),
+        "{created:?}"
+    );
+    assert!(created.chat_id.as_deref().unwrap().starts_with("chat"));
+    let call = only_call(t.calls(GROUP_CREATE));
+    assert_new_api_call(&call, "POST", GROUP_CREATE);
+    assert_eq!(call.content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        call.body.unwrap(),
+        json!({
+            "title": "INC-42 支付失败", "template_id": "tpl-war-room", "owner_user_id": "alice",
+            "user_ids": ["bob", "carol"], "subadmin_ids": ["carol"],
+            "uuid": "default:incident-42", "management_options": {"show_history_type": 1}
+        })
+    );
+    assert_eq!(t.calls(BY_MOBILE).len(), 1);
+    assert_eq!(
+        t.counted().await,
+        1,
+        "the create is counted, getbymobile is not"
+    );
+
+    // Sent again with its uuid (a retry after a time-out): the same group, no second one.
+    let again = t.client.create_scene_group(&war_room).await.unwrap();
+    assert_eq!(again, created);
+    assert_eq!(t.fake.created_scene_groups().len(), 1);
+    // A DingTalk fault on the create is retried; the uuid keeps it to one group.
+    t.fake
+        .fail_next(FaultSpec::api_code(500, "system.error").on_path(GROUP_CREATE));
+    let retried = t.client.create_scene_group(&war_room).await.unwrap();
+    assert_eq!(retried, created);
+    assert_eq!(t.client.stats().busy_retries, 1);
+    assert_eq!(t.fake.created_scene_groups().len(), 1);
+
+    // sceneGroups/query shows the new group; a robot message goes into it.
+    let info = t
+        .client
+        .query_scene_group(&created.open_conversation_id, None)
+        .await
+        .unwrap();
+    assert_eq!(info.open_conversation_id, created.open_conversation_id);
+    assert_eq!(info.title, "INC-42 支付失败");
+    assert_eq!(info.template_id.as_deref(), Some("tpl-war-room"));
+    assert_eq!(info.owner_user_id.as_deref(), Some("alice"));
+    assert_eq!(info.status, Some(1));
+    let message = RobotGroupMessage::markdown(
+        "robot-1",
+        created.open_conversation_id.clone(),
+        None,
+        "INC-42",
+        "**支付失败**: 已建群",
+    )
+    .unwrap();
+    assert!(!t
+        .client
+        .send_robot_group_message(&message)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn war_room_refusals_are_typed_permanent_and_sent_once() {
+    let t = start().await.with_alice();
+    t.fake.add_scene_template("tpl-war-room");
+    let base = CreateSceneGroup::new("INC-43", "tpl-war-room", "alice");
+    for (what, group, code) in [
+        (
+            "unknown template",
+            CreateSceneGroup {
+                template_id: "tpl-gone".into(),
+                ..base.clone()
+            },
+            "groupTemplate.notFound",
+        ),
+        (
+            "unknown owner",
+            CreateSceneGroup {
+                owner_user_id: "mallory".into(),
+                ..base.clone()
+            },
+            "member.notFound",
+        ),
+        (
+            "unknown member",
+            CreateSceneGroup {
+                user_ids: vec!["mallory".into()],
+                ..base.clone()
+            },
+            "member.notFound",
+        ),
+        (
+            "empty title",
+            CreateSceneGroup {
+                title: String::new(),
+                ..base.clone()
+            },
+            "parameter.invalid",
+        ),
+    ] {
+        let err = t.client.create_scene_group(&group).await.unwrap_err();
+        match &err {
+            Error::ApiV2 {
+                status,
+                code: c,
+                request_id,
+                ..
+            } => {
+                assert_eq!((*status, c.as_str()), (400, code), "{what}");
+                assert!(request_id.is_some(), "{what}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        assert!(err.is_permanent() && !err.is_retryable(), "{what}");
+    }
+    assert_eq!(t.calls(GROUP_CREATE).len(), 4, "one request each");
+    assert_eq!(t.counted().await, 4, "DingTalk answered each: counted");
+    assert!(t.fake.created_scene_groups().is_empty());
+    // A mobile DingTalk does not know: 60121 from getbymobile, before any create.
+    let err = t.client.user_id_by_mobile("19999999999").await.unwrap_err();
+    assert_eq!(err.errcode(), Some(60121));
+    assert!(err.is_permanent());
 }
 
 #[tokio::test]

@@ -152,6 +152,44 @@ async fn admin_routes_script_the_fake_over_http() {
 }
 
 #[tokio::test]
+async fn war_room_templates_and_groups_over_the_admin_routes() {
+    use dinghook::dingtalk::CreateSceneGroup;
+    let t = start().await;
+    let http = reqwest::Client::new();
+    let admin = |route: &str| format!("{}/_fake{route}", t.base_url);
+    post(
+        &http,
+        admin("/users"),
+        r#"[{"userid": "alice"}, {"userid": "bob"}]"#,
+    )
+    .await;
+    let group = CreateSceneGroup {
+        user_ids: vec!["bob".into()],
+        uuid: Some("k-1".into()),
+        ..CreateSceneGroup::new("INC-1", "tpl-1", "alice")
+    };
+    // No template registered yet: DingTalk's "template not found or offline".
+    let err = t.client.create_scene_group(&group).await.unwrap_err();
+    assert_eq!(err.code(), Some("groupTemplate.notFound"), "{err:?}");
+
+    let (status, _) = post(&http, admin("/templates"), r#"["tpl-1"]"#).await;
+    assert_eq!(status, 200);
+    let created = t.client.create_scene_group(&group).await.unwrap();
+    let state = get_json(&http, admin("/state")).await;
+    assert_eq!(state["scene_templates"], json!(["tpl-1"]));
+    let groups = state["scene_groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(
+        groups[0]["open_conversation_id"],
+        created.open_conversation_id.as_str()
+    );
+    assert_eq!(groups[0]["user_ids"], json!(["bob"]));
+    assert_eq!(groups[0]["uuid"], "k-1");
+    let (status, body) = post(&http, admin("/templates"), r#"{"id": 1}"#).await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
 async fn attendance_list_answers_like_dingtalk_for_many_users() {
     use dinghook::dingtalk::AttendanceListRequest;
     let t = start().await;

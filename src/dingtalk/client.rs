@@ -1015,6 +1015,23 @@ mod tests {
                 "{code}"
             );
         }
+        // `sceneGroup/create`'s refusals (its page's codes, DingTalk's spelling).
+        for code in [
+            "parameter.invalid",
+            "member.exceed",
+            "member.notFound",
+            "groupTemplate.notFound",
+            "groupTemplate.permessionDenied.orgNotInGrayList",
+            "groupTemplate.permessionDenied.appNotInstalled",
+            "groupTemplate.permessionDenied.orgNotConsistent",
+            "permession.checkFailed",
+        ] {
+            let body = format!(r#"{{"code":"{code}","message":"m"}}"#);
+            match new(400, &body) {
+                Outcome::Failed(err) => assert!(err.is_permanent() && !err.is_retryable()),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
         match new(
             400,
             r#"{"code":"invalid.openConversationId","message":"m","requestid":"r2"}"#,

@@ -139,7 +139,9 @@ pub enum Error {
 //   https://open.dingtalk.com/document/development/update-work-notification-status-bar,
 //   https://open.dingtalk.com/document/development/notification-of-work-withdrawal and
 //   https://open.dingtalk.com/document/development/obtain-the-sending-progress-of-asynchronous-sending-of-enterprise-session;
-//   400001 on `topapi/workrecord/add`, https://open.dingtalk.com/document/development/new-to-do-items.
+//   400001 on `topapi/workrecord/add`, https://open.dingtalk.com/document/development/new-to-do-items;
+//   the codes of `sceneGroup/create` (all refusals but HTTP 500 `system.error`),
+//   https://open.dingtalk.com/document/development/create-a-scene-group (docs/dingtalk-war-room.md).
 
 /// Old-API errcodes that mean "the token is bad, get another": 40014 invalid token, 42001
 /// expired token, 40001 bad secret or invalid token, 33001 "invalid corp id: check that the

@@ -30,6 +30,7 @@ pub(crate) fn routes() -> Router<FakeDingTalk> {
         .route("/failed-callbacks", post(admin_failed_callbacks))
         .route("/users", post(admin_users))
         .route("/groups", post(admin_groups))
+        .route("/templates", post(admin_templates))
         .route("/todos", post(admin_todos))
         .route("/work-records", post(admin_work_records))
         .route("/attendance/update-data", post(admin_attendance_update))
@@ -252,6 +253,33 @@ async fn admin_groups(State(fake): State<FakeDingTalk>, body: Bytes) -> Response
     match parse_body::<OneOrMany<Value>>(&body) {
         Ok(OneOrMany::One(group)) => fake.add_group(group),
         Ok(OneOrMany::Many(groups)) => groups.into_iter().for_each(|g| fake.add_group(g)),
+        Err(r) => return r.into_response(),
+    }
+    ok()
+}
+
+/// A group template to register: its id, or `{"template_id": "…"}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TemplateEntry {
+    Id(String),
+    Object { template_id: String },
+}
+
+impl TemplateEntry {
+    fn id(&self) -> &str {
+        match self {
+            TemplateEntry::Id(id) | TemplateEntry::Object { template_id: id } => id,
+        }
+    }
+}
+
+async fn admin_templates(State(fake): State<FakeDingTalk>, body: Bytes) -> Response {
+    match parse_body::<OneOrMany<TemplateEntry>>(&body) {
+        Ok(OneOrMany::One(entry)) => fake.add_scene_template(entry.id()),
+        Ok(OneOrMany::Many(entries)) => entries
+            .iter()
+            .for_each(|entry| fake.add_scene_template(entry.id())),
         Err(r) => return r.into_response(),
     }
     ok()

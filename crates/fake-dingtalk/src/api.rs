@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
 use crate::{
-    dates, FakeDingTalk, FakeSendResult, FakeState, FakeToken, RecordedCall, SentMessage,
-    MAX_RECORDED_CALLS, TOKEN_HEADER,
+    dates, CreatedSceneGroup, FakeDingTalk, FakeSendResult, FakeState, FakeToken, RecordedCall,
+    SentMessage, MAX_RECORDED_CALLS, TOKEN_HEADER,
 };
 
 /// What to answer: status, JSON body (or an HTML page, or nothing), and an optional delay
@@ -72,6 +72,13 @@ fn family_of(path: &str) -> Family {
 const SEND_DONE: i64 = 2;
 /// `robot/groupMessages/send` refuses a `msgParam` longer than this many bytes.
 const MSG_PARAM_MAX_BYTES: usize = 15_000;
+/// `sceneGroup/create`: a title of at most 30 characters (its page).
+const SCENE_GROUP_TITLE_MAX_CHARS: usize = 30;
+/// `sceneGroup/create`: at most 999 members besides the owner (the old create's documented
+/// limit; the new page states none).
+const SCENE_GROUP_MAX_MEMBERS: usize = 999;
+/// `sceneGroup/create`: DingTalk suggests a `uuid` of at most 64 characters; the fake insists.
+const SCENE_GROUP_UUID_MAX_CHARS: usize = 64;
 
 /// Calls DingTalk does not count toward the monthly quota.
 fn is_metered(path: &str) -> bool {
@@ -127,6 +134,7 @@ enum Route {
     Recall,
     RobotSend,
     GroupQuery,
+    SceneGroupCreate,
     AttendanceUpdate,
     AttendanceList,
     AttendanceListRecord,
@@ -161,6 +169,7 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
         "/topapi/message/corpconversation/recall" => post_only(Route::Recall),
         "/v1.0/robot/groupMessages/send" => post_only(Route::RobotSend),
         "/v1.0/im/sceneGroups/query" => post_only(Route::GroupQuery),
+        "/v1.0/im/sceneGroup/create" => post_only(Route::SceneGroupCreate),
         "/topapi/attendance/getupdatedata" => post_only(Route::AttendanceUpdate),
         "/attendance/list" => post_only(Route::AttendanceList),
         "/attendance/listRecord" => post_only(Route::AttendanceListRecord),
@@ -617,6 +626,7 @@ impl FakeState {
             },
             Route::RobotSend => self.robot_send(body),
             Route::GroupQuery => self.group_query(body),
+            Route::SceneGroupCreate => self.scene_group_create(body),
             Route::AttendanceUpdate => {
                 let (Some(userid), Some(work_date)) =
                     (str_field(body, "userid"), str_field(body, "work_date"))
@@ -902,6 +912,134 @@ impl FakeState {
         Reply::json(StatusCode::OK, group)
     }
 
+    /// `sceneGroup/create` with the codes its page lists
+    /// (<https://open.dingtalk.com/document/development/create-a-scene-group>; what the fake
+    /// adds is in `docs/dingtalk-war-room.md`): `parameter.invalid` for a missing or malformed
+    /// field, `member.exceed`, `groupTemplate.notFound` for a template not registered,
+    /// `member.notFound` for an owner (and, the fake's choice, a member or administrator) who
+    /// is not one of its users. A `uuid` seen before answers its group again and makes none.
+    /// The group becomes visible to `sceneGroups/query`.
+    fn scene_group_create(&mut self, body: Option<&Value>) -> Reply {
+        let Some(Value::Object(fields)) = body else {
+            return self.param_invalid("body必须是JSON对象");
+        };
+        let text = |name: &str| {
+            fields
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|v| !v.trim().is_empty())
+        };
+        let (Some(title), Some(template_id), Some(owner)) =
+            (text("title"), text("template_id"), text("owner_user_id"))
+        else {
+            return self.param_invalid("缺少参数 title, template_id 或 owner_user_id");
+        };
+        if title.chars().count() > SCENE_GROUP_TITLE_MAX_CHARS {
+            return self.param_invalid("title 最长 30 个字符");
+        }
+        let (user_ids, subadmin_ids) =
+            match (id_list(fields, "user_ids"), id_list(fields, "subadmin_ids")) {
+                (Ok(users), Ok(admins)) => (users, admins),
+                (Err(message), _) | (_, Err(message)) => return self.param_invalid(&message),
+            };
+        let optional_text = |name: &str| match fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(v)) => Ok(Some(v.clone())),
+            Some(_) => Err(format!("{name} 必须是字符串")),
+        };
+        let (uuid, icon) = match (optional_text("uuid"), optional_text("icon")) {
+            (Ok(uuid), Ok(icon)) => (uuid.filter(|u| !u.is_empty()), icon),
+            (Err(message), _) | (_, Err(message)) => return self.param_invalid(&message),
+        };
+        if uuid
+            .as_ref()
+            .is_some_and(|u| u.chars().count() > SCENE_GROUP_UUID_MAX_CHARS)
+        {
+            return self.param_invalid("uuid 最长 64 个字符");
+        }
+        let management_options = match fields.get("management_options") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(options)) if options.values().all(|v| v.as_i64().is_some()) => {
+                Some(Value::Object(options.clone()))
+            }
+            Some(_) => return self.param_invalid("management_options 必须是整数字段的对象"),
+        };
+        if user_ids.len() > SCENE_GROUP_MAX_MEMBERS {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "member.exceed",
+                "群成员数量超出限制",
+            );
+        }
+        if let Some(uuid) = &uuid {
+            if let Some(group) = self
+                .scene_groups
+                .iter_mut()
+                .find(|g| g.uuid.as_ref() == Some(uuid))
+            {
+                group.creates += 1;
+                let answer = json!({
+                    "open_conversation_id": group.open_conversation_id,
+                    "chat_id": group.chat_id,
+                });
+                return Reply::json(StatusCode::OK, answer);
+            }
+        }
+        if !self.scene_templates.contains(template_id) {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "groupTemplate.notFound",
+                "群模板不存在或者已下线",
+            );
+        }
+        let people = std::iter::once(owner)
+            .chain(user_ids.iter().map(String::as_str))
+            .chain(subadmin_ids.iter().map(String::as_str));
+        for userid in people {
+            if !self.users.iter().any(|u| u["userid"] == userid) {
+                let message = format!("不存在的员工: {userid}");
+                return self.new_err(StatusCode::BAD_REQUEST, "member.notFound", &message);
+            }
+        }
+        let n = self.scene_groups.len() + 1;
+        let open_conversation_id = format!("cidFakeSceneGroup{n:06}==");
+        let chat_id = format!("chatfake{n:08x}");
+        let mut listed = json!({
+            "openConversationId": open_conversation_id,
+            "title": title,
+            "templateId": template_id,
+            "ownerUserId": owner,
+            "groupUrl": format!("dingtalk://dingtalkclient/page/fake-group?cid={n}"),
+            "status": 1,
+        });
+        if let (Some(icon), Some(obj)) = (&icon, listed.as_object_mut()) {
+            obj.insert("icon".into(), json!(icon));
+        }
+        self.groups.insert(open_conversation_id.clone(), listed);
+        self.scene_groups.push(CreatedSceneGroup {
+            open_conversation_id: open_conversation_id.clone(),
+            chat_id: chat_id.clone(),
+            title: title.to_owned(),
+            template_id: template_id.to_owned(),
+            owner_user_id: owner.to_owned(),
+            user_ids,
+            subadmin_ids,
+            uuid,
+            icon,
+            management_options,
+            creates: 1,
+        });
+        Reply::json(
+            StatusCode::OK,
+            json!({"open_conversation_id": open_conversation_id, "chat_id": chat_id}),
+        )
+    }
+
+    fn param_invalid(&mut self, detail: &str) -> Reply {
+        let message = format!("输入参数错误: {detail}");
+        self.new_err(StatusCode::BAD_REQUEST, "parameter.invalid", &message)
+    }
+
     /// `robot/groupMessages/send` with the codes its page lists
     /// (<https://open.dingtalk.com/document/development/the-robot-sends-a-group-message>).
     fn robot_send(&mut self, body: Option<&Value>) -> Reply {
@@ -1015,6 +1153,20 @@ impl FakeState {
             .collect();
         let (page, has_more) = paginate(&matching, offset as usize, limit as usize);
         self.old_ok(json!({"recordresult": page, "hasMore": has_more}))
+    }
+}
+
+/// A list of user ids in a new-API body: absent or `null` is empty; anything but an array of
+/// strings (such as the old API's comma-separated string) is refused.
+fn id_list(fields: &Map<String, Value>, name: &str) -> Result<Vec<String>, String> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()
+            .ok_or_else(|| format!("{name} 必须是字符串数组")),
+        Some(_) => Err(format!("{name} 必须是字符串数组")),
     }
 }
 

@@ -29,6 +29,7 @@
 //! | `POST /_fake/failed-callbacks` | `{"entries": […], "page_size": 200?}` | load the failed-push list |
 //! | `POST /_fake/users` | `[{"userid", "unionid", "mobile", "name", …}]` | add users |
 //! | `POST /_fake/groups` | `[{"openConversationId", "title", "coolAppCode"?, …}]` | add groups |
+//! | `POST /_fake/templates` | `["tpl-1", …]` or `[{"template_id": "tpl-1"}, …]` | group templates `sceneGroup/create` accepts (none until registered) |
 //! | `POST /_fake/todos` | `{"union_id": "…", "task": {"id": "…", …}}` | add a v1.0 to-do task |
 //! | `POST /_fake/work-records` | `{"userid": "…", "records": […]}` | set legacy work records |
 //! | `POST /_fake/attendance/update-data` | `{"userid", "work_date", "result"}` | `getupdatedata` answer |
@@ -42,7 +43,7 @@ mod admin;
 mod api;
 mod dates;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -234,6 +235,33 @@ pub struct SentMessage {
     pub status_bar: Option<Value>,
 }
 
+/// A group `sceneGroup/create` made: the request's fields and the ids it answered.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CreatedSceneGroup {
+    /// The group's id (`cid…`), also what `sceneGroups/query` takes.
+    pub open_conversation_id: String,
+    /// The old-style id (`chat…`).
+    pub chat_id: String,
+    /// Group name.
+    pub title: String,
+    /// The template it was made from.
+    pub template_id: String,
+    /// Owner's user id.
+    pub owner_user_id: String,
+    /// Members' user ids, as sent.
+    pub user_ids: Vec<String>,
+    /// Administrators' user ids, as sent.
+    pub subadmin_ids: Vec<String>,
+    /// The caller's de-duplication id, if any.
+    pub uuid: Option<String>,
+    /// Avatar media id, if any.
+    pub icon: Option<String>,
+    /// `management_options` as sent.
+    pub management_options: Option<Value>,
+    /// How many creates answered with this group (more than 1: repeats with its `uuid`).
+    pub creates: u32,
+}
+
 /// Handle to a fake DingTalk. Cheap to clone; clones control the same server.
 #[derive(Clone)]
 pub struct FakeDingTalk {
@@ -272,6 +300,10 @@ struct FakeState {
     failed_page_size: usize,
     users: Vec<Value>,
     groups: HashMap<String, Value>,
+    /// Group template ids `sceneGroup/create` accepts.
+    scene_templates: BTreeSet<String>,
+    /// Groups made by `sceneGroup/create`, oldest first.
+    scene_groups: Vec<CreatedSceneGroup>,
     todos: HashMap<(String, String), Value>,
     work_records: HashMap<String, Vec<Value>>,
     attendance_update: HashMap<(String, String), Value>,
@@ -309,6 +341,8 @@ impl Default for FakeState {
             failed_page_size: DEFAULT_FAILED_PAGE_SIZE,
             users: Vec::new(),
             groups: HashMap::new(),
+            scene_templates: BTreeSet::new(),
+            scene_groups: Vec::new(),
             todos: HashMap::new(),
             work_records: HashMap::new(),
             attendance_update: HashMap::new(),
@@ -505,6 +539,17 @@ impl FakeDingTalk {
         }
     }
 
+    /// Registers a group template: `sceneGroup/create` answers `groupTemplate.notFound` for any
+    /// other, as DingTalk does for a template not made in (or taken offline from) the console.
+    pub fn add_scene_template(&self, template_id: &str) {
+        self.state().scene_templates.insert(template_id.to_owned());
+    }
+
+    /// Groups made by `sceneGroup/create`, oldest first.
+    pub fn created_scene_groups(&self) -> Vec<CreatedSceneGroup> {
+        self.state().scene_groups.clone()
+    }
+
     /// Adds a v1.0 to-do task (an object with `id`) for the user `union_id`.
     pub fn add_todo_task(&self, union_id: &str, task: Value) {
         if let Some(id) = task.get("id").and_then(Value::as_str) {
@@ -621,6 +666,8 @@ impl FakeDingTalk {
             "failed_callbacks_left": state.failed_callbacks.len(),
             "sent_messages": state.messages,
             "robot_messages": state.robot_messages,
+            "scene_templates": state.scene_templates,
+            "scene_groups": state.scene_groups,
             "calls_recorded": state.calls.len(),
         })
     }

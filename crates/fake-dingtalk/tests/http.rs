@@ -576,6 +576,187 @@ async fn groups_robot_messages_and_todos() {
 }
 
 #[tokio::test]
+async fn scene_groups_are_created_from_registered_templates_once_per_uuid() {
+    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
+    let http = reqwest::Client::new();
+    let token = raw_token(&http, &base).await;
+    post(
+        &http,
+        format!("{base}/_fake/users"),
+        r#"[{"userid": "alice"}, {"userid": "bob"}, {"userid": "carol"}]"#,
+    )
+    .await;
+    // Templates: an id, or an object with `template_id`; one or a list.
+    let (status, _) = post(&http, format!("{base}/_fake/templates"), r#""tpl-1""#).await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        &http,
+        format!("{base}/_fake/templates"),
+        r#"[{"template_id": "tpl-2"}, "tpl-3"]"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let create = format!("{base}/v1.0/im/sceneGroup/create");
+    let ask = |body: Value| {
+        new_api(
+            &http,
+            reqwest::Method::POST,
+            create.clone(),
+            &token,
+            Some(body),
+        )
+    };
+    let war_room = json!({
+        "title": "INC-7 支付失败", "template_id": "tpl-1", "owner_user_id": "alice",
+        "user_ids": ["bob", "carol"], "subadmin_ids": ["bob"], "uuid": "inc-7",
+        "management_options": {"show_history_type": 1}
+    });
+    let (status, first) = ask(war_room.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let cid = first["open_conversation_id"].as_str().unwrap().to_owned();
+    assert!(cid.starts_with("cid"), "{first}");
+    assert!(first["chat_id"].as_str().unwrap().starts_with("chat"));
+    // The same uuid: the same group, none made.
+    let (status, again) = ask(war_room.clone()).await;
+    assert_eq!((status, &again), (200, &first));
+    // Another uuid (or none): another group.
+    let mut other = war_room.clone();
+    other["uuid"] = json!("inc-8");
+    let (status, second) = ask(other).await;
+    assert_eq!(status, 200);
+    assert_ne!(
+        second["open_conversation_id"],
+        first["open_conversation_id"]
+    );
+    let created = fake.created_scene_groups();
+    assert_eq!(created.len(), 2);
+    assert_eq!(created[0].creates, 2);
+    assert_eq!(created[0].user_ids, ["bob", "carol"]);
+    assert_eq!(
+        created[0].management_options,
+        Some(json!({"show_history_type": 1}))
+    );
+
+    // sceneGroups/query sees it (no coolAppCode needed); the state lists it.
+    let (status, group) = new_api(
+        &http,
+        reqwest::Method::POST,
+        format!("{base}/v1.0/im/sceneGroups/query"),
+        &token,
+        Some(json!({"openConversationId": cid})),
+    )
+    .await;
+    assert_eq!(status, 200, "{group}");
+    assert_eq!(group["title"], "INC-7 支付失败");
+    assert_eq!(group["templateId"], "tpl-1");
+    assert_eq!(group["ownerUserId"], "alice");
+    assert_eq!(group["status"], 1);
+    let state = get_json(&http, format!("{base}/_fake/state")).await;
+    assert_eq!(state["scene_templates"], json!(["tpl-1", "tpl-2", "tpl-3"]));
+    assert_eq!(
+        state["scene_groups"][0]["open_conversation_id"],
+        cid.as_str()
+    );
+    assert_eq!(state["scene_groups"][0]["uuid"], "inc-7");
+    assert_eq!(state["scene_groups"][0]["subadmin_ids"], json!(["bob"]));
+
+    // DingTalk's refusals, each HTTP 400 with its code; nothing made.
+    let with = |change: Value| {
+        let mut body = json!({"title": "t", "template_id": "tpl-2", "owner_user_id": "alice"});
+        if let (Some(body), Value::Object(change)) = (body.as_object_mut(), change) {
+            for (key, value) in change {
+                if value.is_null() {
+                    body.remove(&key);
+                } else {
+                    body.insert(key, value);
+                }
+            }
+        }
+        body
+    };
+    let many: Vec<String> = (0..1000).map(|i| format!("u{i}")).collect();
+    for (body, code) in [
+        (json!("not an object"), "parameter.invalid"),
+        (with(json!({"title": null})), "parameter.invalid"),
+        (with(json!({"title": "  "})), "parameter.invalid"),
+        (with(json!({"template_id": null})), "parameter.invalid"),
+        (with(json!({"owner_user_id": ""})), "parameter.invalid"),
+        (with(json!({"title": "一".repeat(31)})), "parameter.invalid"),
+        // The old API's comma string is not the new API's array.
+        (with(json!({"user_ids": "bob,carol"})), "parameter.invalid"),
+        (with(json!({"subadmin_ids": [1]})), "parameter.invalid"),
+        (with(json!({"uuid": 7})), "parameter.invalid"),
+        (with(json!({"uuid": "x".repeat(65)})), "parameter.invalid"),
+        (
+            with(json!({"management_options": {"searchable": "yes"}})),
+            "parameter.invalid",
+        ),
+        (with(json!({"user_ids": many})), "member.exceed"),
+        (
+            with(json!({"template_id": "tpl-nope"})),
+            "groupTemplate.notFound",
+        ),
+        (with(json!({"owner_user_id": "mallory"})), "member.notFound"),
+        (
+            with(json!({"user_ids": ["bob", "mallory"]})),
+            "member.notFound",
+        ),
+        (
+            with(json!({"subadmin_ids": ["mallory"]})),
+            "member.notFound",
+        ),
+    ] {
+        let (status, answer) = ask(body.clone()).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some(code)),
+            "{body}"
+        );
+        assert!(answer["requestid"].is_string(), "{answer}");
+    }
+    // A title of exactly 30 characters is fine; so is a body without any optional field.
+    let (status, _) = ask(with(json!({"title": "一".repeat(30)}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(fake.created_scene_groups().len(), 3);
+
+    // The token goes in the header, as for every new-API call; GET is not the method.
+    let response = http
+        .post(create.clone())
+        .json(&war_room)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["code"], "InvalidAuthentication");
+    let (status, _) = new_api(&http, reqwest::Method::GET, create.clone(), &token, None).await;
+    assert_eq!(status, 405);
+
+    // A reset forgets templates and groups.
+    post(&http, format!("{base}/_fake/reset"), "").await;
+    assert!(fake.created_scene_groups().is_empty());
+    let token = raw_token(&http, &base).await;
+    post(
+        &http,
+        format!("{base}/_fake/users"),
+        r#"{"userid": "alice"}"#,
+    )
+    .await;
+    let (status, answer) = new_api(
+        &http,
+        reqwest::Method::POST,
+        create.clone(),
+        &token,
+        Some(with(json!({"template_id": "tpl-1"}))),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["code"]),
+        (400, &json!("groupTemplate.notFound"))
+    );
+}
+
+#[tokio::test]
 async fn attendance_list_pages_and_checks_work_dates_at_plus_eight() {
     let (_fake, base) = FakeDingTalk::spawn().await.unwrap();
     let http = reqwest::Client::new();
