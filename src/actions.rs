@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::dingtalk::{
-    Client, OaStatusBar, RobotGroupMessage, TodoTaskUpdate, WorkMessage, WorkNotification,
+    Client, CreateSceneGroup, OaStatusBar, RobotGroupMessage, TodoTaskUpdate, WorkMessage,
+    WorkNotification,
 };
 
 /// The event type an action is stored as.
@@ -30,6 +31,8 @@ const MAX_DEPTS: usize = 20;
 /// Members one war room may be created with (DingTalk's group size is larger; a request
 /// this long is a mistake, and each mobile costs a lookup).
 const MAX_MEMBERS: usize = 500;
+/// DingTalk's limit on a scene group's title (docs/dingtalk-war-room.md).
+const MAX_TITLE: usize = 30;
 
 /// One action, as the caller sends it (`{"type": "…", …}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,6 +260,12 @@ impl Action {
                 mobiles,
             } => {
                 required("title", title)?;
+                if title.chars().count() > MAX_TITLE {
+                    return Err(invalid(
+                        "title",
+                        format!("at most {MAX_TITLE} characters (DingTalk's limit)"),
+                    ));
+                }
                 required("template_id", template_id)?;
                 required("owner_user_id", owner_user_id)?;
                 if user_ids.len() + mobiles.len() > MAX_MEMBERS {
@@ -364,31 +373,18 @@ impl Action {
                         members.push(user);
                     }
                 }
-                let created =
-                    create_war_room(client, title, template_id, owner_user_id, &members, dedup)
-                        .await?;
+                let mut group = CreateSceneGroup::new(title, template_id, owner_user_id);
+                group.user_ids = members.clone();
+                group.uuid = Some(dedup.to_owned());
+                let created = client.create_scene_group(&group).await?;
                 Ok(json!({
-                    "open_conversation_id": created.0,
-                    "chat_id": created.1,
+                    "open_conversation_id": created.open_conversation_id,
+                    "chat_id": created.chat_id,
                     "user_ids": members,
                 }))
             }
         }
     }
-}
-
-/// WAR-ROOM-PENDING: replaced by the scene-group client call.
-async fn create_war_room(
-    _client: &Client,
-    _title: &str,
-    _template_id: &str,
-    _owner: &str,
-    _members: &[String],
-    _uuid: &str,
-) -> crate::dingtalk::Result<(String, String)> {
-    Err(crate::dingtalk::Error::Config(
-        "war rooms are not available yet".into(),
-    ))
 }
 
 /// An action as stored: the event payload of an [`ACTION_EVENT`].

@@ -736,7 +736,7 @@ impl Application {
         let api_listener = match (api_addr, &live.fixed.api) {
             (Some(addr), Some(api)) => Some((
                 bind(addr).await?,
-                crate::http::wrap(crate::api::router(Arc::clone(api)), trusted_proxies.clone()),
+                crate::http::layers(crate::api::router(Arc::clone(api)), trusted_proxies.clone()),
             )),
             _ => None,
         };
@@ -869,6 +869,16 @@ impl Application {
                 "ops",
                 ops_listener,
                 Arc::new(arc_swap::ArcSwap::from_pointee(ops_router)),
+                Arc::clone(&table),
+                stopping.clone(),
+                drain,
+            )));
+        }
+        if let Some(((api_listener, _), api_router)) = api_listener {
+            listeners.push(tokio::spawn(server::serve(
+                "api",
+                api_listener,
+                Arc::new(arc_swap::ArcSwap::from_pointee(api_router)),
                 Arc::clone(&table),
                 stopping.clone(),
                 drain,

@@ -18,8 +18,13 @@ use crate::forwarded::TrustedProxies;
 /// `routes` with JSON 404s, request ids and the request span around them. When served over a
 /// socket with [`ConnectInfo`], the span names the client (see [`client_addr`]).
 pub fn wrap(routes: Router, trusted: TrustedProxies) -> Router {
+    layers(routes.fallback(not_found), trusted)
+}
+
+/// [`wrap`] without the JSON 404: for routes that answer unknown paths themselves (the HTTP
+/// API's problem documents).
+pub fn layers(routes: Router, trusted: TrustedProxies) -> Router {
     routes
-        .fallback(not_found)
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http().make_span_with(move |req: &Request<Body>| {

@@ -81,7 +81,7 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<String> {
 
 /// Queues an action for `app`: validated, stored, then run by the dispatcher through the
 /// app's client.
-#[utoipa::path(post, path = "/api/v1/apps/{app}/actions", tag = "actions",
+#[utoipa::path(operation_id = "submit_action", post, path = "/api/v1/apps/{app}/actions", tag = "actions",
     params(("app" = String, Path), ("Idempotency-Key" = String, Header, description = "The same key with the same body returns the same action")),
     request_body(content = Object, description = "One action: {\"type\": \"work_notification\" | \"status_bar\" | \"recall\" | \"group_message\" | \"todo_update\" | \"war_room\", …} with DingTalk's own field names (see README, HTTP API)"),
     security(("bearer" = [])),
@@ -242,7 +242,7 @@ async fn view(app: &ApiApp, event: &StoredEvent) -> ApiResult<ActionView> {
 }
 
 /// An action: its state, attempts, DingTalk's result or the error.
-#[utoipa::path(get, path = "/api/v1/actions/{id}", tag = "actions",
+#[utoipa::path(operation_id = "show_action", get, path = "/api/v1/actions/{id}", tag = "actions",
     params(("id" = i64, Path)), security(("bearer" = [])),
     responses((status = 200, body = ActionView), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn show(

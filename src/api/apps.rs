@@ -136,7 +136,7 @@ async fn health(state: &ApiState, app: &ApiApp) -> ApiResult<AppHealth> {
 }
 
 /// Every app the token may touch, with its health.
-#[utoipa::path(get, path = "/api/v1/apps", tag = "apps", security(("bearer" = [])),
+#[utoipa::path(operation_id = "list_apps", get, path = "/api/v1/apps", tag = "apps", security(("bearer" = [])),
     responses((status = 200, body = AppList), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<Arc<ApiState>>,
@@ -152,7 +152,7 @@ pub async fn list(
 }
 
 /// One app's health.
-#[utoipa::path(get, path = "/api/v1/apps/{app}", tag = "apps",
+#[utoipa::path(operation_id = "show_app", get, path = "/api/v1/apps/{app}", tag = "apps",
     params(("app" = String, Path)), security(("bearer" = [])),
     responses((status = 200, body = AppHealth), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn show(

@@ -168,7 +168,7 @@ fn listing_app(caller: &Caller, asked: Option<String>) -> ApiResult<Option<Strin
 }
 
 /// Events, newest first, a page at a time.
-#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventsQuery),
+#[utoipa::path(operation_id = "list_events", get, path = "/api/v1/events", tag = "events", params(EventsQuery),
     security(("bearer" = [])),
     responses((status = 200, body = EventPage), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn list(
@@ -218,7 +218,7 @@ async fn readable(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<Store
 }
 
 /// One event with its payload, last run and deliveries.
-#[utoipa::path(get, path = "/api/v1/events/{id}", tag = "events",
+#[utoipa::path(operation_id = "show_event", get, path = "/api/v1/events/{id}", tag = "events",
     params(("id" = i64, Path, description = "The event's id")),
     security(("bearer" = [])),
     responses((status = 200, body = EventDetail), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
@@ -262,7 +262,7 @@ pub async fn show(
 }
 
 /// Sends one event back to `pending` (every handler that has not succeeded runs again).
-#[utoipa::path(post, path = "/api/v1/events/{id}/replay", tag = "events",
+#[utoipa::path(operation_id = "replay_event", post, path = "/api/v1/events/{id}/replay", tag = "events",
     params(("id" = i64, Path, description = "The event's id")),
     security(("bearer" = [])),
     responses((status = 200, body = Replayed), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
@@ -287,7 +287,7 @@ const REPLAY_PAGE: u32 = 1_000;
 
 /// Sends events back to `pending`: by ids, or every event a filter matches (running ones are
 /// left alone).
-#[utoipa::path(post, path = "/api/v1/events/replay", tag = "events", request_body = ReplayFilter,
+#[utoipa::path(operation_id = "replay_events", post, path = "/api/v1/events/replay", tag = "events", request_body = ReplayFilter,
     security(("bearer" = [])),
     responses((status = 200, body = Replayed), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn replay_many(

@@ -134,7 +134,7 @@ fn route<'a>(state: &'a ApiState, name: &str) -> ApiResult<&'a RouteInfo> {
 }
 
 /// The configured routes with their backlogs and pauses.
-#[utoipa::path(get, path = "/api/v1/routes", tag = "routes", security(("bearer" = [])),
+#[utoipa::path(operation_id = "list_routes", get, path = "/api/v1/routes", tag = "routes", security(("bearer" = [])),
     responses((status = 200, body = RouteList), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<Arc<ApiState>>,
@@ -170,7 +170,7 @@ pub async fn list(
 }
 
 /// Stops a route's deliveries (they wait, nothing is lost) until it is resumed.
-#[utoipa::path(post, path = "/api/v1/routes/{name}/pause", tag = "routes",
+#[utoipa::path(operation_id = "pause_route", post, path = "/api/v1/routes/{name}/pause", tag = "routes",
     params(("name" = String, Path)), security(("bearer" = [])),
     responses((status = 200, body = RouteChange), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn pause(
@@ -197,7 +197,7 @@ pub async fn pause(
 }
 
 /// Resumes a paused route (also one the circuit breaker or a 410 paused).
-#[utoipa::path(post, path = "/api/v1/routes/{name}/resume", tag = "routes",
+#[utoipa::path(operation_id = "resume_route", post, path = "/api/v1/routes/{name}/resume", tag = "routes",
     params(("name" = String, Path)), security(("bearer" = [])),
     responses((status = 200, body = RouteChange), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn resume(
@@ -220,7 +220,7 @@ pub async fn resume(
 }
 
 /// Deliveries, newest first.
-#[utoipa::path(get, path = "/api/v1/deliveries", tag = "deliveries", params(DeliveriesQuery),
+#[utoipa::path(operation_id = "list_deliveries", get, path = "/api/v1/deliveries", tag = "deliveries", params(DeliveriesQuery),
     security(("bearer" = [])),
     responses((status = 200, body = DeliveryList), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn deliveries(
@@ -265,7 +265,7 @@ async fn readable(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<Store
 }
 
 /// One delivery.
-#[utoipa::path(get, path = "/api/v1/deliveries/{id}", tag = "deliveries",
+#[utoipa::path(operation_id = "show_delivery", get, path = "/api/v1/deliveries/{id}", tag = "deliveries",
     params(("id" = i64, Path)), security(("bearer" = [])),
     responses((status = 200, body = DeliveryItem), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn delivery(
@@ -279,7 +279,7 @@ pub async fn delivery(
 }
 
 /// Delivers one again (back to `pending`, attempts reset).
-#[utoipa::path(post, path = "/api/v1/deliveries/{id}/replay", tag = "deliveries",
+#[utoipa::path(operation_id = "replay_delivery", post, path = "/api/v1/deliveries/{id}/replay", tag = "deliveries",
     params(("id" = i64, Path)), security(("bearer" = [])),
     responses((status = 200, body = Replayed), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn replay_one(
@@ -300,7 +300,7 @@ pub async fn replay_one(
 
 /// Delivers again: ids, or every delivery of a route and/or a state, or created since.
 /// Only a token for every app may replay by filter.
-#[utoipa::path(post, path = "/api/v1/deliveries/replay", tag = "deliveries",
+#[utoipa::path(operation_id = "replay_deliveries", post, path = "/api/v1/deliveries/replay", tag = "deliveries",
     request_body = DeliveryReplayFilter, security(("bearer" = [])),
     responses((status = 200, body = Replayed), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
 pub async fn replay_many(

@@ -64,6 +64,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// The operator listener (`/metrics`).
     pub ops_addr: Option<SocketAddr>,
+    /// The HTTP API's listener, when `api.listen` is set.
+    pub api_addr: Option<SocketAddr>,
     pub store: Arc<dyn Store>,
     pub client: reqwest::Client,
     pub db_path: PathBuf,
@@ -165,6 +167,7 @@ impl TestApp {
             .expect("build app");
         let addr = app.local_addr();
         let ops_addr = app.ops_addr();
+        let api_addr = app.api_addr();
         let store = app.store();
         let dispatcher = Some(app.dispatcher());
         let reloader = app.reloader();
@@ -179,6 +182,7 @@ impl TestApp {
         TestApp {
             addr,
             ops_addr,
+            api_addr,
             store,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
