@@ -41,12 +41,20 @@
 mod admin;
 mod api;
 mod dates;
+mod stream;
+
+pub use stream::{
+    BadAck, ConnectionRecord, FrameRecord, StreamEvent, StreamReport, StreamSettings, Subscription,
+    CONNECT_PATH, OPEN_PATH, ROBOT_TOPIC,
+};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -245,6 +253,9 @@ struct Shared {
     /// sleeps (for delays) only after releasing it.
     state: Mutex<FakeState>,
     started: Instant,
+    /// Stream connection ids: never reused, resets included, so a connection's task that
+    /// outlived a reset cannot mistake a new connection for its own.
+    next_connection: AtomicU64,
 }
 
 struct FakeToken {
@@ -286,6 +297,7 @@ struct FakeState {
     send_progress: HashMap<i64, (i64, i64)>,
     robot_messages: Vec<Value>,
     next_request_id: u64,
+    stream: stream::StreamState,
 }
 
 impl Default for FakeState {
@@ -321,6 +333,7 @@ impl Default for FakeState {
             send_progress: HashMap::new(),
             robot_messages: Vec::new(),
             next_request_id: 1,
+            stream: stream::StreamState::default(),
         }
     }
 }
@@ -338,6 +351,7 @@ impl FakeDingTalk {
             shared: Arc::new(Shared {
                 state: Mutex::new(FakeState::default()),
                 started: Instant::now(),
+                next_connection: AtomicU64::new(1),
             }),
         }
     }
@@ -357,10 +371,11 @@ impl FakeDingTalk {
         Ok((fake, format!("http://{addr}")))
     }
 
-    /// The axum router (DingTalk endpoints plus `/_fake/…` admin routes).
+    /// The axum router (DingTalk endpoints, the Stream WebSocket, `/_fake/…` admin routes).
     pub fn router(&self) -> Router {
         Router::new()
             .nest("/_fake", admin::routes())
+            .route(CONNECT_PATH, get(stream::connect))
             .fallback(api::dingtalk_endpoint)
             .with_state(self.clone())
     }
@@ -604,9 +619,13 @@ impl FakeDingTalk {
         self.state().robot_messages.clone()
     }
 
-    /// Back to a fresh fake (recorded calls included).
+    /// Back to a fresh fake (recorded calls included). Open Stream connections are dropped.
     pub fn reset(&self) {
+        let notifiers = self.stream_notifiers();
         *self.state() = FakeState::default();
+        for notify in notifiers {
+            notify.notify_one();
+        }
     }
 
     fn summary(&self) -> Value {
