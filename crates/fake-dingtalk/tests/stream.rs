@@ -540,6 +540,23 @@ async fn pings_must_be_echoed_with_the_same_data() {
         .as_str()
         .unwrap()
         .contains("ping"));
+
+    // Periodic pings, unasked.
+    let mut settings = t.fake.stream_settings();
+    settings.ping_interval_ms = 100;
+    t.fake.set_stream_settings(settings);
+    for _ in 0..2 {
+        let ping = next_frame(&mut ws).await;
+        assert_eq!(ping["headers"]["topic"], "ping");
+        let echo =
+            json!({"code": 200, "headers": ping["headers"], "message": "OK", "data": ping["data"]});
+        ws.send(Message::text(echo.to_string())).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + COMES;
+    while t.fake.stream_report().pings_echoed < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "echoes recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
