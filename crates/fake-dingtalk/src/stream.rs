@@ -1291,7 +1291,9 @@ impl FakeDingTalk {
 
     /// Makes one open connection, or all, silent (`on`): nothing is sent or read on it, so
     /// WebSocket pings go unanswered and no frame comes; for `duration` if given. `on: false`
-    /// ends the silence. Returns the connections changed.
+    /// ends the silence. A silent connection is given no new messages, and what it has in
+    /// flight comes again elsewhere after the ack time-out; not reading, the fake notices a
+    /// client that went away only when the silence ends. Returns the connections changed.
     pub fn stream_silence(
         &self,
         connection: Option<u64>,
