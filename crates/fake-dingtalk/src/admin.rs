@@ -40,10 +40,11 @@ pub(crate) fn routes() -> Router<FakeDingTalk> {
         .route("/send-results/{task_id}", post(admin_send_result))
         .route("/send-results", delete(admin_clear_send_results))
         .route("/send-progress/{task_id}", post(admin_send_progress))
+        .nest("/stream", crate::stream::admin_routes())
 }
 
 /// An admin body that is not the JSON expected.
-struct BadBody(String);
+pub(crate) struct BadBody(String);
 
 impl IntoResponse for BadBody {
     fn into_response(self) -> Response {
@@ -53,7 +54,7 @@ impl IntoResponse for BadBody {
 }
 
 /// Parses an admin body without insisting on a `Content-Type`, so `curl -d` works as is.
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, BadBody> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, BadBody> {
     let text: &[u8] = if body.is_empty() { b"null" } else { body };
     serde_json::from_slice(text).map_err(|e| BadBody(e.to_string()))
 }

@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
 use crate::{
-    dates, CreatedSceneGroup, FakeDingTalk, FakeSendResult, FakeState, FakeToken, RecordedCall,
-    SentMessage, MAX_RECORDED_CALLS, TOKEN_HEADER,
+    dates, stream, CreatedSceneGroup, FakeDingTalk, FakeSendResult, FakeState, FakeToken,
+    RecordedCall, SentMessage, MAX_RECORDED_CALLS, TOKEN_HEADER,
 };
 
 /// What to answer: status, JSON body (or an HTML page, or nothing), and an optional delay
@@ -283,7 +283,7 @@ pub(crate) async fn dingtalk_endpoint(
             &method,
             &path,
             &query,
-            token_header.as_deref(),
+            &headers,
             body.as_ref(),
         );
         let answer_code = reply.answer_code();
@@ -322,7 +322,7 @@ fn i64_field(body: Option<&Value>, key: &str) -> Option<i64> {
 }
 
 impl FakeState {
-    fn request_id(&mut self) -> String {
+    pub(crate) fn request_id(&mut self) -> String {
         let id = self.next_request_id;
         self.next_request_id += 1;
         format!("fake-{id:08}")
@@ -362,7 +362,7 @@ impl FakeState {
         method: &Method,
         path: &str,
         query: &BTreeMap<String, String>,
-        token_header: Option<&str>,
+        headers: &HeaderMap,
         body: Option<&Value>,
     ) -> Reply {
         let family = family_of(path);
@@ -372,13 +372,19 @@ impl FakeState {
         if path == "/gettoken" {
             return self.gettoken(now, method, query);
         }
+        if path == stream::OPEN_PATH {
+            let host = header(headers, "host");
+            let (status, body) = self.stream_open(now, method, body, host.as_deref());
+            return Reply::json(status, body);
+        }
         let route = match route(method, path) {
             Ok(route) => route,
             Err(reply) => return reply,
         };
+        let token_header = header(headers, TOKEN_HEADER);
         let token = match family {
             Family::Old => query.get("access_token").map(String::as_str),
-            Family::New => token_header,
+            Family::New => token_header.as_deref(),
         };
         if let Some(reply) = self.check_token(now, family, token) {
             return reply;
@@ -411,7 +417,7 @@ impl FakeState {
     fn take_fault(&mut self, path: &str) -> Option<Reply> {
         let index = self.faults.iter().position(|f| match &f.path {
             Some(p) => p == path,
-            None => path != "/gettoken",
+            None => path != "/gettoken" && path != stream::OPEN_PATH,
         })?;
         let fault = {
             let fault = self.faults.get_mut(index)?;
@@ -479,11 +485,7 @@ impl FakeState {
         }
         let key = query.get("appkey").map(String::as_str).unwrap_or("");
         let secret = query.get("appsecret").map(String::as_str).unwrap_or("");
-        let accepted = match &self.credentials {
-            Some((k, s)) => k == key && s == secret,
-            None => !key.is_empty() && !secret.is_empty(),
-        };
-        if !accepted {
+        if !self.credentials_accepted(key, secret) {
             return self.old_err(40089, "不合法的appKey或appSecret");
         }
         let ttl = self.token_ttl;
@@ -511,6 +513,15 @@ impl FakeState {
             }
         };
         self.old_ok(json!({"access_token": value, "expires_in": ttl.as_secs()}))
+    }
+
+    /// The app key and secret set with `set_credentials`, or any non-empty pair if none
+    /// were set: gettoken's check, and Stream's `connections/open`.
+    pub(crate) fn credentials_accepted(&self, key: &str, secret: &str) -> bool {
+        match &self.credentials {
+            Some((k, s)) => k == key && s == secret,
+            None => !key.is_empty() && !secret.is_empty(),
+        }
     }
 
     fn check_token(&mut self, now: Instant, family: Family, token: Option<&str>) -> Option<Reply> {

@@ -7,7 +7,7 @@
 //! [`FakeDingTalk::spawn`].
 //!
 //! One base URL serves both the old-API paths (`/gettoken`, `/topapi/…`) and the new-API paths
-//! (`/v1.0/…`), so a single fake is configured as both of the client's base URLs. It is driven
+//! (`/v1.0/…`, Stream's `connections/open` included, and its `/connect` WebSocket), so a single fake is configured as both of the client's base URLs. It is driven
 //! from Rust through [`FakeDingTalk`]'s methods, or over HTTP through the `/_fake/…` admin routes
 //! (JSON in, JSON out), so curl scripts and other processes can script it too:
 //!
@@ -38,16 +38,47 @@
 //! | `POST /_fake/attendance/records` | `[records]` | `attendance/listRecord` data |
 //! | `POST /_fake/send-results/{task_id}` | [`FakeSendResult`] | what `getsendresult` reports |
 //! | `POST /_fake/send-progress/{task_id}` | `{"progress_in_percent": 40, "status": 1}` | what `getsendprogress` reports (sends are done at once unless set); `status_bar/update` answers 41052 until `status` is 2 |
+//!
+//! It speaks Stream mode too (module `stream`): `POST /v1.0/gateway/connections/open` checks
+//! `clientId`/`clientSecret` like gettoken checks the app key and secret (401 `authFailed`;
+//! 400 for a malformed body) and answers `{"endpoint": "ws://HOST/connect", "ticket"}`; the
+//! ticket opens one WebSocket (`GET /connect?ticket=…`) within `ticket_ttl_ms`, else 401
+//! before the upgrade. Messages wait in a queue shared by the connections and go round-robin
+//! to those subscribed with room in their window. Routes that take `connection` act on that
+//! open connection (404 if it is not) or, without it, on every open one:
+//!
+//! | route | body | effect |
+//! | --- | --- | --- |
+//! | `GET /_fake/stream/state[?frames=false]` | | [`StreamReport`]: tickets, connections, frames sent, acks by outcome, eventIds acknowledged `SUCCESS`, pings echoed, bad acks, … |
+//! | `POST /_fake/stream/settings` | any of [`StreamSettings`]' fields | `ticket_ttl_ms`, `window`, `ack_timeout_ms`, `redelivery_delay_ms`, `disconnect_close_ms`, `duplicate_every`, `ping_interval_ms`; answers the settings now in force |
+//! | `POST /_fake/stream/events` | a [`StreamEvent`] or a list | queue EVENT frames; answers `{"event_ids": […]}` |
+//! | `POST /_fake/stream/events/generate` | `{"count": 50000, "id_prefix": "b-"?, "event": StreamEvent?}` | queue `count` events with ids `{id_prefix}1…` |
+//! | `POST /_fake/stream/robot` | a robot message object or a list | queue CALLBACK frames (topic `/v1.0/im/bot/messages/get`); missing fields get DingTalk-like values; answers `{"msg_ids": […]}` |
+//! | `POST /_fake/stream/duplicate` | `{"event_ids": […]}` | deliver these acknowledged events once more; answers `{"queued", "unknown": […]}` |
+//! | `POST /_fake/stream/ping` | `{"connection": 1?}` | a SYSTEM `ping`; the client must echo it |
+//! | `POST /_fake/stream/system` | `{"connection"?, "topic": "…", "data": {…}}` | any SYSTEM frame (an unknown topic, say) |
+//! | `POST /_fake/stream/disconnect` | `{"connection"?, "reason"?, "close_after_ms"?}` | a SYSTEM `disconnect`, nothing new sent after it, then a close frame after the delay |
+//! | `POST /_fake/stream/drop` | `{"connection"?}` | end the socket without a close frame |
+//! | `POST /_fake/stream/silence` | `{"connection"?, "on": true, "ms": 30000?}` | read and send nothing (no pongs, no frames), for `ms` if given |
+//! | `POST /_fake/stream/raw` | `{"connection"?, "text": "…"}` | send `text` as is as one text frame (not JSON, unknown types, huge frames) |
 
 mod admin;
 mod api;
 mod dates;
+mod stream;
+
+pub use stream::{
+    BadAck, ConnectionRecord, FrameRecord, StreamEvent, StreamReport, StreamSettings, Subscription,
+    CONNECT_PATH, OPEN_PATH, ROBOT_TOPIC,
+};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -101,7 +132,7 @@ pub struct RecordedCall {
 /// `{errcode, errmsg}` if `errcode` is given; else `{code, message, requestid}` if `code` is
 /// given; else an empty body. `status` defaults to 200 for `html`/`body`/`errcode`, 403 for
 /// `Forbidden…` codes, 400 for other codes and 500 for an empty body. Without `path` a fault
-/// matches any path except `/gettoken`.
+/// matches any path except `/gettoken` and Stream's `connections/open`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct FaultSpec {
@@ -273,6 +304,9 @@ struct Shared {
     /// sleeps (for delays) only after releasing it.
     state: Mutex<FakeState>,
     started: Instant,
+    /// Stream connection ids: never reused, resets included, so a connection's task that
+    /// outlived a reset cannot mistake a new connection for its own.
+    next_connection: AtomicU64,
 }
 
 struct FakeToken {
@@ -318,6 +352,7 @@ struct FakeState {
     send_progress: HashMap<i64, (i64, i64)>,
     robot_messages: Vec<Value>,
     next_request_id: u64,
+    stream: stream::StreamState,
 }
 
 impl Default for FakeState {
@@ -355,6 +390,7 @@ impl Default for FakeState {
             send_progress: HashMap::new(),
             robot_messages: Vec::new(),
             next_request_id: 1,
+            stream: stream::StreamState::default(),
         }
     }
 }
@@ -372,6 +408,7 @@ impl FakeDingTalk {
             shared: Arc::new(Shared {
                 state: Mutex::new(FakeState::default()),
                 started: Instant::now(),
+                next_connection: AtomicU64::new(1),
             }),
         }
     }
@@ -391,10 +428,11 @@ impl FakeDingTalk {
         Ok((fake, format!("http://{addr}")))
     }
 
-    /// The axum router (DingTalk endpoints plus `/_fake/…` admin routes).
+    /// The axum router (DingTalk endpoints, the Stream WebSocket, `/_fake/…` admin routes).
     pub fn router(&self) -> Router {
         Router::new()
             .nest("/_fake", admin::routes())
+            .route(CONNECT_PATH, get(stream::connect))
             .fallback(api::dingtalk_endpoint)
             .with_state(self.clone())
     }
@@ -649,9 +687,13 @@ impl FakeDingTalk {
         self.state().robot_messages.clone()
     }
 
-    /// Back to a fresh fake (recorded calls included).
+    /// Back to a fresh fake (recorded calls included). Open Stream connections are dropped.
     pub fn reset(&self) {
+        let notifiers = self.stream_notifiers();
         *self.state() = FakeState::default();
+        for notify in notifiers {
+            notify.notify_one();
+        }
     }
 
     fn summary(&self) -> Value {
