@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn the_projection_scales_to_the_whole_month() {
         // 2026-11-16T00:00:00Z: half of November (30 days) is gone.
-        let mid = jiff::Timestamp::from_second(1_795_132_800).unwrap();
+        let mid = jiff::Timestamp::from_second(1_794_787_200).unwrap();
         assert_eq!(mid.to_string(), "2026-11-16T00:00:00Z");
         assert_eq!(projection(1_000, mid.as_millisecond()), 2_000);
         assert_eq!(projection(0, mid.as_millisecond()), 0);

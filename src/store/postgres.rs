@@ -31,8 +31,8 @@ use super::{
     DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
 };
 use super::{
-    Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
-    Store, StoreError, StoredEvent,
+    Document, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
+    StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -580,24 +580,22 @@ impl Store for PostgresStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        let state = query.state.map(EventState::as_str);
-        let event_type = query.event_type.as_deref();
-        let limit = i64::from(query.limit.unwrap_or(100));
-        let app = query.app.as_deref();
+        let (sql, params) = super::schema::list_events(super::schema::Dialect::Postgres, query);
+        let values: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = params
+            .into_iter()
+            .map(|p| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+                match p {
+                    super::schema::Param::Text(t) => Box::new(t),
+                    super::schema::Param::Int(i) => Box::new(i),
+                }
+            })
+            .collect();
         self.run(async |c| {
-            let rows = Self::query(
-                c,
-                &self.sql.list_events,
-                &[
-                    &state,
-                    &event_type,
-                    &limit,
-                    &app,
-                    &query.before_id,
-                    &query.since,
-                ],
-            )
-            .await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+                .iter()
+                .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let rows = Self::query(c, &sql, &refs).await?;
             events_from_rows(&rows)
         })
         .await

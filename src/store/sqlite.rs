@@ -23,8 +23,8 @@ use super::{
     DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
 };
 use super::{
-    Document, EventState, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats,
-    Store, StoreError, StoredEvent,
+    Document, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
+    StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -483,18 +483,14 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        let state = query.state.map(EventState::as_str);
-        let event_type = query.event_type.clone();
-        let limit = i64::from(query.limit.unwrap_or(100));
-        let app = query.app.clone();
-        let (before, since) = (query.before_id, query.since);
-        let sql = Arc::clone(&self.sql);
+        let (sql, params) = super::schema::list_events(super::schema::Dialect::Sqlite, query);
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&sql.list_events)?;
-            let rows = stmt.query_map(
-                params![state, event_type, limit, app, before, since],
-                event_from_row,
-            )?;
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let values = params.into_iter().map(|p| match p {
+                super::schema::Param::Text(t) => rusqlite::types::Value::Text(t),
+                super::schema::Param::Int(i) => rusqlite::types::Value::Integer(i),
+            });
+            let rows = stmt.query_map(rusqlite::params_from_iter(values), event_from_row)?;
             rows.collect()
         })
         .await
