@@ -467,12 +467,13 @@ impl StreamSource {
         let app = Arc::clone(&self.app);
         tracing::info!(app = %app, robot = self.config.robot, "stream client started");
         let mut failures: u32 = 0;
-        let mut draining: Vec<JoinHandle<Ended>> = Vec::new();
+        // Connections told to go (`disconnect`), each with its "the next one is up" signal.
+        let mut draining: Vec<(JoinHandle<Ended>, watch::Sender<bool>)> = Vec::new();
         loop {
             if *stop.borrow() {
                 break;
             }
-            draining.retain(|t| !t.is_finished());
+            draining.retain(|(t, _)| !t.is_finished());
             self.metrics.stream_state(&app, "connecting");
             let opened = match tokio::time::timeout(self.config.open_timeout * 2, self.open()).await
             {
@@ -500,16 +501,25 @@ impl StreamSource {
             };
             self.metrics.stream_state(&app, "connected");
             tracing::info!(app = %app, "stream connected");
+            // The connections told to go may close now that this one is up.
+            for (_, replaced) in &draining {
+                let _ = replaced.send(true);
+            }
             let (disconnect_tx, mut disconnect_rx) = oneshot::channel::<()>();
-            let mut connection =
-                tokio::spawn(Arc::clone(&self).run_connection(socket, stop.clone(), disconnect_tx));
+            let (replaced_tx, replaced_rx) = watch::channel(false);
+            let mut connection = tokio::spawn(Arc::clone(&self).run_connection(
+                socket,
+                stop.clone(),
+                disconnect_tx,
+                replaced_rx,
+            ));
             tokio::select! {
                 Ok(()) = &mut disconnect_rx => {
                     // DingTalk asked us to move: the next connection now, the old one finishes
                     // its acks meanwhile.
                     tracing::info!(app = %app, "stream disconnect asked: opening the next connection");
                     self.metrics.stream_reconnect(&app, "disconnect", "DingTalk sent disconnect");
-                    draining.push(connection);
+                    draining.push((connection, replaced_tx));
                     failures = 0;
                 }
                 ended = &mut connection => {
@@ -547,7 +557,7 @@ impl StreamSource {
             }
         }
         self.metrics.stream_state(&app, "stopping");
-        for task in draining {
+        for (task, _) in draining {
             let _ = task.await;
         }
         self.metrics.stream_state(&app, "stopped");
@@ -625,6 +635,7 @@ impl StreamSource {
         socket: Socket,
         mut stop: watch::Receiver<bool>,
         disconnect: oneshot::Sender<()>,
+        mut replaced: watch::Receiver<bool>,
     ) -> Ended {
         let started = Instant::now();
         let app = Arc::clone(&self.app);
@@ -633,6 +644,7 @@ impl StreamSource {
         let permits = Arc::new(Semaphore::new(concurrency));
         let (out, rx) = mpsc::channel::<Message>(concurrency * 2 + 16);
         let mut writer = tokio::spawn(write_loop(sink, rx, self.config.ping_interval));
+        let mut writer_done = false;
         let mut disconnect = Some(disconnect);
         let mut frames = 0u64;
         let mut draining = false;
@@ -650,8 +662,10 @@ impl StreamSource {
             };
             // Time spent waiting for a permit is the store's, not DingTalk's silence.
             last_inbound += waiting.elapsed();
+            // After `disconnect`: once the next connection is up and every ack is out, close.
             let all_done = async {
                 if draining {
+                    let _ = replaced.wait_for(|r| *r).await;
                     let _ = permits.acquire_many(concurrency as u32 - 1).await;
                 } else {
                     std::future::pending::<()>().await;
@@ -663,7 +677,10 @@ impl StreamSource {
                     break ("watchdog", format!("nothing received for {watchdog:?}"));
                 }
                 _ = stop.wait_for(|s| *s) => break ("stopped", String::new()),
-                _ = &mut writer => break ("write_error", "the socket could not be written".into()),
+                _ = &mut writer, if !writer_done => {
+                    writer_done = true;
+                    break ("write_error", "the socket could not be written".into());
+                }
                 () = all_done => break ("drained", "acknowledged everything after disconnect".into()),
             };
             last_inbound = tokio::time::Instant::now();
@@ -786,7 +803,7 @@ impl StreamSource {
         )
         .await;
         drop(out);
-        if tokio::time::timeout(CLOSE_WAIT, &mut writer).await.is_err() {
+        if !writer_done && tokio::time::timeout(CLOSE_WAIT, &mut writer).await.is_err() {
             writer.abort();
         }
         Ended {
