@@ -715,4 +715,47 @@ owner_key = "dingeu"
             }
         }
     }
+
+    #[test]
+    fn stream_mode_is_switched_per_app_and_needs_the_credentials() {
+        let extra = "[stream]\nconcurrency = 8\n[apps.s]\napp_key = \"dings\"\napp_secret = \"s-secret\"\nstream = true\n[apps.t]\napp_key = \"dingt\"\napp_secret = \"t-secret\"\n[apps.t.stream]\nenabled = \"on\"\nrobot = true\n";
+        let config = load(&two_apps(extra), &[]).unwrap();
+        let apps = config.apps().unwrap();
+        let by = |n: &str| apps.iter().find(|a| a.name == n).unwrap().clone();
+        let (s, t, ops) = (by("s"), by("t"), by("ops"));
+        assert!(
+            s.stream.enabled && !s.push_enabled(),
+            "no callback keys: Stream only"
+        );
+        assert_eq!(s.stream.concurrency, 8, "knobs inherited");
+        assert!(t.stream.enabled && t.stream.robot);
+        assert!(!ops.stream.enabled && ops.push_enabled());
+        assert!(
+            !by("default").stream.enabled,
+            "the top-level switch is the default app's"
+        );
+        assert!(!s.same_stream(&t));
+
+        for (extra, env, expected) in [
+            ("[apps.s]\nstream = true\n", vec![], "apps.s.app_key (DINGHOOK_APPS__S__APP_KEY): Stream mode is on"),
+            ("[apps.s]\napp_key = \"k\"\napp_secret = \"x\"\n[apps.s.stream]\nenabled = true\nconcurrency = 0\n", vec![], "apps.s.stream.concurrency"),
+            ("", vec![("DINGHOOK_STREAM_WATCHDOG", "10ms")], "stream.watchdog (DINGHOOK_STREAM_WATCHDOG)"),
+            ("[apps.s]\nstream = \"maybe\"\n", vec![], "apps.s.stream"),
+        ] {
+            let message = error(extra, &env);
+            assert!(message.contains(expected), "{extra:?}: {message}");
+        }
+        // The default app from the environment alone, in Stream mode without callback keys.
+        let env: Vec<(String, String)> = [
+            ("DINGHOOK_STREAM", "on"),
+            ("DINGHOOK_APP_KEY", "dingk"),
+            ("DINGHOOK_APP_SECRET", "secret"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config = Config::load_with_env(None, &env).unwrap();
+        let apps = config.apps().unwrap();
+        assert!(apps[0].stream.enabled && !apps[0].push_enabled());
+    }
 }
