@@ -637,3 +637,45 @@ async fn two_replicas_on_postgres_store_each_event_once() {
         replica.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_reload_turns_an_apps_stream_off_and_on() {
+    let (fake, url) = fake().await;
+    let (app, _) = app_on(&url, |_| {}).await;
+    wait_for("connected", Duration::from_secs(5), || {
+        fake.stream_report().open_connections == 1
+    })
+    .await;
+    let dir = app.db_path.parent().expect("db dir").to_owned();
+    let mut config = support::test_config(&dir);
+    stream_config(&mut config, &url);
+    config.stream.enabled = false;
+    let done = app.reloader.apply(config.clone()).await.expect("reload");
+    assert_eq!(done.changed, ["default"]);
+    wait_for("closed by the reload", Duration::from_secs(5), || {
+        fake.stream_report().open_connections == 0
+    })
+    .await;
+    // Unchanged settings keep the connection; changed ones replace it.
+    config.stream.enabled = true;
+    app.reloader.apply(config.clone()).await.expect("reload");
+    wait_for("reconnected by the reload", Duration::from_secs(5), || {
+        let r = fake.stream_report();
+        r.open_connections == 1 && r.connections.len() == 2
+    })
+    .await;
+    app.reloader.apply(config).await.expect("reload");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        fake.stream_report().connections.len(),
+        2,
+        "an unchanged app reconnected"
+    );
+    fake.stream_push_events(events("after", 5)).unwrap();
+    let expected = ids("after", 5);
+    wait_for("events after the reloads", Duration::from_secs(5), || {
+        expected.is_subset(&fake.stream_acked_event_ids())
+    })
+    .await;
+    app.stop().await;
+}
