@@ -204,19 +204,22 @@ impl AppSet {
             if old.is_none_or(|old| !old.same_as(spec)) {
                 log_app_notes(spec);
             }
-            let push = Arc::new(PushState {
-                app: spec.name.as_str().into(),
-                cipher: spec.cipher()?,
-                store: Arc::clone(&app_store),
-                body_limit: config.callback.body_limit,
-                body_budget: fixed.body_budget.clone(),
-                replay_window: config.callback.replay_window,
-                request_timeout: fixed.request_timeout,
-                metrics: Arc::clone(&fixed.metrics),
-                stored: Arc::clone(&fixed.wake),
-                routing: fixed.routing.clone(),
-            });
-            callbacks = callbacks.merge(push::router(push, &spec.callback.path));
+            // An app in Stream mode without callback keys has no callback route.
+            if spec.push_enabled() {
+                let push = Arc::new(PushState {
+                    app: spec.name.as_str().into(),
+                    cipher: spec.cipher()?,
+                    store: Arc::clone(&app_store),
+                    body_limit: config.callback.body_limit,
+                    body_budget: fixed.body_budget.clone(),
+                    replay_window: config.callback.replay_window,
+                    request_timeout: fixed.request_timeout,
+                    metrics: Arc::clone(&fixed.metrics),
+                    stored: Arc::clone(&fixed.wake),
+                    routing: fixed.routing.clone(),
+                });
+                callbacks = callbacks.merge(push::router(push, &spec.callback.path));
+            }
             if let Some(client) = &client {
                 clients.insert(spec.name.clone(), client.clone());
             }
@@ -277,6 +280,28 @@ impl AppSet {
         )
         .map(|r| r.with_routing(fixed.routing.clone()))
     }
+
+    /// The Stream client of app `spec`, when it is in Stream mode.
+    fn stream(
+        &self,
+        fixed: &Fixed,
+        spec: &AppSpec,
+    ) -> Option<crate::sources::stream::StreamSource> {
+        let context = self.contexts.get(&spec.name)?;
+        spec.stream.enabled.then(|| {
+            crate::sources::stream::StreamSource::new(
+                &spec.name,
+                spec.stream.clone(),
+                &spec.dingtalk.app_key,
+                spec.dingtalk.app_secret.clone(),
+                &spec.dingtalk.api_url,
+                Arc::clone(&context.store),
+                Arc::clone(&fixed.metrics),
+                Arc::clone(&fixed.wake),
+            )
+            .with_routing(fixed.routing.clone())
+        })
+    }
 }
 
 /// What start-up (and a reload, for a new or changed app) says about an app's settings.
@@ -317,6 +342,7 @@ struct LiveState {
     started: Config,
     apps: AppSet,
     recoveries: Recoveries,
+    streams: crate::sources::stream::StreamClients,
 }
 
 /// The failed-push readers, one per app that has one, each with its own stop so a reload can
@@ -490,6 +516,7 @@ impl Live {
             .map(|s| (s.name.as_str(), s))
             .collect();
         let mut recoveries = Vec::new();
+        let mut streams = Vec::new();
         for spec in &apps.specs {
             match before.get(spec.name.as_str()) {
                 None => done.added.push(spec.name.clone()),
@@ -501,6 +528,12 @@ impl Live {
                 .is_some_and(|old| old.same_recovery(spec));
             if !same {
                 recoveries.push((spec.name.clone(), apps.recovery(&self.fixed, spec)));
+            }
+            if !before
+                .get(spec.name.as_str())
+                .is_some_and(|old| old.same_stream(spec))
+            {
+                streams.push((spec.name.clone(), apps.stream(&self.fixed, spec)));
             }
         }
         let now: std::collections::HashSet<&str> =
@@ -531,6 +564,10 @@ impl Live {
         }
         for app in &done.removed {
             state.recoveries.replace(app, None);
+            state.streams.replace(app, None);
+        }
+        for (app, stream) in streams {
+            state.streams.replace(&app, stream);
         }
         state.apps = apps;
         Ok(done)
@@ -703,6 +740,10 @@ impl Application {
         for spec in &apps.specs {
             recoveries.replace(&spec.name, apps.recovery(&fixed, spec));
         }
+        let mut streams = crate::sources::stream::StreamClients::default();
+        for spec in &apps.specs {
+            streams.replace(&spec.name, apps.stream(&fixed, spec));
+        }
         ops.clients.store(Arc::new(apps.clients.clone()));
         metrics.set_apps(apps.specs.len());
         let dispatcher = Arc::new(Dispatcher::new(
@@ -721,6 +762,7 @@ impl Application {
                 started: config.clone(),
                 apps,
                 recoveries,
+                streams,
             }),
             fixed,
         });
@@ -848,6 +890,7 @@ impl Application {
             Vec::new()
         };
         live.state.lock().await.recoveries.start_all();
+        live.state.lock().await.streams.start_all();
         // Routes run beside the workers (also with `dispatch.enabled = false`: that turns the
         // handlers off, not the routes), and stop with them.
         let route_tasks: Vec<_> = runners
@@ -891,6 +934,9 @@ impl Application {
         // Recovery stores what it reads before it stops, so it is joined with the workers,
         // before the store closes.
         let recovery = live.state.lock().await.recoveries.stop_all();
+        // Stream clients stop reading, finish their commits and acks, and close; before the
+        // store closes.
+        let streams = live.state.lock().await.streams.stop_all();
 
         let http = async {
             let mut result = Ok(());
@@ -907,6 +953,7 @@ impl Application {
         let tasks: Vec<_> = workers
             .into_iter()
             .chain(recovery)
+            .chain(streams)
             .chain(route_tasks)
             .collect();
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();

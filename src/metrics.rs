@@ -95,6 +95,115 @@ pub struct Metrics {
     connections: ConnectionMetrics,
     reloads: ReloadMetrics,
     routes: RouteMetrics,
+    stream: StreamMetrics,
+}
+
+/// What each app's Stream client ([`crate::sources::stream`]) reports.
+struct StreamMetrics {
+    connected: Family<App, Gauge>,
+    reconnects: Family<AppReason, Counter>,
+    frames: Family<FrameType, Counter>,
+    bad_frames: Family<AppReason, Counter>,
+    acks: Family<AckStatus, Counter>,
+    redeliveries: Family<App, Counter>,
+    ack_seconds: Family<App, Histogram>,
+    /// Per app: what `GET /api/v1/apps/{app}` shows. A std mutex, never held across an await.
+    status: std::sync::Mutex<HashMap<String, StreamStatus>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FrameType {
+    app: String,
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AckStatus {
+    app: String,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct StreamStatus {
+    state: &'static str,
+    connected_since: Option<i64>,
+    last_frame_at: Option<i64>,
+    reconnects: u64,
+    last_close_reason: Option<String>,
+    last_close_detail: Option<String>,
+    last_close_at: Option<i64>,
+}
+
+impl StreamMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let connected = Family::<App, Gauge>::default();
+        registry.register(
+            "stream_connected",
+            "1 while the app's Stream connection is open (0 connecting, backing off or stopped)",
+            connected.clone(),
+        );
+        let reconnects = Family::<AppReason, Counter>::default();
+        registry.register(
+            "stream_reconnects",
+            "Stream connections ended or failed to open, by reason (disconnect, closed, closed_by_server, read_error, write_error, watchdog, auth_failed, open_failed, connect_failed, open_timeout)",
+            reconnects.clone(),
+        );
+        let frames = Family::<FrameType, Counter>::default();
+        registry.register(
+            "stream_frames",
+            "Stream frames received, by type (event, callback_robot, callback_other, system_ping, system_disconnect, system_other, bad)",
+            frames.clone(),
+        );
+        let bad_frames = Family::<AppReason, Counter>::default();
+        registry.register(
+            "stream_bad_frames",
+            "Stream frames that could not be read as they should, by reason",
+            bad_frames.clone(),
+        );
+        let acks = Family::<AckStatus, Counter>::default();
+        registry.register(
+            "stream_acks",
+            "Stream acknowledgements sent, by status (SUCCESS only after the commit, LATER, callback, callback_error, pong, system, discarded)",
+            acks.clone(),
+        );
+        let redeliveries = Family::<App, Counter>::default();
+        registry.register(
+            "stream_redeliveries",
+            "Stream events already stored (redeliveries, duplicates, or seen by push first), acknowledged again",
+            redeliveries.clone(),
+        );
+        let ack_seconds = Family::<App, Histogram>::new_with_constructor(|| {
+            Histogram::new(
+                [
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]
+                .into_iter(),
+            )
+        });
+        registry.register(
+            "stream_ack_duration_seconds",
+            "From an EVENT or robot frame's arrival to its acknowledgement (after the commit)",
+            ack_seconds.clone(),
+        );
+        StreamMetrics {
+            connected,
+            reconnects,
+            frames,
+            bad_frames,
+            acks,
+            redeliveries,
+            ack_seconds,
+            status: std::sync::Mutex::default(),
+        }
+    }
+
+    fn with<R>(&self, app: &str, f: impl FnOnce(&mut StreamStatus) -> R) -> R {
+        let mut all = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(all.entry(app.to_owned()).or_default())
+    }
 }
 
 /// What the routes' runners ([`crate::routes::runner`]) and scrapes report.
@@ -362,7 +471,9 @@ impl Metrics {
         let connections = ConnectionMetrics::register(&mut registry);
         let reloads = ReloadMetrics::register(&mut registry);
         let routes = RouteMetrics::register(&mut registry);
+        let stream = StreamMetrics::register(&mut registry);
         Metrics {
+            stream,
             connections,
             reloads,
             routes,
@@ -680,6 +791,115 @@ impl Metrics {
             .inc();
         self.recent
             .recovered(app, outcome, crate::time::now_millis());
+    }
+
+    /// `app`'s Stream connection is now `state` (connecting, connected, backoff, stopping,
+    /// stopped).
+    pub fn stream_state(&self, app: &str, state: &'static str) {
+        let label = App {
+            app: app.to_owned(),
+        };
+        self.stream
+            .connected
+            .get_or_create(&label)
+            .set(i64::from(state == "connected"));
+        let now = crate::time::now_millis();
+        self.stream.with(app, |s| {
+            if state == "connected" {
+                s.connected_since = Some(now);
+            } else if s.state == "connected" {
+                s.connected_since = None;
+            }
+            s.state = state;
+        });
+    }
+
+    /// One of `app`'s Stream connections ended or could not be opened, and why.
+    pub fn stream_reconnect(&self, app: &str, reason: &'static str, detail: &str) {
+        self.stream
+            .reconnects
+            .get_or_create(&AppReason {
+                app: app.to_owned(),
+                reason,
+            })
+            .inc();
+        let now = crate::time::now_millis();
+        self.stream.with(app, |s| {
+            s.reconnects += 1;
+            s.last_close_reason = Some(reason.to_owned());
+            s.last_close_detail = Some(detail.chars().take(200).collect());
+            s.last_close_at = Some(now);
+        });
+    }
+
+    /// A text frame arrived on `app`'s Stream connection (for its status).
+    pub fn stream_frame_seen(&self, app: &str) {
+        let now = crate::time::now_millis();
+        self.stream.with(app, |s| s.last_frame_at = Some(now));
+    }
+
+    /// A Stream frame of `kind` arrived for `app`.
+    pub fn stream_frame(&self, app: &str, kind: &'static str) {
+        self.stream
+            .frames
+            .get_or_create(&FrameType {
+                app: app.to_owned(),
+                r#type: kind,
+            })
+            .inc();
+    }
+
+    /// A Stream frame of `app` that could not be read as it should (`reason`).
+    pub fn stream_bad_frame(&self, app: &str, reason: &'static str) {
+        self.stream
+            .bad_frames
+            .get_or_create(&AppReason {
+                app: app.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// An acknowledgement sent on `app`'s Stream connection; `seconds` from the frame's
+    /// arrival, for events and robot messages.
+    pub fn stream_ack(&self, app: &str, status: &'static str, seconds: Option<f64>) {
+        self.stream
+            .acks
+            .get_or_create(&AckStatus {
+                app: app.to_owned(),
+                status,
+            })
+            .inc();
+        if let Some(seconds) = seconds {
+            self.stream
+                .ack_seconds
+                .get_or_create(&App {
+                    app: app.to_owned(),
+                })
+                .observe(seconds);
+        }
+    }
+
+    /// A Stream event of `app` that was already stored (acknowledged again, not stored twice).
+    pub fn stream_redelivery(&self, app: &str) {
+        self.stream
+            .redeliveries
+            .get_or_create(&App {
+                app: app.to_owned(),
+            })
+            .inc();
+    }
+
+    /// `app`'s Stream connection as the HTTP API shows it (`state`, `connected_since`,
+    /// `last_frame_at`, `reconnects`, `last_close_reason`, …), or `None` when the app has no
+    /// Stream client in this process.
+    pub fn stream_status(&self, app: &str) -> Option<serde_json::Value> {
+        let all = self
+            .stream
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.get(app).and_then(|s| serde_json::to_value(s).ok())
     }
 
     /// The Prometheus text exposition.

@@ -131,7 +131,7 @@ async fn health(state: &ApiState, app: &ApiApp) -> ApiResult<AppHealth> {
             last_run_at: last.map(|(at, _)| at),
             last_outcome: last.map(|(_, outcome)| outcome.to_owned()),
         },
-        stream: None,
+        stream: state.metrics.stream_status(&app.name),
     })
 }
 

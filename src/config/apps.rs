@@ -25,6 +25,7 @@ use crate::dingtalk::ClientConfig;
 use crate::secret::Secret;
 use crate::sources::push::CallbackConfig;
 use crate::sources::recovery::RecoveryConfig;
+use crate::sources::stream::StreamConfig;
 
 /// The app the top-level `[callback]` and `[dingtalk]` keys make.
 pub const DEFAULT_APP: &str = "default";
@@ -42,6 +43,10 @@ pub struct AppSpec {
     pub dingtalk: ClientConfig,
     pub handlers: HandlersConfig,
     pub recovery: RecoveryConfig,
+    /// Stream mode: `stream = true` in the app's table (the top-level `[stream] enabled` for
+    /// the `default` app); the knobs from `[stream]` unless the app's `[apps.NAME.stream]`
+    /// sets them.
+    pub stream: StreamConfig,
 }
 
 impl AppSpec {
@@ -97,6 +102,20 @@ impl AppSpec {
                 == serde_json::to_value(&other.recovery).ok()
     }
 
+    /// Whether `other` runs the same Stream client (same switch, knobs and credentials).
+    pub fn same_stream(&self, other: &AppSpec) -> bool {
+        self.stream == other.stream
+            && self.dingtalk.app_key == other.dingtalk.app_key
+            && self.dingtalk.app_secret == other.dingtalk.app_secret
+            && self.dingtalk.api_url == other.dingtalk.api_url
+    }
+
+    /// True when the app receives HTTP pushes: it has callback keys. An app in Stream mode may
+    /// go without them (no callback route then).
+    pub fn push_enabled(&self) -> bool {
+        !(self.stream.enabled && self.callback.token.is_empty() && self.callback.aes_key.is_empty())
+    }
+
     /// The secret values, which the serialized settings show redacted.
     fn secrets(&self) -> impl Iterator<Item = &Secret> {
         let c = &self.callback;
@@ -119,7 +138,12 @@ impl AppSpec {
         let top = match key {
             "callback_path" => "callback.path".to_owned(),
             "token" | "aes_key" | "previous_aes_keys" | "owner_key" => format!("callback.{key}"),
-            k if k.starts_with("handlers") || k.starts_with("recovery") => k.to_owned(),
+            k if k.starts_with("handlers")
+                || k.starts_with("recovery")
+                || k.starts_with("stream") =>
+            {
+                k.to_owned()
+            }
             other => format!("dingtalk.{other}"),
         };
         super::invalid(&top, message)
@@ -205,7 +229,8 @@ pub fn valid_name(name: &str) -> bool {
 /// that no two apps share a path.
 pub(super) fn resolve(config: &super::Config) -> Result<Vec<AppSpec>, ConfigError> {
     let mut apps = Vec::new();
-    let has_default = !config.callback.token.is_empty() || config.apps.is_empty();
+    let has_default =
+        !config.callback.token.is_empty() || config.apps.is_empty() || config.stream.enabled;
     if has_default {
         let default = AppSpec {
             name: DEFAULT_APP.to_owned(),
@@ -214,6 +239,7 @@ pub(super) fn resolve(config: &super::Config) -> Result<Vec<AppSpec>, ConfigErro
             dingtalk: config.dingtalk.clone(),
             handlers: config.handlers.clone(),
             recovery: config.recovery.clone(),
+            stream: config.stream.clone(),
         };
         check_keys(&default)?;
         apps.push(default);
@@ -267,6 +293,36 @@ fn check_keys(app: &AppSpec) -> Result<(), ConfigError> {
             format!("{:?} is answered by dinghook itself", c.path),
         ));
     }
+    if app.push_enabled() {
+        check_push_keys(app)?;
+    }
+    super::check_client_ranges(app)?;
+    if app.dingtalk_enabled() {
+        app.dingtalk
+            .validate()
+            .map_err(|m| app.invalid("app_key", m))?;
+    } else if !app.dingtalk.app_secret.is_empty() {
+        return Err(app.invalid(
+            "app_key",
+            "is empty while app_secret is set: set both or neither",
+        ));
+    }
+    if app.stream.enabled && (!app.dingtalk_enabled() || app.dingtalk.app_secret.is_empty()) {
+        return Err(app.invalid(
+            "app_key",
+            "Stream mode is on but the app has no app_key and app_secret: set both \
+             (the Client ID and Client Secret of the app's credentials page)",
+        ));
+    }
+    app.handlers
+        .validate()
+        .map_err(|m| app.invalid("handlers", m))?;
+    Ok(())
+}
+
+/// The HTTP Push callback's keys (see [`check_keys`]).
+fn check_push_keys(app: &AppSpec) -> Result<(), ConfigError> {
+    let c = &app.callback;
     if c.token.is_empty() {
         return Err(app.invalid(
             "token",
@@ -291,20 +347,6 @@ fn check_keys(app: &AppSpec) -> Result<(), ConfigError> {
              (register_call_back API) or the suite key (third-party apps)",
         ));
     }
-    super::check_client_ranges(app)?;
-    if app.dingtalk_enabled() {
-        app.dingtalk
-            .validate()
-            .map_err(|m| app.invalid("app_key", m))?;
-    } else if !app.dingtalk.app_secret.is_empty() {
-        return Err(app.invalid(
-            "app_key",
-            "is empty while app_secret is set: set both or neither",
-        ));
-    }
-    app.handlers
-        .validate()
-        .map_err(|m| app.invalid("handlers", m))?;
     Ok(())
 }
 
@@ -316,7 +358,7 @@ fn resolve_one(config: &super::Config, name: &str, table: &Value) -> Result<AppS
     for (key, value) in table {
         let part = if CALLBACK_KEYS.contains(&key.as_str()) {
             &mut own
-        } else if key == "handlers" || key == "recovery" {
+        } else if key == "handlers" || key == "recovery" || key == "stream" {
             &mut sections
         } else {
             &mut client
@@ -384,6 +426,27 @@ fn resolve_one(config: &super::Config, name: &str, table: &Value) -> Result<AppS
             )
         })?;
 
+    // `stream = true` or a `[apps.NAME.stream]` table over the top-level knobs; the top-level
+    // `enabled` is the default app's and is not lent.
+    let mut inherited_stream = dict_of(&config.stream)?;
+    inherited_stream.remove("enabled");
+    let own_stream = match sections.get("stream") {
+        Some(Value::Dict(_, table)) => table.clone(),
+        Some(switch) => Dict::from([("enabled".to_owned(), switch.clone())]),
+        None => Dict::new(),
+    };
+    let stream: StreamConfig = Figment::from(Serialized::defaults(inherited_stream))
+        .merge(Serialized::defaults(own_stream))
+        .extract()
+        .map_err(|e| {
+            let key = if e.path.is_empty() || e.path == ["enabled"] {
+                "stream".to_owned()
+            } else {
+                format!("stream.{}", e.path.join("."))
+            };
+            app_invalid(name, &key, describe(&e))
+        })?;
+
     let app = AppSpec {
         name: name.to_owned(),
         top_level: false,
@@ -391,6 +454,7 @@ fn resolve_one(config: &super::Config, name: &str, table: &Value) -> Result<AppS
         dingtalk,
         handlers,
         recovery,
+        stream,
     };
     check_keys(&app)?;
     Ok(app)
@@ -650,5 +714,48 @@ owner_key = "dingeu"
                 assert!(!message.contains(secret), "{message}");
             }
         }
+    }
+
+    #[test]
+    fn stream_mode_is_switched_per_app_and_needs_the_credentials() {
+        let extra = "[stream]\nconcurrency = 8\n[apps.s]\napp_key = \"dings\"\napp_secret = \"s-secret\"\nstream = true\n[apps.t]\napp_key = \"dingt\"\napp_secret = \"t-secret\"\n[apps.t.stream]\nenabled = \"on\"\nrobot = true\n";
+        let config = load(&two_apps(extra), &[]).unwrap();
+        let apps = config.apps().unwrap();
+        let by = |n: &str| apps.iter().find(|a| a.name == n).unwrap().clone();
+        let (s, t, ops) = (by("s"), by("t"), by("ops"));
+        assert!(
+            s.stream.enabled && !s.push_enabled(),
+            "no callback keys: Stream only"
+        );
+        assert_eq!(s.stream.concurrency, 8, "knobs inherited");
+        assert!(t.stream.enabled && t.stream.robot);
+        assert!(!ops.stream.enabled && ops.push_enabled());
+        assert!(
+            !by("default").stream.enabled,
+            "the top-level switch is the default app's"
+        );
+        assert!(!s.same_stream(&t));
+
+        for (extra, env, expected) in [
+            ("[apps.s]\nstream = true\n", vec![], "apps.s.app_key (DINGHOOK_APPS__S__APP_KEY): Stream mode is on"),
+            ("[apps.s]\napp_key = \"k\"\napp_secret = \"x\"\n[apps.s.stream]\nenabled = true\nconcurrency = 0\n", vec![], "apps.s.stream.concurrency"),
+            ("", vec![("DINGHOOK_STREAM_WATCHDOG", "10ms")], "stream.watchdog (DINGHOOK_STREAM_WATCHDOG)"),
+            ("[apps.s]\nstream = \"maybe\"\n", vec![], "apps.s.stream"),
+        ] {
+            let message = error(extra, &env);
+            assert!(message.contains(expected), "{extra:?}: {message}");
+        }
+        // The default app from the environment alone, in Stream mode without callback keys.
+        let env: Vec<(String, String)> = [
+            ("DINGHOOK_STREAM", "on"),
+            ("DINGHOOK_APP_KEY", "dingk"),
+            ("DINGHOOK_APP_SECRET", "secret"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config = Config::load_with_env(None, &env).unwrap();
+        let apps = config.apps().unwrap();
+        assert!(apps[0].stream.enabled && !apps[0].push_enabled());
     }
 }

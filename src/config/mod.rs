@@ -27,6 +27,7 @@ use crate::ops::OpsConfig;
 use crate::server::ServerConfig;
 use crate::sources::push::CallbackConfig;
 use crate::sources::recovery::RecoveryConfig;
+use crate::sources::stream::StreamConfig;
 use crate::store::{redact_url, StoreConfig, StoreLocation};
 use crate::telemetry::LogFormat;
 
@@ -103,6 +104,17 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("dispatch.retry_jitter", "DINGHOOK_RETRY_JITTER"),
     ("recovery.enabled", "DINGHOOK_RECOVERY"),
     ("recovery.interval", "DINGHOOK_RECOVERY_INTERVAL"),
+    ("stream.enabled", "DINGHOOK_STREAM"),
+    ("stream.robot", "DINGHOOK_STREAM_ROBOT"),
+    ("stream.concurrency", "DINGHOOK_STREAM_CONCURRENCY"),
+    ("stream.backoff_base", "DINGHOOK_STREAM_BACKOFF_BASE"),
+    ("stream.backoff_max", "DINGHOOK_STREAM_BACKOFF_MAX"),
+    ("stream.backoff_jitter", "DINGHOOK_STREAM_BACKOFF_JITTER"),
+    ("stream.watchdog", "DINGHOOK_STREAM_WATCHDOG"),
+    ("stream.ping_interval", "DINGHOOK_STREAM_PING_INTERVAL"),
+    ("stream.store_timeout", "DINGHOOK_STREAM_STORE_TIMEOUT"),
+    ("stream.open_timeout", "DINGHOOK_STREAM_OPEN_TIMEOUT"),
+    ("stream.max_frame", "DINGHOOK_STREAM_MAX_FRAME"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -144,6 +156,8 @@ pub struct Config {
     pub handlers: HandlersConfig,
     /// Reading DingTalk's failed-push list (needs the DingTalk client).
     pub recovery: RecoveryConfig,
+    /// Stream mode: `enabled` for the top-level app, the knobs for every app.
+    pub stream: StreamConfig,
     /// `[apps.NAME]` tables as written; [`Config::apps`] resolves them (see [`apps`]).
     #[serde(skip_serializing)]
     pub apps: BTreeMap<String, Value>,
@@ -169,6 +183,7 @@ impl Default for Config {
             dingtalk: ClientConfig::default(),
             handlers: HandlersConfig::default(),
             recovery: RecoveryConfig::default(),
+            stream: StreamConfig::default(),
             apps: BTreeMap::new(),
             routes: Vec::new(),
         }
@@ -530,7 +545,41 @@ fn check_client_ranges(app: &AppSpec) -> Result<(), ConfigError> {
         // Each read of the failed-push list is a metered call.
         durations.push(("recovery.interval", app.recovery.interval, SEC, 30 * DAY));
     }
-    check_durations(&durations, |key, message| app.invalid(key, message))
+    check_durations(&durations, |key, message| app.invalid(key, message))?;
+    check_stream_ranges(app)
+}
+
+/// The ranges of an app's `[stream]` knobs (see `check_ranges`).
+fn check_stream_ranges(app: &AppSpec) -> Result<(), ConfigError> {
+    let s = &app.stream;
+    let numbers: [(&str, u64, u64, u64); 2] = [
+        ("stream.concurrency", s.concurrency as u64, 1, 10_000),
+        ("stream.max_frame", s.max_frame as u64, 1024, 64 << 20),
+    ];
+    for (key, value, min, max) in numbers {
+        if !(min..=max).contains(&value) {
+            return Err(app.invalid(key, format!("{value} is outside {min}..={max}")));
+        }
+    }
+    if !(0.0..1.0).contains(&s.backoff_jitter) {
+        return Err(app.invalid("stream.backoff_jitter", "must be in 0.0..1.0"));
+    }
+    let durations = [
+        ("stream.backoff_base", s.backoff_base, MS, HOUR),
+        ("stream.backoff_max", s.backoff_max, s.backoff_base, DAY),
+        ("stream.watchdog", s.watchdog, 100 * MS, HOUR),
+        ("stream.ping_interval", s.ping_interval, 10 * MS, HOUR),
+        ("stream.store_timeout", s.store_timeout, 10 * MS, 5 * MIN),
+        ("stream.open_timeout", s.open_timeout, 10 * MS, 5 * MIN),
+    ];
+    check_durations(&durations, |key, message| app.invalid(key, message))?;
+    if s.ping_interval >= s.watchdog {
+        return Err(app.invalid(
+            "stream.ping_interval",
+            "must be shorter than stream.watchdog, or a quiet but healthy connection is ended",
+        ));
+    }
+    Ok(())
 }
 
 /// A path the router takes literally: `/`, then letters, digits and `-._~/` only. The router

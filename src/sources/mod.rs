@@ -4,6 +4,8 @@
 //!
 //! - [`push`]: DingTalk's HTTP Push callback.
 //! - [`recovery`]: DingTalk's list of pushes it failed to deliver, read back periodically.
+//! - [`stream`]: DingTalk's Stream mode, an outbound WebSocket (no public URL needed).
 
 pub mod push;
 pub mod recovery;
+pub mod stream;

@@ -87,6 +87,8 @@ pub fn redact_url(url: &str) -> String {
 pub enum Source {
     /// DingTalk's HTTP Push.
     Push,
+    /// DingTalk's Stream mode (the outbound WebSocket).
+    Stream,
     /// The failed-callback list, pulled back by recovery.
     Recovery,
     /// Scheduled by dinghook itself (a follow-up job of a handler).
@@ -99,6 +101,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Push => "push",
+            Source::Stream => "stream",
             Source::Recovery => "recovery",
             Source::Internal => "internal",
             Source::Api => "api",

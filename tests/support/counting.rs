@@ -15,6 +15,8 @@ pub struct CountingStore {
     calls: Mutex<BTreeMap<&'static str, u64>>,
     /// Added before each `stats`, to stand for a slow store.
     stats_delay: Mutex<std::time::Duration>,
+    /// While true, every `insert` fails (a store outage) without reaching the real store.
+    fail_inserts: std::sync::atomic::AtomicBool,
 }
 
 impl CountingStore {
@@ -23,12 +25,19 @@ impl CountingStore {
             inner,
             calls: Mutex::new(BTreeMap::new()),
             stats_delay: Mutex::new(std::time::Duration::ZERO),
+            fail_inserts: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Makes every later `stats` take `delay` longer.
     pub fn set_stats_delay(&self, delay: std::time::Duration) {
         *self.stats_delay.lock().unwrap() = delay;
+    }
+
+    /// Makes every later `insert` fail (`true`) or work again (`false`).
+    pub fn set_fail_inserts(&self, fail: bool) {
+        self.fail_inserts
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn count(&self, op: &'static str) {
@@ -49,6 +58,9 @@ impl CountingStore {
 impl Store for CountingStore {
     async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
         self.count("insert");
+        if self.fail_inserts.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("inserts fail (test outage)".into()));
+        }
         self.inner.insert(event).await
     }
     async fn schedule(&self, event: NewEvent, due_at_ms: i64) -> Result<Inserted, StoreError> {
