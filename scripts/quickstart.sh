@@ -6,7 +6,8 @@
 # DingTalk. Both keep running (Ctrl-C stops them) for the README's curl examples.
 #
 # Environment (all optional): DINGHOOK_LISTEN (127.0.0.1:8080), DINGHOOK_OPS_LISTEN
-# (127.0.0.1:9464: /metrics), FAKE_LISTEN (127.0.0.1:9000),
+# (127.0.0.1:9464: /metrics), DINGHOOK_API_LISTEN (127.0.0.1:8081: the HTTP API),
+# FAKE_LISTEN (127.0.0.1:9000),
 # DINGHOOK_STORE_URL (the config's sqlite://data/dinghook.db), DATA_DIR (data: the fake's log
 # and the first reply), DINGHOOK_BIN and FAKE_BIN (prebuilt binaries; otherwise both are built
 # with cargo --release).
@@ -16,6 +17,9 @@ cd "$(dirname "$0")/.."
 export DINGHOOK_CONFIG="$PWD/config/dev.toml"
 export DINGHOOK_LISTEN="${DINGHOOK_LISTEN:-127.0.0.1:8080}"
 export DINGHOOK_OPS_LISTEN="${DINGHOOK_OPS_LISTEN:-127.0.0.1:9464}"
+export DINGHOOK_API_LISTEN="${DINGHOOK_API_LISTEN:-127.0.0.1:8081}"
+API="http://$DINGHOOK_API_LISTEN"
+API_TOKEN="dinghook-dev-api-token"
 FAKE_LISTEN="${FAKE_LISTEN:-127.0.0.1:9000}"
 # config/dev.toml points the DingTalk client at 127.0.0.1:9000; follow FAKE_LISTEN.
 export DINGHOOK_DINGTALK_OAPI_URL="http://$FAKE_LISTEN"
@@ -81,9 +85,27 @@ echo "== 3. what dinghook sent to (fake) DingTalk: the group welcome"
 curl -fsS "$FAKE/_fake/calls?path=/v1.0/robot/groupMessages/send"
 echo
 
+echo
+echo "== 4. your system acts back through the HTTP API: a work notification, stored, then sent"
+curl -fsS -X POST "$FAKE/_fake/users" -d '{"userid":"manager01","unionid":"union-manager01","name":"Manager","active":true}' >/dev/null
+action=$(curl -fsS -X POST "$API/api/v1/apps/default/actions" \
+    -H "Authorization: Bearer $API_TOKEN" -H "Idempotency-Key: quickstart-$event_id" \
+    -H 'Content-Type: application/json' \
+    -d '{"type":"work_notification","userid_list":["manager01"],"msg":{"msgtype":"text","text":{"content":"dinghook quick start: the cool app is installed"}}}')
+echo "   accepted: $action"
+action_id=$(printf '%s' "$action" | sed 's/.*"id":\([0-9]*\).*/\1/')
+for _ in $(seq 1 200); do
+    shown=$(curl -fsS -H "Authorization: Bearer $API_TOKEN" "$API/api/v1/actions/$action_id")
+    case "$shown" in *'"state":"done"'*|*'"state":"dead"'*) break ;; esac
+    sleep 0.05
+done
+echo "   now: $shown"
+case "$shown" in *'"state":"done"'*) ;; *) echo "the action did not run" >&2; exit 1 ;; esac
+
 cat <<EOF
 
-dinghook listens on $BASE (callback: $BASE/dingtalk/callback, metrics: http://$DINGHOOK_OPS_LISTEN/metrics);
+dinghook listens on $BASE (callback: $BASE/dingtalk/callback, metrics: http://$DINGHOOK_OPS_LISTEN/metrics,
+the HTTP API: $API/api/v1/, token $API_TOKEN);
 the fake DingTalk on $FAKE (its calls: $FAKE/_fake/calls). Try the README's curl examples.
 Ctrl-C stops both.
 EOF

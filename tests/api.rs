@@ -441,6 +441,19 @@ async fn events_pages_and_replay(pg: Option<String>) {
     assert_eq!(typed.len(), 2);
     assert_eq!(typed[0]["app"], "default");
     assert_eq!(typed[0]["dedup_key"], "event:evt-crm_custom_b-1");
+    // Since the older of the two: both (and only events received since).
+    let since = typed[1]["received_at"].as_i64().unwrap();
+    let (_, recent) = api
+        .get(
+            &format!("/api/v1/events?since={since}&limit=500"),
+            Some(ADMIN),
+        )
+        .await;
+    let recent = recent["items"].as_array().unwrap().clone();
+    assert!(recent.len() >= 2, "{recent:?}");
+    assert!(recent
+        .iter()
+        .all(|e| e["received_at"].as_i64().unwrap() >= since));
     let (_, future) = api
         .get("/api/v1/events?since=2100-01-01T00:00:00Z", Some(ADMIN))
         .await;

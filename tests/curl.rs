@@ -29,7 +29,7 @@ fn curl_scripts_pass() {
         "expected the curl scripts, found {scripts:?}"
     );
     for script in scripts {
-        let [port, ops_port, fake_port] = support::free_ports::<3>();
+        let [port, ops_port, fake_port, api_port] = support::free_ports::<4>();
         let output = std::process::Command::new("bash")
             .arg(&script)
             .env("DINGHOOK_BIN", env!("CARGO_BIN_EXE_dinghook"))
@@ -38,6 +38,8 @@ fn curl_scripts_pass() {
             .env("OPS_PORT", ops_port.to_string())
             // For scripts that also start a fake DingTalk.
             .env("FAKE_PORT", fake_port.to_string())
+            // For scripts that turn the HTTP API on.
+            .env("API_PORT", api_port.to_string())
             .output()
             .expect("run bash");
         assert!(

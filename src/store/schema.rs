@@ -573,6 +573,10 @@ impl Dialect {
 
 /// The columns every statement that builds a [`StoredEvent`] selects or returns, in the order
 /// [`event_from_row`] reads them.
+/// How far before a listing's `since` its lower id bound is looked for ([`list_events`]):
+/// far more than replicas' clocks and commit order ever disagree.
+pub const SINCE_SLACK_MS: i64 = 10 * 60 * 1000;
+
 /// A parameter of a built statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Param {
@@ -616,6 +620,17 @@ pub fn list_events(dialect: Dialect, query: &ListQuery) -> (String, Vec<Param>) 
     }
     if let Some(since) = query.since {
         bind(&mut sql, "received_at >=", Param::Int(since));
+        // Every source stamps `received_at` when it inserts, so ids grow with it (up to the
+        // clocks of replicas and commit order): the first row received SINCE_SLACK_MS before
+        // `since` bounds the ids from below. Newest first then reads only the rows received
+        // since (not the whole table when fewer than a page match); the exact condition
+        // above still decides.
+        bind(
+            &mut sql,
+            "id >= COALESCE((SELECT id FROM events WHERE received_at >=",
+            Param::Int(since.saturating_sub(SINCE_SLACK_MS)),
+        );
+        sql.push_str(" ORDER BY received_at LIMIT 1), 9223372036854775807)");
     }
     let limit = i64::from(query.limit.unwrap_or(100));
     params.push(Param::Int(limit));
@@ -1515,7 +1530,7 @@ CREATE VIEW notifications AS SELECT
         };
         let (sql, _) = list_events(Dialect::Postgres, &waiting);
         assert!(
-            sql.contains("state = 'pending' AND state IN ('pending', 'retry') AND event_type = $1 AND received_at >= $2 ORDER BY id DESC LIMIT $3"),
+            sql.contains("state = 'pending' AND state IN ('pending', 'retry') AND event_type = $1 AND received_at >= $2 AND id >= COALESCE((SELECT id FROM events WHERE received_at >= $3 ORDER BY received_at LIMIT 1), 9223372036854775807) ORDER BY id DESC LIMIT $4"),
             "{sql}"
         );
         let running = ListQuery {

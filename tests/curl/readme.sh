@@ -8,10 +8,12 @@ source "$here/common.sh"
 root=$(cd "$here/../.." && pwd)
 : "${FAKE_BIN:?set FAKE_BIN to the fake-dingtalk binary}"
 : "${FAKE_PORT:?set FAKE_PORT to a free port}"
+: "${API_PORT:?set API_PORT to a free port}"
 
 unset DINGHOOK_TOKEN DINGHOOK_AES_KEY DINGHOOK_OWNER_KEY DINGHOOK_LOG_FORMAT
 export DINGHOOK_CONFIG="$root/config/dev.toml"
 export FAKE_LISTEN="127.0.0.1:$FAKE_PORT"
+export DINGHOOK_API_LISTEN="127.0.0.1:$API_PORT"
 export DINGHOOK_BIN FAKE_BIN DATA_DIR="$WORK"
 FAKE="http://$FAKE_LISTEN"
 
@@ -32,6 +34,13 @@ done
 grep -q 'Ctrl-C stops both' "$WORK/quickstart.log" || { cat "$WORK/quickstart.log" >&2; fail "the quick start did not finish its loop"; }
 grep -q 'the reply decrypts to: success' "$WORK/quickstart.log" || fail "quick start: no decrypted reply"
 grep -q '"msgKey"' "$WORK/quickstart.log" || fail "quick start: no welcome shown at the fake DingTalk"
+grep -q 'now: .*"state":"done"' "$WORK/quickstart.log" || fail "quick start: the API's action did not run"
+
+# The README's HTTP API examples: the first listing, as written but for the port.
+cmd=$(grep -m1 "^curl -sS -H \"Authorization: Bearer dinghook-dev-api-token\" 'http://127.0.0.1:8081/api/v1/events" "$root/README.md") \
+    || fail "no HTTP API listing example in README.md"
+listing=$(eval "${cmd//127.0.0.1:8081/127.0.0.1:$API_PORT}")
+case "$listing" in *'"items":[{'*) ;; *) fail "README API listing: $listing" ;; esac
 
 # The ready-made request.
 cmd=$(grep -m1 "^curl -sS -X POST 'http://127.0.0.1:8080/dingtalk/callback?signature=" "$root/README.md") \
