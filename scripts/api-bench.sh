@@ -9,7 +9,9 @@
 #      refuses anything above QPS in any second): all done, each sent once, the fake never
 #      refused one; a SIGKILL of dinghook in the middle (KILL=1, the default) and a restart:
 #      none lost, repeats only of calls in flight at the kill; the same ACTIONS again with the
-#      same keys: nothing new sent.
+#      same keys: nothing new sent;
+#   3. side by side: callbacks at RATE/s for SECONDS s alone, then again while the API is
+#      read as fast as 4 connections go: the acknowledgement latency both times.
 #
 #   scripts/api-bench.sh                      # SQLite
 #   STORE=postgres scripts/api-bench.sh       # PostgreSQL (DINGHOOK_TEST_PG_URL's server)
@@ -23,12 +25,14 @@ ACTIONS=${ACTIONS:-10000}
 QPS=${QPS:-500}
 CONCURRENCY=${CONCURRENCY:-32}
 KILL=${KILL:-1}
+RATE=${RATE:-1000}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 STORE=${STORE:-sqlite}
 PG=${DINGHOOK_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}
 TOKEN=api-bench-token-0123456789
 source scripts/common.sh
 if [ -z "${SKIP_BUILD:-}" ]; then
-    cargo build --release --quiet --bin dinghook --example api_load -p dinghook
+    cargo build --release --quiet --bin dinghook --example api_load --example loadgen -p dinghook
     cargo build --release --quiet -p fake-dingtalk
 fi
 load=target/release/examples/api_load
@@ -178,3 +182,22 @@ echo "== the same $ACTIONS again, same keys"
 sleep 2
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("  answers %s, p99 %.2f ms" % (d["statuses"], d["p99_ms"]))' "$work/again.json"
 echo "  sent in all: $(sent)"
+
+echo "== callbacks at $RATE/s for $SECONDS_PER_RUN s: alone, then with the API read as fast as 4 connections go"
+callbacks() {
+    "$loadgen" --json --random-ids --rate "$RATE" --concurrency 32 --seconds "$SECONDS_PER_RUN" \
+        --url "http://127.0.0.1:$port/dingtalk/callback" --event-type some_unhandled_type
+}
+callbacks >"$work/alone.json"
+"$load" --url "http://127.0.0.1:$api" --token "$TOKEN" --concurrency 4 \
+    --requests $((SECONDS_PER_RUN * 2000)) --get '/api/v1/events?limit=50&state=dead' >"$work/reads.json" &
+reader=$!
+callbacks >"$work/beside.json"
+kill "$reader" 2>/dev/null || true
+wait "$reader" 2>/dev/null || true
+python3 - "$work/alone.json" "$work/beside.json" <<'EOF2'
+import json, sys
+for name, path in (("alone", sys.argv[1]), ("beside the API", sys.argv[2])):
+    d = json.load(open(path))
+    print(f"  {name:>15}: acks/s {d['rps']:.0f}, errors {d['errors']}, ack p50 {d['p50_ms']:.2f} ms p99 {d['p99_ms']:.2f} ms")
+EOF2

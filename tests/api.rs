@@ -777,8 +777,20 @@ async fn notifications_wait_for_the_quota_reserve_but_other_actions_run() {
 }
 
 #[tokio::test]
-async fn apps_show_their_health() {
-    let api = Api::start(None, |_| {}).await;
+async fn apps_show_their_health_on_sqlite() {
+    apps_show_their_health(None).await;
+}
+
+#[tokio::test]
+async fn apps_show_their_health_on_postgres() {
+    let Some(url) = fresh_postgres_database().await else {
+        return;
+    };
+    apps_show_their_health(Some(url)).await;
+}
+
+async fn apps_show_their_health(pg: Option<String>) {
+    let api = Api::start(pg, |_| {}).await;
     post_events(&api, 2, "crm_custom_a").await;
     // A forged callback is counted against the app.
     let forged = api
@@ -826,7 +838,19 @@ async fn apps_show_their_health() {
 }
 
 #[tokio::test]
-async fn routes_and_deliveries_are_listed_paused_and_replayed() {
+async fn routes_and_deliveries_are_listed_paused_and_replayed_on_sqlite() {
+    routes_and_deliveries(None).await;
+}
+
+#[tokio::test]
+async fn routes_and_deliveries_are_listed_paused_and_replayed_on_postgres() {
+    let Some(url) = fresh_postgres_database().await else {
+        return;
+    };
+    routes_and_deliveries(Some(url)).await;
+}
+
+async fn routes_and_deliveries(pg: Option<String>) {
     // A receiver that takes everything.
     let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = got.clone();
@@ -840,7 +864,7 @@ async fn routes_and_deliveries_are_listed_paused_and_replayed() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, receiver).await });
-    let api = Api::start(None, move |config| {
+    let api = Api::start(pg, move |config| {
         config.routes = vec![RouteConfig {
             name: "crm".into(),
             apps: Vec::new(),
