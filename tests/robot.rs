@@ -538,8 +538,19 @@ async fn event_id(app: &TestApp, msg_id: &str) -> i64 {
 
 #[tokio::test]
 async fn robot_reply_uses_the_session_webhook_while_valid_then_the_group_api() {
+    replies(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_robot_reply_uses_the_session_webhook_while_valid_then_the_group_api() {
+    replies(Backend::Postgres).await;
+}
+
+async fn replies(backend: Backend) {
     let (fake, url) = fake().await;
-    let app = app(&url).await;
+    let Some(app) = app_with(&url, backend, RegistryBuilder::new()).await else {
+        return;
+    };
     let reply = |event_id: i64, text: &str| json!({"type": "robot_reply", "event_id": event_id, "msgtype": "text", "text": {"content": text}});
 
     // 1. A Stream message with the fake's session webhook, valid 90 minutes.
