@@ -655,3 +655,130 @@ async fn replies(backend: Backend) {
     assert_eq!(fake.session_messages().len(), 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_real_server_logs_neither_the_app_secret_nor_a_session_webhook() {
+    let (fake, url) = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data").join("dinghook.db");
+    let [port, api_port] = support::free_ports::<2>();
+    let api_listen = format!("127.0.0.1:{api_port}");
+    let env = [
+        ("DINGHOOK_APP_KEY", APP_KEY),
+        ("DINGHOOK_APP_SECRET", APP_SECRET),
+        ("DINGHOOK_DINGTALK_OAPI_URL", url.as_str()),
+        ("DINGHOOK_DINGTALK_API_URL", url.as_str()),
+        ("DINGHOOK_RECOVERY", "off"),
+        ("DINGHOOK_API_LISTEN", api_listen.as_str()),
+        ("DINGHOOK_API_TOKEN", API_TOKEN),
+        ("DINGHOOK_LOG", "debug"),
+    ];
+    let mut server = support::ServerProcess::start(&db, port, &env).await;
+    let http = reqwest::Client::new();
+    let robot = server.url("/dingtalk/robot/default");
+    let post = |timestamp: String, secret: &'static str, body: String| {
+        http.post(&robot)
+            .header("timestamp", &timestamp)
+            .header("sign", sign(&timestamp, secret))
+            .body(body)
+            .send()
+    };
+    // Refused, then stored, with webhooks that are expired (by the message, and at DingTalk).
+    let now = now_millis().to_string();
+    let refused = post(now.clone(), "wrong", message("m-log-0").to_string())
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let expired_at = now_millis() - 1_000;
+    let webhooks = [
+        fake.robot_session(expired_at),
+        fake.robot_session(expired_at),
+    ];
+    for (i, webhook) in webhooks.iter().enumerate() {
+        let mut m = message(&format!("m-log-{}", i + 1));
+        m["sessionWebhook"] = json!(webhook);
+        m["sessionWebhookExpiredTime"] = json!(if i == 0 {
+            expired_at
+        } else {
+            now_millis() + 3_600_000
+        });
+        let stored = post(now_millis().to_string(), APP_SECRET, m.to_string())
+            .await
+            .unwrap();
+        assert_eq!(stored.status(), 200);
+    }
+    // Replies: one falls back because the message says the webhook expired, one because
+    // DingTalk refused it; one given a webhook directly that DingTalk refuses, with no group.
+    let api = format!("http://{api_listen}/api/v1/apps/default/actions");
+    let direct = fake.robot_session(expired_at);
+    let mut ids = Vec::new();
+    for (key, body) in [
+        (
+            "log-1",
+            json!({"type": "robot_reply", "event_id": 1, "msgtype": "text", "text": {"content": "a"}}),
+        ),
+        (
+            "log-2",
+            json!({"type": "robot_reply", "event_id": 2, "msgtype": "text", "text": {"content": "b"}}),
+        ),
+        (
+            "log-3",
+            json!({"type": "robot_reply", "session_webhook": direct, "msgtype": "text", "text": {"content": "c"}}),
+        ),
+    ] {
+        let accepted: Value = http
+            .post(&api)
+            .bearer_auth(API_TOKEN)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(accepted["id"].as_i64().expect("accepted"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut views = Vec::new();
+    for id in ids {
+        loop {
+            let view: Value = http
+                .get(format!("http://{api_listen}/api/v1/actions/{id}"))
+                .bearer_auth(API_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if view["state"] == "done" || view["state"] == "dead" {
+                views.push(view);
+                break;
+            }
+            assert!(Instant::now() < deadline, "stuck: {view}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(views[0]["result"]["via"], "group_message", "{}", views[0]);
+    assert_eq!(views[1]["result"]["via"], "group_message", "{}", views[1]);
+    assert_eq!(views[2]["state"], "dead", "{}", views[2]);
+    assert_eq!(fake.robot_messages().len(), 2);
+    server.terminate().await;
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(
+        log.contains("robot message rejected"),
+        "the refusal is logged"
+    );
+    let sessions: Vec<String> = webhooks
+        .iter()
+        .chain([&direct])
+        .map(|w| w.split("session=").nth(1).unwrap().to_owned())
+        .collect();
+    let mut secrets = vec![APP_SECRET];
+    secrets.extend(sessions.iter().map(String::as_str));
+    support::assert_no_secrets(&log, &secrets);
+    for view in &views {
+        support::assert_no_secrets(&view["error"].to_string(), &secrets[1..]);
+    }
+}
