@@ -415,4 +415,97 @@ mod tests {
         let event = new_event(object(json!({"x": 1})), Source::Push, 5);
         assert!(event.dedup_key.starts_with("sha256:"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever the body, headers and query: an answer, never a panic; and a message that
+        /// opens always decodes (leniently) to a robot message.
+        #[test]
+        fn no_input_panics(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            timestamp in "[0-9a-z ]{0,16}",
+            sign in "[A-Za-z0-9+/=]{0,48}",
+            query in "[a-z_=&0-9]{0,40}",
+        ) {
+            let cipher = CallbackCipher::from_strings(
+                "t",
+                "4g5j64qlyl3zvetqxz5jiocdr586fn2zvjpa8zls3ij",
+                &[],
+                "dingowner",
+            )
+            .unwrap();
+            let mut map = HeaderMap::new();
+            if let Ok(v) = timestamp.parse() { map.insert(TIMESTAMP_HEADER, v); }
+            if let Ok(v) = sign.parse() { map.insert(SIGN_HEADER, v); }
+            let _ = verify(&map, &Secret::new("s".to_owned()), 1_700_000_000_000);
+            for c in [None, Some(&cipher)] {
+                if let Ok(object) = open_body(c, Some(&query), &body) {
+                    let _ = crate::event::RobotMessage::from_object(&object);
+                    let event = new_event(object, Source::Push, 1);
+                    proptest::prop_assert_eq!(event.event_type.as_str(), ROBOT_MESSAGE);
+                }
+            }
+            if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                let _ = crate::event::RobotMessage::from_value(&value);
+            }
+        }
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[0-9a-z ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    proptest::sample::select(vec![
+                        "content",
+                        "richText",
+                        "text",
+                        "downloadCode",
+                        "dingtalkId",
+                        "staffId"
+                    ]),
+                    inner,
+                    0..4,
+                )
+                .prop_map(|m| Value::Object(
+                    m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Every documented field with any JSON type: a message, never a panic.
+        #[test]
+        fn any_field_types_decode(
+            fields in proptest::collection::btree_map(
+                proptest::sample::select(vec![
+                    "msgId", "msgtype", "text", "content", "conversationId", "conversationType",
+                    "senderId", "senderStaffId", "senderNick", "atUsers", "isInAtList",
+                    "sessionWebhook", "sessionWebhookExpiredTime", "robotCode", "createAt",
+                ]),
+                any_json(),
+                0..15,
+            ),
+            msgtype in proptest::sample::select(vec!["text", "richText", "picture", "audio", ""]),
+        ) {
+            let mut object: Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            object.insert("msgtype".into(), json!(msgtype));
+            let message = crate::event::RobotMessage::from_object(&object);
+            let _ = message.text();
+            let _ = message.session_webhook_at(0);
+            let decoded = crate::event::Event::decode_stored(ROBOT_MESSAGE, &Value::Object(object).to_string());
+            proptest::prop_assert!(decoded.is_ok());
+        }
+    }
 }
