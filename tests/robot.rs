@@ -782,3 +782,43 @@ async fn a_real_server_logs_neither_the_app_secret_nor_a_session_webhook() {
         support::assert_no_secrets(&view["error"].to_string(), &secrets[1..]);
     }
 }
+
+#[tokio::test]
+async fn a_store_that_cannot_write_answers_503_and_a_later_delivery_is_stored() {
+    let (_fake, url) = fake().await;
+    let slot: Arc<std::sync::Mutex<Option<Arc<support::counting::CountingStore>>>> = Arc::default();
+    let keep = Arc::clone(&slot);
+    let app = TestApp::spawn_on(
+        move |config| {
+            configure(config, &url, None);
+            config.stream.enabled = false;
+            RegistryBuilder::new()
+        },
+        move |store| {
+            let counting = support::counting::CountingStore::new(store);
+            *keep.lock().unwrap() = Some(Arc::clone(&counting));
+            counting as Arc<dyn dinghook::store::Store>
+        },
+    )
+    .await;
+    let counting = slot.lock().unwrap().take().expect("store wrapped");
+    counting.set_fail_inserts(true);
+    let refused = post_message(&app, &message("msg-outage")).await;
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    counting.set_fail_inserts(false);
+    assert_eq!(app.store.count().await.unwrap(), 0);
+    assert_stored_reply(post_message(&app, &message("msg-outage")).await).await;
+    assert_eq!(app.store.count().await.unwrap(), 1);
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "dinghook_callbacks_rejected_total{app=\"default\",reason=\"store_unavailable\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    app.stop().await;
+}
