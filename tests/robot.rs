@@ -822,3 +822,72 @@ async fn a_store_that_cannot_write_answers_503_and_a_later_delivery_is_stored() 
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn each_app_has_its_own_endpoint_signed_with_its_own_secret() {
+    let (_fake, url) = fake().await;
+    let fake_url = url.clone();
+    let app = TestApp::spawn_with_handlers_from(move |config| {
+        configure(config, &url, None);
+        config.stream.enabled = false;
+        config.apps = toml::from_str(&format!(
+            r#"
+[ops]
+token = "ops-token-aaaa"
+aes_key = "zyxwvutsrqponmlkjihgfedcba9876543210ABCDEFG"
+owner_key = "dingopsowner"
+app_key = "dingopsapp"
+app_secret = "ops-robot-secret"
+oapi_url = "{fake_url}"
+api_url = "{fake_url}"
+[quiet]
+token = "quiet-token-aaaa"
+aes_key = "zyxwvutsrqponmlkjihgfedcba9876543210ABCDEFG"
+owner_key = "dingquietowner"
+"#
+        ))
+        .unwrap();
+        RegistryBuilder::new()
+    })
+    .await;
+    let now = now_millis().to_string();
+    let body = message("msg-ops-1").to_string();
+    let to = |name: &str, secret: &str| {
+        app.client
+            .post(robot_url(&app, name))
+            .header("timestamp", &now)
+            .header("sign", sign(&now, secret))
+            .body(body.clone())
+            .send()
+    };
+    // The default app's secret does not open ops's endpoint, nor the reverse.
+    assert_refused(to("ops", APP_SECRET).await.unwrap(), 401, "sign_mismatch").await;
+    assert_refused(
+        to("default", "ops-robot-secret").await.unwrap(),
+        401,
+        "sign_mismatch",
+    )
+    .await;
+    // An app without an app_secret has no robot endpoint.
+    assert_refused(to("quiet", "").await.unwrap(), 404, "unknown_app").await;
+    assert_stored_reply(to("ops", "ops-robot-secret").await.unwrap()).await;
+    let rows = app.store.count().await.unwrap();
+    assert_eq!(rows, 1);
+    let ops = dinghook::store::scoped::for_app(Arc::clone(&app.store), "ops");
+    let row = ops
+        .find_by_dedup_key("robot:msg-ops-1")
+        .await
+        .unwrap()
+        .expect("stored under ops");
+    assert_eq!(row.app, "ops");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "dinghook_callbacks_rejected_total{app=\"ops\",reason=\"sign_mismatch\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    app.stop().await;
+}
