@@ -14,6 +14,8 @@ use crate::dingtalk::{
     Client, CreateSceneGroup, OaStatusBar, RobotGroupMessage, TodoTaskUpdate, WorkMessage,
     WorkNotification,
 };
+use crate::event::{ConversationType, Event, RobotMessage, ROBOT_MESSAGE};
+use crate::store::{Store, StoreError};
 
 /// The event type an action is stored as.
 pub const ACTION_EVENT: &str = "dinghook_action";
@@ -33,6 +35,27 @@ const MAX_DEPTS: usize = 20;
 const MAX_MEMBERS: usize = 500;
 /// DingTalk's limit on a scene group's title (docs/dingtalk-war-room.md).
 const MAX_TITLE: usize = 30;
+/// Longest robot reply text (bytes): the group-message API's `msgParam` limit, so a reply
+/// that falls back to it is not refused there.
+const MAX_REPLY: usize = 15_000;
+/// A session webhook closer than this to its expiry is not used: the request could arrive
+/// after it.
+const SESSION_MARGIN_MS: i64 = 5_000;
+
+/// `text` of a robot reply (DingTalk's own shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyText {
+    pub content: String,
+}
+
+/// `markdown` of a robot reply (DingTalk's own shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyMarkdown {
+    pub title: String,
+    pub text: String,
+}
 
 /// One action, as the caller sends it (`{"type": "…", …}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +115,45 @@ pub enum Action {
         #[serde(default)]
         mobiles: Vec<String>,
     },
+    /// A reply to a robot message: through its session webhook while that is valid, else
+    /// into the group through the group-message API. `event_id` names the stored
+    /// `robot_message` to answer (its webhook, expiry, group and robot code fill the fields
+    /// left out); without it, the fields say where to send.
+    RobotReply {
+        #[serde(default)]
+        event_id: Option<i64>,
+        #[serde(default)]
+        session_webhook: Option<String>,
+        /// Epoch ms; without it a given session webhook is tried.
+        #[serde(default)]
+        session_webhook_expires_at: Option<i64>,
+        #[serde(default)]
+        open_conversation_id: Option<String>,
+        #[serde(default)]
+        robot_code: Option<String>,
+        #[serde(default)]
+        cool_app_code: Option<String>,
+        /// `text` or `markdown`.
+        msgtype: String,
+        #[serde(default)]
+        text: Option<Box<ReplyText>>,
+        #[serde(default)]
+        markdown: Option<Box<ReplyMarkdown>>,
+    },
+}
+
+/// Why a `robot_reply`'s `event_id` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("event_id {0}: no such event of this app")]
+    NotFound(i64),
+    #[error("event_id {id}: a {event_type} event, not a robot_message")]
+    NotARobotMessage { id: i64, event_type: String },
+    #[error("event_id {id}: its payload does not decode: {message}")]
+    Undecodable { id: i64, message: String },
+    /// Passing: worth another attempt.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Why a request is not an action that can be run: the API answers 422 with it.
@@ -121,7 +183,10 @@ impl Action {
     /// Reads an action from the caller's JSON, naming the field at fault.
     pub fn parse(body: &Value) -> Result<Action, InvalidAction> {
         let Some(kind) = body.get("type") else {
-            return Err(invalid("type", "missing: one of work_notification, status_bar, recall, group_message, todo_update, war_room"));
+            return Err(invalid(
+                "type",
+                format!("missing: one of {}", Self::TYPES.join(", ")),
+            ));
         };
         let kind = kind.as_str().unwrap_or_default();
         if !Self::TYPES.contains(&kind) {
@@ -140,13 +205,14 @@ impl Action {
     }
 
     /// Every action type.
-    pub const TYPES: [&'static str; 6] = [
+    pub const TYPES: [&'static str; 7] = [
         "work_notification",
         "status_bar",
         "recall",
         "group_message",
         "todo_update",
         "war_room",
+        "robot_reply",
     ];
 
     pub fn kind(&self) -> &'static str {
@@ -157,6 +223,7 @@ impl Action {
             Action::GroupMessage { .. } => "group_message",
             Action::TodoUpdate { .. } => "todo_update",
             Action::WarRoom { .. } => "war_room",
+            Action::RobotReply { .. } => "robot_reply",
         }
     }
 
@@ -165,7 +232,9 @@ impl Action {
     pub fn is_notification(&self) -> bool {
         matches!(
             self,
-            Action::WorkNotification { .. } | Action::GroupMessage { .. }
+            Action::WorkNotification { .. }
+                | Action::GroupMessage { .. }
+                | Action::RobotReply { .. }
         )
     }
 
@@ -278,8 +347,129 @@ impl Action {
                     return Err(invalid("mobiles", "holds an empty mobile number"));
                 }
             }
+            Action::RobotReply {
+                event_id,
+                session_webhook,
+                open_conversation_id,
+                robot_code,
+                msgtype,
+                text,
+                markdown,
+                ..
+            } => {
+                if event_id.is_some_and(|id| id <= 0) {
+                    return Err(invalid("event_id", "must be a positive event id"));
+                }
+                if let Some(webhook) = session_webhook {
+                    if !(webhook.starts_with("https://") || webhook.starts_with("http://")) {
+                        return Err(invalid("session_webhook", "must be an http(s) URL"));
+                    }
+                }
+                for (field, value) in [
+                    ("open_conversation_id", open_conversation_id),
+                    ("robot_code", robot_code),
+                ] {
+                    if let Some(value) = value {
+                        required(field, value)?;
+                    }
+                }
+                let group = open_conversation_id.is_some() && robot_code.is_some();
+                if event_id.is_none() && session_webhook.is_none() && !group {
+                    return Err(invalid(
+                        "event_id",
+                        "no recipient: give event_id (a stored robot_message), session_webhook, \
+                         or open_conversation_id and robot_code",
+                    ));
+                }
+                let length = match (msgtype.as_str(), text, markdown) {
+                    ("text", Some(text), None) => {
+                        required("text.content", &text.content)?;
+                        text.content.len()
+                    }
+                    ("markdown", None, Some(markdown)) => {
+                        required("markdown.title", &markdown.title)?;
+                        required("markdown.text", &markdown.text)?;
+                        markdown.title.len() + markdown.text.len()
+                    }
+                    ("text" | "markdown", _, _) => {
+                        return Err(invalid(
+                            "msgtype",
+                            format!("{msgtype} takes the field {msgtype:?} (and no other)"),
+                        ))
+                    }
+                    _ => return Err(invalid("msgtype", "one of text, markdown")),
+                };
+                if length > MAX_REPLY {
+                    return Err(invalid(
+                        "msgtype",
+                        format!("at most {MAX_REPLY} bytes of text"),
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A `robot_reply` naming a stored `robot_message` (`event_id`), with the fields the caller
+    /// left out filled from it: session webhook and its expiry, robot code, and the group when
+    /// the message came from one. `store` is the app's own view, so another app's events are
+    /// not found. Every other action comes back as it was.
+    pub async fn resolve(self, store: &dyn Store) -> Result<Action, ResolveError> {
+        let Action::RobotReply {
+            event_id: Some(id),
+            session_webhook,
+            session_webhook_expires_at,
+            open_conversation_id,
+            robot_code,
+            cool_app_code,
+            msgtype,
+            text,
+            markdown,
+        } = self
+        else {
+            return Ok(self);
+        };
+        let Some(row) = store.get(id).await? else {
+            return Err(ResolveError::NotFound(id));
+        };
+        if row.event_type != ROBOT_MESSAGE {
+            return Err(ResolveError::NotARobotMessage {
+                id,
+                event_type: row.event_type,
+            });
+        }
+        let message = match Event::decode_stored(&row.event_type, &row.payload) {
+            Ok(Event::RobotMessage(message)) => message,
+            Ok(_) => RobotMessage::default(),
+            Err(e) => {
+                return Err(ResolveError::Undecodable {
+                    id,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let group = (message.conversation_type == ConversationType::Group
+            && !message.conversation_id.is_empty())
+        .then(|| message.conversation_id.clone());
+        // The caller's own webhook comes with the caller's expiry (or none), not the message's.
+        let (session_webhook, session_webhook_expires_at) = match session_webhook {
+            Some(webhook) => (Some(webhook), session_webhook_expires_at),
+            None => (
+                message.session_webhook.clone(),
+                session_webhook_expires_at.or(message.session_webhook_expired_time),
+            ),
+        };
+        Ok(Action::RobotReply {
+            event_id: Some(id),
+            session_webhook,
+            session_webhook_expires_at,
+            open_conversation_id: open_conversation_id.or(group),
+            robot_code: robot_code.or(message.robot_code),
+            cool_app_code,
+            msgtype,
+            text,
+            markdown,
+        })
     }
 
     /// Runs the action through `client`; returns DingTalk's result as the API shows it.
@@ -383,6 +573,69 @@ impl Action {
                     "user_ids": members,
                 }))
             }
+            Action::RobotReply {
+                session_webhook,
+                session_webhook_expires_at,
+                open_conversation_id,
+                robot_code,
+                cool_app_code,
+                msgtype,
+                text,
+                markdown,
+                ..
+            } => {
+                let (webhook_body, msg_key, msg_param) = match (text, markdown) {
+                    (Some(text), _) => (
+                        json!({"msgtype": "text", "text": {"content": text.content}}),
+                        "sampleText",
+                        json!({"content": text.content}),
+                    ),
+                    (None, Some(md)) => (
+                        json!({"msgtype": "markdown", "markdown": {"title": md.title, "text": md.text}}),
+                        "sampleMarkdown",
+                        json!({"title": md.title, "text": md.text}),
+                    ),
+                    (None, None) => {
+                        return Err(crate::dingtalk::Error::Refused(format!(
+                            "robot_reply: {msgtype} without its content"
+                        )))
+                    }
+                };
+                let now = crate::time::now_millis();
+                let webhook = session_webhook.as_deref().filter(|_| {
+                    session_webhook_expires_at
+                        .is_none_or(|expires| now.saturating_add(SESSION_MARGIN_MS) < expires)
+                });
+                let group = open_conversation_id.as_ref().zip(robot_code.as_ref());
+                if let Some(webhook) = webhook {
+                    match client.send_by_session(webhook, &webhook_body).await {
+                        Ok(()) => return Ok(json!({"via": "session_webhook"})),
+                        // DingTalk refused it (the session ended early): nothing was posted,
+                        // so the group API may send it instead.
+                        Err(e) if e.errcode().is_some() && group.is_some() => {
+                            tracing::warn!(error = %e, "session webhook refused the reply; sending through the group API");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                let Some((open_conversation_id, robot_code)) = group else {
+                    return Err(crate::dingtalk::Error::Refused(
+                        "robot_reply: the session webhook is missing or expired, and there is \
+                         no group to send to (open_conversation_id and robot_code; a one-to-one \
+                         chat has none)"
+                            .into(),
+                    ));
+                };
+                let message = RobotGroupMessage::new(
+                    robot_code.clone(),
+                    open_conversation_id.clone(),
+                    cool_app_code.clone(),
+                    msg_key,
+                    &msg_param,
+                )?;
+                let key = client.send_robot_group_message(&message).await?;
+                Ok(json!({"via": "group_message", "process_query_key": key}))
+            }
         }
     }
 }
@@ -468,11 +721,60 @@ mod tests {
                 json!({"type": "war_room", "title": "", "template_id": "t", "owner_user_id": "o"}),
                 "title",
             ),
+            (
+                json!({"type": "robot_reply", "msgtype": "text", "text": {"content": "x"}}),
+                "event_id",
+            ),
+            (
+                json!({"type": "robot_reply", "event_id": 0, "msgtype": "text", "text": {"content": "x"}}),
+                "event_id",
+            ),
+            (
+                json!({"type": "robot_reply", "event_id": 1, "msgtype": "image", "text": {"content": "x"}}),
+                "msgtype",
+            ),
+            (
+                json!({"type": "robot_reply", "event_id": 1, "msgtype": "markdown", "text": {"content": "x"}}),
+                "msgtype",
+            ),
+            (
+                json!({"type": "robot_reply", "event_id": 1, "msgtype": "text", "text": {"content": " "}}),
+                "text.content",
+            ),
+            (
+                json!({"type": "robot_reply", "session_webhook": "file:///etc/passwd", "msgtype": "text", "text": {"content": "x"}}),
+                "session_webhook",
+            ),
+            (
+                json!({"type": "robot_reply", "event_id": 1, "msgtype": "text", "text": {"content": "x".repeat(15_001)}}),
+                "msgtype",
+            ),
         ];
         for (body, field) in cases {
             let err = Action::parse(&body).unwrap_err();
             assert_eq!(err.field, field, "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn robot_replies_take_an_event_a_webhook_or_a_group() {
+        for body in [
+            json!({"type": "robot_reply", "event_id": 7, "msgtype": "text", "text": {"content": "ack"}}),
+            json!({"type": "robot_reply", "session_webhook": "https://oapi.dingtalk.com/robot/sendBySession?session=s",
+                   "msgtype": "markdown", "markdown": {"title": "t", "text": "**ack**"}}),
+            json!({"type": "robot_reply", "open_conversation_id": "cid", "robot_code": "rc",
+                   "msgtype": "text", "text": {"content": "ack"}}),
+        ] {
+            let action = Action::parse(&body).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(action.kind(), "robot_reply");
+            assert!(action.is_notification());
+        }
+        let err = Action::parse(
+            &json!({"type": "robot_reply", "event_id": 7, "msgtype": "text",
+            "text": {"content": "x"}, "colour": "red"}),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "robot_reply");
     }
 
     #[test]

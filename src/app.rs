@@ -185,6 +185,7 @@ impl AppSet {
             .map(|p| p.specs.iter().map(|s| (s.name.as_str(), s)).collect())
             .unwrap_or_default();
         let mut callbacks = axum::Router::new();
+        let mut robots = crate::sources::robot::RobotApps::new();
         let mut contexts = HashMap::new();
         let mut clients = BTreeMap::new();
         for spec in &specs {
@@ -220,6 +221,28 @@ impl AppSet {
                 });
                 callbacks = callbacks.merge(push::router(push, &spec.callback.path));
             }
+            // Robot messages over HTTP are signed with the AppSecret: an app with one has a
+            // robot endpoint (`/dingtalk/robot/<app>`).
+            if !spec.dingtalk.app_secret.is_empty() {
+                let cipher = if spec.callback.aes_key.is_empty() {
+                    None
+                } else {
+                    Some(spec.cipher()?)
+                };
+                let robot = crate::sources::robot::RobotState {
+                    app: spec.name.as_str().into(),
+                    app_secret: spec.dingtalk.app_secret.clone(),
+                    cipher,
+                    store: Arc::clone(&app_store),
+                    body_limit: config.callback.body_limit,
+                    body_budget: fixed.body_budget.clone(),
+                    request_timeout: fixed.request_timeout,
+                    metrics: Arc::clone(&fixed.metrics),
+                    stored: Arc::clone(&fixed.wake),
+                    routing: fixed.routing.clone(),
+                };
+                robots.insert(spec.name.clone(), Arc::new(robot));
+            }
             if let Some(client) = &client {
                 clients.insert(spec.name.clone(), client.clone());
             }
@@ -230,6 +253,9 @@ impl AppSet {
                     client,
                 },
             );
+        }
+        if !robots.is_empty() {
+            callbacks = callbacks.merge(crate::sources::robot::router(robots));
         }
         let registry = registry(&specs, &fixed.program)?;
         // The public port answers the callbacks and the probes; `/metrics` is for operators.

@@ -582,7 +582,7 @@ impl Dispatcher {
                 handled,
             };
         }
-        let event = match Event::decode(&record.payload) {
+        let event = match Event::decode_stored(&record.event_type, &record.payload) {
             Ok(event) => event,
             Err(e) => {
                 return Run {

@@ -364,7 +364,222 @@ pub struct TodoTaskChange {
     pub union_ids: Vec<String>,
 }
 
+/// Whether a robot message came from a one-to-one chat or a group (`conversationType`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ConversationType {
+    /// `"1"`: a one-to-one chat with the robot.
+    Single,
+    /// `"2"`: a group; `conversation_id` is the group's `openConversationId`.
+    Group,
+    /// Anything else, as sent (empty when missing).
+    #[default]
+    Unknown,
+}
+
+/// Someone @-mentioned in a robot message (`atUsers`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AtUser {
+    pub dingtalk_id: Option<String>,
+    /// The user id inside the organisation (absent for outsiders).
+    pub staff_id: Option<String>,
+}
+
+/// What a robot message says, by `msgtype`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RobotContent {
+    /// `text`: `text.content` as sent (DingTalk keeps the space left by the @-mention).
+    Text(String),
+    /// `richText`: the text parts joined, and every part as sent (`{"text"}`, pictures with
+    /// their `downloadCode`).
+    RichText { text: String, parts: Vec<Value> },
+    /// `picture`: the code that downloads it (`content.downloadCode`).
+    Picture { download_code: Option<String> },
+    /// Any other kind (`audio`, `video`, `file`, …): `msgtype` and its `content` as sent.
+    Other { msgtype: String, content: Value },
+}
+
+impl Default for RobotContent {
+    fn default() -> Self {
+        RobotContent::Text(String::new())
+    }
+}
+
+/// `robot_message`: a message to the app's robot (an @-mention in a group, or a one-to-one
+/// chat), from Stream mode's CALLBACK frames or the robot's HTTP endpoint. Read leniently:
+/// a missing or ill-typed field is its default, never an error. `Debug` hides the session
+/// webhook, whose URL is a credential.
+#[derive(Clone, PartialEq, Default)]
+pub struct RobotMessage {
+    /// DingTalk's id of the message (the de-duplication key is `robot:<msgId>`).
+    pub msg_id: String,
+    /// `text`, `richText`, `picture`, … (`msgtype`).
+    pub msgtype: String,
+    pub content: RobotContent,
+    /// The conversation (`conversationId`): the group's `openConversationId` in a group.
+    pub conversation_id: String,
+    pub conversation_type: ConversationType,
+    pub conversation_title: Option<String>,
+    pub sender_id: Option<String>,
+    /// The sender's user id in the organisation.
+    pub sender_staff_id: Option<String>,
+    pub sender_corp_id: Option<String>,
+    pub sender_nick: Option<String>,
+    pub is_admin: bool,
+    pub at_users: Vec<AtUser>,
+    /// Whether the robot was @-mentioned.
+    pub is_in_at_list: bool,
+    /// Where a reply can be POSTed until `session_webhook_expired_time` (a credential: keep
+    /// it out of logs).
+    pub session_webhook: Option<String>,
+    /// Epoch ms.
+    pub session_webhook_expired_time: Option<i64>,
+    pub robot_code: Option<String>,
+    pub chatbot_user_id: Option<String>,
+    pub chatbot_corp_id: Option<String>,
+    /// When it was sent, epoch ms.
+    pub create_at: Option<i64>,
+}
+
+impl std::fmt::Debug for RobotMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RobotMessage")
+            .field("msg_id", &self.msg_id)
+            .field("msgtype", &self.msgtype)
+            .field("content", &self.content)
+            .field("conversation_id", &self.conversation_id)
+            .field("conversation_type", &self.conversation_type)
+            .field("conversation_title", &self.conversation_title)
+            .field("sender_id", &self.sender_id)
+            .field("sender_staff_id", &self.sender_staff_id)
+            .field("sender_corp_id", &self.sender_corp_id)
+            .field("sender_nick", &self.sender_nick)
+            .field("is_admin", &self.is_admin)
+            .field("at_users", &self.at_users)
+            .field("is_in_at_list", &self.is_in_at_list)
+            .field(
+                "session_webhook",
+                &self.session_webhook.as_ref().map(|_| "[redacted]"),
+            )
+            .field(
+                "session_webhook_expired_time",
+                &self.session_webhook_expired_time,
+            )
+            .field("robot_code", &self.robot_code)
+            .field("chatbot_user_id", &self.chatbot_user_id)
+            .field("chatbot_corp_id", &self.chatbot_corp_id)
+            .field("create_at", &self.create_at)
+            .finish()
+    }
+}
+
+impl RobotMessage {
+    /// Reads a robot message's JSON; anything but an object is an empty message.
+    pub fn from_value(value: &Value) -> RobotMessage {
+        value.as_object().map(Self::from_object).unwrap_or_default()
+    }
+
+    /// Reads a robot message's JSON object, leniently.
+    pub fn from_object(object: &Map<String, Value>) -> RobotMessage {
+        let f = Fields(object);
+        let msgtype = f.string("msgtype").unwrap_or_default();
+        let content_object = get_ci(object, "content");
+        let content = match msgtype.as_str() {
+            "text" | "" => RobotContent::Text(
+                get_ci(object, "text")
+                    .and_then(Value::as_object)
+                    .and_then(|t| string_ci(t, "content"))
+                    .or_else(|| content_object.and_then(Value::as_str).map(str::to_owned))
+                    .unwrap_or_default(),
+            ),
+            "richText" => {
+                let parts: Vec<Value> = content_object
+                    .and_then(Value::as_object)
+                    .and_then(|c| get_ci(c, "richText"))
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let text = parts
+                    .iter()
+                    .filter_map(|p| p.as_object().and_then(|p| string_ci(p, "text")))
+                    .collect::<Vec<_>>()
+                    .join("");
+                RobotContent::RichText { text, parts }
+            }
+            "picture" => RobotContent::Picture {
+                download_code: content_object
+                    .and_then(Value::as_object)
+                    .and_then(|c| string_ci(c, "downloadCode")),
+            },
+            other => RobotContent::Other {
+                msgtype: other.to_owned(),
+                content: content_object
+                    .or_else(|| get_ci(object, other))
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            },
+        };
+        let conversation_type = match f.string("conversationType").as_deref().map(str::trim) {
+            Some("1") => ConversationType::Single,
+            Some("2") => ConversationType::Group,
+            _ => ConversationType::Unknown,
+        };
+        let at_users = match get_ci(object, "atUsers") {
+            Some(Value::Array(users)) => users
+                .iter()
+                .filter_map(Value::as_object)
+                .map(|u| AtUser {
+                    dingtalk_id: string_ci(u, "dingtalkId"),
+                    staff_id: string_ci(u, "staffId"),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        RobotMessage {
+            msg_id: f.string("msgId").unwrap_or_default(),
+            msgtype,
+            content,
+            conversation_id: f.string("conversationId").unwrap_or_default(),
+            conversation_type,
+            conversation_title: f.string("conversationTitle"),
+            sender_id: f.string("senderId"),
+            sender_staff_id: f.string("senderStaffId"),
+            sender_corp_id: f.string("senderCorpId"),
+            sender_nick: f.string("senderNick"),
+            is_admin: f.bool("isAdmin").unwrap_or(false),
+            at_users,
+            is_in_at_list: f.bool("isInAtList").unwrap_or(false),
+            session_webhook: f.string("sessionWebhook"),
+            session_webhook_expired_time: f.i64("sessionWebhookExpiredTime"),
+            robot_code: f.string("robotCode"),
+            chatbot_user_id: f.string("chatbotUserId"),
+            chatbot_corp_id: f.string("chatbotCorpId"),
+            create_at: f.i64("createAt"),
+        }
+    }
+
+    /// The text of a `text` or `richText` message, trimmed (the @-mention leaves a space).
+    pub fn text(&self) -> Option<&str> {
+        match &self.content {
+            RobotContent::Text(text) | RobotContent::RichText { text, .. } => Some(text.trim()),
+            _ => None,
+        }
+    }
+
+    /// The session webhook, if it is still valid at `now_ms` (a webhook without an expiry
+    /// counts as valid).
+    pub fn session_webhook_at(&self, now_ms: i64) -> Option<&str> {
+        let valid = self
+            .session_webhook_expired_time
+            .is_none_or(|expires| now_ms < expires);
+        self.session_webhook.as_deref().filter(|_| valid)
+    }
+}
+
 /// A decoded event, routed to handlers by its variant.
+// `RobotMessage` is the largest variant (a few hundred bytes); it is kept unboxed so
+// `on_robot_message` hands handlers the message itself, like every other typed registration.
+// An event is decoded once per claim, so the size costs a copy, not an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     ChatUpdateTitle(ChatUpdateTitle),
@@ -380,6 +595,9 @@ pub enum Event {
     AttendanceLookup(AttendanceLookup),
     /// Internal: ask DingTalk what became of a work notification (scheduled after sending).
     SendResultCheck(SendResultCheck),
+    /// A message to the app's robot (`robot_message`: Stream CALLBACK or the robot's HTTP
+    /// endpoint).
+    RobotMessage(RobotMessage),
     /// Every other type, kept as received.
     Unknown {
         event_type: String,
@@ -396,6 +614,9 @@ pub const ATTENDANCE_OVERTIME_DURATION: &str = "attendance_overtime_duration";
 pub const TODO_TASK_CREATE: &str = "todo_task_create";
 pub const TODO_TASK_UPDATE: &str = "todo_task_update";
 pub const TODO_TASK_DELETE: &str = "todo_task_delete";
+/// A message to the app's robot. DingTalk gives it no `EventType`: the sources store it under
+/// this type (keyed `robot:<msgId>`), and [`Event::decode_stored`] reads it by the row's type.
+pub const ROBOT_MESSAGE: &str = "robot_message";
 /// Internal event types: dinghook stores them in its own inbox as follow-up work, so they
 /// get the same durability, retries and replay as DingTalk's events.
 pub const ATTENDANCE_LOOKUP: &str = "dinghook_attendance_lookup";
@@ -447,13 +668,29 @@ impl Event {
         Self::from_value(value)
     }
 
+    /// Decodes a stored row's payload: its `EventType`, else the row's `event_type` (a robot
+    /// message carries no `EventType`; the source stored it as [`ROBOT_MESSAGE`]).
+    pub fn decode_stored(event_type: &str, payload: &str) -> Result<Event, DecodeError> {
+        let value: Value =
+            serde_json::from_str(payload).map_err(|e| DecodeError::NotAnObject(e.to_string()))?;
+        Self::from_value_as(value, Some(event_type))
+    }
+
     /// Decodes a parsed payload.
     pub fn from_value(value: Value) -> Result<Event, DecodeError> {
+        Self::from_value_as(value, None)
+    }
+
+    /// [`Event::from_value`] with the type to assume when the payload names none.
+    fn from_value_as(value: Value, row_type: Option<&str>) -> Result<Event, DecodeError> {
         let Some(object) = value.as_object() else {
             return Err(DecodeError::NotAnObject("not an object".into()));
         };
         let f = Fields(object);
-        let event_type = f.string("EventType").unwrap_or_else(|| "unknown".into());
+        let event_type = f
+            .string("EventType")
+            .or_else(|| row_type.filter(|t| !t.is_empty()).map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into());
         let event = match event_type.as_str() {
             CHAT_UPDATE_TITLE => Event::ChatUpdateTitle(ChatUpdateTitle {
                 corp_id: f.string("CorpId"),
@@ -515,6 +752,7 @@ impl Event {
             TODO_TASK_DELETE => Event::TodoTaskDelete(todo(f, TODO_TASK_DELETE)?),
             ATTENDANCE_LOOKUP => Event::AttendanceLookup(internal(ATTENDANCE_LOOKUP, value)?),
             SEND_RESULT_CHECK => Event::SendResultCheck(internal(SEND_RESULT_CHECK, value)?),
+            ROBOT_MESSAGE => Event::RobotMessage(RobotMessage::from_object(object)),
             _ => Event::Unknown {
                 event_type,
                 raw: value,
@@ -555,6 +793,7 @@ impl Event {
             Event::TodoTaskDelete(_) => TODO_TASK_DELETE,
             Event::AttendanceLookup(_) => ATTENDANCE_LOOKUP,
             Event::SendResultCheck(_) => SEND_RESULT_CHECK,
+            Event::RobotMessage(_) => ROBOT_MESSAGE,
             Event::Unknown { event_type, .. } => event_type,
         }
     }
@@ -708,5 +947,82 @@ mod tests {
             Envelope::parse(b"nope"),
             Err(EnvelopeError::NotJson(_))
         ));
+    }
+
+    #[test]
+    fn robot_messages_decode_by_the_rows_type_and_leniently() {
+        let payload = r#"{"msgId":"msgA","msgtype":"text","text":{"content":" ack"},
+            "conversationId":"cid1","conversationType":"2","senderStaffId":"u1","senderNick":"Ann",
+            "senderId":"$:s","senderCorpId":"dingc","atUsers":[{"dingtalkId":"d1","staffId":"s1"},{"dingtalkId":"d2"},3],
+            "sessionWebhook":"https://oapi.dingtalk.com/robot/sendBySession?session=secret",
+            "sessionWebhookExpiredTime":"1700000000000","robotCode":"rc","chatbotUserId":"$:b",
+            "createAt":1699999999000,"isInAtList":"true"}"#;
+        let Event::RobotMessage(m) = Event::decode_stored(ROBOT_MESSAGE, payload).unwrap() else {
+            panic!("not a robot message");
+        };
+        assert_eq!(m.msg_id, "msgA");
+        assert_eq!(m.text(), Some("ack"));
+        assert_eq!(m.conversation_type, ConversationType::Group);
+        assert_eq!(m.conversation_id, "cid1");
+        assert_eq!(m.at_users.len(), 2);
+        assert_eq!(m.at_users[0].staff_id.as_deref(), Some("s1"));
+        assert_eq!(m.at_users[1].staff_id, None);
+        assert_eq!(m.session_webhook_expired_time, Some(1_700_000_000_000));
+        assert!(m.is_in_at_list);
+        assert_eq!(m.create_at, Some(1_699_999_999_000));
+        assert!(m.session_webhook_at(1_699_999_999_999).is_some());
+        assert!(m.session_webhook_at(1_700_000_000_000).is_none());
+        // The session webhook is a credential: Debug hides it.
+        assert!(!format!("{m:?}").contains("secret"), "{m:?}");
+        // Without the row's type, the payload alone is an unknown event, as before.
+        assert!(matches!(
+            Event::decode(payload).unwrap(),
+            Event::Unknown { .. }
+        ));
+        // A payload's own EventType wins over the row's.
+        let typed = r#"{"EventType":"todo_task_create","taskId":"t"}"#;
+        assert!(matches!(
+            Event::decode_stored(ROBOT_MESSAGE, typed).unwrap(),
+            Event::TodoTaskCreate(_)
+        ));
+    }
+
+    #[test]
+    fn robot_content_kinds_and_missing_fields() {
+        let m = RobotMessage::from_value(&serde_json::json!({}));
+        assert_eq!(m, RobotMessage::default());
+        assert_eq!(m.text(), Some(""));
+        let m = RobotMessage::from_value(&serde_json::json!([1, 2]));
+        assert_eq!(m, RobotMessage::default());
+        let m = RobotMessage::from_value(&serde_json::json!({"msgtype": "richText",
+            "content": {"richText": [{"text": "see "}, {"type": "picture", "downloadCode": "dc"}, {"text": "this"}]}}));
+        assert_eq!(m.text(), Some("see this"));
+        let RobotContent::RichText { parts, .. } = &m.content else {
+            panic!()
+        };
+        assert_eq!(parts.len(), 3);
+        let m = RobotMessage::from_value(&serde_json::json!({"msgtype": "picture",
+            "content": {"downloadCode": "dc1"}, "conversationType": 1}));
+        assert_eq!(
+            m.content,
+            RobotContent::Picture {
+                download_code: Some("dc1".into())
+            }
+        );
+        assert_eq!(m.conversation_type, ConversationType::Single);
+        assert_eq!(m.text(), None);
+        let m = RobotMessage::from_value(&serde_json::json!({"msgtype": "audio",
+            "content": {"duration": 3}, "text": 5, "atUsers": "x", "isInAtList": [], "createAt": "soon"}));
+        assert_eq!(
+            m.content,
+            RobotContent::Other {
+                msgtype: "audio".into(),
+                content: serde_json::json!({"duration": 3})
+            }
+        );
+        assert!(m.at_users.is_empty() && !m.is_in_at_list && m.create_at.is_none());
+        // Wrong types for text never panic.
+        let m = RobotMessage::from_value(&serde_json::json!({"msgtype": "text", "text": "plain"}));
+        assert_eq!(m.text(), Some(""));
     }
 }

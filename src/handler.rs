@@ -33,8 +33,8 @@ use async_trait::async_trait;
 
 use crate::dingtalk::Client;
 use crate::event::{
-    self, AttendanceLookup, ChatUpdateTitle, CheckRecord, CoolAppChange, Event, SendResultCheck,
-    TodoTaskChange,
+    self, AttendanceLookup, ChatUpdateTitle, CheckRecord, CoolAppChange, Event, RobotMessage,
+    SendResultCheck, TodoTaskChange,
 };
 use crate::store::{Store, StoreError, StoredEvent};
 
@@ -252,6 +252,8 @@ typed_registrations! {
     on_todo_task_update => event::TODO_TASK_UPDATE, Event::TodoTaskUpdate, TodoTaskChange;
     /// `todo_task_delete`.
     on_todo_task_delete => event::TODO_TASK_DELETE, Event::TodoTaskDelete, TodoTaskChange;
+    /// `robot_message`: a message to the app's robot (Stream or its HTTP endpoint).
+    on_robot_message => event::ROBOT_MESSAGE, Event::RobotMessage, RobotMessage;
     /// Internal `dinghook_attendance_lookup`.
     on_attendance_lookup => event::ATTENDANCE_LOOKUP, Event::AttendanceLookup, AttendanceLookup;
     /// Internal `dinghook_send_result_check`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::actions::{Action, StoredAction, ACTION_EFFECT, ACTION_EVENT};
+use crate::actions::{Action, ResolveError, StoredAction, ACTION_EFFECT, ACTION_EVENT};
 use crate::event::Event;
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 
@@ -41,6 +41,14 @@ pub async fn run(event: Event, ctx: Context, reserve: u64) -> Result<(), Handler
         .map_err(|e| HandlerError::permanent(format!("not a stored action: {e}")))?;
     let action = Action::parse(&stored.action)
         .map_err(|e| HandlerError::permanent(format!("invalid action: {e}")))?;
+    // A robot reply to a stored robot message reads it (this app's only).
+    let action = action
+        .resolve(ctx.store.as_ref())
+        .await
+        .map_err(|e| match e {
+            ResolveError::Store(e) => HandlerError::from(e),
+            other => HandlerError::permanent(other),
+        })?;
     let client = ctx.dingtalk()?.clone();
     if action.is_notification() && !notification_budget(&ctx, reserve, action.kind()).await {
         return Err(HandlerError::permanent(format!(

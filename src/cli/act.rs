@@ -21,7 +21,7 @@ pub struct ActArgs {
     /// The app whose client runs it (default: `default`, or the only app).
     #[arg(long)]
     app: Option<String>,
-    /// The action: work_notification, status_bar, recall, group_message, todo_update, war_room.
+    /// The action: work_notification, status_bar, recall, group_message, todo_update, war_room, robot_reply.
     action: String,
     /// The action's fields as JSON, with DingTalk's own names (`type` is added).
     #[arg(long)]

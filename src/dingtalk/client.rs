@@ -529,6 +529,43 @@ impl Client {
             .await
     }
 
+    /// POSTs `body` to a URL DingTalk handed out that carries its own credential (a robot's
+    /// session webhook): no token, not metered, but behind the same ban, QPS limiter and
+    /// time-outs as every call. Only a URL on the oapi base URL's origin is called, so a
+    /// caller cannot point dinghook elsewhere; `label` names the call in errors, never the URL.
+    pub(crate) async fn post_credential_url(
+        &self,
+        label: &str,
+        url: &str,
+        body: &serde_json::Value,
+    ) -> Result<(StatusCode, Bytes)> {
+        let parsed = Url::parse(url)
+            .map_err(|_| Error::Refused(format!("{label}: the URL does not parse")))?;
+        if parsed.origin() != self.inner.oapi.origin() {
+            return Err(Error::Refused(format!(
+                "{label}: the URL is not on DingTalk's oapi host (dingtalk.oapi_url)"
+            )));
+        }
+        self.wait_out_ban().await?;
+        self.check_disabled(label)?;
+        self.inner.limiter.acquire().await;
+        self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .inner
+            .http
+            .post(parsed)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| Error::from_reqwest(label, e))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| Error::from_reqwest(label, e))?;
+        Ok((status, bytes))
+    }
+
     /// A valid access token (fetched if needed), for callers that must talk to DingTalk outside
     /// this client. Prefer the typed methods: they also respect the limits.
     pub async fn access_token(&self) -> Result<String> {

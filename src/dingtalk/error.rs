@@ -126,6 +126,10 @@ pub enum Error {
     /// The client is not configured for this call (missing agent id, bad base URL, …).
     #[error("DingTalk client configuration: {0}")]
     Config(String),
+    /// Not sent: the call cannot be made as asked (a session webhook that is not on DingTalk's
+    /// host, or expired with nothing to fall back on). Permanent.
+    #[error("not sent: {0}")]
+    Refused(String),
 }
 
 // What DingTalk's codes mean. Sources (paraphrased, nothing copied):
@@ -285,7 +289,10 @@ impl Error {
                 new_api_meaning(*status, code),
                 Meaning::Busy | Meaning::Throttled | Meaning::Token
             ),
-            Error::QuotaExhausted { .. } | Error::Decode { .. } | Error::Config(_) => false,
+            Error::QuotaExhausted { .. }
+            | Error::Decode { .. }
+            | Error::Config(_)
+            | Error::Refused(_) => false,
         }
     }
 
@@ -299,7 +306,7 @@ impl Error {
         match self {
             Error::Api { path, errcode, .. } => old_api_meaning(path, *errcode) == Meaning::Refused,
             Error::ApiV2 { status, code, .. } => new_api_meaning(*status, code) == Meaning::Refused,
-            Error::Decode { .. } | Error::Config(_) => true,
+            Error::Decode { .. } | Error::Config(_) | Error::Refused(_) => true,
             Error::Token(inner) => inner.is_permanent(),
             _ => false,
         }

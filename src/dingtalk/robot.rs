@@ -1,4 +1,5 @@
-//! Robot messages into a group: `POST /v1.0/robot/groupMessages/send`.
+//! Robot messages into a group: `POST /v1.0/robot/groupMessages/send`; and replies through a
+//! robot message's session webhook (`https://oapi.dingtalk.com/robot/sendBySession?session=…`).
 
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
@@ -84,6 +85,49 @@ impl Client {
         .json(message)?;
         let answer: SendAnswer = self.execute(request).await?;
         Ok(answer.process_query_key)
+    }
+}
+
+/// The name session-webhook calls go by in errors and logs (the URL itself is a credential).
+pub const SESSION_WEBHOOK_LABEL: &str = "/robot/sendBySession";
+
+/// DingTalk's answer to a session webhook whose session is gone (expired or unknown):
+/// `{"errcode": 300001, "errmsg": "session 不存在"}`, as users of it report.
+pub const SESSION_GONE_ERRCODE: i64 = 300_001;
+
+#[derive(Deserialize)]
+struct SessionAnswer {
+    #[serde(default, deserialize_with = "super::lenient::opt_i64")]
+    errcode: Option<i64>,
+    #[serde(default)]
+    errmsg: Option<String>,
+}
+
+impl Client {
+    /// Posts `message` (`{"msgtype": "text", "text": {"content": …}}`, `markdown`, …) to a
+    /// robot message's session webhook. DingTalk answers `errcode` 0, or e.g. 300001 when the
+    /// session is gone ([`Error::Api`], permanent). The URL must be on the oapi base URL's
+    /// host; it appears in no error.
+    pub async fn send_by_session(&self, webhook: &str, message: &serde_json::Value) -> Result<()> {
+        let (status, body) = self
+            .post_credential_url(SESSION_WEBHOOK_LABEL, webhook, message)
+            .await?;
+        let answer: Option<SessionAnswer> = serde_json::from_slice(&body).ok();
+        match answer.and_then(|a| a.errcode.map(|c| (c, a.errmsg))) {
+            Some((0, _)) if status.is_success() => Ok(()),
+            Some((errcode, errmsg)) if errcode != 0 => Err(Error::Api {
+                path: SESSION_WEBHOOK_LABEL.into(),
+                errcode,
+                errmsg: errmsg.unwrap_or_default(),
+                request_id: None,
+            }),
+            _ => Err(Error::ApiV2 {
+                status: status.as_u16(),
+                code: String::new(),
+                message: format!("the session webhook answered HTTP {status} without an errcode"),
+                request_id: None,
+            }),
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! - [`push`]: DingTalk's HTTP Push callback.
 //! - [`recovery`]: DingTalk's list of pushes it failed to deliver, read back periodically.
 //! - [`stream`]: DingTalk's Stream mode, an outbound WebSocket (no public URL needed).
+//! - [`robot`]: messages to the app's robot, POSTed by DingTalk and signed with the AppSecret.
 
 pub mod push;
 pub mod recovery;
+pub mod robot;
 pub mod stream;

@@ -324,7 +324,7 @@ pub fn encrypt_field(body: &[u8]) -> Result<String, Rejection> {
 }
 
 /// The body's announced length; refused when it is over `limit`.
-fn declared_length(headers: &HeaderMap, limit: usize) -> Result<Option<u64>, Rejection> {
+pub(super) fn declared_length(headers: &HeaderMap, limit: usize) -> Result<Option<u64>, Rejection> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -356,7 +356,10 @@ impl BodyBudget {
     }
 
     /// Room for `bytes`, held until the returned permit is dropped.
-    async fn reserve(&self, bytes: u64) -> Result<tokio::sync::OwnedSemaphorePermit, Rejection> {
+    pub(super) async fn reserve(
+        &self,
+        bytes: u64,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Rejection> {
         let kib = u32::try_from(bytes.div_ceil(1024)).map_err(|_| Rejection::Busy)?;
         let acquire = Arc::clone(&self.kib).acquire_many_owned(kib);
         match tokio::time::timeout(BUDGET_WAIT, acquire).await {
@@ -366,7 +369,7 @@ impl BodyBudget {
     }
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejection> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejection> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // to_bytes wraps the limit's own error type; find it in the cause chain.
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);

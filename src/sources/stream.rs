@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::event::{string_ci, Envelope};
+use crate::event::Envelope;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::store::{Inserted, NewEvent, Source, Store};
@@ -44,7 +44,7 @@ pub const OPEN_PATH: &str = "/v1.0/gateway/connections/open";
 /// The CALLBACK topic of robot messages.
 pub const ROBOT_TOPIC: &str = "/v1.0/im/bot/messages/get";
 /// The event type robot messages are stored as.
-pub const ROBOT_EVENT_TYPE: &str = "robot_message";
+pub const ROBOT_EVENT_TYPE: &str = crate::event::ROBOT_MESSAGE;
 /// The key a frame's `data` is kept under when it is not a JSON object.
 pub const RAW_DATA_KEY: &str = "streamData";
 
@@ -315,32 +315,11 @@ pub fn event_from_frame(frame: &Frame, now_ms: i64) -> (NewEvent, bool) {
 }
 
 /// The [`NewEvent`] of a robot message (CALLBACK on [`ROBOT_TOPIC`]): type `robot_message`,
-/// keyed `robot:<msgId>`, the message JSON as payload. `None` when `data` is not an object.
+/// keyed `robot:<msgId>`, the message JSON as payload, exactly as the robot's HTTP endpoint
+/// stores it ([`super::robot::new_event`]). `None` when `data` is not an object.
 pub fn robot_event(frame: &Frame, now_ms: i64) -> Option<NewEvent> {
     let object = frame.data_object().ok()?;
-    let payload = Value::Object(object.clone()).to_string();
-    let dedup_key = match string_ci(&object, "msgId") {
-        Some(id) => format!("robot:{id}"),
-        None => {
-            use sha2::Digest;
-            format!(
-                "sha256:{}",
-                hex::encode(sha2::Sha256::digest(payload.as_bytes()))
-            )
-        }
-    };
-    let corp_id =
-        string_ci(&object, "senderCorpId").or_else(|| string_ci(&object, "chatbotCorpId"));
-    Some(NewEvent {
-        app: crate::store::scoped::DEFAULT_APP.to_owned(),
-        dedup_key,
-        event_type: ROBOT_EVENT_TYPE.into(),
-        corp_id,
-        payload,
-        source: Source::Stream,
-        received_at: now_ms,
-        routes: Vec::new(),
-    })
+    Some(super::robot::new_event(object, Source::Stream, now_ms))
 }
 
 /// An ack: `code`, the frame's messageId, `data` (a JSON string).

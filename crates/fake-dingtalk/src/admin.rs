@@ -40,6 +40,7 @@ pub(crate) fn routes() -> Router<FakeDingTalk> {
         .route("/send-results/{task_id}", post(admin_send_result))
         .route("/send-results", delete(admin_clear_send_results))
         .route("/send-progress/{task_id}", post(admin_send_progress))
+        .route("/robot/sessions", post(admin_robot_session))
         .nest("/stream", crate::stream::admin_routes())
 }
 
@@ -86,6 +87,29 @@ async fn admin_clear_calls(State(fake): State<FakeDingTalk>) -> Response {
 
 async fn admin_state(State(fake): State<FakeDingTalk>) -> Response {
     axum::Json(fake.summary()).into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct SessionSpec {
+    #[serde(default)]
+    expires_at: Option<i64>,
+}
+
+async fn admin_robot_session(State(fake): State<FakeDingTalk>, body: Bytes) -> Response {
+    let spec: Option<SessionSpec> = match parse_body(&body) {
+        Ok(spec) => spec,
+        Err(bad) => return bad.into_response(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let expires_at = spec
+        .unwrap_or_default()
+        .expires_at
+        .unwrap_or(now + crate::SESSION_TTL_MS);
+    let url = fake.robot_session(expires_at);
+    axum::Json(json!({"session_webhook": url, "expires_at": expires_at})).into_response()
 }
 
 async fn admin_reset(State(fake): State<FakeDingTalk>) -> Response {

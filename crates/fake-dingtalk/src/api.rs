@@ -372,6 +372,9 @@ impl FakeState {
         if path == "/gettoken" {
             return self.gettoken(now, method, query);
         }
+        if path == crate::SESSION_PATH {
+            return self.session_send(method, query, body);
+        }
         if path == stream::OPEN_PATH {
             let host = header(headers, "host");
             let (status, body) = self.stream_open(now, method, body, host.as_deref());
@@ -1049,6 +1052,53 @@ impl FakeState {
     fn param_invalid(&mut self, detail: &str) -> Reply {
         let message = format!("输入参数错误: {detail}");
         self.new_err(StatusCode::BAD_REQUEST, "parameter.invalid", &message)
+    }
+
+    /// A robot session webhook: no token (the session is the credential). An unknown or expired
+    /// session answers 300001 "session 不存在", as DingTalk does; a message it cannot read
+    /// answers 40035.
+    fn session_send(
+        &mut self,
+        method: &Method,
+        query: &BTreeMap<String, String>,
+        body: Option<&Value>,
+    ) -> Reply {
+        if method != Method::POST {
+            return Reply::json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"errcode": 405, "errmsg": "method not allowed"}),
+            );
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let session = query.get("session").cloned().unwrap_or_default();
+        let live = self
+            .robot_sessions
+            .get(&session)
+            .is_some_and(|expires| now_ms < *expires);
+        if !live {
+            return self.old_err(300_001, "session 不存在");
+        }
+        let readable = match str_field(body, "msgtype") {
+            Some("text") => body
+                .and_then(|b| b.get("text"))
+                .and_then(|t| t.get("content"))
+                .and_then(Value::as_str)
+                .is_some_and(|c| !c.is_empty()),
+            Some("markdown") => body
+                .and_then(|b| b.get("markdown"))
+                .is_some_and(|m| m.get("title").is_some() && m.get("text").is_some()),
+            Some(_) => true,
+            None => false,
+        };
+        if !readable {
+            return self.old_err(40035, "不合法的参数: msgtype 与消息内容");
+        }
+        self.session_messages
+            .push(json!({"session": session, "body": body.cloned().unwrap_or(Value::Null)}));
+        self.old_ok(json!({}))
     }
 
     /// `robot/groupMessages/send` with the codes its page lists

@@ -37,6 +37,7 @@
 //! | `POST /_fake/attendance/list/users` | `{"user_ids": […], "records": […]}` | each user's `attendance/list` data becomes a copy of `records` |
 //! | `POST /_fake/attendance/records` | `[records]` | `attendance/listRecord` data |
 //! | `POST /_fake/send-results/{task_id}` | [`FakeSendResult`] | what `getsendresult` reports |
+//! | `POST /_fake/robot/sessions` | `{"expires_at": ms?}` | a robot session webhook (`{base}/robot/sendBySession?session=…`, valid 90 minutes unless `expires_at` says otherwise); answers `{"session_webhook", "expires_at"}` |
 //! | `POST /_fake/send-progress/{task_id}` | `{"progress_in_percent": 40, "status": 1}` | what `getsendprogress` reports (sends are done at once unless set); `status_bar/update` answers 41052 until `status` is 2 |
 //!
 //! It speaks Stream mode too (module `stream`): `POST /v1.0/gateway/connections/open` checks
@@ -53,7 +54,7 @@
 //! | `POST /_fake/stream/settings` | any of [`StreamSettings`]' fields | `ticket_ttl_ms`, `window`, `ack_timeout_ms`, `redelivery_delay_ms`, `disconnect_close_ms`, `duplicate_every`, `ping_interval_ms`; answers the settings now in force |
 //! | `POST /_fake/stream/events` | a [`StreamEvent`] or a list | queue EVENT frames; answers `{"event_ids": […]}` |
 //! | `POST /_fake/stream/events/generate` | `{"count": 50000, "id_prefix": "b-"?, "event": StreamEvent?}` | queue `count` events with ids `{id_prefix}1…` |
-//! | `POST /_fake/stream/robot` | a robot message object or a list | queue CALLBACK frames (topic `/v1.0/im/bot/messages/get`); missing fields get DingTalk-like values; answers `{"msg_ids": […]}` |
+//! | `POST /_fake/stream/robot` | a robot message object or a list | queue CALLBACK frames (topic `/v1.0/im/bot/messages/get`); missing fields get DingTalk-like values, a `sessionWebhook` at this fake included (valid until `sessionWebhookExpiredTime`, 90 minutes by default); answers `{"msg_ids": […]}` |
 //! | `POST /_fake/stream/duplicate` | `{"event_ids": […]}` | deliver these acknowledged events once more; answers `{"queued", "unknown": […]}` |
 //! | `POST /_fake/stream/ping` | `{"connection": 1?}` | a SYSTEM `ping`; the client must echo it |
 //! | `POST /_fake/stream/system` | `{"connection"?, "topic": "…", "data": {…}}` | any SYSTEM frame (an unknown topic, say) |
@@ -90,6 +91,12 @@ use api::{ban_body, ban_page, default_errmsg};
 /// The header DingTalk's new API (`/v1.0/…`) takes the access token in, as DingTalk documents
 /// it. Written here on purpose rather than shared with the client under test.
 pub const TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
+
+/// A robot message's session webhook path (DingTalk's is on `oapi.dingtalk.com`).
+pub const SESSION_PATH: &str = "/robot/sendBySession";
+/// How long the session webhooks the fake hands out stay valid by default: DingTalk's are
+/// about 90 minutes.
+pub const SESSION_TTL_MS: i64 = 90 * 60 * 1000;
 
 /// Oldest calls are forgotten beyond this many, so a long benchmark cannot exhaust memory.
 const MAX_RECORDED_CALLS: usize = 100_000;
@@ -307,6 +314,8 @@ struct Shared {
     /// Stream connection ids: never reused, resets included, so a connection's task that
     /// outlived a reset cannot mistake a new connection for its own.
     next_connection: AtomicU64,
+    /// `http://ADDR` once served: where the session webhooks it hands out point.
+    base_url: Mutex<Option<String>>,
 }
 
 struct FakeToken {
@@ -351,6 +360,10 @@ struct FakeState {
     /// `getsendprogress` answers (`progress_in_percent`, `status`); unset means done.
     send_progress: HashMap<i64, (i64, i64)>,
     robot_messages: Vec<Value>,
+    /// Robot session webhooks: session → expiry (epoch ms).
+    robot_sessions: HashMap<String, i64>,
+    /// Messages posted to session webhooks: `{"session", "body"}`, oldest first.
+    session_messages: Vec<Value>,
     next_request_id: u64,
     stream: stream::StreamState,
 }
@@ -389,6 +402,8 @@ impl Default for FakeState {
             send_results: HashMap::new(),
             send_progress: HashMap::new(),
             robot_messages: Vec::new(),
+            robot_sessions: HashMap::new(),
+            session_messages: Vec::new(),
             next_request_id: 1,
             stream: stream::StreamState::default(),
         }
@@ -409,6 +424,7 @@ impl FakeDingTalk {
                 state: Mutex::new(FakeState::default()),
                 started: Instant::now(),
                 next_connection: AtomicU64::new(1),
+                base_url: Mutex::new(None),
             }),
         }
     }
@@ -682,6 +698,41 @@ impl FakeDingTalk {
         self.state().messages.clone()
     }
 
+    /// Messages posted to robot session webhooks so far: `{"session": …, "body": …}`.
+    pub fn session_messages(&self) -> Vec<Value> {
+        self.state().session_messages.clone()
+    }
+
+    /// A robot session webhook valid until `expires_at_ms` (epoch ms), as DingTalk puts in a
+    /// robot message: `{base}/robot/sendBySession?session=…`.
+    pub fn robot_session(&self, expires_at_ms: i64) -> String {
+        let session = uuid::Uuid::new_v4().simple().to_string();
+        self.state()
+            .robot_sessions
+            .insert(session.clone(), expires_at_ms);
+        format!("{}{SESSION_PATH}?session={session}", self.base_url())
+    }
+
+    /// Where the fake is served (`http://127.0.0.1` before it is).
+    fn base_url(&self) -> String {
+        self.shared
+            .base_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1".to_owned())
+    }
+
+    fn set_base_url(&self, listener: &TcpListener) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        *self
+            .shared
+            .base_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(format!("http://{addr}"));
+        Ok(())
+    }
+
     /// Robot group messages accepted so far (request bodies).
     pub fn robot_messages(&self) -> Vec<Value> {
         self.state().robot_messages.clone()
@@ -708,6 +759,7 @@ impl FakeDingTalk {
             "failed_callbacks_left": state.failed_callbacks.len(),
             "sent_messages": state.messages,
             "robot_messages": state.robot_messages,
+            "session_messages": state.session_messages,
             "scene_templates": state.scene_templates,
             "scene_groups": state.scene_groups,
             "calls_recorded": state.calls.len(),
@@ -717,6 +769,7 @@ impl FakeDingTalk {
 
 /// Serves `fake` on `listener` until the task is dropped or the listener fails.
 pub async fn serve(listener: TcpListener, fake: FakeDingTalk) -> std::io::Result<()> {
+    fake.set_base_url(&listener)?;
     axum::serve(listener, fake.router()).await
 }
 
@@ -726,7 +779,9 @@ pub async fn run(listen: SocketAddr) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "fake DingTalk listening; point both base URLs at http://{addr}");
-    axum::serve(listener, FakeDingTalk::new().router())
+    let fake = FakeDingTalk::new();
+    fake.set_base_url(&listener)?;
+    axum::serve(listener, fake.router())
         .with_graceful_shutdown(shutdown_signal())
         .await
 }

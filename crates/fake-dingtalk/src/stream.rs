@@ -1164,10 +1164,21 @@ impl FakeDingTalk {
         let now = Instant::now();
         let at_ms = self.at_ms(now);
         let now_ms = epoch_ms();
+        let base = self.base_url();
         let mut state = self.state();
-        let stream = &mut state.stream;
         let mut ids = Vec::with_capacity(objects.len());
-        for object in objects {
+        for mut object in objects {
+            if !object.contains_key("sessionWebhook") {
+                let expires = object
+                    .get("sessionWebhookExpiredTime")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(now_ms + crate::SESSION_TTL_MS);
+                let session = uuid::Uuid::new_v4().simple().to_string();
+                state.robot_sessions.insert(session.clone(), expires);
+                let url = format!("{base}{}?session={session}", crate::SESSION_PATH);
+                object.insert("sessionWebhook".into(), json!(url));
+                object.insert("sessionWebhookExpiredTime".into(), json!(expires));
+            }
             let message = robot_message(object, now_ms);
             let id = message.get("msgId").map(header_text).unwrap_or_default();
             let mut headers = Map::new();
@@ -1181,7 +1192,7 @@ impl FakeDingTalk {
                 headers,
                 data: Value::Object(message).to_string(),
             });
-            stream.enqueue(Pending {
+            state.stream.enqueue(Pending {
                 msg,
                 attempt: 1,
                 duplicate: false,
@@ -1189,7 +1200,7 @@ impl FakeDingTalk {
             });
             ids.push(id);
         }
-        stream.dispatch(now, at_ms);
+        state.stream.dispatch(now, at_ms);
         Ok(ids)
     }
 

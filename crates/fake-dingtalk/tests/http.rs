@@ -1104,3 +1104,91 @@ fn binary_refuses_a_bad_listen_address() {
         .unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("--listen"));
 }
+
+#[tokio::test]
+async fn robot_session_webhooks_take_messages_until_they_expire() {
+    let (fake, base) = FakeDingTalk::spawn().await.unwrap();
+    let http = reqwest::Client::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // An admin-made session, valid 90 minutes by default, on the fake's own address.
+    let (status, made) = post(&http, format!("{base}/_fake/robot/sessions"), "").await;
+    assert_eq!(status, 200, "{made}");
+    let webhook = made["session_webhook"].as_str().unwrap().to_owned();
+    assert!(
+        webhook.starts_with(&format!("{base}/robot/sendBySession?session=")),
+        "{webhook}"
+    );
+    let expires = made["expires_at"].as_i64().unwrap();
+    assert!(
+        (now + 89 * 60_000..=now + 91 * 60_000).contains(&expires),
+        "{expires}"
+    );
+    // No token needed: the session is the credential.
+    let text = json!({"msgtype": "text", "text": {"content": "ack"}});
+    let answer: Value = http
+        .post(&webhook)
+        .json(&text)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["errcode"], 0, "{answer}");
+    let unreadable: Value = http
+        .post(&webhook)
+        .json(&json!({"msgtype": "text"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unreadable["errcode"], 40035, "{unreadable}");
+    // Expired and unknown sessions: DingTalk's 300001.
+    let (_, expired) = post(
+        &http,
+        format!("{base}/_fake/robot/sessions"),
+        &json!({"expires_at": now - 1}).to_string(),
+    )
+    .await;
+    let expired = expired["session_webhook"].as_str().unwrap().to_owned();
+    for url in [expired, format!("{base}/robot/sendBySession?session=nope")] {
+        let answer: Value = http
+            .post(&url)
+            .json(&text)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["errcode"], 300_001, "{answer}");
+    }
+    let sent = fake.session_messages();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["body"], text);
+    assert_eq!(
+        get_json(&http, format!("{base}/_fake/state")).await["session_messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Made from Rust too, with its expiry.
+    let url = fake.robot_session(now + 60_000);
+    let answer: Value = http
+        .post(&url)
+        .json(&text)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["errcode"], 0);
+    assert_eq!(fake.session_messages().len(), 2);
+}
