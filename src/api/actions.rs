@@ -33,7 +33,8 @@ const MAX_KEY_LEN: usize = 255;
 pub struct ActionView {
     pub id: i64,
     pub app: String,
-    /// `work_notification`, `status_bar`, `recall`, `group_message`, `todo_update`, `war_room`.
+    /// `work_notification`, `status_bar`, `recall`, `group_message`, `todo_update`, `war_room`,
+    /// `robot_reply`.
     #[serde(rename = "type")]
     pub kind: String,
     /// `queued`, `running`, `done` or `dead`.
@@ -83,7 +84,7 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<String> {
 /// app's client.
 #[utoipa::path(operation_id = "submit_action", post, path = "/api/v1/apps/{app}/actions", tag = "actions",
     params(("app" = String, Path), ("Idempotency-Key" = String, Header, description = "The same key with the same body returns the same action")),
-    request_body(content = Object, description = "One action: {\"type\": \"work_notification\" | \"status_bar\" | \"recall\" | \"group_message\" | \"todo_update\" | \"war_room\", …} with DingTalk's own field names (see README, HTTP API)"),
+    request_body(content = Object, description = "One action: {\"type\": \"work_notification\" | \"status_bar\" | \"recall\" | \"group_message\" | \"todo_update\" | \"war_room\" | \"robot_reply\", …} with DingTalk's own field names (see README, HTTP API)"),
     security(("bearer" = [])),
     responses((status = 202, body = ActionAccepted), (status = 200, body = ActionView, description = "This key was used before with this body"),
         (status = 409, body = ProblemDocument, content_type = "application/problem+json", description = "This key was used before with another body"),
