@@ -61,6 +61,8 @@ listen = "127.0.0.1:$ops"
 [api]
 listen = "127.0.0.1:$api"
 token = "$TOKEN"
+# The load generator is one token asking as fast as it can: no per-token budget here.
+requests_per_second = 0
 [callback]
 token = "dinghook-dev-token"
 aes_key = "DEVONLYdinghookLocalTestingKeyNotForProdXyz"

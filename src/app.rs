@@ -616,7 +616,8 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
             a.api.listen == b.api.listen
                 && a.api.token == b.api.token
                 && value(&a.api.tokens) == value(&b.api.tokens)
-                && a.api.body_limit == b.api.body_limit,
+                && a.api.body_limit == b.api.body_limit
+                && a.api.requests_per_second == b.api.requests_per_second,
         ),
         ("log_format", value(&a.log_format) == value(&b.log_format)),
         ("log_level", a.log_level == b.log_level),
@@ -725,7 +726,10 @@ impl Application {
             .collect();
         let wake = Arc::new(tokio::sync::Notify::new());
         let api = api_addr.map(|_| {
+            let limiter =
+                crate::api::RateLimiter::new(config.api.requests_per_second, api_tokens.len());
             Arc::new(crate::api::ApiState {
+                limiter,
                 store: Arc::clone(&store),
                 metrics: Arc::clone(&metrics),
                 apps: arc_swap::ArcSwap::default(),

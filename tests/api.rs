@@ -1120,3 +1120,37 @@ async fn a_sigkill_while_acting_loses_no_action() {
     eprintln!("at kill {at_kill}, repeats {repeats}, busiest second {busiest}, refused {refused}");
     assert!(busiest <= 2 * QPS, "{busiest} calls in one second");
 }
+
+/// Each token has its own request budget: over it, 429 with `Retry-After` and a problem
+/// document; another token is not held back.
+#[tokio::test]
+async fn a_token_over_its_request_budget_gets_429() {
+    let api = Api::start(None, |config| config.api.requests_per_second = 5).await;
+    let mut limited = 0;
+    let mut retry_after = None;
+    for _ in 0..20 {
+        let response = api
+            .http
+            .get(format!("{}/api/v1/events", api.base))
+            .bearer_auth(READER)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            limited += 1;
+            retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_problem(&answer(response).await, 429, "rate_limited");
+        }
+    }
+    assert!(limited >= 10, "{limited} of 20 limited");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // The admin token has its own budget.
+    assert_eq!(api.get("/api/v1/events", Some(ADMIN)).await.0, 200);
+    // A second later the reader may again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(api.get("/api/v1/events", Some(READER)).await.0, 200);
+    api.app.stop().await;
+}

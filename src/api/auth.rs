@@ -193,6 +193,10 @@ impl Tokens {
         self.0.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The token an `Authorization` header carries, or 401 (missing, malformed or unknown:
     /// one answer for all three).
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Caller, Problem> {
@@ -241,6 +245,11 @@ impl Caller {
 
     pub fn name(&self) -> &str {
         &self.token().name
+    }
+
+    /// The token's place among the configured tokens (its rate-limit bucket).
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     /// 403 unless the token has `scope`.

@@ -52,6 +52,10 @@ pub struct ApiConfig {
     /// The largest request body, in bytes.
     #[serde(deserialize_with = "crate::setting::number")]
     pub body_limit: usize,
+    /// Requests each token may make per second (a burst of one second's worth); more are
+    /// answered 429 with `Retry-After`. 0: no limit.
+    #[serde(deserialize_with = "crate::setting::number")]
+    pub requests_per_second: u32,
 }
 
 impl Default for ApiConfig {
@@ -61,6 +65,7 @@ impl Default for ApiConfig {
             token: Secret::default(),
             tokens: Vec::new(),
             body_limit: DEFAULT_BODY_LIMIT,
+            requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
         }
     }
 }
@@ -68,6 +73,11 @@ impl Default for ApiConfig {
 /// 256 KiB: a work notification's message is at most a few KiB; a war room's members list of
 /// a few hundred mobiles fits many times over.
 pub const DEFAULT_BODY_LIMIT: usize = 256 * 1024;
+
+/// Per token: far above what a system acting within DingTalk's QPS needs (actions are
+/// accepted at thousands per second), low enough that one runaway client cannot take the
+/// store from the callbacks.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 2_000;
 
 /// What the API knows of one app.
 #[derive(Clone)]
@@ -110,6 +120,51 @@ pub struct ApiState {
     /// The routes' runners' wake-ups, for a replay of deliveries.
     pub routing: crate::routes::Routing,
     pub body_limit: usize,
+    /// Each token's request budget.
+    pub limiter: RateLimiter,
+}
+
+/// A token bucket per token (by its index in [`Tokens`]): `rps` a second, at most one
+/// second's worth saved up.
+pub struct RateLimiter {
+    rps: u32,
+    buckets: Vec<std::sync::Mutex<(f64, std::time::Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(rps: u32, tokens: usize) -> RateLimiter {
+        let now = std::time::Instant::now();
+        RateLimiter {
+            rps,
+            buckets: (0..tokens)
+                .map(|_| std::sync::Mutex::new((f64::from(rps), now)))
+                .collect(),
+        }
+    }
+
+    /// Takes one request from token `index`'s bucket, or says how long until one is there.
+    fn admit(&self, index: usize) -> Result<(), std::time::Duration> {
+        if self.rps == 0 {
+            return Ok(());
+        }
+        let Some(bucket) = self.buckets.get(index) else {
+            return Ok(());
+        };
+        let mut bucket = bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        let rate = f64::from(self.rps);
+        let (level, at) = *bucket;
+        let level = (level + now.duration_since(at).as_secs_f64() * rate).min(rate);
+        if level >= 1.0 {
+            *bucket = (level - 1.0, now);
+            Ok(())
+        } else {
+            *bucket = (level, now);
+            Err(std::time::Duration::from_secs_f64((1.0 - level) / rate))
+        }
+    }
 }
 
 impl ApiState {
@@ -174,6 +229,22 @@ async fn authenticate(
         Ok(caller) => caller,
         Err(problem) => return problem.into_response(),
     };
+    if let Err(wait) = state.limiter.admit(caller.index()) {
+        let seconds = wait.as_secs().max(1);
+        let mut response = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "this token is over api.requests_per_second ({}); try again in {seconds} s",
+                state.limiter.rps
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+        return response;
+    }
     let write = !matches!(*request.method(), Method::GET | Method::HEAD);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();

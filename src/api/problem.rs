@@ -33,7 +33,7 @@ pub struct ProblemDocument {
     /// Stable: `unauthorized`, `forbidden`, `not_found`, `method_not_allowed`,
     /// `payload_too_large`, `unsupported_media_type`, `invalid_json`, `invalid_request`,
     /// `invalid_action`, `missing_idempotency_key`, `idempotency_conflict`, `unknown_app`,
-    /// `unknown_route`, `no_dingtalk_client`, `store_unavailable`.
+    /// `unknown_route`, `no_dingtalk_client`, `rate_limited`, `store_unavailable`.
     pub code: String,
     /// The field at fault, for `invalid_request` and `invalid_action`.
     #[serde(skip_serializing_if = "Option::is_none")]
