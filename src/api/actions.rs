@@ -15,9 +15,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::problem::ProblemDocument;
-use super::{
-    body_bytes, json_content_type, path_id, ApiApp, ApiResult, ApiState, Caller, Problem, Scope,
-};
+use super::{json_body, path_id, path_name, ApiApp, ApiResult, ApiState, Caller, Problem, Scope};
 use crate::actions::{self, Action, StoredAction, ACTION_EFFECT, ACTION_EVENT, ACTION_KEY_PREFIX};
 use crate::store::{Inserted, NewEvent, Source, Store, StoredEvent};
 use crate::time::now_millis;
@@ -97,20 +95,10 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     caller.require(Scope::Act)?;
-    let name = name
-        .map(|p| p.0)
-        .map_err(|_| Problem::not_found("no such app"))?;
+    let name = path_name(name, "app")?;
     let app = state.app(&caller, &name)?;
-    let body = body_bytes(body)?;
-    json_content_type(&headers)?;
     let key = idempotency_key(&headers)?;
-    let request: Value = serde_json::from_slice(&body).map_err(|e| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not JSON: {e}"),
-        )
-    })?;
+    let request: Value = json_body(&headers, body)?;
     let outcome = submit_action(&state.store, &app, caller.name(), &key, request).await?;
     Ok(match outcome {
         Submitted::Queued(id) => {

@@ -10,8 +10,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::problem::ProblemDocument;
-use super::{ApiApp, ApiResult, ApiState, Caller, Problem, Scope};
-use crate::store::ListQuery;
+use super::{path_name, ApiApp, ApiResult, ApiState, Caller, Scope};
+use crate::store::{AppStats, ListQuery};
 use crate::time::now_millis;
 
 /// One app's health.
@@ -89,10 +89,9 @@ fn projection(used: u64, now_ms: i64) -> u64 {
     u64::try_from(projected).unwrap_or(u64::MAX)
 }
 
-async fn health(state: &ApiState, app: &ApiApp) -> ApiResult<AppHealth> {
+/// `app`'s health, with its queue `figures` (read by the caller: once for a whole list).
+async fn health(state: &ApiState, app: &ApiApp, figures: AppStats) -> ApiResult<AppHealth> {
     let now = now_millis();
-    let stats = state.store.stats_for(Some(&app.name), now).await?;
-    let figures = stats.by_app.get(&app.name).cloned().unwrap_or_default();
     let newest = state
         .store
         .list(&ListQuery {
@@ -144,9 +143,12 @@ pub async fn list(
 ) -> ApiResult<Json<AppList>> {
     caller.require(Scope::Read)?;
     let apps = state.apps.load_full();
+    // Every app's queue figures in one read, not one per app.
+    let stats = state.store.stats_for(None, now_millis()).await?;
     let mut items = Vec::new();
     for app in apps.values().filter(|a| caller.token().may_touch(&a.name)) {
-        items.push(health(&state, app).await?);
+        let figures = stats.by_app.get(&app.name).cloned().unwrap_or_default();
+        items.push(health(&state, app, figures).await?);
     }
     Ok(Json(AppList { items }))
 }
@@ -161,11 +163,11 @@ pub async fn show(
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<AppHealth>> {
     caller.require(Scope::Read)?;
-    let name = name
-        .map(|p| p.0)
-        .map_err(|_| Problem::not_found("no such app"))?;
+    let name = path_name(name, "app")?;
     let app = state.app(&caller, &name)?;
-    Ok(Json(health(&state, &app).await?))
+    let stats = state.store.stats_for(Some(&app.name), now_millis()).await?;
+    let figures = stats.by_app.get(&app.name).cloned().unwrap_or_default();
+    Ok(Json(health(&state, &app, figures).await?))
 }
 
 #[cfg(test)]

@@ -365,6 +365,15 @@ pub fn query<T>(query: Result<axum::extract::Query<T>, QueryRejection>) -> ApiRe
     })
 }
 
+/// A text segment of the path (an app's or a route's name), or 404 naming `what`.
+pub fn path_name(
+    name: Result<axum::extract::Path<String>, PathRejection>,
+    what: &str,
+) -> ApiResult<String> {
+    name.map(|p| p.0)
+        .map_err(|_| Problem::not_found(format!("no such {what}")))
+}
+
 /// A numeric id in the path, or 404.
 pub fn path_id(id: Result<axum::extract::Path<i64>, PathRejection>) -> ApiResult<i64> {
     id.map(|p| p.0)

@@ -14,8 +14,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::events::{parse_state, Replayed};
 use super::problem::ProblemDocument;
 use super::{
-    json_body, page_limit, parse_time, path_id, query, ApiResult, ApiState, Caller, Problem,
-    RouteInfo, Scope,
+    json_body, page_limit, parse_time, path_id, path_name, query, ApiResult, ApiState, Caller,
+    Problem, RouteInfo, Scope,
 };
 use crate::store::{DeliveryQuery, DeliveryReplay, EventState, StoredDelivery};
 use crate::time::now_millis;
@@ -179,9 +179,7 @@ pub async fn pause(
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RouteChange>> {
     caller.require(Scope::Admin)?;
-    let name = name
-        .map(|p| p.0)
-        .map_err(|_| Problem::not_found("no such route"))?;
+    let name = path_name(name, "route")?;
     route(&state, &name)?;
     let d = state.store.deliveries();
     let was = d.route_pauses().await?.iter().any(|p| p.route == name);
@@ -206,9 +204,7 @@ pub async fn resume(
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RouteChange>> {
     caller.require(Scope::Admin)?;
-    let name = name
-        .map(|p| p.0)
-        .map_err(|_| Problem::not_found("no such route"))?;
+    let name = path_name(name, "route")?;
     route(&state, &name)?;
     let changed = state.store.deliveries().resume_route(&name).await?;
     state.routing.wake_for(&name).notify_one();
