@@ -11,6 +11,10 @@
 //!   cargo run --release --example store_bench -- insert --url postgres://…/bench \
 //!       --events 20000 --replicas 2 --compare-without-counts
 //!
+//!   # the same with the dispatcher's side, with and without the run history (migration 15)
+//!   cargo run --release --example store_bench -- insert --url sqlite:///tmp/r.db \
+//!       --events 20000 --rounds 5 --compare-without-runs --drain
+//!
 //! The database must be empty (a new SQLite path, a new PostgreSQL database).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +79,10 @@ enum Command {
         /// (type, state) instead of its own shard.
         #[arg(long)]
         compare_one_shard: bool,
+        /// Alternate rounds with and without migration 15's run history (its trigger dropped,
+        /// then put back); with `--drain`, what recording each run costs the dispatcher.
+        #[arg(long)]
+        compare_without_runs: bool,
         /// After each round, time the dispatcher's side too: workers claiming the round's
         /// events 64 at a time and marking each done.
         #[arg(long)]
@@ -101,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             compare_without_counts,
             compare_one_shard,
+            compare_without_runs,
             drain,
         } => {
             let mut schemas = vec![Schema::Counts];
@@ -109,6 +118,9 @@ async fn main() -> anyhow::Result<()> {
             }
             if compare_one_shard {
                 schemas.push(Schema::OneShard);
+            }
+            if compare_without_runs {
+                schemas.push(Schema::NoRuns);
             }
             let shape = Shape {
                 events,
@@ -337,6 +349,8 @@ enum Schema {
     NoCounts,
     /// PostgreSQL: every session adds to shard 0, one hot row per (type, state).
     OneShard,
+    /// Migration 15's trigger dropped: runs end without a row in `event_runs`.
+    NoRuns,
 }
 
 const SQLITE_TRIGGERS: &str = "events_count_insert, events_count_update, events_count_delete";
@@ -392,6 +406,27 @@ async fn set_schema(raw: &Raw, schema: Schema, saved: &mut Vec<String>) -> anyho
             raw.execute(&sql.replace("pg_backend_pid()", "0")).await?;
         }
         (Raw::Sqlite(_), Schema::OneShard) => anyhow::bail!("SQLite has one shard anyway"),
+        (Raw::Sqlite(conn), Schema::NoRuns) => {
+            let sql: String = conn.query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'events_run_ended'",
+                [],
+                |r| r.get(0),
+            )?;
+            saved.push(format!("{sql};"));
+            raw.execute("DROP TRIGGER events_run_ended").await?;
+        }
+        (Raw::Postgres(client), Schema::NoRuns) => {
+            let sql: String = client
+                .query_one(
+                    "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'events_run_ended'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            saved.push(sql);
+            raw.execute("DROP TRIGGER events_run_ended ON events")
+                .await?;
+        }
     }
     Ok(())
 }

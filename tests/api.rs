@@ -472,6 +472,7 @@ async fn events_pages_and_replay(pg: Option<String>) {
     assert_eq!(status, 200, "{shown}");
     assert_eq!(shown["payload"]["eventId"], "evt-crm_custom_b-1");
     assert_eq!(shown["state"], "done");
+    assert_eq!(shown["runs"].as_array().unwrap().len(), 1, "{shown}");
     assert!(shown["deliveries"].as_array().unwrap().is_empty());
     // The reader may not replay.
     assert_problem(
@@ -498,6 +499,23 @@ async fn events_pages_and_replay(pg: Option<String>) {
     api.app
         .wait_for_state("event:evt-crm_custom_b-1", EventState::Done)
         .await;
+    // Both runs are shown, oldest first: the first, and the replay's (counted from 1 again).
+    let (_, shown) = api.get(&format!("/api/v1/events/{id}"), Some(READER)).await;
+    let runs = shown["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{shown}");
+    for run in runs {
+        assert_eq!(
+            (run["attempt"].as_i64(), run["outcome"].as_str()),
+            (Some(1), Some("done"))
+        );
+        assert!(
+            run["finished_at"].as_i64() >= run["started_at"].as_i64(),
+            "{run}"
+        );
+        assert!(run["worker"].is_string(), "{run}");
+        assert!(run["error"].is_null(), "{run}");
+    }
+    assert!(runs[0]["finished_at"].as_i64() <= runs[1]["started_at"].as_i64());
 
     // A filter replay: every done event of one type.
     for i in 0..5 {
@@ -711,6 +729,13 @@ async fn actions_end_to_end(pg: Option<String>) {
         "{dead}"
     );
     assert_eq!(dead["result"], Value::Null);
+    // The action's event shows the run that killed it, with DingTalk's reason.
+    let (_, event) = api
+        .get(&format!("/api/v1/events/{}", dead["id"]), Some(ADMIN))
+        .await;
+    let last = event["runs"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["outcome"], "dead", "{event}");
+    assert_eq!(last["error"], dead["error"], "{event}");
     api.app.stop().await;
 }
 

@@ -159,6 +159,85 @@ async fn retry_then_dead_then_replay(store: Arc<dyn Store>) {
     );
 }
 
+/// Every run is recorded when it ends, by whoever ends it: outcomes, errors, the handlers
+/// done, a release at shutdown, a lease that ran out; a replay starts counting again; the
+/// runs of one event are not another's; a refused (late) outcome records nothing.
+async fn runs_are_recorded_as_they_end(store: Arc<dyn Store>) {
+    let id = insert_n(&*store, 1, T0).await[0];
+    assert!(store.runs(id, 100).await.unwrap().is_empty(), "never run");
+
+    let claimed = store.claim("w1", 1, 1_000, T0 + 10).await.unwrap();
+    assert_eq!(claimed[0].id, id);
+    let handled = names(&["a"]);
+    assert!(store
+        .mark_retry(id, "w1", T0 + 500, "boom 1", &handled, T0 + 20)
+        .await
+        .unwrap());
+    store.claim("w1", 1, 1_000, T0 + 500).await.unwrap();
+    // w1 hangs; w2 takes the event when the lease has run out, then w1's answer is refused.
+    store.claim("w2", 1, 1_000, T0 + 1_600).await.unwrap();
+    assert!(!store.mark_done(id, "w1", T0 + 1_700).await.unwrap());
+    // w2 is stopping: it gives the event back.
+    assert_eq!(
+        store.release(&["w2".to_owned()], T0 + 1_800).await.unwrap(),
+        1
+    );
+    store.claim("w3", 1, 1_000, T0 + 1_900).await.unwrap();
+    assert!(store
+        .mark_dead(id, "w3", "boom 2", &handled, T0 + 1_950)
+        .await
+        .unwrap());
+    store
+        .replay(&ReplaySelector::Ids(vec![id]), T0 + 2_000)
+        .await
+        .unwrap();
+    store.claim("w4", 1, 1_000, T0 + 2_100).await.unwrap();
+    assert!(store.mark_done(id, "w4", T0 + 2_150).await.unwrap());
+
+    let runs = store.runs(id, 100).await.unwrap();
+    let seen: Vec<_> = runs
+        .iter()
+        .map(|r| {
+            (
+                r.attempt,
+                r.started_at - T0,
+                r.finished_at.map(|t| t - T0),
+                r.outcome.as_str(),
+                r.error.as_deref(),
+                r.worker.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (1, 10, Some(20), "retry", Some("boom 1"), Some("w1")),
+            (2, 500, Some(1_600), "lease_expired", None, Some("w1")),
+            // The release does not count the interrupted run; the next claim is the 3rd again.
+            (3, 1_600, Some(1_800), "released", None, Some("w2")),
+            (3, 1_900, Some(1_950), "dead", Some("boom 2"), Some("w3")),
+            (1, 2_100, Some(2_150), "done", None, Some("w4")),
+        ]
+    );
+    assert_eq!(runs[0].handled, handled);
+    assert_eq!(runs[3].handled, handled);
+    assert!(runs[4].handled.is_empty());
+    // The last two, oldest first.
+    let last: Vec<_> = store
+        .runs(id, 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.outcome)
+        .collect();
+    assert_eq!(last, ["dead", "done"]);
+    let Inserted::Stored { id: other } = store.insert(event("k-other", "x", T0)).await.unwrap()
+    else {
+        panic!("k-other is new")
+    };
+    assert!(store.runs(other, 100).await.unwrap().is_empty());
+}
+
 fn names(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| (*n).to_owned()).collect()
 }
@@ -687,9 +766,13 @@ async fn views_show_every_apps_documents(store: Arc<dyn Store>, url: &str) {
     // The views as they were before migration 12 (stand-ins for migration 4's, of the same
     // names: migration 12 replaces them whatever they select).
     let version = match url.starts_with("sqlite://") {
-        true => "DROP TABLE deliveries; DROP TABLE route_pauses; PRAGMA user_version = 11;",
+        true => {
+            "DROP TABLE deliveries; DROP TABLE route_pauses; \
+                  DROP TRIGGER events_run_ended; DROP TABLE event_runs; PRAGMA user_version = 11;"
+        }
         false => {
             "DROP TABLE deliveries; DROP TABLE route_pauses; \
+                  DROP TRIGGER events_run_ended ON events; DROP TABLE event_runs; \
                   DELETE FROM dinghook_migrations WHERE version > 11;"
         }
     };
@@ -1361,6 +1444,7 @@ for_each_backend!(
     claim_with_lease,
     lease_expiry_returns_events,
     retry_then_dead_then_replay,
+    runs_are_recorded_as_they_end,
     handled_kept_by_retry_dead_replay_and_release_cleared_by_done,
     replay_by_ids_and_since_leaves_running_alone,
     concurrent_claimers_never_share,

@@ -16,7 +16,10 @@ use super::routes::DeliveryItem;
 use super::{
     json_body, page_limit, parse_time, path_id, query, ApiResult, ApiState, Caller, Problem, Scope,
 };
-use crate::store::{scoped, DeliveryQuery, EventState, ListQuery, ReplaySelector, StoredEvent};
+use crate::store::{
+    scoped, DeliveryQuery, EventRun, EventState, ListQuery, ReplaySelector, Store, StoreError,
+    StoredEvent,
+};
 use crate::time::now_millis;
 
 /// One event, as `dinghook events list --json` shows it.
@@ -89,20 +92,44 @@ pub struct EventsQuery {
     pub cursor: Option<String>,
 }
 
-/// The last run of an event: when it ended, how, and why it failed.
+/// One run of an event by the dispatcher.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RunSummary {
-    /// Runs so far.
-    pub attempts: i64,
-    /// When the event last changed state (epoch ms).
-    pub at: i64,
-    /// The state the last run left it in.
+pub struct RunItem {
+    /// Which run this was (1 for the first; a replay starts again from 1).
+    pub attempt: i64,
+    /// When it was claimed (epoch ms).
+    pub started_at: i64,
+    /// When it ended (epoch ms); `null` for the run going on now.
+    pub finished_at: Option<i64>,
+    /// `done`, `retry`, `dead`, `released` (a stopping process gave it back unfinished),
+    /// `lease_expired` (another worker took it after its lease ran out), or `running`.
     pub outcome: String,
+    /// Why it failed (`retry` and `dead`).
     pub error: Option<String>,
+    /// The handlers that had succeeded when it ended (empty after `done`: all of them).
     pub handled: Vec<String>,
+    /// The worker that ran it.
+    pub worker: Option<String>,
 }
 
-/// One event with its payload, its last run and its deliveries.
+impl From<EventRun> for RunItem {
+    fn from(r: EventRun) -> Self {
+        RunItem {
+            attempt: r.attempt,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            outcome: r.outcome,
+            error: r.error,
+            handled: r.handled,
+            worker: r.worker,
+        }
+    }
+}
+
+/// Most runs an event's page shows (the latest).
+pub const RUNS_SHOWN: u32 = 100;
+
+/// One event with its payload, its runs and its deliveries.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventDetail {
     #[serde(flatten)]
@@ -111,8 +138,8 @@ pub struct EventDetail {
     #[schema(value_type = Object)]
     pub payload: Value,
     pub updated_at: i64,
-    /// Its runs, as far as the store keeps them (the last one).
-    pub runs: Vec<RunSummary>,
+    /// Its runs, oldest first (the last 100), the one going on now included.
+    pub runs: Vec<RunItem>,
     /// One per route that takes it.
     pub deliveries: Vec<DeliveryItem>,
 }
@@ -217,7 +244,7 @@ async fn readable(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<Store
     }
 }
 
-/// One event with its payload, last run and deliveries.
+/// One event with its payload, every run and its deliveries.
 #[utoipa::path(operation_id = "show_event", get, path = "/api/v1/events/{id}", tag = "events",
     params(("id" = i64, Path, description = "The event's id")),
     security(("bearer" = [])),
@@ -241,17 +268,7 @@ pub async fn show(
         .await?;
     let payload = serde_json::from_str(&event.payload)
         .unwrap_or_else(|_| Value::String(event.payload.clone()));
-    let runs = if event.attempts > 0 {
-        vec![RunSummary {
-            attempts: event.attempts,
-            at: event.updated_at,
-            outcome: event.state.as_str().to_owned(),
-            error: event.last_error.clone(),
-            handled: event.handled.clone(),
-        }]
-    } else {
-        Vec::new()
-    };
+    let runs = runs_of(&*state.store, &event).await?;
     Ok(Json(EventDetail {
         event: EventItem::from(&event),
         payload,
@@ -259,6 +276,29 @@ pub async fn show(
         runs,
         deliveries: deliveries.iter().map(DeliveryItem::from).collect(),
     }))
+}
+
+/// Event `event`'s runs, oldest first: the last [`RUNS_SHOWN`] that ended, and the one going
+/// on now if it is `running`.
+pub async fn runs_of(store: &dyn Store, event: &StoredEvent) -> Result<Vec<RunItem>, StoreError> {
+    let mut runs: Vec<RunItem> = store
+        .runs(event.id, RUNS_SHOWN)
+        .await?
+        .into_iter()
+        .map(RunItem::from)
+        .collect();
+    if event.state == EventState::Running {
+        runs.push(RunItem {
+            attempt: event.attempts,
+            started_at: event.updated_at,
+            finished_at: None,
+            outcome: "running".to_owned(),
+            error: None,
+            handled: event.handled.clone(),
+            worker: None,
+        });
+    }
+    Ok(runs)
 }
 
 /// Sends one event back to `pending` (every handler that has not succeeded runs again).

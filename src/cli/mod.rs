@@ -375,6 +375,7 @@ async fn events(command: EventsCommand) -> Result<()> {
                 let mut value = event_json(&e);
                 value["payload"] = serde_json::from_str(&e.payload)
                     .unwrap_or(serde_json::Value::String(e.payload.clone()));
+                value["runs"] = serde_json::to_value(store.runs(id, 100).await?)?;
                 println!("{}", serde_json::to_string_pretty(&value)?);
                 Ok(())
             }

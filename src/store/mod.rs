@@ -216,6 +216,28 @@ pub struct StoredEvent {
     pub handled: Vec<String>,
 }
 
+/// One run of an event by the dispatcher: a claim and how it ended (`event_runs`, written by
+/// the store in the transaction that ends the run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventRun {
+    /// Which run of the event this was (1 for the first; a replay starts again from 1).
+    pub attempt: i64,
+    /// When it was claimed (epoch ms).
+    pub started_at: i64,
+    /// When it ended (epoch ms); `None` for the run going on now.
+    pub finished_at: Option<i64>,
+    /// `done`, `retry`, `dead`; `released` (a stopping process gave it back unfinished);
+    /// `lease_expired` (another worker took it after the lease ran out: the worker died or
+    /// hung); `running` for the run going on now.
+    pub outcome: String,
+    /// Why it failed (`retry` and `dead` only).
+    pub error: Option<String>,
+    /// The handlers that had succeeded when it ended (empty after `done`: all of them).
+    pub handled: Vec<String>,
+    /// The worker (lease owner) that ran it.
+    pub worker: Option<String>,
+}
+
 /// A JSON document kept by the built-in handlers (groups, to-dos, notifications, effects),
 /// addressed by collection and key. SQL views (`groups`, `todos`, `notifications`) show the
 /// collections as tables.
@@ -393,6 +415,9 @@ pub trait Store: Send + Sync + 'static {
     /// re-runs only the handlers that had not succeeded). `running` events are left alone.
     /// Returns how many changed.
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError>;
+    /// The last `limit` runs that ended of event `id`, oldest first (none for an event never
+    /// run or not stored).
+    async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError>;
     /// Every app's counts: the totals, and each app's in [`Stats::by_app`]. The same as
     /// `stats_for(None, now_ms)`; stores and wrappers implement [`Store::stats_for`] only.
     async fn stats(&self, now_ms: i64) -> Result<Stats, StoreError> {

@@ -31,7 +31,7 @@ use super::{
     DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
 };
 use super::{
-    Document, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
+    Document, EventRun, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
     StoreError, StoredEvent,
 };
 use crate::time::now_millis;
@@ -725,6 +725,19 @@ impl Store for PostgresStore {
             )
             .await?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError> {
+        self.run(async |c| {
+            let rows = Self::query(c, &self.sql.event_runs, &[&id, &i64::from(limit)]).await?;
+            let mut runs = rows
+                .iter()
+                .map(schema::run_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            runs.reverse();
+            Ok(runs)
         })
         .await
     }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{AppStats, Document, EventState, ListQuery, Stats, StoredEvent};
+use super::{AppStats, Document, EventRun, EventState, ListQuery, Stats, StoredEvent};
 
 /// The SQL dialect a store speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub enum Dialect {
 /// the documents of collection `c` of every app (column `collection` is `c` or `@<app>/c`),
 /// `{app_of:c}` the app such a document belongs to, `{event_counts}`,
 /// `{event_counts_per_statement}` and `{event_counts_by_app}` migrations 8, 10 and 11 in each
-/// dialect's own words.
+/// dialect's own words, `{event_runs_trigger}` migration 15's.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -223,7 +223,64 @@ CREATE TABLE route_pauses (
 CREATE INDEX IF NOT EXISTS events_dead ON events (id) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS events_app_dead ON events (app, id) WHERE state = 'dead';
 "#,
+    // 15: every run of an event (the HTTP API's and the console's history of an event),
+    // written by a trigger in the transaction that ends the run, so no outcome can be recorded
+    // without its run nor a run without its outcome. A run ends when a `running` event leaves
+    // that state (`done`, `retry`, `dead`; `pending` when a stopping process gives it back:
+    // `released`) or is claimed again by another worker after its lease ran out
+    // (`lease_expired`: the worker died or hung). It began when it was claimed: the claim sets
+    // `updated_at`, and nothing else changes a running event. `event_runs_event`: an event's
+    // runs are read by its id, newest first.
+    r#"
+CREATE TABLE event_runs (
+    id          {id_pk},
+    event_id    {bigint} NOT NULL,
+    attempt     {bigint} NOT NULL,
+    started_at  {bigint} NOT NULL,
+    finished_at {bigint} NOT NULL,
+    outcome     TEXT    NOT NULL,
+    error       TEXT,
+    handled     TEXT,
+    worker      TEXT
+);
+CREATE INDEX event_runs_event ON event_runs (event_id, id);
+{event_runs_trigger}"#,
 ];
+
+/// Migration 15's trigger for SQLite: a row trigger, only on the columns a run's end changes.
+const SQLITE_EVENT_RUNS: &str = r#"
+CREATE TRIGGER events_run_ended AFTER UPDATE OF state, lease_owner ON events
+WHEN OLD.state = 'running' AND (NEW.state <> 'running' OR NEW.lease_owner IS NOT OLD.lease_owner)
+BEGIN
+    INSERT INTO event_runs (event_id, attempt, started_at, finished_at, outcome, error, handled, worker)
+    VALUES (OLD.id, OLD.attempts, OLD.updated_at, NEW.updated_at,
+        CASE NEW.state WHEN 'running' THEN 'lease_expired' WHEN 'pending' THEN 'released'
+            ELSE NEW.state END,
+        CASE WHEN NEW.state IN ('retry', 'dead') THEN NEW.last_error END,
+        NEW.handled, OLD.lease_owner);
+END;
+"#;
+
+/// Migration 15's trigger for PostgreSQL: a row trigger whose `WHEN` is checked without
+/// calling the function, so the updates that end no run (claims of waiting events, replays)
+/// pay nothing for it.
+const POSTGRES_EVENT_RUNS: &str = r#"
+CREATE OR REPLACE FUNCTION dinghook_run_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO event_runs (event_id, attempt, started_at, finished_at, outcome, error, handled, worker)
+    VALUES (OLD.id, OLD.attempts, OLD.updated_at, NEW.updated_at,
+        CASE NEW.state WHEN 'running' THEN 'lease_expired' WHEN 'pending' THEN 'released'
+            ELSE NEW.state END,
+        CASE WHEN NEW.state IN ('retry', 'dead') THEN NEW.last_error END,
+        NEW.handled, OLD.lease_owner);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER events_run_ended AFTER UPDATE ON events FOR EACH ROW
+    WHEN (OLD.state = 'running'
+        AND (NEW.state <> 'running' OR NEW.lease_owner IS DISTINCT FROM OLD.lease_owner))
+    EXECUTE FUNCTION dinghook_run_ended();
+"#;
 
 /// Migration 8 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
 /// updated by row triggers. A change of state (or type) moves one from the old row to the new.
@@ -531,6 +588,8 @@ impl Dialect {
                 (Dialect::Postgres, "event_counts_by_app", _) => {
                     out.push_str(POSTGRES_COUNTS_BY_APP)
                 }
+                (Dialect::Sqlite, "event_runs_trigger", _) => out.push_str(SQLITE_EVENT_RUNS),
+                (Dialect::Postgres, "event_runs_trigger", _) => out.push_str(POSTGRES_EVENT_RUNS),
                 (Dialect::Sqlite, "id_pk", _) => out.push_str("INTEGER PRIMARY KEY AUTOINCREMENT"),
                 (Dialect::Postgres, "id_pk", _) => out.push_str("BIGSERIAL PRIMARY KEY"),
                 (Dialect::Sqlite, "bigint", _) => out.push_str("INTEGER"),
@@ -643,6 +702,9 @@ pub const EVENT_COLUMNS: &str = "id, dedup_key, event_type, corp_id, payload, so
 
 const DOCUMENT_COLUMNS: &str = "collection, key, body, created_at, updated_at";
 
+/// The columns of `event_runs` [`run_from_row`] reads, in its order.
+const RUN_COLUMNS: &str = "attempt, started_at, finished_at, outcome, error, handled, worker";
+
 /// What a claim sets on the rows it takes (`$1` owner, `$2` lease end, `$3` now); followed by
 /// the backend's choice of rows, `(SELECT id … LIMIT $4)`, and [`CLAIM_RETURNING`].
 pub const CLAIM_SET: &str = "UPDATE events SET state = 'running', lease_owner = $1, \
@@ -711,6 +773,8 @@ pub struct Statements {
     pub add_api_calls: String,
     /// month → calls.
     pub api_calls: String,
+    /// event id, limit → [`RUN_COLUMNS`], newest first.
+    pub event_runs: String,
 }
 
 impl Statements {
@@ -810,6 +874,9 @@ impl Statements {
                  ON CONFLICT (month) DO UPDATE SET calls = api_calls.calls + EXCLUDED.calls \
                  RETURNING calls"),
             api_calls: sql("SELECT calls FROM api_calls WHERE month = $1"),
+            event_runs: sql(&format!(
+                "SELECT {RUN_COLUMNS} FROM event_runs WHERE event_id = $1 ORDER BY id DESC LIMIT $2"
+            )),
         }
     }
 }
@@ -867,11 +934,7 @@ impl SqlRow for tokio_postgres::Row {
 /// A row of [`EVENT_COLUMNS`].
 pub fn event_from_row<R: SqlRow>(row: &R) -> Result<StoredEvent, R::Error> {
     let state = row.text(7)?;
-    let handled = match row.opt_text(12)? {
-        None => Vec::new(),
-        Some(json) => serde_json::from_str(&json)
-            .map_err(|e| R::invalid(12, format!("handled is not a JSON list of names: {e}")))?,
-    };
+    let handled = handled_from(row, 12)?;
     Ok(StoredEvent {
         id: row.int(0)?,
         dedup_key: row.text(1)?,
@@ -889,6 +952,28 @@ pub fn event_from_row<R: SqlRow>(row: &R) -> Result<StoredEvent, R::Error> {
         handled,
         app: row.text(13)?,
     })
+}
+
+/// A row of [`RUN_COLUMNS`].
+pub fn run_from_row<R: SqlRow>(row: &R) -> Result<EventRun, R::Error> {
+    Ok(EventRun {
+        attempt: row.int(0)?,
+        started_at: row.int(1)?,
+        finished_at: Some(row.int(2)?),
+        outcome: row.text(3)?,
+        error: row.opt_text(4)?,
+        handled: handled_from(row, 5)?,
+        worker: row.opt_text(6)?,
+    })
+}
+
+/// The `handled` column at `idx`: a JSON list of handler names, or NULL for none.
+fn handled_from<R: SqlRow>(row: &R, idx: usize) -> Result<Vec<String>, R::Error> {
+    match row.opt_text(idx)? {
+        None => Ok(Vec::new()),
+        Some(json) => serde_json::from_str(&json)
+            .map_err(|e| R::invalid(idx, format!("handled is not a JSON list of names: {e}"))),
+    }
 }
 
 /// A row of the document columns.
@@ -1183,7 +1268,7 @@ CREATE VIEW notifications AS SELECT
     #[test]
     fn sqlite_renders_the_old_migrations_to_the_letter() {
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
-        assert_eq!(new.len(), OLD_SQLITE.len() + 10, "migrations 5 to 14 added");
+        assert_eq!(new.len(), OLD_SQLITE.len() + 11, "migrations 5 to 15 added");
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
         }
@@ -1216,7 +1301,7 @@ CREATE VIEW notifications AS SELECT
         // Only the spacing of the column lists may differ from the old texts; the suite in
         // tests/store.rs runs the rendering on a real server.
         let new: Vec<String> = Dialect::Postgres.migrations().collect();
-        assert_eq!(new.len(), OLD_POSTGRES.len() + 10);
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 11);
         for (i, old) in OLD_POSTGRES.iter().enumerate() {
             assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
         }

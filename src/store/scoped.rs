@@ -15,8 +15,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    Document, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
-    StoredEvent,
+    Document, EventRun, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store,
+    StoreError, StoredEvent,
 };
 
 /// The app whose names are written unscoped (`crate::config::DEFAULT_APP`; repeated here, as
@@ -81,6 +81,14 @@ impl Store for AppStore {
             .get(id)
             .await?
             .filter(|event| event.app == self.app))
+    }
+
+    async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError> {
+        // Only this app's: another app's event has none here.
+        match self.get(id).await? {
+            Some(_) => self.inner.runs(id, limit).await,
+            None => Ok(Vec::new()),
+        }
     }
 
     async fn find_by_dedup_key(&self, key: &str) -> Result<Option<StoredEvent>, StoreError> {

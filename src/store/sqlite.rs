@@ -23,7 +23,7 @@ use super::{
     DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
 };
 use super::{
-    Document, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
+    Document, EventRun, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
     StoreError, StoredEvent,
 };
 use crate::time::now_millis;
@@ -632,6 +632,20 @@ impl Store for SqliteStore {
                 .prepare_cached(&sql.mark_dead)?
                 .execute(params![id, owner, error, now_ms, handled])?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError> {
+        let sql = Arc::clone(&self.sql);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql.event_runs)?;
+            let rows = stmt.query_map(params![id, i64::from(limit)], |row| {
+                schema::run_from_row(row)
+            })?;
+            let mut runs = rows.collect::<Result<Vec<_>, _>>()?;
+            runs.reverse();
+            Ok(runs)
         })
         .await
     }

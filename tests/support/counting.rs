@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use dinghook::store::{
-    Document, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store, StoreError,
-    StoredEvent,
+    Document, EventRun, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store,
+    StoreError, StoredEvent,
 };
 
 pub struct CountingStore {
@@ -153,6 +153,11 @@ impl Store for CountingStore {
             .mark_dead(id, owner, error, handled, now_ms)
             .await
     }
+    async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError> {
+        self.count("runs");
+        self.inner.runs(id, limit).await
+    }
+
     async fn release(&self, owners: &[String], now_ms: i64) -> Result<u64, StoreError> {
         self.count("release");
         self.inner.release(owners, now_ms).await
