@@ -664,6 +664,57 @@ impl StoredAction {
     }
 }
 
+/// The event type routes receive when an action is done.
+pub const ACTION_DONE_EVENT: &str = "dinghook.action.done";
+/// The event type routes receive when an action is dead (given up on).
+pub const ACTION_DEAD_EVENT: &str = "dinghook.action.dead";
+
+/// The event that tells routes the action stored as `record` has ended: done (`error` is
+/// `None`) or dead (why). Its payload names the action (id, idempotency key, type, who asked),
+/// its attempts, and DingTalk's result as the action recorded it (`result`, read from `store`,
+/// the app's view) or the error; never the request, which may hold a session webhook. Keyed
+/// `<the action's key>/done` (or `/dead`), so telling twice stores it once.
+pub async fn completion(
+    store: &dyn Store,
+    record: &crate::store::StoredEvent,
+    error: Option<&str>,
+    now_ms: i64,
+) -> Result<crate::store::NewEvent, StoreError> {
+    let stored: Option<StoredAction> = serde_json::from_str(&record.payload).ok();
+    let result = store
+        .get_document("effect", &format!("{}/{ACTION_EFFECT}", record.dedup_key))
+        .await?
+        .map(|d| d.body);
+    let (event_type, state) = match error {
+        None => (ACTION_DONE_EVENT, "done"),
+        Some(_) => (ACTION_DEAD_EVENT, "dead"),
+    };
+    let payload = json!({
+        "action_id": record.id,
+        "app": record.app,
+        "idempotency_key": stored.as_ref().map(|s| s.idempotency_key.as_str()),
+        "action_type": stored.as_ref().and_then(|s| s.action.get("type")).and_then(Value::as_str),
+        "requested_by": stored.as_ref().map(|s| s.requested_by.as_str()),
+        "state": state,
+        "attempts": record.attempts,
+        "result": result,
+        "error": error,
+        "received_at": record.received_at,
+        "finished_at": now_ms,
+    });
+    let key = crate::store::scoped::unscoped(&record.app, &record.dedup_key);
+    Ok(crate::store::NewEvent {
+        app: record.app.clone(),
+        dedup_key: format!("{key}/{state}"),
+        event_type: event_type.to_owned(),
+        corp_id: None,
+        payload: payload.to_string(),
+        source: crate::store::Source::Internal,
+        received_at: now_ms,
+        routes: Vec::new(),
+    })
+}
+
 /// Where an action is: the event's state as the API names it.
 pub fn state_name(state: crate::store::EventState) -> &'static str {
     use crate::store::EventState;

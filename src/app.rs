@@ -776,14 +776,17 @@ impl Application {
         }
         ops.clients.store(Arc::new(apps.clients.clone()));
         metrics.set_apps(apps.specs.len());
-        let dispatcher = Arc::new(Dispatcher::new(
-            Arc::clone(&store),
-            apps.registry.clone(),
-            config.dispatch.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&fixed.wake),
-            apps.contexts.clone(),
-        ));
+        let dispatcher = Arc::new(
+            Dispatcher::new(
+                Arc::clone(&store),
+                apps.registry.clone(),
+                config.dispatch.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&fixed.wake),
+                apps.contexts.clone(),
+            )
+            .with_routing(fixed.routing.clone()),
+        );
         let live = Arc::new(Live {
             router: Arc::new(arc_swap::ArcSwap::from_pointee(apps.router.clone())),
             dispatcher,

@@ -125,6 +125,9 @@ pub struct Dispatcher {
     next_app: std::sync::atomic::AtomicUsize,
     /// The last read of the apps with waiting events, and when (see `waiting_apps`).
     waiting: tokio::sync::Mutex<Option<(tokio::time::Instant, Vec<String>)>>,
+    /// The routes, told when an action ends (`dinghook.action.done` / `.dead`); `None`: no
+    /// route is configured.
+    routing: Option<crate::routes::Routing>,
 }
 
 /// How long the list of apps with waiting events is reused: a new app's first event waits at
@@ -169,7 +172,14 @@ impl Dispatcher {
             }),
             next_app: std::sync::atomic::AtomicUsize::new(0),
             waiting: tokio::sync::Mutex::new(None),
+            routing: None,
         }
+    }
+
+    /// Tells the routes that take them when actions end (see [`crate::actions::completion`]).
+    pub fn with_routing(mut self, routing: crate::routes::Routing) -> Self {
+        self.routing = Some(routing);
+        self
     }
 
     /// Replaces the handlers and the apps (a configuration reload). Runs under way finish
@@ -448,6 +458,9 @@ impl Dispatcher {
         let attempts = record.attempts;
         // A claim stamps `updated_at`; the lease lasts `lease` from then.
         let lease_until = crate::time::after(record.updated_at, self.config.lease);
+        // An action's completion is told to the routes that take it: kept for after the run.
+        let action = (record.event_type == crate::actions::ACTION_EVENT && self.routing.is_some())
+            .then(|| record.clone());
         let run = self.invoke(record).await;
         let now = now_millis();
         let (outcome, error) = match run.result {
@@ -473,16 +486,31 @@ impl Dispatcher {
                 ),
             },
         };
-        let recorded = self
-            .record(
-                id,
-                owner,
-                &outcome,
-                error.as_deref(),
-                &run.handled,
-                lease_until,
-            )
-            .await;
+        // The completion is stored before the outcome, so an action cannot end untold; if it
+        // cannot be stored, the outcome is not recorded either and the action runs again
+        // when its lease ends (its DingTalk call is not repeated: `effect_once`).
+        let told = match (&action, &outcome) {
+            (Some(action), Outcome::Done) => self.tell_routes(action, None, lease_until).await,
+            (Some(action), Outcome::Dead) => {
+                self.tell_routes(action, error.as_deref(), lease_until)
+                    .await
+            }
+            _ => Ok(()),
+        };
+        let recorded = match told {
+            Ok(()) => {
+                self.record(
+                    id,
+                    owner,
+                    &outcome,
+                    error.as_deref(),
+                    &run.handled,
+                    lease_until,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         let outcome = match recorded {
             Ok(true) => outcome,
             Ok(false) => {
@@ -548,6 +576,55 @@ impl Dispatcher {
                     pause = (pause * 2).min(RECORD_MAX_PAUSE);
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// Stores the completion of the action `record` (`error`: dead, why) for the routes that
+    /// take its type, if any, asking the store again like [`Dispatcher::record`] while the
+    /// lease is ours.
+    async fn tell_routes(
+        &self,
+        record: &StoredEvent,
+        error: Option<&str>,
+        lease_until: i64,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(routing) = &self.routing else {
+            return Ok(());
+        };
+        let event_type = match error {
+            None => crate::actions::ACTION_DONE_EVENT,
+            Some(_) => crate::actions::ACTION_DEAD_EVENT,
+        };
+        let routes = routing.matching(&record.app, event_type);
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let store = match self.apps.load().contexts.get(&record.app) {
+            Some(app) => Arc::clone(&app.store),
+            None => crate::store::scoped::for_app(Arc::clone(&self.store), &record.app),
+        };
+        let mut pause = RECORD_FIRST_PAUSE;
+        loop {
+            let result = async {
+                let mut event =
+                    crate::actions::completion(store.as_ref(), record, error, now_millis()).await?;
+                event.routes = routes.clone();
+                store.insert(event).await
+            }
+            .await;
+            let pause_ms = crate::time::millis(pause);
+            match result {
+                Ok(_) => {
+                    routing.stored(&routes);
+                    return Ok(());
+                }
+                Err(e) if now_millis().saturating_add(pause_ms) < lease_until => {
+                    tracing::warn!(id = record.id, error = %e, retry_in = ?pause, "could not store the action's completion; asking the store again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RECORD_MAX_PAUSE);
+                }
+                Err(e) => return Err(e),
             }
         }
     }

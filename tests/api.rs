@@ -736,6 +736,16 @@ async fn actions_end_to_end(pg: Option<String>) {
     let last = event["runs"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["outcome"], "dead", "{event}");
     assert_eq!(last["error"], dead["error"], "{event}");
+    // No route takes `dinghook.action.*` here: no completion is stored.
+    for kind in ["done", "dead"] {
+        let (_, told) = api
+            .get(
+                &format!("/api/v1/events?type=dinghook.action.{kind}"),
+                Some(ADMIN),
+            )
+            .await;
+        assert_eq!(told["items"], json!([]), "{told}");
+    }
     api.app.stop().await;
 }
 
@@ -1177,5 +1187,140 @@ async fn a_token_over_its_request_budget_gets_429() {
     // A second later the reader may again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(api.get("/api/v1/events", Some(READER)).await.0, 200);
+    api.app.stop().await;
+}
+
+/// A route that takes `dinghook.action.*` is told when each action ends: done with DingTalk's
+/// result, dead with the reason; signed like every delivery (checked with the Standard
+/// Webhooks library) and shaped as `docs/envelope.schema.json` says (checked with a JSON
+/// Schema validator). A route for DingTalk's types is not told; neither is any route when
+/// no route takes the type (nothing extra is stored).
+#[tokio::test]
+async fn action_completions_go_to_the_routes_that_take_them() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    type Got = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, axum::body::Bytes)>>>;
+    let (got, other): (Got, Got) = Default::default();
+    let mut hooks = Vec::new();
+    for sink in [got.clone(), other.clone()] {
+        let receiver = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    sink.lock().unwrap().push((headers, body));
+                    async { "ok" }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        hooks.push(format!("http://{}/hook", listener.local_addr().unwrap()));
+        tokio::spawn(async move { axum::serve(listener, receiver).await });
+    }
+    let route = |name: &str, url: &str, events: &[&str]| RouteConfig {
+        name: name.into(),
+        apps: Vec::new(),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        url: url.into(),
+        secret: Some(Secret::new(SECRET)),
+        secrets: Vec::new(),
+        secret_file: None,
+        headers: Default::default(),
+        timeout: Duration::from_secs(2),
+        concurrency: 4,
+        rate: 0,
+        retry_schedule: vec![Duration::from_millis(100); 3],
+        subject: None,
+        exchange: None,
+        routing_key: None,
+        stream: None,
+        maxlen: None,
+    };
+    let routes = vec![
+        route("outcomes", &hooks[0], &["dinghook.action.*"]),
+        route("crm", &hooks[1], &["chat_*"]),
+    ];
+    let api = Api::start(None, move |config| config.routes = routes).await;
+
+    let (_, sent) = api
+        .post(
+            "/api/v1/apps/default/actions",
+            ADMIN,
+            Some("told-1"),
+            &text_notification(&["manager01"], "hello"),
+        )
+        .await;
+    let done = api.settled(sent["id"].as_i64().unwrap()).await;
+    assert_eq!(done["state"], "done", "{done}");
+    let bad_room = json!({
+        "type": "war_room", "title": "INC-9", "template_id": "tpl-unknown", "owner_user_id": "alice"
+    });
+    let (_, queued) = api
+        .post(
+            "/api/v1/apps/default/actions",
+            ADMIN,
+            Some("told-2"),
+            &bad_room,
+        )
+        .await;
+    let dead = api.settled(queued["id"].as_i64().unwrap()).await;
+    assert_eq!(dead["state"], "dead", "{dead}");
+
+    support::wait_until("two completions delivered", || {
+        got.lock().unwrap().len() >= 2
+    })
+    .await;
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string("docs/envelope.schema.json").unwrap())
+            .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let webhook = standardwebhooks::Webhook::new(SECRET).unwrap();
+    let mut told = std::collections::BTreeMap::new();
+    for (headers, body) in got.lock().unwrap().iter() {
+        webhook.verify(body, headers).expect("signed");
+        let envelope: Value = serde_json::from_slice(body).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&envelope)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?} in {envelope}");
+        assert_eq!(envelope["source"], "internal");
+        told.insert(envelope["type"].as_str().unwrap().to_owned(), envelope);
+    }
+    let done_told = &told["dinghook.action.done"]["data"];
+    assert_eq!(done_told["action_id"], done["id"]);
+    assert_eq!(done_told["idempotency_key"], "told-1");
+    assert_eq!(done_told["action_type"], "work_notification");
+    assert_eq!(done_told["state"], "done");
+    assert_eq!(done_told["result"], done["result"]);
+    assert!(done_told["result"]["task_id"].is_number(), "{done_told}");
+    assert_eq!(done_told["requested_by"], "api.token");
+    let dead_told = &told["dinghook.action.dead"]["data"];
+    assert_eq!(dead_told["action_id"], dead["id"]);
+    assert_eq!(dead_told["idempotency_key"], "told-2");
+    assert_eq!(dead_told["error"], dead["error"]);
+    assert_eq!(dead_told["result"], Value::Null);
+
+    // Replaying the done action runs nothing new and tells nothing new (the same key).
+    let (status, _) = api
+        .post(
+            &format!("/api/v1/events/{}/replay", done["id"]),
+            ADMIN,
+            None,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let again = api.settled(done["id"].as_i64().unwrap()).await;
+    assert_eq!(again["state"], "done");
+    let (_, completions) = api
+        .get("/api/v1/events?type=dinghook.action.done", Some(ADMIN))
+        .await;
+    assert_eq!(
+        completions["items"].as_array().unwrap().len(),
+        1,
+        "{completions}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(got.lock().unwrap().len(), 2);
+    assert!(other.lock().unwrap().is_empty(), "crm takes chat_* only");
     api.app.stop().await;
 }

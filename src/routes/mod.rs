@@ -108,6 +108,12 @@ impl Routing {
         event.routes = self.routes.matching(&event.app, &event.event_type);
     }
 
+    /// The routes that take an event of `event_type` of `app`, whatever its source (for the
+    /// events dinghook makes to be routed, such as an action's completion).
+    pub fn matching(&self, app: &str, event_type: &str) -> Vec<String> {
+        self.routes.matching(app, event_type)
+    }
+
     /// An event with deliveries for `routes` was stored: their runners look at once.
     pub fn stored(&self, routes: &[String]) {
         for route in routes {
