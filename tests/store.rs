@@ -238,6 +238,219 @@ async fn runs_are_recorded_as_they_end(store: Arc<dyn Store>) {
     assert!(store.runs(other, 100).await.unwrap().is_empty());
 }
 
+/// Stores `e` and runs it to `state` (`done` or `dead`) at `at`; returns its id.
+async fn ended(store: &dyn Store, e: NewEvent, state: EventState, at: i64) -> i64 {
+    let Inserted::Stored { id } = store.insert(e).await.unwrap() else {
+        panic!("a new key")
+    };
+    let claimed = store.claim("w", 100, 1_000, at).await.unwrap();
+    assert!(claimed.iter().any(|c| c.id == id));
+    for c in claimed {
+        let ok = match (c.id == id, state) {
+            (true, EventState::Dead) => store.mark_dead(c.id, "w", "no", &[], at).await,
+            _ => store.mark_done(c.id, "w", at).await,
+        };
+        assert!(ok.unwrap());
+    }
+    id
+}
+
+/// Retention: the events a rule selects go, oldest first, `limit` at a time, with their runs
+/// and deliveries, and the counts follow; an event with a delivery still waiting stays, and
+/// one with a dead delivery stays as long as a dead event would; recent events, other states
+/// and other apps' events stay. Documents go by age, in their collection only.
+async fn prune_deletes_what_retention_allows(store: Arc<dyn Store>) {
+    use dinghook::store::{DeliveryOutcome, PruneEvents};
+    const DAY: i64 = 86_400_000;
+    let old = T0;
+    let done = ended(
+        &*store,
+        event("done-1", "x", old),
+        EventState::Done,
+        old + 10,
+    )
+    .await;
+    let dead = ended(
+        &*store,
+        event("dead-1", "x", old),
+        EventState::Dead,
+        old + 10,
+    )
+    .await;
+    let waiting = ended(
+        &*store,
+        NewEvent {
+            routes: vec!["r".into()],
+            ..event("waiting-1", "x", old)
+        },
+        EventState::Done,
+        old + 10,
+    )
+    .await;
+    let dead_delivery = ended(
+        &*store,
+        NewEvent {
+            routes: vec!["s".into()],
+            ..event("dead-delivery-1", "x", old)
+        },
+        EventState::Done,
+        old + 10,
+    )
+    .await;
+    let d = store.deliveries();
+    let (delivery, _) = d
+        .claim_deliveries("s", "r1", 1, 1_000, old + 20)
+        .await
+        .unwrap()[0]
+        .clone();
+    let gone = DeliveryOutcome::Dead {
+        error: "410".into(),
+        status: Some(410),
+    };
+    assert!(d
+        .finish_delivery(delivery.id, "r1", &gone, old + 30)
+        .await
+        .unwrap());
+    let other_app = ended(
+        &*store,
+        NewEvent {
+            app: "ops".into(),
+            ..event("@ops/done-1", "x", old)
+        },
+        EventState::Done,
+        old + 10,
+    )
+    .await;
+    let before = store.stats(old + 31 * DAY).await.unwrap();
+
+    let rule = |state, dead_before| PruneEvents {
+        app: "default".into(),
+        state,
+        before_ms: old + 7 * DAY,
+        dead_deliveries_before_ms: dead_before,
+        limit: 100,
+    };
+    // Done, a week old, dead deliveries kept for a month: only the plain done event.
+    assert_eq!(
+        store
+            .prune_events(&rule(EventState::Done, old))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.get(done).await.unwrap().is_none());
+    assert!(
+        store.runs(done, 10).await.unwrap().is_empty(),
+        "its runs go with it"
+    );
+    for kept in [dead, waiting, dead_delivery, other_app] {
+        assert!(store.get(kept).await.unwrap().is_some(), "{kept} stays");
+    }
+    let after = store.stats(old + 31 * DAY).await.unwrap();
+    assert_eq!(
+        after.by_state["done"],
+        before.by_state["done"] - 1,
+        "the counts follow"
+    );
+    // Once the dead delivery is as old as a dead event may be, it goes with its event.
+    assert_eq!(
+        store
+            .prune_events(&rule(EventState::Done, old + 7 * DAY))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.get(dead_delivery).await.unwrap().is_none());
+    assert!(d.get_delivery(delivery.id).await.unwrap().is_none());
+    assert!(
+        store.get(waiting).await.unwrap().is_some(),
+        "its delivery still waits"
+    );
+    assert_eq!(
+        store
+            .prune_events(&rule(EventState::Dead, old))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.get(dead).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .prune_events(&rule(EventState::Dead, old))
+            .await
+            .unwrap(),
+        0
+    );
+
+    // `limit` at a time, oldest first.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            ended(
+                &*store,
+                event(&format!("batch-{i}"), "x", old + i),
+                EventState::Done,
+                old + 100,
+            )
+            .await,
+        );
+    }
+    let two = PruneEvents {
+        limit: 2,
+        ..rule(EventState::Done, old)
+    };
+    assert_eq!(store.prune_events(&two).await.unwrap(), 2);
+    assert!(
+        store.get(ids[0]).await.unwrap().is_none() && store.get(ids[1]).await.unwrap().is_none()
+    );
+    assert!(store.get(ids[2]).await.unwrap().is_some());
+    assert_eq!(store.prune_events(&two).await.unwrap(), 2);
+    assert_eq!(store.prune_events(&two).await.unwrap(), 1);
+    assert_eq!(store.prune_events(&two).await.unwrap(), 0);
+    // Ids follow the time events are received in (the prune reads no further than the first
+    // event received after its cutoff): one received now is not touched.
+    let recent = ended(
+        &*store,
+        event("recent-1", "x", old + 30 * DAY),
+        EventState::Done,
+        old + 30 * DAY,
+    )
+    .await;
+    assert_eq!(
+        store
+            .prune_events(&rule(EventState::Done, old))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(store.get(recent).await.unwrap().is_some());
+
+    // Documents by age, one collection at a time.
+    let body = serde_json::json!({"k": 1});
+    store
+        .put_document("audit", "old", &body, old)
+        .await
+        .unwrap();
+    store
+        .put_document("audit", "new", &body, old + 30 * DAY)
+        .await
+        .unwrap();
+    store
+        .put_document("group", "old", &body, old)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .prune_documents("audit", old + DAY, 100)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.get_document("audit", "old").await.unwrap().is_none());
+    assert!(store.get_document("audit", "new").await.unwrap().is_some());
+    assert!(store.get_document("group", "old").await.unwrap().is_some());
+}
+
 fn names(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| (*n).to_owned()).collect()
 }
@@ -1445,6 +1658,7 @@ for_each_backend!(
     lease_expiry_returns_events,
     retry_then_dead_then_replay,
     runs_are_recorded_as_they_end,
+    prune_deletes_what_retention_allows,
     handled_kept_by_retry_dead_replay_and_release_cleared_by_done,
     replay_by_ids_and_since_leaves_running_alone,
     concurrent_claimers_never_share,

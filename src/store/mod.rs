@@ -259,6 +259,20 @@ pub enum ReplaySelector {
     Since(i64),
 }
 
+/// Which ended events [`Store::prune_events`] deletes: `app`'s in `state` (`done` or `dead`)
+/// unchanged since before `before_ms`, whose deliveries have all ended (none waiting), a
+/// `dead` delivery counting as ended only if the event is unchanged since before
+/// `dead_deliveries_before_ms` (so a dead delivery is kept as long as a dead event).
+#[derive(Debug, Clone)]
+pub struct PruneEvents {
+    pub app: String,
+    pub state: EventState,
+    pub before_ms: i64,
+    pub dead_deliveries_before_ms: i64,
+    /// Most events deleted in one call.
+    pub limit: u32,
+}
+
 /// Counts for `dinghook events stats` and `/metrics`: of every app, or of the one asked for
 /// ([`Store::stats_for`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -415,6 +429,17 @@ pub trait Store: Send + Sync + 'static {
     /// re-runs only the handlers that had not succeeded). `running` events are left alone.
     /// Returns how many changed.
     async fn replay(&self, selector: &ReplaySelector, now_ms: i64) -> Result<u64, StoreError>;
+    /// Deletes up to `rule.limit` events `rule` selects, oldest first, with their runs and
+    /// deliveries, in one transaction (the maintained counts follow). Returns how many.
+    async fn prune_events(&self, rule: &PruneEvents) -> Result<u64, StoreError>;
+    /// Deletes up to `limit` documents of `collection` last changed before `before_ms`,
+    /// oldest first. Returns how many.
+    async fn prune_documents(
+        &self,
+        collection: &str,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
     /// The last `limit` runs that ended of event `id`, oldest first (none for an event never
     /// run or not stored).
     async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError>;

@@ -31,8 +31,8 @@ use super::{
     DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
 };
 use super::{
-    Document, EventRun, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
-    StoreError, StoredEvent,
+    Document, EventRun, InsertHealth, Inserted, ListQuery, NewEvent, PruneEvents, ReplaySelector,
+    Stats, Store, StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -725,6 +725,58 @@ impl Store for PostgresStore {
             )
             .await?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn prune_events(&self, rule: &PruneEvents) -> Result<u64, StoreError> {
+        // One statement, so one transaction: the rows chosen are locked (rows a worker or a
+        // replay holds are skipped, and rechecked if they changed), then their runs, their
+        // deliveries and they go.
+        let sql = format!(
+            "WITH doomed AS ({} FOR UPDATE OF e SKIP LOCKED), \
+             runs AS (DELETE FROM event_runs x USING doomed WHERE x.event_id = doomed.id), \
+             deliveries AS (DELETE FROM deliveries x USING doomed WHERE x.event_id = doomed.id), \
+             gone AS (DELETE FROM events x USING doomed WHERE x.id = doomed.id RETURNING x.id) \
+             SELECT COUNT(*) FROM gone",
+            schema::prune_select(Dialect::Postgres, rule.state)
+        );
+        let limit = i64::from(rule.limit);
+        self.run(async |c| {
+            let rows = Self::query(
+                c,
+                &sql,
+                &[
+                    &rule.app,
+                    &rule.before_ms,
+                    &rule.dead_deliveries_before_ms,
+                    &limit,
+                ],
+            )
+            .await?;
+            let n: i64 = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            };
+            Ok(schema::count(n))
+        })
+        .await
+    }
+
+    async fn prune_documents(
+        &self,
+        collection: &str,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let limit = i64::from(limit);
+        self.run(async |c| {
+            Self::execute(
+                c,
+                schema::PRUNE_DOCUMENTS,
+                &[&collection, &before_ms, &limit],
+            )
+            .await
         })
         .await
     }

@@ -702,6 +702,36 @@ pub const EVENT_COLUMNS: &str = "id, dedup_key, event_type, corp_id, payload, so
 
 const DOCUMENT_COLUMNS: &str = "collection, key, body, created_at, updated_at";
 
+/// The ids of the events a [`super::PruneEvents`] selects (`$1` app, `$2` before, `$3` dead
+/// deliveries before, `$4` limit), oldest first. The state is a literal (the partial index of
+/// dead events serves `dead`); the ids are bounded above by the first event received at or
+/// after `$2` (`events_received`), so a prune with nothing to delete reads the app's old
+/// events only, never the recent ones. `updated_at < $2` decides (an event is updated when or
+/// after it is received).
+pub fn prune_select(dialect: Dialect, state: EventState) -> String {
+    let from = match dialect {
+        Dialect::Sqlite => "events e INDEXED BY events_app",
+        Dialect::Postgres => "events e",
+    };
+    let state = state.as_str();
+    dialect.statement(&format!(
+        "SELECT e.id FROM {from} WHERE e.app = $1 AND e.state = '{state}' \
+         AND e.updated_at < $2 \
+         AND e.id < COALESCE((SELECT id FROM events WHERE received_at >= $2 \
+             ORDER BY received_at LIMIT 1), 9223372036854775807) \
+         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id \
+             AND (d.state IN ('pending', 'running', 'retry') \
+                  OR (d.state = 'dead' AND e.updated_at >= $3))) \
+         ORDER BY e.id LIMIT $4"
+    ))
+}
+
+/// Documents of `$1` last changed before `$2`, oldest first, at most `$3`, deleted
+/// (`documents_updated` finds them).
+pub const PRUNE_DOCUMENTS: &str = "DELETE FROM documents WHERE collection = $1 AND key IN \
+     (SELECT key FROM documents WHERE collection = $1 AND updated_at < $2 \
+      ORDER BY updated_at LIMIT $3)";
+
 /// The columns of `event_runs` [`run_from_row`] reads, in its order.
 const RUN_COLUMNS: &str = "attempt, started_at, finished_at, outcome, error, handled, worker";
 

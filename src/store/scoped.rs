@@ -15,8 +15,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    Document, EventRun, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store,
-    StoreError, StoredEvent,
+    Document, EventRun, Inserted, LeaderGuard, ListQuery, NewEvent, PruneEvents, ReplaySelector,
+    Stats, Store, StoreError, StoredEvent,
 };
 
 /// The app whose names are written unscoped (`crate::config::DEFAULT_APP`; repeated here, as
@@ -81,6 +81,26 @@ impl Store for AppStore {
             .get(id)
             .await?
             .filter(|event| event.app == self.app))
+    }
+
+    async fn prune_events(&self, rule: &PruneEvents) -> Result<u64, StoreError> {
+        // This app's events only.
+        let rule = PruneEvents {
+            app: self.app.clone(),
+            ..rule.clone()
+        };
+        self.inner.prune_events(&rule).await
+    }
+
+    async fn prune_documents(
+        &self,
+        collection: &str,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner
+            .prune_documents(&self.scope(collection), before_ms, limit)
+            .await
     }
 
     async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError> {

@@ -23,8 +23,8 @@ use super::{
     DeliveryOutcome, DeliveryQuery, DeliveryReplay, RouteBacklog, RoutePause, StoredDelivery,
 };
 use super::{
-    Document, EventRun, InsertHealth, Inserted, ListQuery, NewEvent, ReplaySelector, Stats, Store,
-    StoreError, StoredEvent,
+    Document, EventRun, InsertHealth, Inserted, ListQuery, NewEvent, PruneEvents, ReplaySelector,
+    Stats, Store, StoreError, StoredEvent,
 };
 use crate::time::now_millis;
 
@@ -632,6 +632,56 @@ impl Store for SqliteStore {
                 .prepare_cached(&sql.mark_dead)?
                 .execute(params![id, owner, error, now_ms, handled])?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn prune_events(&self, rule: &PruneEvents) -> Result<u64, StoreError> {
+        let rule = rule.clone();
+        let select = schema::prune_select(Dialect::Sqlite, rule.state);
+        self.write(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached(&select)?
+                .query_map(
+                    params![
+                        rule.app,
+                        rule.before_ms,
+                        rule.dead_deliveries_before_ms,
+                        i64::from(rule.limit)
+                    ],
+                    |r| r.get(0),
+                )?
+                .collect::<Result<_, _>>()?;
+            let mut runs = conn.prepare_cached("DELETE FROM event_runs WHERE event_id = ?1")?;
+            let mut deliveries =
+                conn.prepare_cached("DELETE FROM deliveries WHERE event_id = ?1")?;
+            let mut events = conn.prepare_cached("DELETE FROM events WHERE id = ?1")?;
+            let mut deleted = 0;
+            for id in ids {
+                runs.execute([id])?;
+                deliveries.execute([id])?;
+                deleted += events.execute([id])? as u64;
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn prune_documents(
+        &self,
+        collection: &str,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let collection = collection.to_owned();
+        let sql = Dialect::Sqlite.statement(schema::PRUNE_DOCUMENTS);
+        self.write(move |conn| {
+            let n = conn.prepare_cached(&sql)?.execute(params![
+                collection,
+                before_ms,
+                i64::from(limit)
+            ])?;
+            Ok(n as u64)
         })
         .await
     }

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use dinghook::store::{
-    Document, EventRun, Inserted, LeaderGuard, ListQuery, NewEvent, ReplaySelector, Stats, Store,
-    StoreError, StoredEvent,
+    Document, EventRun, Inserted, LeaderGuard, ListQuery, NewEvent, PruneEvents, ReplaySelector,
+    Stats, Store, StoreError, StoredEvent,
 };
 
 pub struct CountingStore {
@@ -153,6 +153,23 @@ impl Store for CountingStore {
             .mark_dead(id, owner, error, handled, now_ms)
             .await
     }
+    async fn prune_events(&self, rule: &PruneEvents) -> Result<u64, StoreError> {
+        self.count("prune_events");
+        self.inner.prune_events(rule).await
+    }
+
+    async fn prune_documents(
+        &self,
+        collection: &str,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.count("prune_documents");
+        self.inner
+            .prune_documents(collection, before_ms, limit)
+            .await
+    }
+
     async fn runs(&self, id: i64, limit: u32) -> Result<Vec<EventRun>, StoreError> {
         self.count("runs");
         self.inner.runs(id, limit).await
