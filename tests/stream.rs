@@ -13,6 +13,7 @@ use dinghook::config::Config;
 use dinghook::handler::RegistryBuilder;
 use dinghook::secret::Secret;
 use dinghook::store::Store;
+use dinghook::time::now_millis;
 use fake_dingtalk::{FakeDingTalk, StreamEvent, StreamSettings};
 use serde_json::json;
 use support::counting::CountingStore;
@@ -416,6 +417,121 @@ async fn refused_credentials_back_off_instead_of_looping() {
         fake.stream_report().open_connections == 1
     })
     .await;
+    app.stop().await;
+}
+
+/// `GET path` on `url`: the status and the JSON body.
+async fn readyz(client: &reqwest::Client, url: String) -> (u16, serde_json::Value) {
+    let response = client.get(url).send().await.expect("readyz answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("readyz JSON"))
+}
+
+#[tokio::test]
+async fn readyz_reports_each_stream_connection_without_failing_on_it() {
+    let (fake, url) = fake().await;
+    let (app, _) = app_on(&url, |c| {
+        c.stream.backoff_base = Duration::from_millis(100);
+        c.stream.backoff_max = Duration::from_millis(300);
+    })
+    .await;
+    let public = app.url("/readyz");
+    let ops = app.ops_url("/readyz");
+    wait_for("connected", Duration::from_secs(5), || {
+        fake.stream_report().open_connections == 1
+    })
+    .await;
+    let start = now_millis();
+    let (status, body) = readyz(&app.client, public.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let default = &body["stream"]["default"];
+    assert_eq!(default["state"], "connected", "{body}");
+    assert!(
+        default["connected_since"]
+            .as_i64()
+            .is_some_and(|t| t <= start),
+        "{body}"
+    );
+    assert!(default["down_since"].is_null(), "{body}");
+    assert!(default.get("down_for_ms").is_none(), "{body}");
+
+    // DingTalk refuses the credentials and drops the connection: down, backing off, and
+    // still ready (HTTP pushes are stored all the same).
+    fake.set_credentials(APP_KEY, "rotated-elsewhere");
+    let dropped_at = now_millis();
+    fake.stream_drop(None);
+    let mut body = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while body["stream"]["default"]["last_close_reason"] != "auth_failed" {
+        assert!(Instant::now() < deadline, "no auth_failed in {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, read) = readyz(&app.client, public.clone()).await;
+        assert_eq!(
+            status, 200,
+            "a Stream outage made the replica unready: {read}"
+        );
+        body = read;
+    }
+    let default = &body["stream"]["default"];
+    assert!(
+        ["backoff", "connecting"].contains(&default["state"].as_str().unwrap_or_default()),
+        "{body}"
+    );
+    let down_since = default["down_since"].as_i64().expect("down since");
+    assert!(
+        down_since >= dropped_at && down_since <= now_millis(),
+        "{body}"
+    );
+    assert!(
+        default["down_for_ms"].as_i64().is_some_and(|ms| ms >= 0),
+        "{body}"
+    );
+    assert!(default["connected_since"].is_null(), "{body}");
+    assert!(
+        default["since"].as_i64().is_some_and(|t| t >= down_since),
+        "{body}"
+    );
+    // The public port names the reason, not the detail; the operator port has both.
+    assert!(default.get("last_close_detail").is_none(), "{body}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, detailed) = readyz(&app.client, ops.clone()).await;
+    assert_eq!(status, 200, "{detailed}");
+    let detail = detailed["stream"]["default"]["last_close_detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains("credentials"), "{detailed}");
+    assert_eq!(
+        detailed["stream"]["default"]["down_since"].as_i64(),
+        Some(down_since),
+        "retries do not move the outage's start: {detailed}"
+    );
+    support::assert_no_secrets(&detailed.to_string(), &[APP_SECRET]);
+    support::assert_no_secrets(&body.to_string(), &[APP_SECRET]);
+
+    // Fixed: connected again, no longer down.
+    fake.set_credentials(APP_KEY, APP_SECRET);
+    wait_for("reconnected", Duration::from_secs(5), || {
+        fake.stream_report().open_connections == 1
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, body) = readyz(&app.client, public.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let default = &body["stream"]["default"];
+        if default["state"] == "connected" {
+            assert!(default["down_since"].is_null(), "{body}");
+            assert!(
+                default["connected_since"]
+                    .as_i64()
+                    .is_some_and(|t| t >= down_since),
+                "{body}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     app.stop().await;
 }
 
