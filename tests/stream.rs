@@ -667,11 +667,13 @@ async fn sigkill_while_streaming_loses_nothing_acknowledged_and_stores_nothing_t
         ("DINGHOOK_STREAM_BACKOFF_BASE", "50ms"),
         ("DINGHOOK_STREAM_BACKOFF_MAX", "500ms"),
     ];
-    let n = 4000;
+    let n = 50_000;
     let mut server = support::ServerProcess::start(&db, support::free_port(), &env).await;
     fake.stream_push_events(events("k", n)).unwrap();
-    wait_for("some acknowledged", Duration::from_secs(20), || {
-        fake.stream_acked_event_ids().len() >= 1000
+    let started = Instant::now();
+    // Polled by count: copying 50 000 ids every few ms would hold the fake's lock.
+    wait_for("some acknowledged", Duration::from_secs(30), || {
+        fake.stream_acked_event_count() >= 10_000
     })
     .await;
     server.kill().await;
@@ -689,10 +691,16 @@ async fn sigkill_while_streaming_loses_nothing_acknowledged_and_stores_nothing_t
     let expected = ids("k", n);
     wait_for(
         "the rest after the restart",
-        Duration::from_secs(30),
-        || expected.is_subset(&fake.stream_acked_event_ids()),
+        Duration::from_secs(60),
+        || fake.stream_acked_event_count() >= n,
     )
     .await;
+    assert!(expected.is_subset(&fake.stream_acked_event_ids()));
+    eprintln!(
+        "sigkill: {} of {n} acknowledged before the kill; all {n} acknowledged {:?} after the first start",
+        acked.len(),
+        started.elapsed()
+    );
     assert!(server.terminate().await.success());
     let store = support::stores::open_url(&format!("sqlite://{}", db.display())).await;
     assert_stored(&store, &expected).await;
