@@ -762,6 +762,97 @@ async fn two_replicas_on_postgres_store_each_event_once() {
     }
 }
 
+/// PostgreSQL really stopped (`pg_ctl stop -m immediate`, a private server of the test's own)
+/// while events stream in, then started again: while it is down nothing more is acknowledged
+/// `SUCCESS` (the frames get `LATER`), and after it is back the same process, without a
+/// restart, stores every event exactly once, every acknowledged one included.
+#[tokio::test]
+async fn postgres_going_away_mid_stream_loses_nothing_and_stores_each_event_once() {
+    const TEST: &str = "postgres_going_away_mid_stream";
+    if std::env::var_os("DINGHOOK_TEST_PG_URL").is_none() {
+        eprintln!("SKIPPED {TEST}: DINGHOOK_TEST_PG_URL is not set (PostgreSQL tests are off)");
+        return;
+    }
+    let mut pg = match support::private_pg::PrivatePostgres::start() {
+        Ok(pg) => pg,
+        Err(reason) => {
+            eprintln!("SKIPPED {TEST}: no private PostgreSQL server: {reason}");
+            return;
+        }
+    };
+    let (fake, url) = fake().await;
+    let store_url = pg.url();
+    let app = TestApp::spawn_with(move |config| {
+        stream_config(config, &url);
+        config.store.url = store_url;
+    })
+    .await;
+    let before = 200;
+    fake.stream_push_events(events("pg-before", before))
+        .unwrap();
+    wait_for("the first events", Duration::from_secs(20), || {
+        fake.stream_acked_event_count() >= before
+    })
+    .await;
+    let during = 3_000;
+    fake.stream_push_events(events("pg-during", during))
+        .unwrap();
+    wait_for("streaming", Duration::from_secs(20), || {
+        fake.stream_acked_event_count() >= before + 300
+    })
+    .await;
+
+    pg.stop().expect("stop PostgreSQL");
+    let later_at_stop = fake.stream_report().acks.get("LATER").copied().unwrap_or(0);
+    // Commits under way when it stopped may still be answered; then nothing more is.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked_while_down = fake.stream_acked_event_ids();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = fake.stream_report();
+    assert_eq!(
+        report.acked_event_ids.len(),
+        acked_while_down.len(),
+        "SUCCESS while PostgreSQL was down"
+    );
+    let later = report.acks.get("LATER").copied().unwrap_or(0);
+    assert!(
+        later > later_at_stop,
+        "no LATER while PostgreSQL was down ({later_at_stop} before, {later} after)"
+    );
+    assert!(
+        acked_while_down.len() < before + during,
+        "everything was acknowledged before the stop"
+    );
+    eprintln!(
+        "{TEST}: {} acknowledged when PostgreSQL stopped, {} LATER while down",
+        acked_while_down.len(),
+        later - later_at_stop
+    );
+
+    pg.start_again().expect("start PostgreSQL again");
+    let back = Instant::now();
+    wait_for(
+        "everything after the restart",
+        Duration::from_secs(60),
+        || fake.stream_acked_event_count() >= before + during,
+    )
+    .await;
+    eprintln!(
+        "{TEST}: all acknowledged {:?} after PostgreSQL was back",
+        back.elapsed()
+    );
+    let mut expected = ids("pg-before", before);
+    expected.extend(ids("pg-during", during));
+    assert!(acked_while_down.is_subset(&expected));
+    assert_stored(&app.store, &expected).await;
+    assert_eq!(
+        app.store.count().await.unwrap(),
+        (before + during) as u64,
+        "stored twice or extra"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_reload_turns_an_apps_stream_off_and_on() {
     let (fake, url) = fake().await;
