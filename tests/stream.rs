@@ -803,6 +803,7 @@ async fn postgres_going_away_mid_stream_loses_nothing_and_stores_each_event_once
     .await;
 
     pg.stop().expect("stop PostgreSQL");
+    let stopped = Instant::now();
     let later_at_stop = fake.stream_report().acks.get("LATER").copied().unwrap_or(0);
     // Commits under way when it stopped may still be answered; then nothing more is.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -818,6 +819,15 @@ async fn postgres_going_away_mid_stream_loses_nothing_and_stores_each_event_once
     assert!(
         later > later_at_stop,
         "no LATER while PostgreSQL was down ({later_at_stop} before, {later} after)"
+    );
+    // Though the fake delivers again after 100 ms, a frame's LATER waits 250 ms: at most
+    // `stream.concurrency` (64) store attempts per 250 ms, not thousands a second.
+    let bound = 64 * (stopped.elapsed().as_millis() as u64 / 250 + 2);
+    assert!(
+        later - later_at_stop <= bound,
+        "{} LATER in {:?}: more than {bound}",
+        later - later_at_stop,
+        stopped.elapsed()
     );
     assert!(
         acked_while_down.len() < before + during,
