@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::dingtalk::{
-    Client, CreateSceneGroup, OaStatusBar, RobotGroupMessage, TodoTaskUpdate, WorkMessage,
-    WorkNotification,
+    Client, CreateSceneGroup, OaStatusBar, RobotGroupMessage, RobotOtoMessage, TodoTaskUpdate,
+    WorkMessage, WorkNotification,
 };
 use crate::event::{ConversationType, Event, RobotMessage, ROBOT_MESSAGE};
 use crate::store::{Store, StoreError};
@@ -116,9 +116,10 @@ pub enum Action {
         mobiles: Vec<String>,
     },
     /// A reply to a robot message: through its session webhook while that is valid, else
-    /// into the group through the group-message API. `event_id` names the stored
-    /// `robot_message` to answer (its webhook, expiry, group and robot code fill the fields
-    /// left out); without it, the fields say where to send.
+    /// into the group through the group-message API, or into a one-to-one chat through the
+    /// one-to-one API. `event_id` names the stored `robot_message` to answer (its webhook,
+    /// expiry, group or sender, and robot code fill the fields left out); without it, the
+    /// fields say where to send.
     RobotReply {
         #[serde(default)]
         event_id: Option<i64>,
@@ -133,6 +134,10 @@ pub enum Action {
         robot_code: Option<String>,
         #[serde(default)]
         cool_app_code: Option<String>,
+        /// The user of a one-to-one chat (their user id, a message's `senderStaffId`): where
+        /// the reply goes when the session webhook cannot take it.
+        #[serde(default)]
+        user_id: Option<String>,
         /// `text` or `markdown`.
         msgtype: String,
         #[serde(default)]
@@ -155,6 +160,39 @@ pub enum ResolveError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// Why a run of an action did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// It would send a message through a metered API, and the caller's gate (the monthly
+    /// quota's notification reserve) said no. Nothing was sent.
+    #[error("{0} refused: the monthly DingTalk quota is under the notification reserve")]
+    Reserve(&'static str),
+    #[error(transparent)]
+    DingTalk(#[from] crate::dingtalk::Error),
+}
+
+/// Asked before each call that sends a message through an API counted toward the monthly
+/// quota (a work notification, a group or one-to-one robot message); `false` refuses it. A
+/// reply through a session webhook is not metered and does not ask.
+pub type MeteredGate<'a> =
+    &'a (dyn Fn(&'static str) -> futures_util::future::BoxFuture<'a, bool> + Send + Sync);
+
+/// What the API shows of an action's body: as submitted, except a `session_webhook` (a
+/// credential: whoever holds it may post into the conversation until it expires), shown as
+/// `"[set]"`. The stored action keeps it to run.
+pub fn redacted(request: &Value) -> Value {
+    let mut shown = request.clone();
+    if let Some(webhook) = shown.get_mut("session_webhook") {
+        if !webhook.is_null() {
+            *webhook = Value::String(REDACTED.into());
+        }
+    }
+    shown
+}
+
+/// What [`redacted`] puts in place of a session webhook.
+pub const REDACTED: &str = "[set]";
 
 /// Why a request is not an action that can be run: the API answers 422 with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -227,8 +265,9 @@ impl Action {
         }
     }
 
-    /// Whether it sends a message (and so is held back when the monthly quota is under the
-    /// notification reserve).
+    /// Whether it sends a message. Those that do through a metered API ask the
+    /// [`MeteredGate`] first (a robot reply only when it cannot go through its session
+    /// webhook).
     pub fn is_notification(&self) -> bool {
         matches!(
             self,
@@ -352,6 +391,7 @@ impl Action {
                 session_webhook,
                 open_conversation_id,
                 robot_code,
+                user_id,
                 msgtype,
                 text,
                 markdown,
@@ -368,17 +408,26 @@ impl Action {
                 for (field, value) in [
                     ("open_conversation_id", open_conversation_id),
                     ("robot_code", robot_code),
+                    ("user_id", user_id),
                 ] {
                     if let Some(value) = value {
                         required(field, value)?;
                     }
                 }
+                if open_conversation_id.is_some() && user_id.is_some() {
+                    return Err(invalid(
+                        "user_id",
+                        "a reply goes to a group (open_conversation_id) or to a one-to-one chat \
+                         (user_id), not both",
+                    ));
+                }
                 let group = open_conversation_id.is_some() && robot_code.is_some();
-                if event_id.is_none() && session_webhook.is_none() && !group {
+                let single = user_id.is_some() && robot_code.is_some();
+                if event_id.is_none() && session_webhook.is_none() && !group && !single {
                     return Err(invalid(
                         "event_id",
                         "no recipient: give event_id (a stored robot_message), session_webhook, \
-                         or open_conversation_id and robot_code",
+                         open_conversation_id and robot_code, or user_id and robot_code",
                     ));
                 }
                 let length = match (msgtype.as_str(), text, markdown) {
@@ -412,7 +461,8 @@ impl Action {
 
     /// A `robot_reply` naming a stored `robot_message` (`event_id`), with the fields the caller
     /// left out filled from it: session webhook and its expiry, robot code, and the group when
-    /// the message came from one. `store` is the app's own view, so another app's events are
+    /// the message came from one, or the sender (`senderStaffId`) when it came from a
+    /// one-to-one chat. `store` is the app's own view, so another app's events are
     /// not found. Every other action comes back as it was.
     pub async fn resolve(self, store: &dyn Store) -> Result<Action, ResolveError> {
         let Action::RobotReply {
@@ -422,6 +472,7 @@ impl Action {
             open_conversation_id,
             robot_code,
             cool_app_code,
+            user_id,
             msgtype,
             text,
             markdown,
@@ -451,6 +502,10 @@ impl Action {
         let group = (message.conversation_type == ConversationType::Group
             && !message.conversation_id.is_empty())
         .then(|| message.conversation_id.clone());
+        let single = (message.conversation_type == ConversationType::Single)
+            .then(|| message.sender_staff_id.clone())
+            .flatten()
+            .filter(|id| !id.is_empty());
         // The caller's own webhook comes with the caller's expiry (or none), not the message's.
         let (session_webhook, session_webhook_expires_at) = match session_webhook {
             Some(webhook) => (Some(webhook), session_webhook_expires_at),
@@ -459,13 +514,21 @@ impl Action {
                 session_webhook_expires_at.or(message.session_webhook_expired_time),
             ),
         };
+        // The caller's group or user wins; the message's fills only when neither was given.
+        let given = open_conversation_id.is_some() || user_id.is_some();
+        let (open_conversation_id, user_id) = if given {
+            (open_conversation_id, user_id)
+        } else {
+            (group, single)
+        };
         Ok(Action::RobotReply {
             event_id: Some(id),
             session_webhook,
             session_webhook_expires_at,
-            open_conversation_id: open_conversation_id.or(group),
+            open_conversation_id,
             robot_code: robot_code.or(message.robot_code),
             cool_app_code,
+            user_id,
             msgtype,
             text,
             markdown,
@@ -475,8 +538,20 @@ impl Action {
     /// Runs the action through `client`; returns DingTalk's result as the API shows it.
     /// `dedup` is a stable id of this action (derived from its idempotency key): passed to
     /// DingTalk where the API takes one, so a run repeated after a crash creates nothing
-    /// twice there.
-    pub async fn execute(&self, client: &Client, dedup: &str) -> crate::dingtalk::Result<Value> {
+    /// twice there. `gate` is asked before each message sent through a metered API.
+    pub async fn execute(
+        &self,
+        client: &Client,
+        dedup: &str,
+        gate: MeteredGate<'_>,
+    ) -> Result<Value, ActionError> {
+        if matches!(
+            self,
+            Action::WorkNotification { .. } | Action::GroupMessage { .. }
+        ) && !gate(self.kind()).await
+        {
+            return Err(ActionError::Reserve(self.kind()));
+        }
         match self {
             Action::WorkNotification {
                 userid_list,
@@ -579,6 +654,7 @@ impl Action {
                 open_conversation_id,
                 robot_code,
                 cool_app_code,
+                user_id,
                 msgtype,
                 text,
                 markdown,
@@ -598,7 +674,8 @@ impl Action {
                     (None, None) => {
                         return Err(crate::dingtalk::Error::Refused(format!(
                             "robot_reply: {msgtype} without its content"
-                        )))
+                        ))
+                        .into())
                     }
                 };
                 let now = crate::time::now_millis();
@@ -606,38 +683,85 @@ impl Action {
                     session_webhook_expires_at
                         .is_none_or(|expires| now.saturating_add(SESSION_MARGIN_MS) < expires)
                 });
-                let group = open_conversation_id.as_ref().zip(robot_code.as_ref());
+                let fallback = match (open_conversation_id, user_id, robot_code) {
+                    (Some(group), _, Some(robot)) => Some(Fallback::Group(group, robot)),
+                    (None, Some(user), Some(robot)) => Some(Fallback::Single(user, robot)),
+                    _ => None,
+                };
                 if let Some(webhook) = webhook {
                     match client.send_by_session(webhook, &webhook_body).await {
                         Ok(()) => return Ok(json!({"via": "session_webhook"})),
                         // DingTalk refused it (the session ended early): nothing was posted,
-                        // so the group API may send it instead.
-                        Err(e) if e.errcode().is_some() && group.is_some() => {
-                            tracing::warn!(error = %e, "session webhook refused the reply; sending through the group API");
+                        // so the group or one-to-one API may send it instead.
+                        Err(e) if e.errcode().is_some() && fallback.is_some() => {
+                            tracing::warn!(error = %e, "session webhook refused the reply; sending through the metered API");
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => return Err(e.into()),
                     }
                 }
-                let Some((open_conversation_id, robot_code)) = group else {
+                let Some(fallback) = fallback else {
                     return Err(crate::dingtalk::Error::Refused(
                         "robot_reply: the session webhook is missing or expired, and there is \
-                         no group to send to (open_conversation_id and robot_code; a one-to-one \
-                         chat has none)"
+                         nowhere else to send it (open_conversation_id or user_id, with \
+                         robot_code)"
                             .into(),
-                    ));
+                    )
+                    .into());
                 };
-                let message = RobotGroupMessage::new(
-                    robot_code.clone(),
-                    open_conversation_id.clone(),
-                    cool_app_code.clone(),
-                    msg_key,
-                    &msg_param,
-                )?;
-                let key = client.send_robot_group_message(&message).await?;
-                Ok(json!({"via": "group_message", "process_query_key": key}))
+                if !gate(self.kind()).await {
+                    return Err(ActionError::Reserve(self.kind()));
+                }
+                match fallback {
+                    Fallback::Group(open_conversation_id, robot_code) => {
+                        let message = RobotGroupMessage::new(
+                            robot_code.clone(),
+                            open_conversation_id.clone(),
+                            cool_app_code.clone(),
+                            msg_key,
+                            &msg_param,
+                        )?;
+                        let key = client.send_robot_group_message(&message).await?;
+                        Ok(json!({"via": "group_message", "process_query_key": key}))
+                    }
+                    Fallback::Single(user_id, robot_code) => {
+                        let message = RobotOtoMessage::new(
+                            robot_code.clone(),
+                            vec![user_id.clone()],
+                            msg_key,
+                            &msg_param,
+                        )?;
+                        let sent = client.send_robot_oto_message(&message).await?;
+                        if sent.invalid_staff_id_list.contains(user_id) {
+                            return Err(crate::dingtalk::Error::Refused(format!(
+                                "robot_reply: DingTalk did not send it: user {user_id:?} is in \
+                                 invalidStaffIdList (not a user of the organisation, or the \
+                                 robot cannot write to them)"
+                            ))
+                            .into());
+                        }
+                        if sent.flow_controlled_staff_id_list.contains(user_id) {
+                            return Err(crate::dingtalk::Error::Throttled {
+                                code: "flowControlledStaffIdList".into(),
+                                attempts: 1,
+                            }
+                            .into());
+                        }
+                        Ok(
+                            json!({"via": "oto_message", "process_query_key": sent.process_query_key}),
+                        )
+                    }
+                }
             }
         }
     }
+}
+
+/// Where a robot reply goes when the session webhook cannot take it.
+enum Fallback<'a> {
+    /// A group: `open_conversation_id`, `robot_code`.
+    Group(&'a String, &'a String),
+    /// A one-to-one chat: `user_id`, `robot_code`.
+    Single(&'a String, &'a String),
 }
 
 /// An action as stored: the event payload of an [`ACTION_EVENT`].
@@ -826,6 +950,37 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "robot_reply");
+    }
+
+    #[test]
+    fn a_one_to_one_reply_names_its_user_and_not_a_group_too() {
+        let single = json!({"type": "robot_reply", "user_id": "staff-ann", "robot_code": "rc",
+                            "msgtype": "text", "text": {"content": "ack"}});
+        assert_eq!(Action::parse(&single).unwrap().kind(), "robot_reply");
+        let mut both = single.clone();
+        both["open_conversation_id"] = json!("cid");
+        assert_eq!(Action::parse(&both).unwrap_err().field, "user_id");
+        let mut empty = single.clone();
+        empty["user_id"] = json!(" ");
+        assert_eq!(Action::parse(&empty).unwrap_err().field, "user_id");
+        let mut no_robot = single;
+        no_robot.as_object_mut().unwrap().remove("robot_code");
+        assert_eq!(Action::parse(&no_robot).unwrap_err().field, "event_id");
+    }
+
+    #[test]
+    fn the_api_shows_a_session_webhook_as_set_only() {
+        let body = json!({"type": "robot_reply",
+            "session_webhook": "https://oapi.dingtalk.com/robot/sendBySession?session=secret",
+            "msgtype": "text", "text": {"content": "ack"}});
+        let shown = redacted(&body);
+        assert_eq!(shown["session_webhook"], REDACTED);
+        assert!(!shown.to_string().contains("secret"));
+        assert_eq!(shown["text"], body["text"]);
+        // Nothing to hide: the body as it was.
+        let plain = json!({"type": "robot_reply", "event_id": 7, "msgtype": "text",
+                           "text": {"content": "ack"}, "session_webhook": null});
+        assert_eq!(redacted(&plain), plain);
     }
 
     #[test]

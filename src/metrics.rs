@@ -126,7 +126,12 @@ struct AckStatus {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 struct StreamStatus {
     state: &'static str,
+    /// When the connection entered `state` (epoch ms).
+    since: Option<i64>,
     connected_since: Option<i64>,
+    /// While not connected: since when (the first attempt, or the loss of the last
+    /// connection), however many attempts and back-offs followed.
+    down_since: Option<i64>,
     last_frame_at: Option<i64>,
     reconnects: u64,
     last_close_reason: Option<String>,
@@ -807,8 +812,21 @@ impl Metrics {
         self.stream.with(app, |s| {
             if state == "connected" {
                 s.connected_since = Some(now);
-            } else if s.state == "connected" {
+                s.down_since = None;
+            } else if matches!(state, "stopping" | "stopped") {
+                // Turned off on purpose: not down. A client started again counts afresh.
                 s.connected_since = None;
+                s.down_since = None;
+            } else {
+                if s.state == "connected" {
+                    s.connected_since = None;
+                }
+                if s.down_since.is_none() {
+                    s.down_since = Some(now);
+                }
+            }
+            if s.state != state {
+                s.since = Some(now);
             }
             s.state = state;
         });
@@ -900,6 +918,20 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         all.get(app).and_then(|s| serde_json::to_value(s).ok())
+    }
+
+    /// Every app's Stream connection that runs in this process (not `stopped`), as
+    /// [`Metrics::stream_status`] shows it, by app name.
+    pub fn stream_statuses(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let all = self
+            .stream
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.iter()
+            .filter(|(_, s)| s.state != "stopped")
+            .filter_map(|(app, s)| Some((app.clone(), serde_json::to_value(s).ok()?)))
+            .collect()
     }
 
     /// The Prometheus text exposition.

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::dingtalk::QuotaStatus;
 use crate::metrics::Metrics;
@@ -67,11 +67,28 @@ pub struct OpsState {
     pub routes: Vec<String>,
 }
 
-/// The probes, for the public listener.
+/// The probes, for the public listener. `/readyz` names each Stream connection's state and
+/// the reason it last ended, not the detail (the public port is the one the internet reaches).
 pub fn probes(state: Arc<OpsState>) -> Router {
+    probe_routes(state, StreamDetail::Public)
+}
+
+/// How much of each Stream connection `/readyz` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamDetail {
+    /// State, since when, down since when, the last close's reason (a fixed word) and time.
+    Public,
+    /// Also the last close's detail text and the last frame's time.
+    Operator,
+}
+
+fn probe_routes(state: Arc<OpsState>, detail: StreamDetail) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route(
+            "/readyz",
+            get(move |state: State<Arc<OpsState>>| readyz(state, detail)),
+        )
         .with_state(state)
 }
 
@@ -84,7 +101,7 @@ pub fn router(state: Arc<OpsState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(scrape)
-        .merge(probes(state))
+        .merge(probe_routes(state, StreamDetail::Operator))
 }
 
 /// What `/metrics` shares between scrapes: the state and the last store figures.
@@ -231,19 +248,71 @@ async fn metrics(State(scrape): State<Arc<Scrape>>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
+/// `/readyz`: ready when the store takes a real write. Each Stream connection running in
+/// this process is reported under `stream` but never makes the replica unready: the load
+/// balancer routes HTTP callbacks by readiness, and a replica whose Stream connection is down
+/// still stores HTTP pushes and robot messages (README, "Stream mode").
+async fn readyz(State(state): State<Arc<OpsState>>, detail: StreamDetail) -> Response {
+    let stream = stream_report(&state.metrics, detail);
     match tokio::time::timeout(state.probe_timeout, state.store.probe()).await {
-        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
-        Ok(Err(e)) => not_ready(e.to_string()),
-        Err(_) => not_ready(format!(
-            "store probe timed out after {:?}",
-            state.probe_timeout
-        )),
+        Ok(Ok(())) => {
+            let mut body = json!({ "status": "ready" });
+            if let Some(stream) = stream {
+                body["stream"] = stream;
+            }
+            Json(body).into_response()
+        }
+        Ok(Err(e)) => not_ready(e.to_string(), stream),
+        Err(_) => not_ready(
+            format!("store probe timed out after {:?}", state.probe_timeout),
+            stream,
+        ),
     }
 }
 
-fn not_ready(message: String) -> Response {
+/// What `/readyz` says of each app's Stream connection, `None` when no app runs one here.
+fn stream_report(metrics: &Metrics, detail: StreamDetail) -> Option<Value> {
+    const PUBLIC: [&str; 7] = [
+        "state",
+        "since",
+        "connected_since",
+        "down_since",
+        "reconnects",
+        "last_close_reason",
+        "last_close_at",
+    ];
+    const OPERATOR: [&str; 2] = ["last_close_detail", "last_frame_at"];
+    let statuses = metrics.stream_statuses();
+    if statuses.is_empty() {
+        return None;
+    }
+    let now = now_millis();
+    let apps = statuses
+        .into_iter()
+        .map(|(app, status)| {
+            let shown = PUBLIC
+                .iter()
+                .chain(if detail == StreamDetail::Operator {
+                    OPERATOR.as_slice()
+                } else {
+                    [].as_slice()
+                })
+                .filter_map(|key| Some(((*key).to_owned(), status.get(*key)?.clone())));
+            let mut entry: serde_json::Map<String, Value> = shown.collect();
+            if let Some(down) = status.get("down_since").and_then(Value::as_i64) {
+                entry.insert("down_for_ms".into(), json!(now.saturating_sub(down).max(0)));
+            }
+            (app, Value::Object(entry))
+        })
+        .collect();
+    Some(Value::Object(apps))
+}
+
+fn not_ready(message: String, stream: Option<Value>) -> Response {
     tracing::warn!(%message, "not ready");
-    let body = json!({ "status": "not_ready", "error": { "code": "store_unavailable", "message": message } });
+    let mut body = json!({ "status": "not_ready", "error": { "code": "store_unavailable", "message": message } });
+    if let Some(stream) = stream {
+        body["stream"] = stream;
+    }
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }

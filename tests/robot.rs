@@ -608,28 +608,85 @@ async fn replies(backend: Backend) {
     assert_eq!(group.len(), 2);
     assert_eq!(group[1]["msgKey"], "sampleMarkdown");
 
-    // 4. A one-to-one chat whose webhook expired has no group to fall back on: dead, saying so.
-    let mut single = message("msg-reply-4");
-    single["conversationType"] = json!("1");
-    single["sessionWebhook"] = json!(fake.robot_session(expired_at));
-    single["sessionWebhookExpiredTime"] = json!(expired_at);
-    assert_stored_reply(post_message(&app, &single).await).await;
+    // 4. A one-to-one chat whose webhook expired: the one-to-one API, to the sender's user id.
+    fake.add_user(json!({"userid": "staff-ann"}));
+    let single_message = |msg_id: &str, sender: Option<&str>| {
+        let mut single = message(msg_id);
+        single["conversationType"] = json!("1");
+        single["conversationId"] = json!("cidsingle==");
+        single["sessionWebhook"] = json!(fake.robot_session(expired_at));
+        single["sessionWebhookExpiredTime"] = json!(expired_at);
+        match sender {
+            Some(sender) => single["senderStaffId"] = json!(sender),
+            None => drop(single.as_object_mut().unwrap().remove("senderStaffId")),
+        }
+        single
+    };
+    assert_stored_reply(
+        post_message(&app, &single_message("msg-reply-4", Some("staff-ann"))).await,
+    )
+    .await;
     let id = event_id(&app, "msg-reply-4").await;
-    let dead = act(&app, "reply-4", &reply(id, "too late")).await;
+    let done = act(&app, "reply-4", &reply(id, "on my way")).await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["result"]["via"], "oto_message", "{done}");
+    assert!(
+        done["result"]["process_query_key"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "{done}"
+    );
+    let oto = fake.robot_oto_messages();
+    assert_eq!(oto.len(), 1);
+    assert_eq!(oto[0]["robotCode"], "dingrobotcode");
+    assert_eq!(oto[0]["userIds"], json!(["staff-ann"]));
+    assert_eq!(oto[0]["msgKey"], "sampleText");
+    let param: Value = serde_json::from_str(oto[0]["msgParam"].as_str().unwrap()).unwrap();
+    assert_eq!(param, json!({"content": "on my way"}));
+    assert_eq!(
+        fake.robot_messages().len(),
+        2,
+        "a one-to-one reply went to a group"
+    );
+    // A sender DingTalk does not know (invalidStaffIdList): dead, not reported done.
+    assert_stored_reply(
+        post_message(&app, &single_message("msg-reply-4b", Some("staff-gone"))).await,
+    )
+    .await;
+    let id = event_id(&app, "msg-reply-4b").await;
+    let dead = act(&app, "reply-4b", &reply(id, "hello?")).await;
     assert_eq!(dead["state"], "dead", "{dead}");
     assert!(
         dead["error"]
             .as_str()
             .unwrap_or_default()
-            .contains("no group"),
+            .contains("invalidStaffIdList"),
         "{dead}"
     );
+    // No sender id to write to: dead, saying so.
+    assert_stored_reply(post_message(&app, &single_message("msg-reply-4c", None)).await).await;
+    let id = event_id(&app, "msg-reply-4c").await;
+    let dead = act(&app, "reply-4c", &reply(id, "too late")).await;
+    assert_eq!(dead["state"], "dead", "{dead}");
+    assert!(
+        dead["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nowhere else"),
+        "{dead}"
+    );
+    assert_eq!(fake.robot_oto_messages().len(), 1);
 
     // 5. A session webhook given directly; one that is not on DingTalk's host is not called.
     let direct = json!({"type": "robot_reply", "session_webhook": fake.robot_session(now_millis() + 60_000),
         "msgtype": "text", "text": {"content": "direct"}});
     let done = act(&app, "reply-5", &direct).await;
     assert_eq!(done["result"]["via"], "session_webhook", "{done}");
+    // The API shows that it was given, not what it is (a credential); the stored action kept
+    // it to run.
+    assert_eq!(done["request"]["session_webhook"], "[set]", "{done}");
+    assert_eq!(done["request"]["text"]["content"], "direct", "{done}");
+    assert!(!done.to_string().contains("session="), "{done}");
     let elsewhere = json!({"type": "robot_reply", "session_webhook": "http://127.0.0.1:9/robot/sendBySession?session=s",
         "msgtype": "text", "text": {"content": "nope"}});
     let dead = act(&app, "reply-6", &elsewhere).await;
@@ -653,6 +710,55 @@ async fn replies(backend: Backend) {
     // The session token appears in no error.
     assert!(!dead.to_string().contains("session="), "{dead}");
     assert_eq!(fake.session_messages().len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_through_the_session_webhook_is_not_held_by_the_quota_reserve() {
+    let (fake, url) = fake().await;
+    let app = TestApp::spawn_with_handlers_from(move |config| {
+        configure(config, &url, None);
+        // Under the reserve from the start: metered messages wait, session replies do not.
+        config.dingtalk.monthly_quota = 1_000;
+        config.handlers.notify_quota_reserve = 2_000;
+        RegistryBuilder::new()
+    })
+    .await;
+    fake.add_user(json!({"userid": "staff-ann"}));
+    let reply = |event_id: i64| json!({"type": "robot_reply", "event_id": event_id, "msgtype": "text", "text": {"content": "ack"}});
+    // A valid session webhook: not metered, so it goes.
+    let mut valid = message("msg-quota-1");
+    valid["sessionWebhook"] = json!(fake.robot_session(now_millis() + 3_600_000));
+    valid["sessionWebhookExpiredTime"] = json!(now_millis() + 3_600_000);
+    assert_stored_reply(post_message(&app, &valid).await).await;
+    let id = event_id(&app, "msg-quota-1").await;
+    let done = act(&app, "quota-1", &reply(id)).await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["result"]["via"], "session_webhook", "{done}");
+    assert_eq!(fake.session_messages().len(), 1);
+    // Expired, in a group and one to one: the metered APIs would be needed, so the reserve
+    // holds them (dead, saying why), and nothing reaches DingTalk.
+    let expired_at = now_millis() - 1_000;
+    for (msg_id, conversation_type) in [("msg-quota-2", "2"), ("msg-quota-3", "1")] {
+        let mut expired = message(msg_id);
+        expired["conversationType"] = json!(conversation_type);
+        expired["sessionWebhook"] = json!(fake.robot_session(expired_at));
+        expired["sessionWebhookExpiredTime"] = json!(expired_at);
+        assert_stored_reply(post_message(&app, &expired).await).await;
+        let id = event_id(&app, msg_id).await;
+        let dead = act(&app, msg_id, &reply(id)).await;
+        assert_eq!(dead["state"], "dead", "{dead}");
+        assert!(
+            dead["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("notification reserve"),
+            "{dead}"
+        );
+    }
+    assert!(fake.robot_messages().is_empty());
+    assert!(fake.robot_oto_messages().is_empty());
+    assert_eq!(fake.session_messages().len(), 1);
     app.stop().await;
 }
 

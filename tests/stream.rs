@@ -13,6 +13,7 @@ use dinghook::config::Config;
 use dinghook::handler::RegistryBuilder;
 use dinghook::secret::Secret;
 use dinghook::store::Store;
+use dinghook::time::now_millis;
 use fake_dingtalk::{FakeDingTalk, StreamEvent, StreamSettings};
 use serde_json::json;
 use support::counting::CountingStore;
@@ -419,6 +420,121 @@ async fn refused_credentials_back_off_instead_of_looping() {
     app.stop().await;
 }
 
+/// `GET path` on `url`: the status and the JSON body.
+async fn readyz(client: &reqwest::Client, url: String) -> (u16, serde_json::Value) {
+    let response = client.get(url).send().await.expect("readyz answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("readyz JSON"))
+}
+
+#[tokio::test]
+async fn readyz_reports_each_stream_connection_without_failing_on_it() {
+    let (fake, url) = fake().await;
+    let (app, _) = app_on(&url, |c| {
+        c.stream.backoff_base = Duration::from_millis(100);
+        c.stream.backoff_max = Duration::from_millis(300);
+    })
+    .await;
+    let public = app.url("/readyz");
+    let ops = app.ops_url("/readyz");
+    wait_for("connected", Duration::from_secs(5), || {
+        fake.stream_report().open_connections == 1
+    })
+    .await;
+    let start = now_millis();
+    let (status, body) = readyz(&app.client, public.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let default = &body["stream"]["default"];
+    assert_eq!(default["state"], "connected", "{body}");
+    assert!(
+        default["connected_since"]
+            .as_i64()
+            .is_some_and(|t| t <= start),
+        "{body}"
+    );
+    assert!(default["down_since"].is_null(), "{body}");
+    assert!(default.get("down_for_ms").is_none(), "{body}");
+
+    // DingTalk refuses the credentials and drops the connection: down, backing off, and
+    // still ready (HTTP pushes are stored all the same).
+    fake.set_credentials(APP_KEY, "rotated-elsewhere");
+    let dropped_at = now_millis();
+    fake.stream_drop(None);
+    let mut body = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while body["stream"]["default"]["last_close_reason"] != "auth_failed" {
+        assert!(Instant::now() < deadline, "no auth_failed in {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, read) = readyz(&app.client, public.clone()).await;
+        assert_eq!(
+            status, 200,
+            "a Stream outage made the replica unready: {read}"
+        );
+        body = read;
+    }
+    let default = &body["stream"]["default"];
+    assert!(
+        ["backoff", "connecting"].contains(&default["state"].as_str().unwrap_or_default()),
+        "{body}"
+    );
+    let down_since = default["down_since"].as_i64().expect("down since");
+    assert!(
+        down_since >= dropped_at && down_since <= now_millis(),
+        "{body}"
+    );
+    assert!(
+        default["down_for_ms"].as_i64().is_some_and(|ms| ms >= 0),
+        "{body}"
+    );
+    assert!(default["connected_since"].is_null(), "{body}");
+    assert!(
+        default["since"].as_i64().is_some_and(|t| t >= down_since),
+        "{body}"
+    );
+    // The public port names the reason, not the detail; the operator port has both.
+    assert!(default.get("last_close_detail").is_none(), "{body}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, detailed) = readyz(&app.client, ops.clone()).await;
+    assert_eq!(status, 200, "{detailed}");
+    let detail = detailed["stream"]["default"]["last_close_detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains("credentials"), "{detailed}");
+    assert_eq!(
+        detailed["stream"]["default"]["down_since"].as_i64(),
+        Some(down_since),
+        "retries do not move the outage's start: {detailed}"
+    );
+    support::assert_no_secrets(&detailed.to_string(), &[APP_SECRET]);
+    support::assert_no_secrets(&body.to_string(), &[APP_SECRET]);
+
+    // Fixed: connected again, no longer down.
+    fake.set_credentials(APP_KEY, APP_SECRET);
+    wait_for("reconnected", Duration::from_secs(5), || {
+        fake.stream_report().open_connections == 1
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, body) = readyz(&app.client, public.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let default = &body["stream"]["default"];
+        if default["state"] == "connected" {
+            assert!(default["down_since"].is_null(), "{body}");
+            assert!(
+                default["connected_since"]
+                    .as_i64()
+                    .is_some_and(|t| t >= down_since),
+                "{body}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bad_frames_are_counted_answered_and_survived() {
     let (fake, url) = fake().await;
@@ -551,11 +667,13 @@ async fn sigkill_while_streaming_loses_nothing_acknowledged_and_stores_nothing_t
         ("DINGHOOK_STREAM_BACKOFF_BASE", "50ms"),
         ("DINGHOOK_STREAM_BACKOFF_MAX", "500ms"),
     ];
-    let n = 4000;
+    let n = 50_000;
     let mut server = support::ServerProcess::start(&db, support::free_port(), &env).await;
     fake.stream_push_events(events("k", n)).unwrap();
-    wait_for("some acknowledged", Duration::from_secs(20), || {
-        fake.stream_acked_event_ids().len() >= 1000
+    let started = Instant::now();
+    // Polled by count: copying 50 000 ids every few ms would hold the fake's lock.
+    wait_for("some acknowledged", Duration::from_secs(30), || {
+        fake.stream_acked_event_count() >= 10_000
     })
     .await;
     server.kill().await;
@@ -573,10 +691,16 @@ async fn sigkill_while_streaming_loses_nothing_acknowledged_and_stores_nothing_t
     let expected = ids("k", n);
     wait_for(
         "the rest after the restart",
-        Duration::from_secs(30),
-        || expected.is_subset(&fake.stream_acked_event_ids()),
+        Duration::from_secs(60),
+        || fake.stream_acked_event_count() >= n,
     )
     .await;
+    assert!(expected.is_subset(&fake.stream_acked_event_ids()));
+    eprintln!(
+        "sigkill: {} of {n} acknowledged before the kill; all {n} acknowledged {:?} after the first start",
+        acked.len(),
+        started.elapsed()
+    );
     assert!(server.terminate().await.success());
     let store = support::stores::open_url(&format!("sqlite://{}", db.display())).await;
     assert_stored(&store, &expected).await;
@@ -636,6 +760,107 @@ async fn two_replicas_on_postgres_store_each_event_once() {
     for replica in replicas {
         replica.stop().await;
     }
+}
+
+/// PostgreSQL really stopped (`pg_ctl stop -m immediate`, a private server of the test's own)
+/// while events stream in, then started again: while it is down nothing more is acknowledged
+/// `SUCCESS` (the frames get `LATER`), and after it is back the same process, without a
+/// restart, stores every event exactly once, every acknowledged one included.
+#[tokio::test]
+async fn postgres_going_away_mid_stream_loses_nothing_and_stores_each_event_once() {
+    const TEST: &str = "postgres_going_away_mid_stream";
+    if std::env::var_os("DINGHOOK_TEST_PG_URL").is_none() {
+        eprintln!("SKIPPED {TEST}: DINGHOOK_TEST_PG_URL is not set (PostgreSQL tests are off)");
+        return;
+    }
+    let mut pg = match support::private_pg::PrivatePostgres::start() {
+        Ok(pg) => pg,
+        Err(reason) => {
+            eprintln!("SKIPPED {TEST}: no private PostgreSQL server: {reason}");
+            return;
+        }
+    };
+    let (fake, url) = fake().await;
+    let store_url = pg.url();
+    let app = TestApp::spawn_with(move |config| {
+        stream_config(config, &url);
+        config.store.url = store_url;
+    })
+    .await;
+    let before = 200;
+    fake.stream_push_events(events("pg-before", before))
+        .unwrap();
+    wait_for("the first events", Duration::from_secs(20), || {
+        fake.stream_acked_event_count() >= before
+    })
+    .await;
+    let during = 3_000;
+    fake.stream_push_events(events("pg-during", during))
+        .unwrap();
+    wait_for("streaming", Duration::from_secs(20), || {
+        fake.stream_acked_event_count() >= before + 300
+    })
+    .await;
+
+    pg.stop().expect("stop PostgreSQL");
+    let stopped = Instant::now();
+    let later_at_stop = fake.stream_report().acks.get("LATER").copied().unwrap_or(0);
+    // Commits under way when it stopped may still be answered; then nothing more is.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked_while_down = fake.stream_acked_event_ids();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = fake.stream_report();
+    assert_eq!(
+        report.acked_event_ids.len(),
+        acked_while_down.len(),
+        "SUCCESS while PostgreSQL was down"
+    );
+    let later = report.acks.get("LATER").copied().unwrap_or(0);
+    assert!(
+        later > later_at_stop,
+        "no LATER while PostgreSQL was down ({later_at_stop} before, {later} after)"
+    );
+    // Though the fake delivers again after 100 ms, a frame's LATER waits 250 ms: at most
+    // `stream.concurrency` (64) store attempts per 250 ms, not thousands a second.
+    let bound = 64 * (stopped.elapsed().as_millis() as u64 / 250 + 2);
+    assert!(
+        later - later_at_stop <= bound,
+        "{} LATER in {:?}: more than {bound}",
+        later - later_at_stop,
+        stopped.elapsed()
+    );
+    assert!(
+        acked_while_down.len() < before + during,
+        "everything was acknowledged before the stop"
+    );
+    eprintln!(
+        "{TEST}: {} acknowledged when PostgreSQL stopped, {} LATER while down",
+        acked_while_down.len(),
+        later - later_at_stop
+    );
+
+    pg.start_again().expect("start PostgreSQL again");
+    let back = Instant::now();
+    wait_for(
+        "everything after the restart",
+        Duration::from_secs(60),
+        || fake.stream_acked_event_count() >= before + during,
+    )
+    .await;
+    eprintln!(
+        "{TEST}: all acknowledged {:?} after PostgreSQL was back",
+        back.elapsed()
+    );
+    let mut expected = ids("pg-before", before);
+    expected.extend(ids("pg-during", during));
+    assert!(acked_while_down.is_subset(&expected));
+    assert_stored(&app.store, &expected).await;
+    assert_eq!(
+        app.store.count().await.unwrap(),
+        (before + during) as u64,
+        "stored twice or extra"
+    );
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -49,7 +49,8 @@ pub struct ActionView {
     pub result: Option<Value>,
     /// Why it failed (the last attempt), DingTalk's reason included.
     pub error: Option<String>,
-    /// The body as submitted.
+    /// The body as submitted, except a robot reply's `session_webhook` (a credential),
+    /// shown as `"[set]"`.
     #[schema(value_type = Object)]
     pub request: Value,
 }
@@ -226,7 +227,7 @@ async fn view(app: &ApiApp, event: &StoredEvent) -> ApiResult<ActionView> {
         updated_at: event.updated_at,
         result,
         error: event.last_error.clone(),
-        request: stored.action,
+        request: actions::redacted(&stored.action),
     })
 }
 

@@ -4,9 +4,12 @@
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 
-use crate::actions::{Action, ResolveError, StoredAction, ACTION_EFFECT, ACTION_EVENT};
+use crate::actions::{
+    Action, ActionError, ResolveError, StoredAction, ACTION_EFFECT, ACTION_EVENT,
+};
 use crate::event::Event;
 use crate::handler::{Context, HandlerError, Registrations, RegistryBuilder};
 
@@ -28,8 +31,10 @@ pub fn register(builder: RegistryBuilder, config: &HandlersConfig) -> RegistryBu
 
 /// Runs one stored action once: the result is recorded as the event's `action` effect, so a
 /// retry after the call succeeded (a store hiccup, a lease lost) does not call DingTalk
-/// again. A notification is refused (dead, with the reason) while the monthly quota is under
-/// the reserve.
+/// again. A message sent through a metered API (a work notification, a group or one-to-one
+/// robot message, a robot reply that cannot use its session webhook) is refused (dead, with
+/// the reason) while the monthly quota is under the reserve; a reply through the session
+/// webhook costs no quota and is never held back.
 pub async fn run(event: Event, ctx: Context, reserve: u64) -> Result<(), HandlerError> {
     let Event::Unknown { raw, .. } = event else {
         return Err(HandlerError::permanent(format!(
@@ -50,16 +55,19 @@ pub async fn run(event: Event, ctx: Context, reserve: u64) -> Result<(), Handler
             other => HandlerError::permanent(other),
         })?;
     let client = ctx.dingtalk()?.clone();
-    if action.is_notification() && !notification_budget(&ctx, reserve, action.kind()).await {
-        return Err(HandlerError::permanent(format!(
-            "{} refused: the monthly DingTalk quota is under the notification reserve \
-             ({reserve} calls); replay it when the quota allows",
-            action.kind()
-        )));
-    }
     let dedup = stored.dedup_id(&ctx.record.app);
+    let gate = |kind: &'static str| -> BoxFuture<'_, bool> {
+        Box::pin(notification_budget(&ctx, reserve, kind))
+    };
     let result: Value = effect_once(&ctx, ACTION_EFFECT, || async {
-        Ok(action.execute(&client, &dedup).await?)
+        match action.execute(&client, &dedup, &gate).await {
+            Ok(result) => Ok(result),
+            Err(ActionError::Reserve(kind)) => Err(HandlerError::permanent(format!(
+                "{kind} refused: the monthly DingTalk quota is under the notification reserve \
+                 ({reserve} calls); replay it when the quota allows"
+            ))),
+            Err(ActionError::DingTalk(e)) => Err(e.into()),
+        }
     })
     .await?;
     tracing::info!(

@@ -36,7 +36,10 @@ pub use message::{
     OaMessage, OaRich, OaStatusBar, SendProgress, SendResult, Text, WorkMessage, WorkNotification,
 };
 pub use quota::{current_month, month_of, CallCounter, CounterError, MemoryCounter, QuotaStatus};
-pub use robot::{RobotGroupMessage, SESSION_GONE_ERRCODE, SESSION_WEBHOOK_LABEL};
+pub use robot::{
+    RobotGroupMessage, RobotOtoMessage, RobotOtoSent, OTO_SEND_PATH, SESSION_GONE_ERRCODE,
+    SESSION_WEBHOOK_LABEL,
+};
 pub use todo::{
     TodoDetailUrl, TodoTask, TodoTaskUpdate, WorkRecord, WorkRecordForm, WorkRecordPage,
 };

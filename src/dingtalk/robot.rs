@@ -1,5 +1,6 @@
-//! Robot messages into a group: `POST /v1.0/robot/groupMessages/send`; and replies through a
-//! robot message's session webhook (`https://oapi.dingtalk.com/robot/sendBySession?session=…`).
+//! Robot messages into a group: `POST /v1.0/robot/groupMessages/send`; into one-to-one chats
+//! with the robot: `POST /v1.0/robot/oToMessages/batchSend`; and replies through a robot
+//! message's session webhook (`https://oapi.dingtalk.com/robot/sendBySession?session=…`).
 
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
@@ -87,6 +88,78 @@ impl Client {
         Ok(answer.process_query_key)
     }
 }
+
+/// A robot message into one-to-one chats between the robot and each of `user_ids`
+/// (`POST /v1.0/robot/oToMessages/batchSend`; fields as DingTalk's official SDKs send them,
+/// `docs/dingtalk-robot-oto.md`). `msg_param` is a JSON **string** on the wire, as for groups.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RobotOtoMessage {
+    /// The robot's code.
+    pub robot_code: String,
+    /// The recipients' user ids (staff ids), at most [`RobotOtoMessage::MAX_USERS`].
+    pub user_ids: Vec<String>,
+    /// Template key: `sampleText`, `sampleMarkdown`, … (as for groups).
+    pub msg_key: String,
+    /// The template's parameters, serialised as a JSON string.
+    pub msg_param: String,
+}
+
+impl RobotOtoMessage {
+    /// DingTalk's limit on the users of one call.
+    pub const MAX_USERS: usize = 20;
+
+    /// Builds a message, serialising `param` into the JSON string DingTalk wants.
+    pub fn new<P: Serialize>(
+        robot_code: impl Into<String>,
+        user_ids: Vec<String>,
+        msg_key: impl Into<String>,
+        param: &P,
+    ) -> Result<Self> {
+        let msg_param = serde_json::to_string(param).map_err(|source| Error::Decode {
+            path: "msgParam".into(),
+            source,
+        })?;
+        Ok(RobotOtoMessage {
+            robot_code: robot_code.into(),
+            user_ids,
+            msg_key: msg_key.into(),
+            msg_param,
+        })
+    }
+}
+
+/// DingTalk's answer to `oToMessages/batchSend`: a success may still leave users out.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RobotOtoSent {
+    /// For read status and recall.
+    #[serde(default)]
+    pub process_query_key: String,
+    /// Users DingTalk does not know (or who cannot get the robot's messages): not sent.
+    #[serde(default)]
+    pub invalid_staff_id_list: Vec<String>,
+    /// Users DingTalk held back for sending too often: not sent, worth another try later.
+    #[serde(default)]
+    pub flow_controlled_staff_id_list: Vec<String>,
+}
+
+impl Client {
+    /// Sends a robot message to each user's one-to-one chat with the robot. Users DingTalk left
+    /// out are in the answer's lists, not an error: the caller decides.
+    pub async fn send_robot_oto_message(&self, message: &RobotOtoMessage) -> Result<RobotOtoSent> {
+        let request = Request::new_api(
+            Method::POST,
+            OTO_SEND_PATH,
+            segments(&["v1.0", "robot", "oToMessages", "batchSend"]),
+        )
+        .json(message)?;
+        self.execute(request).await
+    }
+}
+
+/// Where one-to-one robot messages are sent.
+pub const OTO_SEND_PATH: &str = "/v1.0/robot/oToMessages/batchSend";
 
 /// The name session-webhook calls go by in errors and logs (the URL itself is a credential).
 pub const SESSION_WEBHOOK_LABEL: &str = "/robot/sendBySession";

@@ -55,6 +55,11 @@ const SOCKET_MESSAGE_LIMIT: usize = 64 << 20;
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// A connection that lasted this long without frames still counts as healthy (back-off reset).
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// The soonest a `LATER` is sent after its frame arrived. A store that is down fails at once,
+/// and DingTalk may deliver again at once: without a floor the frames in hand would ask the
+/// store (and log) thousands of times a second. With it, at most `stream.concurrency` frames
+/// per pause; far below any ack time-out.
+const LATER_FLOOR: Duration = Duration::from_millis(250);
 
 /// `[stream]`: Stream mode. `enabled` turns it on for the top-level (`default`) app; an
 /// `[apps.NAME]` table says `stream = true` (or a `[apps.NAME.stream]` table), and takes the
@@ -824,6 +829,9 @@ impl StreamSource {
             tracing::warn!(app = %self.app, message_id = %frame.message_id, "EVENT frame whose data is not a JSON object: stored with the raw data under streamData");
         }
         let stored = self.store(&mut event).await;
+        if stored.is_none() {
+            tokio::time::sleep_until((started + LATER_FLOOR).into()).await;
+        }
         let reply = event_ack(
             &frame.message_id,
             stored.is_some(),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod counting;
+pub mod private_pg;
 pub mod stores;
 
 use std::net::SocketAddr;

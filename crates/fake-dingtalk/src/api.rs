@@ -72,6 +72,8 @@ fn family_of(path: &str) -> Family {
 const SEND_DONE: i64 = 2;
 /// `robot/groupMessages/send` refuses a `msgParam` longer than this many bytes.
 const MSG_PARAM_MAX_BYTES: usize = 15_000;
+/// `robot/oToMessages/batchSend` takes at most this many `userIds` (its page).
+const OTO_MAX_USERS: usize = 20;
 /// `sceneGroup/create`: a title of at most 30 characters (its page).
 const SCENE_GROUP_TITLE_MAX_CHARS: usize = 30;
 /// `sceneGroup/create`: at most 999 members besides the owner (the old create's documented
@@ -133,6 +135,7 @@ enum Route {
     StatusBar,
     Recall,
     RobotSend,
+    RobotOtoSend,
     GroupQuery,
     SceneGroupCreate,
     AttendanceUpdate,
@@ -168,6 +171,7 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
         "/topapi/message/corpconversation/status_bar/update" => post_only(Route::StatusBar),
         "/topapi/message/corpconversation/recall" => post_only(Route::Recall),
         "/v1.0/robot/groupMessages/send" => post_only(Route::RobotSend),
+        "/v1.0/robot/oToMessages/batchSend" => post_only(Route::RobotOtoSend),
         "/v1.0/im/sceneGroups/query" => post_only(Route::GroupQuery),
         "/v1.0/im/sceneGroup/create" => post_only(Route::SceneGroupCreate),
         "/topapi/attendance/getupdatedata" => post_only(Route::AttendanceUpdate),
@@ -639,6 +643,7 @@ impl FakeState {
                 Err(reply) => reply,
             },
             Route::RobotSend => self.robot_send(body),
+            Route::RobotOtoSend => self.robot_oto_send(body),
             Route::GroupQuery => self.group_query(body),
             Route::SceneGroupCreate => self.scene_group_create(body),
             Route::AttendanceUpdate => {
@@ -1164,6 +1169,91 @@ impl FakeState {
             .push(body.cloned().unwrap_or(Value::Null));
         let key = format!("fake-pqk-{}", self.robot_messages.len());
         Reply::json(StatusCode::OK, json!({"processQueryKey": key}))
+    }
+
+    /// `robot/oToMessages/batchSend`: checked like `groupMessages/send` (a JSON body, the
+    /// robot, the template key, `msgParam` a JSON object in a string of at most 15 000 bytes),
+    /// plus `userIds`, 1 to 20 strings. As DingTalk does, users it does not know are not an
+    /// error: they come back in `invalidStaffIdList` (here: every id that is not a user added
+    /// to the fake) and get nothing; the message is recorded when someone got it.
+    fn robot_oto_send(&mut self, body: Option<&Value>) -> Reply {
+        if !body.is_some_and(Value::is_object) {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.msgBody.invalid",
+                "body必须是JSON",
+            );
+        }
+        if str_field(body, "robotCode").is_none_or(str::is_empty) {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.robotCode.missing",
+                "缺少robotCode",
+            );
+        }
+        let users = body
+            .and_then(|b| b.get("userIds"))
+            .and_then(Value::as_array)
+            .map(|ids| ids.iter().map(Value::as_str).collect::<Option<Vec<_>>>());
+        let users = match users {
+            Some(Some(users)) if !users.is_empty() && users.iter().all(|u| !u.is_empty()) => users,
+            _ => {
+                return self.new_err(
+                    StatusCode::BAD_REQUEST,
+                    "invalidParameter.userIds.empty",
+                    "缺少userIds",
+                )
+            }
+        };
+        if users.len() > OTO_MAX_USERS {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.userIds.tooMany",
+                "userIds最多20个",
+            );
+        }
+        if str_field(body, "msgKey").is_none_or(str::is_empty) {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.msgKey.empty",
+                "缺少msgKey",
+            );
+        }
+        let param = str_field(body, "msgParam");
+        if param.is_some_and(|p| p.len() > MSG_PARAM_MAX_BYTES) {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.msgParam.tooLong",
+                "消息内容太长",
+            );
+        }
+        let param_is_json_object = param
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
+            .is_some_and(|v| v.is_object());
+        if !param_is_json_object {
+            return self.new_err(
+                StatusCode::BAD_REQUEST,
+                "invalidParameter.msgParam.invalid",
+                "msgParam必须是json格式",
+            );
+        }
+        let known = |id: &str| {
+            self.users
+                .iter()
+                .any(|u| u.get("userid").and_then(Value::as_str) == Some(id))
+        };
+        let invalid: Vec<&str> = users.iter().copied().filter(|u| !known(u)).collect();
+        let key = if invalid.len() < users.len() {
+            self.robot_oto_messages
+                .push(body.cloned().unwrap_or(Value::Null));
+            format!("fake-oto-pqk-{}", self.robot_oto_messages.len())
+        } else {
+            String::new()
+        };
+        Reply::json(
+            StatusCode::OK,
+            json!({"processQueryKey": key, "invalidStaffIdList": invalid, "flowControlledStaffIdList": []}),
+        )
     }
 
     /// Like DingTalk's: the results of the listed users (at most 50) for the work dates from

@@ -360,6 +360,8 @@ struct FakeState {
     /// `getsendprogress` answers (`progress_in_percent`, `status`); unset means done.
     send_progress: HashMap<i64, (i64, i64)>,
     robot_messages: Vec<Value>,
+    /// One-to-one robot messages (`oToMessages/batchSend` bodies) someone got.
+    robot_oto_messages: Vec<Value>,
     /// Robot session webhooks: session → expiry (epoch ms).
     robot_sessions: HashMap<String, i64>,
     /// Messages posted to session webhooks: `{"session", "body"}`, oldest first.
@@ -402,6 +404,7 @@ impl Default for FakeState {
             send_results: HashMap::new(),
             send_progress: HashMap::new(),
             robot_messages: Vec::new(),
+            robot_oto_messages: Vec::new(),
             robot_sessions: HashMap::new(),
             session_messages: Vec::new(),
             next_request_id: 1,
@@ -738,6 +741,12 @@ impl FakeDingTalk {
         self.state().robot_messages.clone()
     }
 
+    /// One-to-one robot messages accepted so far (`oToMessages/batchSend` request bodies that
+    /// reached at least one user).
+    pub fn robot_oto_messages(&self) -> Vec<Value> {
+        self.state().robot_oto_messages.clone()
+    }
+
     /// Back to a fresh fake (recorded calls included). Open Stream connections are dropped.
     pub fn reset(&self) {
         let notifiers = self.stream_notifiers();
@@ -759,6 +768,7 @@ impl FakeDingTalk {
             "failed_callbacks_left": state.failed_callbacks.len(),
             "sent_messages": state.messages,
             "robot_messages": state.robot_messages,
+            "robot_oto_messages": state.robot_oto_messages,
             "session_messages": state.session_messages,
             "scene_templates": state.scene_templates,
             "scene_groups": state.scene_groups,

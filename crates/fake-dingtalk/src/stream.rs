@@ -1083,6 +1083,12 @@ impl FakeDingTalk {
         self.state().stream.report.acked_event_ids.clone()
     }
 
+    /// How many distinct eventIds were acknowledged `SUCCESS` so far: for polling a large run
+    /// without copying the set while the fake holds its lock.
+    pub fn stream_acked_event_count(&self) -> usize {
+        self.state().stream.report.acked_event_ids.len()
+    }
+
     /// Queues events to push as EVENT frames; returns their eventIds in order. An event
     /// without `eventType` is refused (`Err` with the reason, nothing queued).
     pub fn stream_push_events(&self, events: Vec<StreamEvent>) -> Result<Vec<String>, String> {

@@ -530,6 +530,74 @@ async fn groups_robot_messages_and_todos() {
     );
     assert_eq!(fake.robot_messages().len(), 1, "no refused message is kept");
 
+    // A one-to-one robot message: the same checks, plus userIds (1 to 20); a user DingTalk
+    // does not know is listed back, not refused.
+    fake.add_user(json!({"userid": "oto-user"}));
+    let oto = format!("{base}/v1.0/robot/oToMessages/batchSend");
+    let oto_message = |users: Value| {
+        json!({"robotCode": "r", "userIds": users, "msgKey": "sampleText",
+               "msgParam": "{\"content\":\"hi\"}"})
+    };
+    let post_oto = |body: Value| {
+        new_api(
+            &http,
+            reqwest::Method::POST,
+            oto.clone(),
+            &token,
+            Some(body),
+        )
+    };
+    let (status, sent) = post_oto(oto_message(json!(["oto-user", "stranger"]))).await;
+    assert_eq!(status, 200, "{sent}");
+    assert!(sent["processQueryKey"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    assert_eq!(sent["invalidStaffIdList"], json!(["stranger"]));
+    assert_eq!(sent["flowControlledStaffIdList"], json!([]));
+    assert_eq!(fake.robot_oto_messages().len(), 1);
+    let (status, sent) = post_oto(oto_message(json!(["stranger"]))).await;
+    assert_eq!(
+        (status, &sent["invalidStaffIdList"]),
+        (200, &json!(["stranger"]))
+    );
+    assert_eq!(fake.robot_oto_messages().len(), 1, "nobody got it");
+    let many: Vec<String> = (0..21).map(|i| format!("u{i}")).collect();
+    for (body, code) in [
+        (oto_message(json!([])), "invalidParameter.userIds.empty"),
+        (
+            oto_message(json!("oto-user")),
+            "invalidParameter.userIds.empty",
+        ),
+        (oto_message(json!(many)), "invalidParameter.userIds.tooMany"),
+        (json!("not an object"), "invalidParameter.msgBody.invalid"),
+    ] {
+        let (status, refused) = post_oto(body.clone()).await;
+        assert_eq!((status, &refused["code"]), (400, &json!(code)), "{body}");
+    }
+    for (field, code) in [
+        ("robotCode", "invalidParameter.robotCode.missing"),
+        ("userIds", "invalidParameter.userIds.empty"),
+        ("msgKey", "invalidParameter.msgKey.empty"),
+        ("msgParam", "invalidParameter.msgParam.invalid"),
+    ] {
+        let mut body = oto_message(json!(["oto-user"]));
+        body.as_object_mut().unwrap().remove(field);
+        let (status, refused) = post_oto(body).await;
+        assert_eq!((status, &refused["code"]), (400, &json!(code)), "{field}");
+    }
+    let mut long = oto_message(json!(["oto-user"]));
+    long["msgParam"] = json!(json!({"content": "长".repeat(5_001)}).to_string());
+    let (status, refused) = post_oto(long).await;
+    assert_eq!(
+        (status, &refused["code"]),
+        (400, &json!("invalidParameter.msgParam.tooLong"))
+    );
+    assert_eq!(
+        fake.robot_oto_messages().len(),
+        1,
+        "no refused message is kept"
+    );
+
     // A to-do task: read, updated, read again; unknown fields are refused.
     post(
         &http,
