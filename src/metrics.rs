@@ -1031,7 +1031,11 @@ impl Recent {
     fn per_minute(&self, app: &str, now_ms: i64) -> (Vec<u64>, Vec<u64>) {
         let minute = now_ms.div_euclid(60_000);
         let first = minute - RECENT_MINUTES + 1;
-        let slot = |m: i64| usize::try_from(m - first).ok().filter(|i| *i < RECENT_MINUTES as usize);
+        let slot = |m: i64| {
+            usize::try_from(m - first)
+                .ok()
+                .filter(|i| *i < RECENT_MINUTES as usize)
+        };
         let mut received = vec![0; RECENT_MINUTES as usize];
         let mut refused = vec![0; RECENT_MINUTES as usize];
         let apps = self

@@ -176,6 +176,7 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> ApiResult<Json<EventPage>> {
+    caller.require(Scope::Read)?;
     Ok(Json(page(&state, &caller, query(q)?).await?))
 }
 
@@ -285,10 +286,7 @@ pub async fn find_by_key(
         .store
         .find_by_dedup_key(&scoped::scoped(app, key))
         .await?;
-    Ok(found
-        .filter(|e| e.app == app)
-        .as_ref()
-        .map(EventItem::from))
+    Ok(found.filter(|e| e.app == app).as_ref().map(EventItem::from))
 }
 
 /// Sends one event back to `pending` (every handler that has not succeeded runs again).

@@ -190,7 +190,11 @@ pub async fn pause(
 }
 
 /// Pauses route `name` (the admin scope).
-pub async fn pause_route(state: &ApiState, caller: &Caller, name: String) -> ApiResult<RouteChange> {
+pub async fn pause_route(
+    state: &ApiState,
+    caller: &Caller,
+    name: String,
+) -> ApiResult<RouteChange> {
     caller.require(Scope::Admin)?;
     route(state, &name)?;
     let d = state.store.deliveries();

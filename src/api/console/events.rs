@@ -15,7 +15,10 @@ use serde::Deserialize;
 use super::super::events::{self as api, EventItem, EventsQuery, ReplayFilter};
 use super::super::{path_id, ApiState, Problem, Scope};
 use super::i18n::{self, Lang};
-use super::{excerpt, problem_page, query_string, redirect, render, safe_back, time, Chrome, FormData, Viewer};
+use super::{
+    excerpt, problem_page, query_string, redirect, render, safe_back, time, Chrome, FormData,
+    Viewer,
+};
 use crate::store::EventState;
 
 /// Events per page.
@@ -156,7 +159,10 @@ fn events_page(viewer: &Viewer, state: &ApiState, f: Filters) -> EventsPage {
         apps: readable_apps(state, viewer),
         all_apps,
         show_state: true,
-        states: EventState::ALL.iter().map(|s| s.as_str().to_owned()).collect(),
+        states: EventState::ALL
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect(),
         error: None,
         live: false,
         can_replay: viewer.can(Scope::Replay),
@@ -227,15 +233,15 @@ pub async fn list(
             page.next_link = found.next_cursor.map(|cursor| {
                 let mut pairs = page.f.pairs();
                 pairs.push(("cursor", cursor));
-                let refs: Vec<(&str, &str)> =
-                    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 format!("/console/events?{}", query_string(&refs))
             });
         }
         Err(p) => page.error = Some(p.detail),
     }
     page.live = page.first_page && page.error.is_none();
-    let filtered = !(page.f.state.is_empty() && page.f.event_type.is_empty() && page.f.since.is_empty());
+    let filtered =
+        !(page.f.state.is_empty() && page.f.event_type.is_empty() && page.f.since.is_empty());
     if page.can_replay && filtered && page.f.state != "running" {
         page.replay_filter_link = Some(format!("/console/events/replay?{}", page.f.query()));
     }
@@ -312,7 +318,7 @@ pub async fn dead_letters(
                     }),
                 }
             }
-            groups.sort_by(|a, b| b.rows.len().cmp(&a.rows.len()));
+            groups.sort_by_key(|g| std::cmp::Reverse(g.rows.len()));
             if groups.is_empty() {
                 groups.push(Group {
                     reason: String::new(),
@@ -548,12 +554,12 @@ pub async fn confirm_replay(
     } else {
         i18n::count(viewer.lang, "confirm.question", count)
     };
-    let hidden: Vec<(&'static str, String)> =
-        f.pairs().into_iter().filter(|(_, v)| !v.is_empty()).collect();
-    let filter_text = hidden
-        .iter()
-        .map(|(k, v)| format!("{k} = {v}"))
+    let hidden: Vec<(&'static str, String)> = f
+        .pairs()
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
         .collect();
+    let filter_text = hidden.iter().map(|(k, v)| format!("{k} = {v}")).collect();
     render(&ConfirmPage {
         question,
         count,
@@ -593,9 +599,15 @@ mod tests {
             with_notice("/console/events?state=dead&notice=replayed&n=1", 4),
             "/console/events?state=dead&notice=replayed&n=4"
         );
-        assert_eq!(with_notice("/console/dead", 2), "/console/dead?notice=replayed&n=2");
+        assert_eq!(
+            with_notice("/console/dead", 2),
+            "/console/dead?notice=replayed&n=2"
+        );
         let mut h = HeaderMap::new();
-        h.insert(header::REFERER, "http://127.0.0.1:8081/console/dead?app=x".parse().unwrap());
+        h.insert(
+            header::REFERER,
+            "http://127.0.0.1:8081/console/dead?app=x".parse().unwrap(),
+        );
         assert_eq!(referer(&h), "/console/dead?app=x");
         h.insert(header::REFERER, "http://evil.example/x".parse().unwrap());
         assert_eq!(referer(&h), "/console/");

@@ -53,7 +53,13 @@ impl Lang {
     pub fn from_accept(header: &str) -> Lang {
         header
             .split(',')
-            .map(|tag| tag.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .map(|tag| {
+                tag.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .find_map(|tag| {
                 if tag == "zh" || tag.starts_with("zh-") {
                     Some(Lang::Zh)
@@ -270,6 +276,9 @@ mod tests {
         assert_eq!(Lang::from_accept("fr-FR, zh-TW;q=0.5"), Lang::Zh);
         assert_eq!(Lang::from_accept(""), Lang::En);
         assert_eq!(text(Lang::Zh, "nav.events"), "事件");
-        assert_eq!(count(Lang::En, "events.replayed", 3), "3 event(s) sent back to pending.");
+        assert_eq!(
+            count(Lang::En, "events.replayed", 3),
+            "3 event(s) sent back to pending."
+        );
     }
 }

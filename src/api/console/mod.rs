@@ -410,9 +410,13 @@ async fn checked_form(viewer: &Viewer, request: Request) -> Result<Request, Prob
         ));
     }
     let (parts, body) = request.into_parts();
-    let bytes: Bytes = axum::body::to_bytes(body, FORM_LIMIT)
-        .await
-        .map_err(|_| Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the form is too large"))?;
+    let bytes: Bytes = axum::body::to_bytes(body, FORM_LIMIT).await.map_err(|_| {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the form is too large",
+        )
+    })?;
     let form = FormData::parse(&bytes);
     let presented = form.get("csrf").unwrap_or("");
     let expected = viewer.session.csrf.as_bytes();
@@ -503,7 +507,10 @@ async fn asset(name: Result<Path<String>, axum::extract::rejection::PathRejectio
         return StatusCode::NOT_FOUND.into_response();
     };
     let path = format!("/console/assets/{name}");
-    let Some(asset) = [&ASSETS.css, &ASSETS.js].into_iter().find(|a| a.path == path) else {
+    let Some(asset) = [&ASSETS.css, &ASSETS.js]
+        .into_iter()
+        .find(|a| a.path == path)
+    else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let mut response = asset.body.into_response();
@@ -556,7 +563,10 @@ mod tests {
 
     #[test]
     fn only_console_paths_are_ways_back() {
-        assert_eq!(safe_back(Some("/console/events?x=1")), "/console/events?x=1");
+        assert_eq!(
+            safe_back(Some("/console/events?x=1")),
+            "/console/events?x=1"
+        );
         for bad in [
             None,
             Some("https://evil.example/"),

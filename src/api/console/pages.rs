@@ -273,9 +273,10 @@ fn app_view(lang: Lang, state: &ApiState, h: AppHealth) -> AppView {
             }
         },
         stream,
-        last_event: h
-            .last_event_received_at
-            .map_or_else(|| i18n::text(lang, "overview.never").to_owned(), |t| time(Some(t))),
+        last_event: h.last_event_received_at.map_or_else(
+            || i18n::text(lang, "overview.never").to_owned(),
+            |t| time(Some(t)),
+        ),
         name: h.name,
     }
 }
@@ -488,7 +489,11 @@ pub async fn apps(
         .map(|a| AppConfigView {
             name: a.name.clone(),
             callback_url: format!("https://{host}{}", a.callback_path),
-            client: if a.client.is_some() { "apps.yes" } else { "apps.no" },
+            client: if a.client.is_some() {
+                "apps.yes"
+            } else {
+                "apps.no"
+            },
             qps: a.qps,
             recovery: if a.recovery { "apps.on" } else { "apps.off" },
         })

@@ -71,7 +71,10 @@ pub async fn open(state: &ApiState, caller: &Caller) -> Result<(String, Session)
     };
     let key = key(&id);
     let body = serde_json::to_value(&stored).unwrap_or_default();
-    state.store.put_document(COLLECTION, &key, &body, now).await?;
+    state
+        .store
+        .put_document(COLLECTION, &key, &body, now)
+        .await?;
     Ok((
         id,
         Session {
@@ -165,7 +168,10 @@ mod tests {
     #[test]
     fn cookies_are_read_by_name_and_written_strict() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::COOKIE, "lang=zh; dinghook_console=abc ".parse().unwrap());
+        headers.insert(
+            header::COOKIE,
+            "lang=zh; dinghook_console=abc ".parse().unwrap(),
+        );
         assert_eq!(cookie(&headers, COOKIE), Some("abc"));
         assert_eq!(cookie(&headers, "lang"), Some("zh"));
         assert_eq!(cookie(&headers, "other"), None);
