@@ -658,6 +658,18 @@ async fn text_of(client: &fantoccini::Client, css: &str) -> String {
         .unwrap()
 }
 
+/// Says yes to the confirmation the page's script asks (waiting for it to be shown).
+async fn accept(client: &fantoccini::Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = client.accept_alert().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no confirmation was asked: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until the browser is on a page whose URL contains `needle`.
 async fn wait_url(client: &fantoccini::Client, needle: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -801,7 +813,7 @@ async fn in_a_browser_find_replay_pause_and_the_overview() {
     console.failing.store(false, Ordering::SeqCst);
     c.find(Css("#replay")).await.unwrap().click().await.unwrap();
     // The confirmation dialog.
-    c.accept_alert().await.unwrap();
+    accept(&c).await;
     wait_url(&c, "notice=replayed").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
@@ -837,7 +849,7 @@ async fn in_a_browser_find_replay_pause_and_the_overview() {
         .click()
         .await
         .unwrap();
-    c.accept_alert().await.unwrap();
+    accept(&c).await;
     wait_url(&c, "notice=paused").await;
     c.wait()
         .for_element(Css("#r-crm [data-route-state=paused]"))
