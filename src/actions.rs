@@ -191,6 +191,26 @@ pub fn redacted(request: &Value) -> Value {
     shown
 }
 
+/// What the API and the console show of a stored event's payload: as stored, except the
+/// session webhooks in it (an action's `session_webhook`, a robot message's
+/// `sessionWebhook`), shown as `"[set]"`. Routes still carry robot messages whole: the
+/// user's own service needs the webhook to reply.
+pub fn shown_payload(event_type: &str, mut payload: Value) -> Value {
+    let field = match event_type {
+        ACTION_EVENT => payload
+            .get_mut("action")
+            .and_then(|a| a.get_mut("session_webhook")),
+        ROBOT_MESSAGE => payload.get_mut("sessionWebhook"),
+        _ => None,
+    };
+    if let Some(webhook) = field {
+        if !webhook.is_null() {
+            *webhook = Value::String(REDACTED.into());
+        }
+    }
+    payload
+}
+
 /// What [`redacted`] puts in place of a session webhook.
 pub const REDACTED: &str = "[set]";
 

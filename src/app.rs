@@ -287,6 +287,7 @@ impl AppSet {
                         store: Arc::clone(&context.store),
                         qps: spec.dingtalk.qps,
                         recovery: spec.recovery.enabled && context.client.is_some(),
+                        quota_reserve: spec.handlers.notify_quota_reserve,
                     },
                 ))
             })
@@ -748,6 +749,7 @@ impl Application {
                     .collect(),
                 routing: routing.clone(),
                 body_limit: config.api.body_limit,
+                trusted_proxies: trusted_proxies.clone(),
             })
         });
         let fixed = Fixed {

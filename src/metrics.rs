@@ -635,6 +635,7 @@ impl Metrics {
             })
             .inc();
         self.ack_seconds.observe(seconds);
+        self.recent.received(app, crate::time::now_millis());
     }
 
     pub fn callback_rejected(&self, app: &str, reason: &'static str) {
@@ -650,6 +651,12 @@ impl Metrics {
     /// `app`'s callbacks refused in the last hour, by reason (counted per minute).
     pub fn refusals_last_hour(&self, app: &str) -> BTreeMap<String, u64> {
         self.recent.refusals(app, crate::time::now_millis())
+    }
+
+    /// `app`'s callbacks received and refused in each of the last [`RECENT_MINUTES`] minutes,
+    /// oldest first, the current minute last (what the console's charts draw).
+    pub fn callbacks_per_minute(&self, app: &str) -> (Vec<u64>, Vec<u64>) {
+        self.recent.per_minute(app, crate::time::now_millis())
     }
 
     /// When `app`'s last recovery cycle ended (epoch ms) and how, since this process started.
@@ -985,8 +992,8 @@ mod tests {
     }
 }
 
-/// Per app: callback refusals by reason in one-minute buckets over the last hour, and the last
-/// recovery cycle. Bounded: at most [`RECENT_MINUTES`] buckets of a few reasons per app, and
+/// Per app: callbacks received, and refusals by reason, in one-minute buckets over the last
+/// hour, and the last recovery cycle. Bounded: at most [`RECENT_MINUTES`] buckets of a few reasons per app, and
 /// only apps that had a refusal or a recovery run. A std mutex, never held across an await.
 #[derive(Default)]
 struct Recent {
@@ -1000,6 +1007,8 @@ const RECENT_MINUTES: i64 = 60;
 struct AppRecent {
     /// (minute since the epoch, reason → count), oldest first.
     refusals: std::collections::VecDeque<(i64, BTreeMap<&'static str, u64>)>,
+    /// (minute since the epoch, callbacks received), oldest first.
+    received: std::collections::VecDeque<(i64, u64)>,
     last_recovery: Option<(i64, &'static str)>,
 }
 
@@ -1032,6 +1041,52 @@ impl Recent {
                     .push_back((minute, BTreeMap::from([(reason, 1)]))),
             }
         });
+    }
+
+    fn received(&self, app: &str, now_ms: i64) {
+        let minute = now_ms.div_euclid(60_000);
+        self.with(app, |recent| {
+            while recent
+                .received
+                .front()
+                .is_some_and(|(m, _)| *m <= minute - RECENT_MINUTES)
+            {
+                recent.received.pop_front();
+            }
+            match recent.received.back_mut() {
+                Some((m, n)) if *m == minute => *n += 1,
+                _ => recent.received.push_back((minute, 1)),
+            }
+        });
+    }
+
+    fn per_minute(&self, app: &str, now_ms: i64) -> (Vec<u64>, Vec<u64>) {
+        let minute = now_ms.div_euclid(60_000);
+        let first = minute - RECENT_MINUTES + 1;
+        let slot = |m: i64| {
+            usize::try_from(m - first)
+                .ok()
+                .filter(|i| *i < RECENT_MINUTES as usize)
+        };
+        let mut received = vec![0; RECENT_MINUTES as usize];
+        let mut refused = vec![0; RECENT_MINUTES as usize];
+        let apps = self
+            .apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(recent) = apps.get(app) {
+            for (m, n) in &recent.received {
+                if let Some(i) = slot(*m) {
+                    received[i] += n;
+                }
+            }
+            for (m, counts) in &recent.refusals {
+                if let Some(i) = slot(*m) {
+                    refused[i] += counts.values().sum::<u64>();
+                }
+            }
+        }
+        (received, refused)
     }
 
     fn refusals(&self, app: &str, now_ms: i64) -> BTreeMap<String, u64> {
@@ -1086,6 +1141,15 @@ mod recent_tests {
         assert_eq!(at(t0 + 61 * 60_000).get("signature"), None);
         assert_eq!(at(t0 + 61 * 60_000).get("decrypt"), Some(&1));
         assert!(recent.refusals("c", t0).is_empty());
+        recent.received("a", t0);
+        recent.received("a", t0 + 60_000);
+        recent.received("a", t0 + 60_500);
+        let (received, refused) = recent.per_minute("a", t0 + 60_000);
+        assert_eq!(received.len(), 60);
+        assert_eq!(received[59], 2);
+        assert_eq!(received[58], 1);
+        assert_eq!(refused[58], 2);
+        assert_eq!(recent.per_minute("a", t0 + 3 * 3_600_000).0, vec![0; 60]);
         recent.recovered("a", "ok", t0);
         assert_eq!(recent.last_recovery("a"), Some((t0, "ok")));
         assert_eq!(recent.last_recovery("b"), None);

@@ -687,6 +687,28 @@ async fn replies(backend: Backend) {
     assert_eq!(done["request"]["session_webhook"], "[set]", "{done}");
     assert_eq!(done["request"]["text"]["content"], "direct", "{done}");
     assert!(!done.to_string().contains("session="), "{done}");
+    // Nor does the stored event's payload, through the API; nor a robot message's own webhook.
+    let base = format!("http://{}", app.api_addr.expect("the API listens"));
+    let mut shown = Vec::new();
+    for id in [
+        done["id"].as_i64().unwrap(),
+        event_id(&app, "msg-reply-4b").await,
+    ] {
+        let event: Value = app
+            .client
+            .get(format!("{base}/api/v1/events/{id}"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(!event.to_string().contains("session="), "{event}");
+        shown.push(event);
+    }
+    assert_eq!(shown[0]["payload"]["action"]["session_webhook"], "[set]");
+    assert_eq!(shown[1]["payload"]["sessionWebhook"], "[set]");
     let elsewhere = json!({"type": "robot_reply", "session_webhook": "http://127.0.0.1:9/robot/sendBySession?session=s",
         "msgtype": "text", "text": {"content": "nope"}});
     let dead = act(&app, "reply-6", &elsewhere).await;

@@ -141,6 +141,14 @@ pub async fn list(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<AppList>> {
+    Ok(Json(AppList {
+        items: healths(&state, &caller).await?,
+    }))
+}
+
+/// The health of every app the caller may touch (what `GET /api/v1/apps` and the console's
+/// overview show).
+pub async fn healths(state: &ApiState, caller: &Caller) -> ApiResult<Vec<AppHealth>> {
     caller.require(Scope::Read)?;
     let apps = state.apps.load_full();
     // Every app's queue figures in one read, not one per app.
@@ -148,9 +156,9 @@ pub async fn list(
     let mut items = Vec::new();
     for app in apps.values().filter(|a| caller.token().may_touch(&a.name)) {
         let figures = stats.by_app.get(&app.name).cloned().unwrap_or_default();
-        items.push(health(&state, app, figures).await?);
+        items.push(health(state, app, figures).await?);
     }
-    Ok(Json(AppList { items }))
+    Ok(items)
 }
 
 /// One app's health.

@@ -208,6 +208,14 @@ impl Tokens {
             })
             .filter(|t| !t.is_empty())
             .ok_or_else(Problem::unauthorized)?;
+        self.authenticate_token(presented)
+    }
+
+    /// The token itself (as the console's sign-in form gives it), or 401.
+    pub fn authenticate_token(&self, presented: &str) -> Result<Caller, Problem> {
+        if presented.is_empty() {
+            return Err(Problem::unauthorized());
+        }
         let presented = digest(presented);
         // Every digest is compared, whichever matches.
         let mut found = None;
@@ -221,6 +229,25 @@ impl Tokens {
             tokens: self.clone(),
             index,
         })
+    }
+
+    /// The caller a console session stands for: the token still configured under `name` whose
+    /// [`Caller::session_fingerprint`] is `fingerprint` (compared in constant time). A token
+    /// removed or changed since the sign-in ends its sessions; its scopes and apps are the
+    /// configuration's now, not those of the sign-in.
+    pub fn session_caller(&self, name: &str, fingerprint: &str) -> Option<Caller> {
+        let index = self.0.iter().position(|t| t.name == name)?;
+        let caller = Caller {
+            tokens: self.clone(),
+            index,
+        };
+        bool::from(
+            caller
+                .session_fingerprint()
+                .as_bytes()
+                .ct_eq(fingerprint.as_bytes()),
+        )
+        .then_some(caller)
     }
 }
 
@@ -245,6 +272,15 @@ impl Caller {
 
     pub fn name(&self) -> &str {
         &self.token().name
+    }
+
+    /// What a console session keeps to know its token again: a digest of the token's
+    /// digest, so neither the token nor the digest the configuration holds is in the store.
+    pub fn session_fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"dinghook console session\0");
+        h.update(self.token().digest);
+        hex::encode(h.finalize())
     }
 
     /// The token's place among the configured tokens (its rate-limit bucket).

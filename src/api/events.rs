@@ -204,7 +204,12 @@ pub async fn list(
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> ApiResult<Json<EventPage>> {
     caller.require(Scope::Read)?;
-    let q = query(q)?;
+    Ok(Json(page(&state, &caller, query(q)?).await?))
+}
+
+/// A page of the events `q` asks for (what `GET /api/v1/events` and the console list).
+pub async fn page(state: &ApiState, caller: &Caller, q: EventsQuery) -> ApiResult<EventPage> {
+    caller.require(Scope::Read)?;
     let limit = page_limit(q.limit)?;
     let before_id = q
         .cursor
@@ -215,7 +220,7 @@ pub async fn list(
         })
         .transpose()?;
     let list = ListQuery {
-        app: listing_app(&caller, q.app)?,
+        app: listing_app(caller, q.app)?,
         state: parse_state(q.state.as_deref())?,
         event_type: q.event_type,
         limit: Some(limit),
@@ -230,10 +235,10 @@ pub async fn list(
     let next_cursor = (events.len() == limit as usize)
         .then(|| events.last().map(|e| e.id.to_string()))
         .flatten();
-    Ok(Json(EventPage {
+    Ok(EventPage {
         items: events.iter().map(EventItem::from).collect(),
         next_cursor,
-    }))
+    })
 }
 
 /// An event the caller may read, or 404 (also for another app's: no hint it exists).
@@ -254,9 +259,13 @@ pub async fn show(
     Extension(caller): Extension<Caller>,
     id: Result<Path<i64>, PathRejection>,
 ) -> ApiResult<Json<EventDetail>> {
+    Ok(Json(detail(&state, &caller, path_id(id)?).await?))
+}
+
+/// Event `id` with its payload, its runs and deliveries, when the caller may read it.
+pub async fn detail(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<EventDetail> {
     caller.require(Scope::Read)?;
-    let id = path_id(id)?;
-    let event = readable(&state, &caller, id).await?;
+    let event = readable(state, caller, id).await?;
     let deliveries = state
         .store
         .deliveries()
@@ -266,16 +275,37 @@ pub async fn show(
             ..DeliveryQuery::default()
         })
         .await?;
-    let payload = serde_json::from_str(&event.payload)
-        .unwrap_or_else(|_| Value::String(event.payload.clone()));
+    let payload = match serde_json::from_str(&event.payload) {
+        Ok(json) => crate::actions::shown_payload(&event.event_type, json),
+        Err(_) => Value::String(event.payload.clone()),
+    };
     let runs = runs_of(&*state.store, &event).await?;
-    Ok(Json(EventDetail {
+    Ok(EventDetail {
         event: EventItem::from(&event),
         payload,
         updated_at: event.updated_at,
         runs,
         deliveries: deliveries.iter().map(DeliveryItem::from).collect(),
-    }))
+    })
+}
+
+/// The event whose de-duplication key is `key` as app `app` wrote it (`event:<eventId>`,
+/// …), when the caller may read it.
+pub async fn find_by_key(
+    state: &ApiState,
+    caller: &Caller,
+    app: &str,
+    key: &str,
+) -> ApiResult<Option<EventItem>> {
+    caller.require(Scope::Read)?;
+    if !caller.token().may_touch(app) {
+        return Ok(None);
+    }
+    let found = state
+        .store
+        .find_by_dedup_key(&scoped::scoped(app, key))
+        .await?;
+    Ok(found.filter(|e| e.app == app).as_ref().map(EventItem::from))
 }
 
 /// Event `event`'s runs, oldest first: the last [`RUNS_SHOWN`] that ended, and the one going
@@ -311,15 +341,20 @@ pub async fn replay_one(
     Extension(caller): Extension<Caller>,
     id: Result<Path<i64>, PathRejection>,
 ) -> ApiResult<Json<Replayed>> {
+    let replayed = replay_event(&state, &caller, path_id(id)?).await?;
+    Ok(Json(Replayed { replayed }))
+}
+
+/// Sends event `id` back to `pending` (404 when the caller may not read it).
+pub async fn replay_event(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<u64> {
     caller.require(Scope::Replay)?;
-    let id = path_id(id)?;
-    readable(&state, &caller, id).await?;
+    readable(state, caller, id).await?;
     let replayed = state
         .store
         .replay(&ReplaySelector::Ids(vec![id]), now_millis())
         .await?;
     state.wake.notify_one();
-    Ok(Json(Replayed { replayed }))
+    Ok(replayed)
 }
 
 /// Most events one filtered replay reads at a time.
@@ -338,6 +373,18 @@ pub async fn replay_many(
 ) -> ApiResult<Json<Replayed>> {
     caller.require(Scope::Replay)?;
     let filter: ReplayFilter = json_body(&headers, body)?;
+    let replayed = replay_matching(&state, &caller, filter).await?;
+    Ok(Json(Replayed { replayed }))
+}
+
+/// Sends the events `filter` names back to `pending`: its ids (those the caller may touch),
+/// or every event its filter matches but running ones.
+pub async fn replay_matching(
+    state: &ApiState,
+    caller: &Caller,
+    filter: ReplayFilter,
+) -> ApiResult<u64> {
+    caller.require(Scope::Replay)?;
     let now = now_millis();
     if let Some(ids) = filter.ids {
         if filter.app.is_some()
@@ -370,43 +417,15 @@ pub async fn replay_many(
                 .await?
         };
         state.wake.notify_one();
-        return Ok(Json(Replayed { replayed }));
+        return Ok(replayed);
     }
-    let event_state = parse_state(filter.state.as_deref())?;
-    let since = filter
-        .since
-        .as_deref()
-        .map(|s| parse_time("since", s))
-        .transpose()?;
-    if event_state.is_none() && since.is_none() && filter.event_type.is_none() {
-        return Err(Problem::invalid(
-            "state",
-            "give ids, or a filter with at least one of state, type and since",
-        ));
-    }
-    if event_state == Some(EventState::Running) {
-        return Err(Problem::invalid(
-            "state",
-            "running events cannot be replayed",
-        ));
-    }
-    let app = listing_app(&caller, filter.app)?;
+    let matching = Matching::of(caller, filter)?;
     // Page through what matches, newest first, replaying each page by id: the filter may
     // name an app and a type, which the store's own replay selectors do not.
     let mut replayed = 0;
     let mut before_id = None;
     loop {
-        let page = state
-            .store
-            .list(&ListQuery {
-                app: app.clone(),
-                state: event_state,
-                event_type: filter.event_type.clone(),
-                limit: Some(REPLAY_PAGE),
-                before_id,
-                since,
-            })
-            .await?;
+        let page = state.store.list(&matching.page(before_id)).await?;
         let ids: Vec<i64> = page
             .iter()
             .filter(|e| e.state != EventState::Running)
@@ -421,5 +440,98 @@ pub async fn replay_many(
         before_id = page.last().map(|e| e.id);
     }
     state.wake.notify_one();
-    Ok(Json(Replayed { replayed }))
+    Ok(replayed)
+}
+
+/// How many events a replay by `filter` (no ids) would send back now: exact up to `cap`,
+/// else `cap` and `true` ("at least"). Counted by the same pages the replay reads, or from
+/// the store's maintained counts when the filter is one app's state.
+pub async fn count_matching(
+    state: &ApiState,
+    caller: &Caller,
+    filter: ReplayFilter,
+    cap: u64,
+) -> ApiResult<(u64, bool)> {
+    caller.require(Scope::Read)?;
+    let matching = Matching::of(caller, filter)?;
+    if let (Some(app), Some(event_state), None, None) = (
+        &matching.app,
+        matching.state,
+        &matching.event_type,
+        matching.since,
+    ) {
+        let stats = state.store.stats_for(Some(app), now_millis()).await?;
+        let n = stats
+            .by_app
+            .get(app)
+            .and_then(|a| a.by_state.get(event_state.as_str()))
+            .copied()
+            .unwrap_or(0);
+        return Ok((n, false));
+    }
+    let mut counted = 0;
+    let mut before_id = None;
+    loop {
+        let page = state.store.list(&matching.page(before_id)).await?;
+        counted += page
+            .iter()
+            .filter(|e| e.state != EventState::Running)
+            .count() as u64;
+        if counted >= cap {
+            return Ok((cap, true));
+        }
+        if page.len() < REPLAY_PAGE as usize {
+            return Ok((counted, false));
+        }
+        before_id = page.last().map(|e| e.id);
+    }
+}
+
+/// A replay filter, checked: at least one of state, type and since; never `running`; an app
+/// the caller may touch (or every app, for a token of every app).
+struct Matching {
+    app: Option<String>,
+    state: Option<EventState>,
+    event_type: Option<String>,
+    since: Option<i64>,
+}
+
+impl Matching {
+    fn of(caller: &Caller, filter: ReplayFilter) -> ApiResult<Matching> {
+        let event_state = parse_state(filter.state.as_deref())?;
+        let since = filter
+            .since
+            .as_deref()
+            .map(|s| parse_time("since", s))
+            .transpose()?;
+        if event_state.is_none() && since.is_none() && filter.event_type.is_none() {
+            return Err(Problem::invalid(
+                "state",
+                "give ids, or a filter with at least one of state, type and since",
+            ));
+        }
+        if event_state == Some(EventState::Running) {
+            return Err(Problem::invalid(
+                "state",
+                "running events cannot be replayed",
+            ));
+        }
+        Ok(Matching {
+            app: listing_app(caller, filter.app)?,
+            state: event_state,
+            event_type: filter.event_type,
+            since,
+        })
+    }
+
+    fn page(&self, before_id: Option<i64>) -> ListQuery {
+        ListQuery {
+            app: self.app.clone(),
+            state: self.state,
+            event_type: self.event_type.clone(),
+            limit: Some(REPLAY_PAGE),
+            before_id,
+            since: self.since,
+        }
+    }
 }

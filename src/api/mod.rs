@@ -31,6 +31,7 @@ use crate::store::Store;
 pub mod actions;
 pub mod apps;
 pub mod auth;
+pub mod console;
 pub mod events;
 pub mod openapi;
 pub mod problem;
@@ -90,6 +91,9 @@ pub struct ApiApp {
     pub store: Arc<dyn Store>,
     pub qps: u32,
     pub recovery: bool,
+    /// The monthly calls notifications leave to other calls (`notify_quota_reserve`): the
+    /// console warns before the month's pace reaches it.
+    pub quota_reserve: u64,
 }
 
 /// The apps of the running configuration (a reload replaces them).
@@ -122,6 +126,8 @@ pub struct ApiState {
     pub body_limit: usize,
     /// Each token's request budget.
     pub limiter: RateLimiter,
+    /// The proxies whose `X-Forwarded-Proto` the console believes (its cookie's `Secure`).
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
 }
 
 /// A token bucket per token (by its index in [`Tokens`]): `rps` a second, at most one
@@ -182,7 +188,8 @@ impl ApiState {
     }
 }
 
-/// Every API route, behind the token check, with problem+json for unknown paths and methods.
+/// Every API route, behind the token check, with problem+json for unknown paths and methods;
+/// and the operator console under `/console` ([`console`]).
 pub fn router(state: Arc<ApiState>) -> Router {
     let body_limit = state.body_limit;
     Router::new()
@@ -210,6 +217,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         // The document is public: it describes the API, not its data.
         .route("/api/v1/openapi.json", get(openapi::document))
+        // The console checks its own sessions (a cookie, not a bearer token).
+        .merge(console::router(Arc::clone(&state)))
         .with_state(state)
 }
 

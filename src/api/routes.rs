@@ -140,11 +140,19 @@ pub async fn list(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<RouteList>> {
+    Ok(Json(RouteList {
+        items: items(&state, &caller).await?,
+    }))
+}
+
+/// The configured routes with their backlogs and pauses (what `GET /api/v1/routes` and the
+/// console show).
+pub async fn items(state: &ApiState, caller: &Caller) -> ApiResult<Vec<RouteItem>> {
     caller.require(Scope::Read)?;
     let d = state.store.deliveries();
     let backlogs = d.route_backlogs(now_millis()).await?;
     let pauses = d.route_pauses().await?;
-    let items = state
+    Ok(state
         .routes
         .iter()
         .map(|r| {
@@ -165,8 +173,7 @@ pub async fn list(
                 paused_at: pause.map(|p| p.paused_at),
             }
         })
-        .collect();
-    Ok(Json(RouteList { items }))
+        .collect())
 }
 
 /// Stops a route's deliveries (they wait, nothing is lost) until it is resumed.
@@ -178,20 +185,29 @@ pub async fn pause(
     Extension(caller): Extension<Caller>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RouteChange>> {
-    caller.require(Scope::Admin)?;
     let name = path_name(name, "route")?;
-    route(&state, &name)?;
+    Ok(Json(pause_route(&state, &caller, name).await?))
+}
+
+/// Pauses route `name` (the admin scope).
+pub async fn pause_route(
+    state: &ApiState,
+    caller: &Caller,
+    name: String,
+) -> ApiResult<RouteChange> {
+    caller.require(Scope::Admin)?;
+    route(state, &name)?;
     let d = state.store.deliveries();
     let was = d.route_pauses().await?.iter().any(|p| p.route == name);
     if !was {
         let reason = format!("paused through the API by {}", caller.name());
         d.pause_route(&name, &reason, now_millis()).await?;
     }
-    Ok(Json(RouteChange {
+    Ok(RouteChange {
         route: name,
         paused: true,
         changed: !was,
-    }))
+    })
 }
 
 /// Resumes a paused route (also one the circuit breaker or a 410 paused).
@@ -203,16 +219,50 @@ pub async fn resume(
     Extension(caller): Extension<Caller>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<RouteChange>> {
-    caller.require(Scope::Admin)?;
     let name = path_name(name, "route")?;
-    route(&state, &name)?;
+    Ok(Json(resume_route(&state, &caller, name).await?))
+}
+
+/// Resumes route `name` (the admin scope).
+pub async fn resume_route(
+    state: &ApiState,
+    caller: &Caller,
+    name: String,
+) -> ApiResult<RouteChange> {
+    caller.require(Scope::Admin)?;
+    route(state, &name)?;
     let changed = state.store.deliveries().resume_route(&name).await?;
     state.routing.wake_for(&name).notify_one();
-    Ok(Json(RouteChange {
+    Ok(RouteChange {
         route: name,
         paused: false,
         changed,
-    }))
+    })
+}
+
+/// Delivers route `name`'s dead deliveries again (the replay scope, a token of every app:
+/// the API's rule for a replay by filter).
+pub async fn replay_dead(state: &ApiState, caller: &Caller, name: &str) -> ApiResult<u64> {
+    caller.require(Scope::Replay)?;
+    route(state, name)?;
+    if caller.token().apps.is_some() {
+        return Err(Problem::forbidden(
+            "this token is limited to some apps: replay deliveries by id",
+        ));
+    }
+    let replayed = state
+        .store
+        .deliveries()
+        .replay_deliveries(
+            &DeliveryReplay::RouteState {
+                route: name.to_owned(),
+                state: EventState::Dead,
+            },
+            now_millis(),
+        )
+        .await?;
+    state.routing.wake_for(name).notify_one();
+    Ok(replayed)
 }
 
 /// Deliveries, newest first.

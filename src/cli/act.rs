@@ -69,6 +69,7 @@ pub async fn act(args: ActArgs) -> Result<()> {
         store: app_store,
         qps: spec.dingtalk.qps,
         recovery: false,
+        quota_reserve: spec.handlers.notify_quota_reserve,
     };
     let submitted = submit_action(&store, &app, "cli", &key, body).await;
     store.close().await;
