@@ -355,6 +355,8 @@ fn log_app_notes(spec: &AppSpec) {
 /// [`Reloader`].
 struct Live {
     fixed: Fixed,
+    /// Prunes ended events and old records; a reload gives it the apps' retentions.
+    retention: Arc<crate::retention::Retention>,
     /// The public listener's routes, which a reload swaps.
     router: SharedRouter,
     dispatcher: Arc<Dispatcher>,
@@ -596,9 +598,22 @@ impl Live {
         for (app, stream) in streams {
             state.streams.replace(&app, stream);
         }
+        self.retention.set_apps(retentions(&apps.specs));
         state.apps = apps;
         Ok(done)
     }
+}
+
+/// Each app's retention, for [`crate::retention::Retention`].
+fn retentions(specs: &[AppSpec]) -> Vec<crate::retention::AppRetention> {
+    specs
+        .iter()
+        .map(|spec| crate::retention::AppRetention {
+            app: spec.name.clone(),
+            done: spec.retention.done,
+            dead: spec.retention.dead,
+        })
+        .collect()
 }
 
 /// The settings a reload cannot change that `new` has otherwise than `started`.
@@ -607,7 +622,7 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         serde_json::to_value(v).ok()
     }
     let (a, b) = (started, new);
-    let checks: [(&'static str, bool); 13] = [
+    let checks: [(&'static str, bool); 14] = [
         // Until the route workers follow a reload.
         ("routes", value(&a.routes) == value(&b.routes)),
         ("listen", a.listen == b.listen),
@@ -627,6 +642,13 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         ("server", value(&a.server) == value(&b.server)),
         ("store", value(&a.store) == value(&b.store)),
         ("dispatch", value(&a.dispatch) == value(&b.dispatch)),
+        // `done` and `dead` follow a reload (each app's); the rest is the pruner's own.
+        (
+            "retention",
+            a.retention.audit == b.retention.audit
+                && a.retention.interval == b.retention.interval
+                && a.retention.batch == b.retention.batch,
+        ),
         (
             "callback.body_budget",
             a.callback.body_budget == b.callback.body_budget,
@@ -789,7 +811,14 @@ impl Application {
             )
             .with_routing(fixed.routing.clone()),
         );
+        let retention = Arc::new(crate::retention::Retention::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            config.retention.clone(),
+            retentions(&apps.specs),
+        ));
         let live = Arc::new(Live {
+            retention,
             router: Arc::new(arc_swap::ArcSwap::from_pointee(apps.router.clone())),
             dispatcher,
             source,
@@ -926,6 +955,7 @@ impl Application {
         };
         live.state.lock().await.recoveries.start_all();
         live.state.lock().await.streams.start_all();
+        let pruner = live.retention.start(stopping.clone());
         // Routes run beside the workers (also with `dispatch.enabled = false`: that turns the
         // handlers off, not the routes), and stop with them.
         let route_tasks: Vec<_> = runners
@@ -990,6 +1020,7 @@ impl Application {
             .chain(recovery)
             .chain(streams)
             .chain(route_tasks)
+            .chain(std::iter::once(pruner))
             .collect();
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let all_tasks = futures_util::future::join_all(tasks);

@@ -35,6 +35,7 @@ pub mod handler;
 pub mod http;
 pub mod metrics;
 pub mod ops;
+pub mod retention;
 pub mod routes;
 pub mod secret;
 pub mod server;

@@ -44,6 +44,12 @@ struct App {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Pruned {
+    app: String,
+    what: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Name {
     app: String,
     name: &'static str,
@@ -73,6 +79,8 @@ pub struct Metrics {
     callbacks_rejected: Family<AppReason, Counter>,
     ack_seconds: Histogram,
     handler_runs: Family<TypeOutcome, Counter>,
+    /// Rows deleted by retention, by app and what (`done`, `dead`, `effect`, `audit`, …).
+    pruned: Family<Pruned, Counter>,
     dead_letters: Counter,
     queue_depth: Family<AppState, Gauge>,
     oldest_pending_seconds: Family<App, Gauge<f64, AtomicU64>>,
@@ -413,6 +421,12 @@ impl Metrics {
             "Dispatcher runs, by event type and outcome (done, retry, dead, no_handler, lease_lost)",
             handler_runs.clone(),
         );
+        let pruned = Family::<Pruned, Counter>::default();
+        registry.register(
+            "pruned",
+            "Rows deleted by retention, by app and what (done and dead events with their runs and deliveries, effect, audit and console_session documents)",
+            pruned.clone(),
+        );
         let dead_letters = Counter::default();
         registry.register(
             "dead_letters",
@@ -492,6 +506,7 @@ impl Metrics {
             callbacks_rejected,
             ack_seconds,
             handler_runs,
+            pruned,
             dead_letters,
             queue_depth,
             oldest_pending_seconds,
@@ -902,6 +917,18 @@ impl Metrics {
                     app: app.to_owned(),
                 })
                 .observe(seconds);
+        }
+    }
+
+    /// Retention deleted `n` rows of `what` of `app`.
+    pub fn pruned(&self, app: &str, what: &'static str, n: u64) {
+        if n > 0 {
+            self.pruned
+                .get_or_create(&Pruned {
+                    app: app.to_owned(),
+                    what,
+                })
+                .inc_by(n);
         }
     }
 

@@ -25,7 +25,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "the rooms",
-        &["sources", "dispatch", "builtin", "ops", "server", "api"],
+        &[
+            "sources",
+            "dispatch",
+            "builtin",
+            "ops",
+            "server",
+            "api",
+            "retention",
+        ],
     ),
     ("composition", &["config"]),
     ("wiring", &["app"]),

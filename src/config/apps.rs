@@ -47,6 +47,8 @@ pub struct AppSpec {
     /// the `default` app); the knobs from `[stream]` unless the app's `[apps.NAME.stream]`
     /// sets them.
     pub stream: StreamConfig,
+    /// `[retention]`, with `done` and `dead` from `[apps.NAME.retention]` where it sets them.
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl AppSpec {
@@ -140,7 +142,8 @@ impl AppSpec {
             "token" | "aes_key" | "previous_aes_keys" | "owner_key" => format!("callback.{key}"),
             k if k.starts_with("handlers")
                 || k.starts_with("recovery")
-                || k.starts_with("stream") =>
+                || k.starts_with("stream")
+                || k.starts_with("retention") =>
             {
                 k.to_owned()
             }
@@ -240,6 +243,7 @@ pub(super) fn resolve(config: &super::Config) -> Result<Vec<AppSpec>, ConfigErro
             handlers: config.handlers.clone(),
             recovery: config.recovery.clone(),
             stream: config.stream.clone(),
+            retention: config.retention.clone(),
         };
         check_keys(&default)?;
         apps.push(default);
@@ -358,7 +362,7 @@ fn resolve_one(config: &super::Config, name: &str, table: &Value) -> Result<AppS
     for (key, value) in table {
         let part = if CALLBACK_KEYS.contains(&key.as_str()) {
             &mut own
-        } else if key == "handlers" || key == "recovery" || key == "stream" {
+        } else if key == "handlers" || key == "recovery" || key == "stream" || key == "retention" {
             &mut sections
         } else {
             &mut client
@@ -447,6 +451,33 @@ fn resolve_one(config: &super::Config, name: &str, table: &Value) -> Result<AppS
             app_invalid(name, &key, describe(&e))
         })?;
 
+    // Only how long its events are kept is the app's own; the rest is every app's.
+    let own_retention = section(&sections, "retention");
+    if let Some(key) = own_retention
+        .keys()
+        .find(|k| !matches!(k.as_str(), "done" | "dead"))
+    {
+        return Err(app_invalid(
+            name,
+            &format!("retention.{key}"),
+            "only done and dead may be set per app; the rest is [retention]'s",
+        ));
+    }
+    let retention: crate::retention::RetentionConfig =
+        Figment::from(Serialized::defaults(dict_of(&config.retention)?))
+            .merge(Serialized::defaults(own_retention))
+            .extract()
+            .map_err(|e| {
+                app_invalid(
+                    name,
+                    &format!("retention.{}", e.path.join(".")),
+                    describe(&e),
+                )
+            })?;
+    if let Err((key, message)) = retention.check() {
+        return Err(app_invalid(name, &format!("retention.{key}"), message));
+    }
+
     let app = AppSpec {
         name: name.to_owned(),
         top_level: false,
@@ -455,6 +486,7 @@ fn resolve_one(config: &super::Config, name: &str, table: &Value) -> Result<AppS
         handlers,
         recovery,
         stream,
+        retention,
     };
     check_keys(&app)?;
     Ok(app)
@@ -602,6 +634,35 @@ interval = "2h"
         assert_eq!(default.callback.path, "/dingtalk/callback");
         assert_eq!(default.dingtalk.app_key, "dingtop");
         assert!(ops.cipher().is_ok() && default.cipher().is_ok());
+    }
+
+    #[test]
+    fn an_app_keeps_its_events_as_long_as_it_says_and_nothing_else_is_its_own() {
+        let day = std::time::Duration::from_secs(86_400);
+        let extra = "[retention]\ndone = \"3d\"\n[apps.ops.retention]\ndead = \"90d\"\n";
+        let config = load(&two_apps(extra), &[("DINGHOOK_RETENTION_AUDIT", "0")]).unwrap();
+        let apps = config.apps().unwrap();
+        let (default, ops) = (&apps[0].retention, &apps[1].retention);
+        assert_eq!((default.done, default.dead), (3 * day, 30 * day));
+        assert_eq!((ops.done, ops.dead), (3 * day, 90 * day), "done inherited");
+        assert!(config.retention.audit.is_zero());
+        let error = load(&two_apps("[apps.ops.retention]\ninterval = \"5s\"\n"), &[])
+            .and_then(|c| c.apps())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("apps.ops.retention.interval"), "{error}");
+        let error = load(&two_apps("[apps.ops.retention]\ndone = \"1h\"\n"), &[])
+            .and_then(|c| c.apps())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("apps.ops.retention.done") && error.contains("24h"),
+            "{error}"
+        );
+        let error = load(&two_apps(""), &[("DINGHOOK_RETENTION_DONE", "10m")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("retention.done"), "{error}");
     }
 
     #[test]

@@ -115,6 +115,11 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("stream.store_timeout", "DINGHOOK_STREAM_STORE_TIMEOUT"),
     ("stream.open_timeout", "DINGHOOK_STREAM_OPEN_TIMEOUT"),
     ("stream.max_frame", "DINGHOOK_STREAM_MAX_FRAME"),
+    ("retention.done", "DINGHOOK_RETENTION_DONE"),
+    ("retention.dead", "DINGHOOK_RETENTION_DEAD"),
+    ("retention.audit", "DINGHOOK_RETENTION_AUDIT"),
+    ("retention.interval", "DINGHOOK_RETENTION_INTERVAL"),
+    ("retention.batch", "DINGHOOK_RETENTION_BATCH"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -158,6 +163,8 @@ pub struct Config {
     pub recovery: RecoveryConfig,
     /// Stream mode: `enabled` for the top-level app, the knobs for every app.
     pub stream: StreamConfig,
+    /// How long ended events and records are kept (`done` and `dead` also per app).
+    pub retention: crate::retention::RetentionConfig,
     /// `[apps.NAME]` tables as written; [`Config::apps`] resolves them (see [`apps`]).
     #[serde(skip_serializing)]
     pub apps: BTreeMap<String, Value>,
@@ -184,6 +191,7 @@ impl Default for Config {
             handlers: HandlersConfig::default(),
             recovery: RecoveryConfig::default(),
             stream: StreamConfig::default(),
+            retention: crate::retention::RetentionConfig::default(),
             apps: BTreeMap::new(),
             routes: Vec::new(),
         }
@@ -413,6 +421,9 @@ impl Config {
         }
         for delay in &d.retry_schedule {
             durations.push(("dispatch.retry_schedule", *delay, Duration::ZERO, 30 * DAY));
+        }
+        if let Err((key, message)) = self.retention.check() {
+            return Err(invalid(&format!("retention.{key}"), message));
         }
         check_durations(&durations, invalid)
     }
