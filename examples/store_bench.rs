@@ -15,6 +15,10 @@
 //!   cargo run --release --example store_bench -- insert --url sqlite:///tmp/r.db \
 //!       --events 20000 --rounds 5 --compare-without-runs --drain
 //!
+//!   # a store of N events over 30 days pruned to 7 days, inserts at a steady rate beside it
+//!   cargo run --release --example store_bench -- prune --url sqlite:///tmp/p.db \
+//!       --events 1000000 --rate 1000
+//!
 //! The database must be empty (a new SQLite path, a new PostgreSQL database).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +54,21 @@ enum Command {
         /// reads each app's oldest waiting event.
         #[arg(long, default_value_t = 1)]
         apps: u64,
+    },
+    /// Fill the store (events over 30 days, ~97 % done), then prune it as `[retention]`
+    /// would (done after 7 days), timing inserts at a steady rate meanwhile and, for
+    /// comparison, the same inserts without the prune.
+    Prune {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// `retention.batch`.
+        #[arg(long, default_value_t = 500)]
+        batch: u32,
+        /// Inserts a second beside the prune (in 16 concurrent streams).
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
     },
     /// Time distinct inserts through the store API.
     Insert {
@@ -100,6 +119,12 @@ async fn main() -> anyhow::Result<()> {
             before,
             apps,
         } => scrape(&url, events, runs, before, apps).await,
+        Command::Prune {
+            url,
+            events,
+            batch,
+            rate,
+        } => prune(&url, events, batch, rate).await,
         Command::Insert {
             url,
             events,
@@ -606,3 +631,111 @@ async fn run_inserts(
     next.store(end, Ordering::Relaxed);
     Ok(all)
 }
+
+/// Inserts at `rate` a second for `seconds` (16 streams), each stream waiting for its own
+/// before the next; returns their latencies.
+async fn steady_inserts(
+    store: &Arc<dyn Store>,
+    prefix: &str,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<Vec<Duration>> {
+    const STREAMS: u64 = 16;
+    let mut tasks = Vec::new();
+    for stream in 0..STREAMS {
+        let store = Arc::clone(store);
+        let prefix = prefix.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let every = Duration::from_secs_f64(STREAMS as f64 / rate.max(1) as f64);
+            let mut tick = tokio::time::interval(every);
+            let mut latencies = Vec::new();
+            for i in 0..(rate * seconds / STREAMS) {
+                tick.tick().await;
+                let event = NewEvent {
+                    app: "default".into(),
+                    dedup_key: format!("{prefix}:{stream}:{i}"),
+                    payload: format!(r#"{{"EventType":"type_0","eventId":"{i}","pad":"{PAD}"}}"#),
+                    event_type: "type_0".into(),
+                    corp_id: Some("dingcorp".into()),
+                    source: Source::Push,
+                    received_at: now_millis(),
+                    routes: Vec::new(),
+                };
+                let started = Instant::now();
+                store.insert(event).await?;
+                latencies.push(started.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+async fn prune(url: &str, events: u64, batch: u32, rate: u64) -> anyhow::Result<()> {
+    use dinghook::retention::{AppRetention, Retention, RetentionConfig};
+    let store = open(url).await?;
+    let raw = Raw::open(url).await?;
+    eprintln!("filling {events} events over 30 days");
+    fill(&raw, events, 1).await?;
+    let before = raw.query("SELECT id FROM events").await?;
+    let retention = Arc::new(Retention::new(
+        Arc::clone(&store),
+        Arc::new(dinghook::metrics::Metrics::new()),
+        RetentionConfig {
+            batch,
+            ..RetentionConfig::default()
+        },
+        vec![AppRetention {
+            app: "default".into(),
+            done: Duration::from_secs(7 * 86_400),
+            dead: Duration::from_secs(30 * 86_400),
+        }],
+    ));
+    // Inserts alone, for comparison.
+    let alone = Timings(steady_inserts(&store, "alone", rate, 10).await?);
+    eprintln!("inserts alone at {rate}/s: {}", alone.show());
+    let started = Instant::now();
+    let pruner = {
+        let retention = Arc::clone(&retention);
+        tokio::spawn(async move { retention.prune(now_millis(), &|| false).await })
+    };
+    let inserting = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            // In rounds of 5 s until the prune ends.
+            for round in 0.. {
+                all.extend(steady_inserts(&store, &format!("beside-{round}"), rate, 5).await?);
+                if round > 1_000 {
+                    break;
+                }
+                if PRUNE_DONE.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            anyhow::Ok(all)
+        })
+    };
+    let pruned = pruner.await??;
+    let took = started.elapsed();
+    PRUNE_DONE.store(true, Ordering::Relaxed);
+    let beside = Timings(inserting.await??);
+    let after = raw.query("SELECT id FROM events").await?;
+    println!(
+        "{url}: {events} events, prune to 7 days in batches of {batch}: {} done + {} dead \
+         deleted in {took:.1?} ({:.0} events/s); rows {before} -> {after} (with the inserts)",
+        pruned.done,
+        pruned.dead,
+        (pruned.done + pruned.dead) as f64 / took.as_secs_f64(),
+    );
+    println!("  inserts at {rate}/s alone:       {}", alone.show());
+    println!("  inserts at {rate}/s beside it:   {}", beside.show());
+    store.close().await;
+    Ok(())
+}
+
+static PRUNE_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

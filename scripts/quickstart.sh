@@ -8,6 +8,7 @@
 # Environment (all optional): DINGHOOK_LISTEN (127.0.0.1:8080), DINGHOOK_OPS_LISTEN
 # (127.0.0.1:9464: /metrics), DINGHOOK_API_LISTEN (127.0.0.1:8081: the HTTP API),
 # FAKE_LISTEN (127.0.0.1:9000),
+# DINGHOOK_STREAM (on: Stream mode against the fake as well; off: HTTP push only),
 # DINGHOOK_STORE_URL (the config's sqlite://data/dinghook.db), DATA_DIR (data: the fake's log
 # and the first reply), DINGHOOK_BIN and FAKE_BIN (prebuilt binaries; otherwise both are built
 # with cargo --release).
@@ -24,6 +25,9 @@ FAKE_LISTEN="${FAKE_LISTEN:-127.0.0.1:9000}"
 # config/dev.toml points the DingTalk client at 127.0.0.1:9000; follow FAKE_LISTEN.
 export DINGHOOK_DINGTALK_OAPI_URL="http://$FAKE_LISTEN"
 export DINGHOOK_DINGTALK_API_URL="http://$FAKE_LISTEN"
+# Stream mode too: the default app also holds an outbound WebSocket to the fake's Stream
+# gateway (step 5), beside the HTTP push.
+export DINGHOOK_STREAM="${DINGHOOK_STREAM:-on}"
 BASE="http://$DINGHOOK_LISTEN"
 FAKE="http://$FAKE_LISTEN"
 
@@ -101,6 +105,24 @@ for _ in $(seq 1 200); do
 done
 echo "   now: $shown"
 case "$shown" in *'"state":"done"'*) ;; *) echo "the action did not run" >&2; exit 1 ;; esac
+
+if [ "$DINGHOOK_STREAM" = "on" ]; then
+    echo
+    echo "== 5. Stream mode: the fake's gateway sends an event over dinghook's WebSocket; acknowledged after the commit"
+    stream_id="quickstart-stream-$(date +%s%N)"
+    curl -fsS -X POST "$FAKE/_fake/stream/events" \
+        -d '{"event_type":"chat_update_title","event_id":"'"$stream_id"'","data":{"ChatId":"chatDev","OpenConversationId":"cidDevGroup","Title":"改名了","TimeStamp":1}}' >/dev/null
+    stored=""
+    for _ in $(seq 1 200); do
+        stored=$("$DINGHOOK_BIN" events list --json --limit 1000 | grep "\"event:$stream_id\"" || true)
+        case "$stored" in *'"state":"done"'*) break ;; esac
+        sleep 0.05
+    done
+    echo "   stored: $stored"
+    case "$stored" in *'"source":"stream"'*) ;; *) echo "the Stream event was not stored" >&2; exit 1 ;; esac
+    acked=$(curl -fsS "$FAKE/_fake/stream/state?frames=false" | grep -o "\"$stream_id\"" | head -1 || true)
+    echo "   the fake gateway saw it acknowledged: ${acked:-no}"
+fi
 
 cat <<EOF
 

@@ -35,6 +35,8 @@ grep -q 'Ctrl-C stops both' "$WORK/quickstart.log" || { cat "$WORK/quickstart.lo
 grep -q 'the reply decrypts to: success' "$WORK/quickstart.log" || fail "quick start: no decrypted reply"
 grep -q '"msgKey"' "$WORK/quickstart.log" || fail "quick start: no welcome shown at the fake DingTalk"
 grep -q 'now: .*"state":"done"' "$WORK/quickstart.log" || fail "quick start: the API's action did not run"
+grep -q 'stored: .*"source":"stream"' "$WORK/quickstart.log" || fail "quick start: no event over Stream mode"
+grep -q 'the fake gateway saw it acknowledged: "quickstart-stream-' "$WORK/quickstart.log" || fail "quick start: the Stream event was not acknowledged"
 
 # The README's HTTP API examples: the first listing, as written but for the port.
 cmd=$(grep -m1 "^curl -sS -H \"Authorization: Bearer dinghook-dev-api-token\" 'http://127.0.0.1:8081/api/v1/events" "$root/README.md") \
