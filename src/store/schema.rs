@@ -230,9 +230,11 @@ CREATE INDEX IF NOT EXISTS events_app_dead ON events (app, id) WHERE state = 'de
     // `released`) or is claimed again by another worker after its lease ran out
     // (`lease_expired`: the worker died or hung). It began when it was claimed: the claim sets
     // `updated_at`, and nothing else changes a running event. `event_runs_event`: an event's
-    // runs are read by its id, newest first.
+    // runs are read by its id, newest first. Written to run again over itself (IF NOT EXISTS,
+    // the trigger dropped first), like migration 14: a database rolled back by hand to an
+    // older version keeps its history.
     r#"
-CREATE TABLE event_runs (
+CREATE TABLE IF NOT EXISTS event_runs (
     id          {id_pk},
     event_id    {bigint} NOT NULL,
     attempt     {bigint} NOT NULL,
@@ -243,12 +245,13 @@ CREATE TABLE event_runs (
     handled     TEXT,
     worker      TEXT
 );
-CREATE INDEX event_runs_event ON event_runs (event_id, id);
+CREATE INDEX IF NOT EXISTS event_runs_event ON event_runs (event_id, id);
 {event_runs_trigger}"#,
 ];
 
 /// Migration 15's trigger for SQLite: a row trigger, only on the columns a run's end changes.
 const SQLITE_EVENT_RUNS: &str = r#"
+DROP TRIGGER IF EXISTS events_run_ended;
 CREATE TRIGGER events_run_ended AFTER UPDATE OF state, lease_owner ON events
 WHEN OLD.state = 'running' AND (NEW.state <> 'running' OR NEW.lease_owner IS NOT OLD.lease_owner)
 BEGIN
@@ -276,6 +279,7 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+DROP TRIGGER IF EXISTS events_run_ended ON events;
 CREATE TRIGGER events_run_ended AFTER UPDATE ON events FOR EACH ROW
     WHEN (OLD.state = 'running'
         AND (NEW.state <> 'running' OR NEW.lease_owner IS DISTINCT FROM OLD.lease_owner))
