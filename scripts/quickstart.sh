@@ -111,7 +111,7 @@ if [ "$DINGHOOK_STREAM" = "on" ]; then
     echo "== 5. Stream mode: the fake's gateway sends an event over dinghook's WebSocket; acknowledged after the commit"
     stream_id="quickstart-stream-$(date +%s%N)"
     curl -fsS -X POST "$FAKE/_fake/stream/events" \
-        -d '{"event_type":"chat_update_title","event_id":"'"$stream_id"'","data":{"ChatId":"chatDev","OpenConversationId":"cidDevGroup","Title":"改名了","TimeStamp":1}}' >/dev/null
+        -d '{"eventType":"chat_update_title","eventId":"'"$stream_id"'","data":{"ChatId":"chatDev","OpenConversationId":"cidDevGroup","Title":"改名了","TimeStamp":1}}' >/dev/null
     stored=""
     for _ in $(seq 1 200); do
         stored=$("$DINGHOOK_BIN" events list --json --limit 1000 | grep "\"event:$stream_id\"" || true)

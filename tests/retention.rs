@@ -142,15 +142,17 @@ async fn prunes_what_retention_allows(url: String, db: &std::path::Path) {
             .await;
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let metrics = loop {
-        let metrics = http
-            .get(server.ops_url("/metrics"))
+    let scrape = || async {
+        http.get(server.ops_url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    };
+    let metrics = loop {
+        let metrics = scrape().await;
         if metrics.contains(r#"dinghook_pruned_total{app="default",what="audit"} 1"#) {
             break metrics;
         }
@@ -184,14 +186,7 @@ async fn prunes_what_retention_allows(url: String, db: &std::path::Path) {
     // The queue figures follow (the maintained counts): one done and one dead left.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let metrics = http
-            .get(server.ops_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = scrape().await;
         let done = r#"dinghook_queue_depth{app="default",state="done"} 1"#;
         let dead = r#"dinghook_queue_depth{app="default",state="dead"} 1"#;
         if metrics.contains(done) && metrics.contains(dead) {

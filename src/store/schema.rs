@@ -249,42 +249,39 @@ CREATE INDEX IF NOT EXISTS event_runs_event ON event_runs (event_id, id);
 {event_runs_trigger}"#,
 ];
 
-/// Migration 15's trigger for SQLite: a row trigger, only on the columns a run's end changes.
-const SQLITE_EVENT_RUNS: &str = r#"
-DROP TRIGGER IF EXISTS events_run_ended;
-CREATE TRIGGER events_run_ended AFTER UPDATE OF state, lease_owner ON events
-WHEN OLD.state = 'running' AND (NEW.state <> 'running' OR NEW.lease_owner IS NOT OLD.lease_owner)
-BEGIN
-    INSERT INTO event_runs (event_id, attempt, started_at, finished_at, outcome, error, handled, worker)
-    VALUES (OLD.id, OLD.attempts, OLD.updated_at, NEW.updated_at,
-        CASE NEW.state WHEN 'running' THEN 'lease_expired' WHEN 'pending' THEN 'released'
-            ELSE NEW.state END,
-        CASE WHEN NEW.state IN ('retry', 'dead') THEN NEW.last_error END,
-        NEW.handled, OLD.lease_owner);
-END;
-"#;
+/// What migration 15's trigger inserts for the run that ended (`OLD` the running row, `NEW`
+/// what it became), the same words in both dialects.
+const RUN_ENDED: &str = "INSERT INTO event_runs (event_id, attempt, started_at, finished_at, \
+     outcome, error, handled, worker) \
+     VALUES (OLD.id, OLD.attempts, OLD.updated_at, NEW.updated_at, \
+     CASE NEW.state WHEN 'running' THEN 'lease_expired' WHEN 'pending' THEN 'released' \
+     ELSE NEW.state END, \
+     CASE WHEN NEW.state IN ('retry', 'dead') THEN NEW.last_error END, \
+     NEW.handled, OLD.lease_owner);";
 
-/// Migration 15's trigger for PostgreSQL: a row trigger whose `WHEN` is checked without
-/// calling the function, so the updates that end no run (claims of waiting events, replays)
-/// pay nothing for it.
-const POSTGRES_EVENT_RUNS: &str = r#"
-CREATE OR REPLACE FUNCTION dinghook_run_ended() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO event_runs (event_id, attempt, started_at, finished_at, outcome, error, handled, worker)
-    VALUES (OLD.id, OLD.attempts, OLD.updated_at, NEW.updated_at,
-        CASE NEW.state WHEN 'running' THEN 'lease_expired' WHEN 'pending' THEN 'released'
-            ELSE NEW.state END,
-        CASE WHEN NEW.state IN ('retry', 'dead') THEN NEW.last_error END,
-        NEW.handled, OLD.lease_owner);
-    RETURN NULL;
-END;
-$$;
-DROP TRIGGER IF EXISTS events_run_ended ON events;
-CREATE TRIGGER events_run_ended AFTER UPDATE ON events FOR EACH ROW
-    WHEN (OLD.state = 'running'
-        AND (NEW.state <> 'running' OR NEW.lease_owner IS DISTINCT FROM OLD.lease_owner))
-    EXECUTE FUNCTION dinghook_run_ended();
-"#;
+/// Migration 15's trigger in `dialect`. SQLite: a row trigger, only on the columns a run's end
+/// changes. PostgreSQL: a row trigger whose `WHEN` is checked without calling the function,
+/// so the updates that end no run (claims of waiting events, replays) pay nothing for it.
+fn event_runs_trigger(dialect: Dialect) -> String {
+    match dialect {
+        Dialect::Sqlite => format!(
+            "\nDROP TRIGGER IF EXISTS events_run_ended;\n\
+             CREATE TRIGGER events_run_ended AFTER UPDATE OF state, lease_owner ON events\n\
+             WHEN OLD.state = 'running' \
+             AND (NEW.state <> 'running' OR NEW.lease_owner IS NOT OLD.lease_owner)\n\
+             BEGIN\n    {RUN_ENDED}\nEND;\n"
+        ),
+        Dialect::Postgres => format!(
+            "\nCREATE OR REPLACE FUNCTION dinghook_run_ended() RETURNS trigger \
+             LANGUAGE plpgsql AS $$\nBEGIN\n    {RUN_ENDED}\n    RETURN NULL;\nEND;\n$$;\n\
+             DROP TRIGGER IF EXISTS events_run_ended ON events;\n\
+             CREATE TRIGGER events_run_ended AFTER UPDATE ON events FOR EACH ROW\n\
+             WHEN (OLD.state = 'running' \
+             AND (NEW.state <> 'running' OR NEW.lease_owner IS DISTINCT FROM OLD.lease_owner))\n\
+             EXECUTE FUNCTION dinghook_run_ended();\n"
+        ),
+    }
+}
 
 /// Migration 8 for SQLite: one writer, so one row per (type, state) (`shard` is always 0),
 /// updated by row triggers. A change of state (or type) moves one from the old row to the new.
@@ -592,8 +589,7 @@ impl Dialect {
                 (Dialect::Postgres, "event_counts_by_app", _) => {
                     out.push_str(POSTGRES_COUNTS_BY_APP)
                 }
-                (Dialect::Sqlite, "event_runs_trigger", _) => out.push_str(SQLITE_EVENT_RUNS),
-                (Dialect::Postgres, "event_runs_trigger", _) => out.push_str(POSTGRES_EVENT_RUNS),
+                (_, "event_runs_trigger", _) => out.push_str(&event_runs_trigger(self)),
                 (Dialect::Sqlite, "id_pk", _) => out.push_str("INTEGER PRIMARY KEY AUTOINCREMENT"),
                 (Dialect::Postgres, "id_pk", _) => out.push_str("BIGSERIAL PRIMARY KEY"),
                 (Dialect::Sqlite, "bigint", _) => out.push_str("INTEGER"),
