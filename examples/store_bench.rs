@@ -64,7 +64,7 @@ enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
         /// `retention.batch`.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 200)]
         batch: u32,
         /// Inserts a second beside the prune (in 16 concurrent streams).
         #[arg(long, default_value_t = 1_000)]

@@ -34,7 +34,9 @@ pub const DEDUP_FLOOR: Duration = Duration::from_secs(24 * 3600);
 /// long before: `console` sessions last hours).
 const SESSIONS_KEPT: Duration = Duration::from_secs(24 * 3600);
 
-/// The pause between two batches, so callbacks waiting for the store's writer go first.
+/// The shortest pause between two batches, so callbacks waiting for the store's writer go
+/// first; a batch that took longer is followed by a pause as long as it took, so pruning a
+/// backlog takes at most about half of the writer's time.
 const BATCH_PAUSE: Duration = Duration::from_millis(20);
 
 /// `[retention]`, and `[apps.NAME.retention]` for `done` and `dead`.
@@ -64,7 +66,7 @@ impl Default for RetentionConfig {
             dead: Duration::from_secs(30 * 86_400),
             audit: Duration::from_secs(90 * 86_400),
             interval: Duration::from_secs(60),
-            batch: 500,
+            batch: 200,
         }
     }
 }
@@ -265,12 +267,13 @@ impl Retention {
             if stopped() {
                 return Ok(total);
             }
+            let started = std::time::Instant::now();
             let n = step().await?;
             total += n;
             if n < u64::from(self.config.batch) {
                 return Ok(total);
             }
-            tokio::time::sleep(BATCH_PAUSE).await;
+            tokio::time::sleep(started.elapsed().max(BATCH_PAUSE)).await;
         }
     }
 }
