@@ -605,3 +605,119 @@ async fn a_new_event_wakes_its_route_at_once() {
     }
     app.stop().await;
 }
+
+/// A real `dinghook serve` SIGKILLed while a route delivers (each delivery takes the receiver
+/// 20 ms, 8 at a time, so some are in flight at the kill), then started again: every event
+/// reaches the receiver at least once, and only deliveries in flight at the kill (at most the
+/// route's concurrency) reach it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_during_deliveries_loses_none_and_repeats_only_those_in_flight() {
+    const EVENTS: usize = 600;
+    const CONCURRENCY: usize = 8;
+    let ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = ids.clone();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        post(move |headers: HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                // Taken when it arrives, as a receiver that acts on it would.
+                let id = headers["webhook-id"]
+                    .to_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock().unwrap().push(id);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data").join("dinghook.db");
+    let config = dir.path().join("routes.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[routes]]\nname = \"crm\"\nurl = \"{hook}\"\nsecret = \"{SECRET}\"\n\
+             timeout = \"1s\"\nconcurrency = {CONCURRENCY}\n"
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let env = [
+        ("DINGHOOK_CONFIG", config.as_str()),
+        ("DINGHOOK_RECOVERY", "off"),
+    ];
+    let port = support::free_port();
+    let mut server = support::ServerProcess::start(&db, port, &env).await;
+    let http = reqwest::Client::new();
+    let url = server.url("/dingtalk/callback");
+    let posts = futures_util::stream::iter(0..EVENTS).map(|i| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let sealed = support::seal(&support::sender(), &renamed(&format!("kill-{i}")));
+            let response = http
+                .post(format!("{url}?{}", sealed.query()))
+                .header("content-type", "application/json")
+                .body(sealed.body())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    });
+    use futures_util::StreamExt;
+    posts.buffer_unordered(16).collect::<Vec<()>>().await;
+    support::wait_until("a third delivered", || {
+        ids.lock().unwrap().len() >= EVENTS / 3
+    })
+    .await;
+    server.kill().await;
+    let at_kill = ids.lock().unwrap().len();
+    assert!(at_kill < EVENTS, "all delivered before the kill");
+
+    // The deliveries in flight at the kill go again once their lease (timeout + 10 s) ends.
+    let _server = support::ServerProcess::start(&db, port, &env).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let distinct: std::collections::HashSet<String> =
+            ids.lock().unwrap().iter().cloned().collect();
+        if distinct.len() == EVENTS {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {EVENTS} delivered",
+            distinct.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Until every delivery is done: those in flight at the kill were taken by the receiver
+    // already and go again when their lease ends.
+    let undelivered = || {
+        rusqlite::Connection::open(&db)
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM deliveries WHERE state <> 'done'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .unwrap_or(-1)
+    };
+    while undelivered() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "deliveries left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total = ids.lock().unwrap().len();
+    let repeats = total - EVENTS;
+    eprintln!("{at_kill} delivered at the kill; {repeats} delivered twice after the restart");
+    assert!(
+        repeats <= CONCURRENCY,
+        "{repeats} repeated: more than were in flight"
+    );
+}

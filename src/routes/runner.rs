@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 use crate::store::{DeliveryOutcome, Store, StoredDelivery, StoredEvent};
 use crate::time::now_millis;
 
+/// What a delivery's lease adds to the route's `timeout` (see `RouteRunner::lease`).
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
 /// Failures in a row that open the breaker.
 pub const BREAKER_FAILURES: u32 = 10;
 /// The first cool-down of an open breaker; doubled after each failed probe.
@@ -80,9 +83,12 @@ impl RouteRunner {
         format!("{}-route-{}", self.settings.node, self.spec.name)
     }
 
-    /// How long a claimed delivery stays this runner's: longer than any attempt may take.
+    /// How long a claimed delivery stays this runner's: longer than any attempt may take (an
+    /// attempt is bounded by the route's `timeout`) plus recording its outcome (one statement,
+    /// bounded by the store's operation timeout, 5 s). A runner that dies (SIGKILL) leaves its
+    /// deliveries to others after this.
     fn lease(&self) -> Duration {
-        self.spec.timeout + Duration::from_secs(30)
+        self.spec.timeout + LEASE_MARGIN
     }
 
     pub fn start(self, stop: watch::Receiver<bool>) -> JoinHandle<()> {
