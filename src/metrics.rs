@@ -221,11 +221,27 @@ impl StreamMetrics {
 
 /// What the routes' runners ([`crate::routes::runner`]) and scrapes report.
 struct RouteMetrics {
+    /// 1 while the route's destination was last reached, 0 after it was not.
+    up: Family<RouteLabel, Gauge>,
+    /// What each route's destination last said, for `/readyz`.
+    health: std::sync::Mutex<std::collections::BTreeMap<String, RouteHealth>>,
     deliveries: Family<RouteOutcome, Counter>,
     latency: Family<RouteLabel, Histogram>,
     backlog: Family<RouteState, Gauge>,
     oldest_due: Family<RouteLabel, Gauge<f64, AtomicU64>>,
     paused: Family<RouteLabel, Gauge>,
+}
+
+/// What `/readyz` shows of a route: whether its destination was reached the last time it
+/// was tried (a delivery or the check at start), since when, and the last failure.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct RouteHealth {
+    up: bool,
+    /// Epoch ms since `up` has been what it is.
+    since: i64,
+    last_ok_at: Option<i64>,
+    last_error: Option<String>,
+    last_error_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -247,6 +263,12 @@ struct RouteState {
 
 impl RouteMetrics {
     fn register(registry: &mut Registry) -> Self {
+        let up = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "route_up",
+            "1 while the route's destination was reached the last time it was tried (a delivery, or the check at start), 0 after it was not",
+            up.clone(),
+        );
         let deliveries = Family::<RouteOutcome, Counter>::default();
         registry.register(
             "route_deliveries",
@@ -286,6 +308,8 @@ impl RouteMetrics {
             paused.clone(),
         );
         RouteMetrics {
+            up,
+            health: std::sync::Mutex::default(),
             deliveries,
             latency,
             backlog,
@@ -952,6 +976,53 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         all.get(app).and_then(|s| serde_json::to_value(s).ok())
+    }
+
+    /// Route `route`'s destination was reached (`Ok`) or not (`Err` with why: a text without
+    /// secrets, as the destinations write their errors).
+    pub fn route_reached(&self, route: &str, result: Result<(), &str>) {
+        let now = crate::time::now_millis();
+        let up = result.is_ok();
+        self.routes
+            .up
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .set(i64::from(up));
+        let mut all = self
+            .routes
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let health = all.entry(route.to_owned()).or_insert_with(|| RouteHealth {
+            up,
+            since: now,
+            ..RouteHealth::default()
+        });
+        if health.up != up {
+            health.up = up;
+            health.since = now;
+        }
+        match result {
+            Ok(()) => health.last_ok_at = Some(now),
+            Err(error) => {
+                health.last_error = Some(error.to_owned());
+                health.last_error_at = Some(now);
+            }
+        }
+    }
+
+    /// Each route tried so far in this process: `up`, `since`, `last_ok_at`, `last_error`,
+    /// `last_error_at`, by route name.
+    pub fn route_statuses(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let all = self
+            .routes
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.iter()
+            .filter_map(|(route, h)| Some((route.clone(), serde_json::to_value(h).ok()?)))
+            .collect()
     }
 
     /// Every app's Stream connection that runs in this process (not `stopped`), as

@@ -70,19 +70,21 @@ pub struct OpsState {
 /// The probes, for the public listener. `/readyz` names each Stream connection's state and
 /// the reason it last ended, not the detail (the public port is the one the internet reaches).
 pub fn probes(state: Arc<OpsState>) -> Router {
-    probe_routes(state, StreamDetail::Public)
+    probe_routes(state, Detail::Public)
 }
 
-/// How much of each Stream connection `/readyz` shows.
+/// How much `/readyz` shows of each Stream connection and each route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamDetail {
-    /// State, since when, down since when, the last close's reason (a fixed word) and time.
+enum Detail {
+    /// Stream: state, since when, down since when, the last close's reason (a fixed word) and
+    /// time. Routes: up or not, since when.
     Public,
-    /// Also the last close's detail text and the last frame's time.
+    /// Also the last close's detail text and the last frame's time; a route's last success and
+    /// last failure's text.
     Operator,
 }
 
-fn probe_routes(state: Arc<OpsState>, detail: StreamDetail) -> Router {
+fn probe_routes(state: Arc<OpsState>, detail: Detail) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route(
@@ -101,7 +103,7 @@ pub fn router(state: Arc<OpsState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(scrape)
-        .merge(probe_routes(state, StreamDetail::Operator))
+        .merge(probe_routes(state, Detail::Operator))
 }
 
 /// What `/metrics` shares between scrapes: the state and the last store figures.
@@ -252,26 +254,58 @@ async fn metrics(State(scrape): State<Arc<Scrape>>) -> Response {
 /// this process is reported under `stream` but never makes the replica unready: the load
 /// balancer routes HTTP callbacks by readiness, and a replica whose Stream connection is down
 /// still stores HTTP pushes and robot messages (README, "Stream mode").
-async fn readyz(State(state): State<Arc<OpsState>>, detail: StreamDetail) -> Response {
-    let stream = stream_report(&state.metrics, detail);
+async fn readyz(State(state): State<Arc<OpsState>>, detail: Detail) -> Response {
+    let mut extra = serde_json::Map::new();
+    if let Some(stream) = stream_report(&state.metrics, detail) {
+        extra.insert("stream".into(), stream);
+    }
+    if let Some(routes) = route_report(&state.metrics, detail) {
+        extra.insert("routes".into(), routes);
+    }
     match tokio::time::timeout(state.probe_timeout, state.store.probe()).await {
         Ok(Ok(())) => {
             let mut body = json!({ "status": "ready" });
-            if let Some(stream) = stream {
-                body["stream"] = stream;
+            if let Some(fields) = body.as_object_mut() {
+                fields.extend(extra);
             }
             Json(body).into_response()
         }
-        Ok(Err(e)) => not_ready(e.to_string(), stream),
+        Ok(Err(e)) => not_ready(e.to_string(), extra),
         Err(_) => not_ready(
             format!("store probe timed out after {:?}", state.probe_timeout),
-            stream,
+            extra,
         ),
     }
 }
 
+/// What `/readyz` says of each route's destination (`None` without routes): whether it was
+/// reached the last time it was tried and since when; on the operator listener also the last
+/// success and the last failure's text. A destination that is down never makes the replica
+/// unready: the callbacks it takes are stored and wait for the route.
+fn route_report(metrics: &Metrics, detail: Detail) -> Option<Value> {
+    let statuses = metrics.route_statuses();
+    if statuses.is_empty() {
+        return None;
+    }
+    let routes = statuses
+        .into_iter()
+        .map(|(route, status)| {
+            let keys: &[&str] = match detail {
+                Detail::Public => &["up", "since"],
+                Detail::Operator => &["up", "since", "last_ok_at", "last_error", "last_error_at"],
+            };
+            let entry = keys
+                .iter()
+                .filter_map(|key| Some(((*key).to_owned(), status.get(*key)?.clone())))
+                .collect();
+            (route, Value::Object(entry))
+        })
+        .collect();
+    Some(Value::Object(routes))
+}
+
 /// What `/readyz` says of each app's Stream connection, `None` when no app runs one here.
-fn stream_report(metrics: &Metrics, detail: StreamDetail) -> Option<Value> {
+fn stream_report(metrics: &Metrics, detail: Detail) -> Option<Value> {
     const PUBLIC: [&str; 7] = [
         "state",
         "since",
@@ -292,7 +326,7 @@ fn stream_report(metrics: &Metrics, detail: StreamDetail) -> Option<Value> {
         .map(|(app, status)| {
             let shown = PUBLIC
                 .iter()
-                .chain(if detail == StreamDetail::Operator {
+                .chain(if detail == Detail::Operator {
                     OPERATOR.as_slice()
                 } else {
                     [].as_slice()
@@ -308,11 +342,11 @@ fn stream_report(metrics: &Metrics, detail: StreamDetail) -> Option<Value> {
     Some(Value::Object(apps))
 }
 
-fn not_ready(message: String, stream: Option<Value>) -> Response {
+fn not_ready(message: String, extra: serde_json::Map<String, Value>) -> Response {
     tracing::warn!(%message, "not ready");
     let mut body = json!({ "status": "not_ready", "error": { "code": "store_unavailable", "message": message } });
-    if let Some(stream) = stream {
-        body["stream"] = stream;
+    if let Some(fields) = body.as_object_mut() {
+        fields.extend(extra);
     }
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }

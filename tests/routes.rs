@@ -721,3 +721,75 @@ async fn a_sigkill_during_deliveries_loses_none_and_repeats_only_those_in_flight
         "{repeats} repeated: more than were in flight"
     );
 }
+
+/// `/readyz` names each route's destination: up once reached, down (with why, on the operator
+/// port only, without the URL's password) when a broker cannot be reached, already at start
+/// before any delivery; a destination that is down never makes the replica unready.
+#[tokio::test]
+async fn readyz_reports_each_routes_destination_without_failing_on_it() {
+    let (receiver, url) = Receiver::start().await;
+    let closed = support::free_port();
+    let app = TestApp::spawn_with_handlers(
+        move |config| {
+            config.routes = vec![
+                route("crm", &url, &["chat_*"]),
+                RouteConfig {
+                    subject: Some("dinghook.{app}.{type}".into()),
+                    secrets: Vec::new(),
+                    headers: Default::default(),
+                    ..route(
+                        "bus",
+                        &format!("nats://dinghook:hunter2-secret@127.0.0.1:{closed}"),
+                        &["todo_*"],
+                    )
+                },
+            ]
+        },
+        RegistryBuilder::new(),
+    )
+    .await;
+    assert_eq!(app.post_event(&renamed("up-1")).await.status(), 200);
+    receiver.wait_for(1).await;
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (status, ops) = loop {
+        let response = http.get(app.ops_url("/readyz")).send().await.unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        let routes = &body["routes"];
+        if routes["crm"]["up"] == true && routes["bus"]["up"] == false {
+            break (status, body);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        status, 200,
+        "a destination down does not make the replica unready"
+    );
+    assert_eq!(ops["status"], "ready");
+    let error = ops["routes"]["bus"]["last_error"].as_str().unwrap();
+    assert!(error.contains("NATS"), "{error}");
+    assert!(!ops.to_string().contains("hunter2"), "{ops}");
+    assert!(ops["routes"]["crm"]["last_ok_at"].is_i64(), "{ops}");
+    // The public port says up or down and since when, nothing more.
+    let public: Value = http
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bus = public["routes"]["bus"].as_object().unwrap();
+    assert_eq!(bus.keys().collect::<Vec<_>>(), ["since", "up"], "{public}");
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"dinghook_route_up{route="bus"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"dinghook_route_up{route="crm"} 1"#),
+        "{metrics}"
+    );
+}

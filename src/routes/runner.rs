@@ -113,6 +113,28 @@ impl RouteRunner {
         // New deliveries may be due (set by a wake-up or the poll interval).
         let mut look = true;
         tracing::info!(route = %this.spec.name, kind = this.spec.target.kind(), url = %this.spec.shown_url, "route started");
+        // Whether the destination can be reached, known before the first delivery (a broker
+        // that is down at start shows in `/readyz` and `dinghook_route_up` at once).
+        {
+            let this = Arc::clone(&this);
+            tokio::spawn(async move {
+                let checked = tokio::time::timeout(this.spec.timeout, this.destination.check())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no answer within {}",
+                            crate::time::format_duration(this.spec.timeout)
+                        ))
+                    });
+                if let Err(e) = &checked {
+                    tracing::warn!(route = %this.spec.name, error = %e, "route destination unreachable");
+                }
+                this.metrics.route_reached(
+                    &this.spec.name,
+                    checked.as_ref().map(|_| ()).map_err(String::as_str),
+                );
+            });
+        }
         loop {
             let stopping = *stop.borrow();
             if stopping && in_flight.is_empty() {
@@ -331,6 +353,13 @@ impl RouteRunner {
         let seconds = matches!(outcome, DeliveryOutcome::Done { .. })
             .then(|| (now - event.received_at).max(0) as f64 / 1000.0);
         self.metrics.route_delivery(route, label, seconds);
+        match (&outcome, attempt.failed) {
+            (_, false) => self.metrics.route_reached(route, Ok(())),
+            (DeliveryOutcome::Retry { error, .. } | DeliveryOutcome::Dead { error, .. }, true) => {
+                self.metrics.route_reached(route, Err(error))
+            }
+            (DeliveryOutcome::Done { .. }, true) => {}
+        }
         if let DeliveryOutcome::Dead { error, .. } = &outcome {
             tracing::warn!(route, delivery = delivery.id, event = event.id, error = %error, "delivery dead");
         }
