@@ -793,3 +793,140 @@ async fn readyz_reports_each_routes_destination_without_failing_on_it() {
         "{metrics}"
     );
 }
+
+/// A callback through the server reaches a RabbitMQ queue bound to the route's exchange:
+/// persistent, confirmed, the envelope as the body and its id as the message id.
+#[tokio::test]
+async fn a_callback_reaches_a_rabbitmq_queue() {
+    use lapin::options::{
+        BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{Connection, ConnectionProperties, ExchangeKind};
+    let Ok(url) = std::env::var("DINGHOOK_TEST_AMQP_URL") else {
+        eprintln!("SKIPPED: DINGHOOK_TEST_AMQP_URL is not set");
+        return;
+    };
+    let connection = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let name = format!("dinghook_e2e_{}", dinghook::crypto::random_nonce());
+    channel
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            name.as_str().into(),
+            "default.*".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let exchange = name.clone();
+    let app = TestApp::spawn_with_handlers(
+        |config| {
+            let mut mq = route("mq", &url, &[]);
+            mq.secrets.clear();
+            mq.headers.clear();
+            mq.exchange = Some(exchange);
+            mq.routing_key = Some("{app}.{type}".into());
+            config.routes = vec![mq];
+        },
+        RegistryBuilder::new(),
+    )
+    .await;
+    assert_eq!(app.post_event(&renamed("q-1")).await.status(), 200);
+    let done = wait_state(&app, "mq", EventState::Done).await;
+    assert_eq!(done.attempts, 1);
+    let got = channel
+        .basic_get(name.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message is in the queue");
+    assert_eq!(got.routing_key.as_str(), "default.chat_update_title");
+    let envelope: Value = serde_json::from_slice(&got.data).unwrap();
+    assert_eq!(envelope["data"]["Title"], "新名字");
+    assert_eq!(
+        got.properties.message_id().as_ref().map(|s| s.as_str()),
+        envelope["id"].as_str()
+    );
+    assert_eq!(*got.properties.delivery_mode(), Some(2), "persistent");
+    app.stop().await;
+    channel
+        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+/// A callback through the server becomes one entry of the app's Redis stream, the envelope
+/// in its `envelope` field and its id in `id`.
+#[tokio::test]
+async fn a_callback_reaches_a_redis_stream() {
+    let Ok(url) = std::env::var("DINGHOOK_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: DINGHOOK_TEST_REDIS_URL is not set");
+        return;
+    };
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let prefix = format!("dinghook_e2e_{}", dinghook::crypto::random_nonce());
+    let stream = format!("{prefix}:{{app}}");
+    let app = TestApp::spawn_with_handlers(
+        |config| {
+            let mut entries = route("entries", &url, &[]);
+            entries.secrets.clear();
+            entries.headers.clear();
+            entries.stream = Some(stream);
+            config.routes = vec![entries];
+        },
+        RegistryBuilder::new(),
+    )
+    .await;
+    assert_eq!(app.post_event(&renamed("s-1")).await.status(), 200);
+    let done = wait_state(&app, "entries", EventState::Done).await;
+    assert_eq!(done.attempts, 1);
+    let key = format!("{prefix}:default");
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let reply: Vec<Entry> = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(reply.len(), 1, "one entry");
+    let fields: std::collections::HashMap<String, Vec<u8>> = reply[0].1.iter().cloned().collect();
+    let envelope: Value = serde_json::from_slice(&fields["envelope"]).unwrap();
+    assert_eq!(envelope["data"]["Title"], "新名字");
+    assert_eq!(fields["id"], envelope["id"].as_str().unwrap().as_bytes());
+    assert_eq!(fields["type"], b"chat_update_title");
+    app.stop().await;
+    let _: redis::Value = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
