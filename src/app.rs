@@ -958,6 +958,7 @@ impl Application {
         let pruner = live.retention.start(stopping.clone());
         // Routes run beside the workers (also with `dispatch.enabled = false`: that turns the
         // handlers off, not the routes), and stop with them.
+        let route_owners: Vec<String> = runners.iter().map(|r| r.owner()).collect();
         let route_tasks: Vec<_> = runners
             .into_iter()
             .map(|runner| runner.start(stopping.clone()))
@@ -1042,6 +1043,23 @@ impl Application {
                     error = %e,
                     "could not put abandoned runs back; they run again when their lease ends"
                 ),
+            }
+            // Deliveries a route had in flight too (a destination slower than the grace).
+            for owner in &route_owners {
+                match store
+                    .deliveries()
+                    .release_deliveries(owner, crate::time::now_millis())
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(deliveries = n, "abandoned deliveries put back to pending")
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "could not put abandoned deliveries back; they go again when their lease ends"
+                    ),
+                }
             }
         }
         store.close().await;

@@ -930,3 +930,79 @@ async fn a_callback_reaches_a_redis_stream() {
         .await
         .unwrap();
 }
+
+/// SIGTERM while a destination takes longer than the shutdown grace: the process stops on
+/// time, and the deliveries it had in flight are put back to `pending` at once (not left
+/// leased for `timeout` + 10 s), so another replica or the next start sends them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_puts_back_the_deliveries_a_slow_destination_held() {
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = got.clone();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        post(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data").join("dinghook.db");
+    let config = dir.path().join("routes.toml");
+    std::fs::write(
+        &config,
+        format!("[[routes]]\nname = \"slow\"\nurl = \"{hook}\"\nsecret = \"{SECRET}\"\ntimeout = \"30s\"\n"),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let env = [
+        ("DINGHOOK_CONFIG", config.as_str()),
+        ("DINGHOOK_RECOVERY", "off"),
+        ("DINGHOOK_SHUTDOWN_TIMEOUT", "1s"),
+    ];
+    let mut server = support::ServerProcess::start(&db, support::free_port(), &env).await;
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        let sealed = support::seal(&support::sender(), &renamed(&format!("slow-{i}")));
+        let response = http
+            .post(format!(
+                "{}?{}",
+                server.url("/dingtalk/callback"),
+                sealed.query()
+            ))
+            .header("content-type", "application/json")
+            .body(sealed.body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    support::wait_until("three deliveries in flight", || {
+        got.load(std::sync::atomic::Ordering::SeqCst) == 3
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let status = server.terminate().await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let states: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT state, lease_owner FROM deliveries ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(states, vec![("pending".to_owned(), None); 3]);
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("abandoned deliveries put back"), "{log}");
+}

@@ -78,8 +78,9 @@ impl RouteRunner {
         }
     }
 
-    /// The lease owner of this runner.
-    fn owner(&self) -> String {
+    /// The lease owner of this runner (what shutdown releases when the runner had to be
+    /// abandoned).
+    pub fn owner(&self) -> String {
         format!("{}-route-{}", self.settings.node, self.spec.name)
     }
 
