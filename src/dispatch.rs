@@ -125,8 +125,8 @@ pub struct Dispatcher {
     next_app: std::sync::atomic::AtomicUsize,
     /// The last read of the apps with waiting events, and when (see `waiting_apps`).
     waiting: tokio::sync::Mutex<Option<(tokio::time::Instant, Vec<String>)>>,
-    /// The routes, told when an action ends (`dinghook.action.done` / `.dead`); `None`: no
-    /// route is configured.
+    /// The routes, told when an action ends (`dinghook.action.done` / `.dead`); `None`: a
+    /// dispatcher built without them tells nothing.
     routing: Option<crate::routes::Routing>,
 }
 
@@ -492,8 +492,8 @@ impl Dispatcher {
         let told = match (&action, &outcome) {
             (Some(action), Outcome::Done) => self.tell_routes(action, None, lease_until).await,
             (Some(action), Outcome::Dead) => {
-                self.tell_routes(action, error.as_deref(), lease_until)
-                    .await
+                let why = error.as_deref().unwrap_or("dead");
+                self.tell_routes(action, Some(why), lease_until).await
             }
             _ => Ok(()),
         };
