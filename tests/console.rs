@@ -16,7 +16,7 @@ use dinghook::api::{Scope, TokenConfig};
 use dinghook::handler::{HandlerError, Registrations, RegistryBuilder};
 use dinghook::routes::config::RouteConfig;
 use dinghook::secret::Secret;
-use dinghook::store::EventState;
+use dinghook::store::{EventState, Inserted, NewEvent, Source};
 use serde_json::Value;
 use support::{TestApp, AES_KEY, TOKEN};
 
@@ -270,6 +270,8 @@ async fn no_page_or_action_without_a_session() {
         "/console/routes",
         "/console/dead",
         "/console/apps",
+        "/console/actions",
+        "/console/actions/1",
         "/console/nope",
     ] {
         let response = console.get(path, None).await;
@@ -605,6 +607,159 @@ async fn forms_from_elsewhere_and_read_only_tokens_are_refused() {
         .await
         .unwrap();
     assert!(zh.contains("lang=\"zh-CN\"") && zh.contains("登录"));
+    console.app.stop().await;
+}
+
+/// Stores an action of the default app directly (no DingTalk needed), not due before
+/// `due_at`, and returns its id.
+async fn store_action(console: &Console, key: &str, due_at: i64) -> i64 {
+    let payload = serde_json::json!({
+        "action": {
+            "type": "robot_reply",
+            "session_webhook": "https://oapi.dingtalk.com/robot/sendBySession?session=SECRETHOOK",
+            "msgtype": "text",
+            "text": {"content": format!("hello {key}")},
+        },
+        "idempotency_key": key,
+        "requested_by": "crm-system",
+    });
+    let event = NewEvent {
+        app: "default".into(),
+        dedup_key: format!("action:{key}"),
+        event_type: "dinghook_action".into(),
+        corp_id: None,
+        payload: payload.to_string(),
+        source: Source::Api,
+        received_at: dinghook::time::now_millis(),
+        routes: Vec::new(),
+    };
+    match console.app.store.schedule(event, due_at).await.unwrap() {
+        Inserted::Stored { id } => id,
+        Inserted::Duplicate { id } => panic!("{key} stored twice ({id})"),
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_lists_shows_and_retries_actions() {
+    let console = Console::start().await;
+    // Far in the future: the dispatcher leaves them alone; the test claims and ends them.
+    let later = dinghook::time::now_millis() + 86_400_000;
+    let dead = store_action(&console, "k-dead", later).await;
+    let done = store_action(&console, "k-done", later).await;
+    let store = &console.app.store;
+    let claimed = store.claim("test", 10, 60_000, later).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(store
+        .mark_dead(dead, "test", "DingTalk said 400: <i>bad</i>", &[], later)
+        .await
+        .unwrap());
+    assert!(store.mark_done(done, "test", later).await.unwrap());
+    store
+        .put_document(
+            "effect",
+            "action:k-done/action",
+            &serde_json::json!({"task_id": 424242}),
+            later,
+        )
+        .await
+        .unwrap();
+    let queued = store_action(&console, "k-queued", later + 1).await;
+
+    let admin = console.sign_in(ADMIN).await;
+    let list = console.page("/console/actions", &admin).await;
+    for key in [
+        "k-dead",
+        "k-done",
+        "k-queued",
+        "crm-system",
+        "424242",
+        "said 400",
+    ] {
+        assert!(list.contains(key), "{key} in the list");
+    }
+    assert!(!list.contains("SECRETHOOK") && !list.contains("<i>bad"));
+    // Newest first.
+    let at = |id: i64| list.find(&format!("id=\"action-{id}\"")).unwrap();
+    assert!(at(queued) < at(done) && at(done) < at(dead));
+    let only = console.page("/console/actions?state=queued", &admin).await;
+    assert!(only.contains("k-queued") && !only.contains("k-dead") && !only.contains("k-done"));
+    let only = console.page("/console/actions?state=dead", &admin).await;
+    assert!(only.contains("k-dead") && !only.contains("k-queued"));
+
+    // An action's page: the request as the API shows it, the error; retry when dead.
+    let page = console
+        .page(&format!("/console/actions/{dead}"), &admin)
+        .await;
+    assert!(
+        page.contains("[set]") && !page.contains("SECRETHOOK"),
+        "{page}"
+    );
+    assert!(page.contains("hello k-dead") && page.contains("id=\"retry\""));
+    let page_done = console
+        .page(&format!("/console/actions/{done}"), &admin)
+        .await;
+    assert!(page_done.contains("424242") && !page_done.contains("id=\"retry\""));
+    // Its event links to it.
+    let event = console
+        .page(&format!("/console/events/{dead}"), &admin)
+        .await;
+    assert!(event.contains(&format!("href=\"/console/actions/{dead}\"")));
+    assert!(!event.contains("SECRETHOOK"));
+
+    // A read-only token sees it, may not retry it.
+    let reader = console.sign_in(READER).await;
+    let html = console
+        .page(&format!("/console/actions/{dead}"), &reader)
+        .await;
+    assert!(!html.contains("id=\"retry\""));
+    let token = csrf(&html);
+    let retry = format!("/console/actions/{dead}/retry");
+    let response = console
+        .post(&retry, Some(&reader), &[("csrf", &token)], &[])
+        .await;
+    assert_eq!(response.status(), 403);
+    // Another app's token sees none of it.
+    let ops = console.sign_in(OPS).await;
+    assert!(!console
+        .page("/console/actions", &ops)
+        .await
+        .contains("k-dead"));
+    assert_eq!(
+        console
+            .get(&format!("/console/actions/{dead}"), Some(&ops))
+            .await
+            .status(),
+        404
+    );
+    // No CSRF token: 403; a done action: 409; the dead one: back in the queue, audited.
+    let token = csrf(&page);
+    let response = console.post(&retry, Some(&admin), &[], &[]).await;
+    assert_eq!(response.status(), 403);
+    let response = console
+        .post(
+            &format!("/console/actions/{done}/retry"),
+            Some(&admin),
+            &[("csrf", &token)],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 409);
+    let response = console
+        .post(&retry, Some(&admin), &[("csrf", &token)], &[])
+        .await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/console/actions/{dead}?notice=retried&n=1").as_str()
+    );
+    assert_ne!(
+        store.get(dead).await.unwrap().unwrap().state,
+        EventState::Dead,
+        "back in the queue"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit = serde_json::to_string(&store.list_documents("audit", 50).await.unwrap()).unwrap();
+    assert!(audit.contains(&retry), "{audit}");
     console.app.stop().await;
 }
 

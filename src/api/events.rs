@@ -177,7 +177,7 @@ pub(super) fn parse_state(text: Option<&str>) -> ApiResult<Option<EventState>> {
 
 /// The app a listing is limited to: the one asked for (which the token must be allowed), or
 /// the token's only app; a token limited to several apps must say which.
-fn listing_app(caller: &Caller, asked: Option<String>) -> ApiResult<Option<String>> {
+pub(super) fn listing_app(caller: &Caller, asked: Option<String>) -> ApiResult<Option<String>> {
     match asked {
         Some(app) => {
             caller.app(&app)?;

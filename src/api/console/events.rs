@@ -381,6 +381,8 @@ struct EventPage {
     runs: Vec<RunView>,
     deliveries: Vec<DeliveryView>,
     payload: String,
+    /// An action's event: links to its action page.
+    is_action: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -419,6 +421,7 @@ pub async fn show(
     let e = &detail.event;
     let waiting = matches!(e.state.as_str(), "pending" | "running" | "retry");
     render(&EventPage {
+        is_action: e.event_type == crate::actions::ACTION_EVENT,
         live: waiting,
         can_replay: viewer.can(Scope::Replay),
         e: EventView {

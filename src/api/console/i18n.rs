@@ -112,6 +112,7 @@ pub const MESSAGES: &[(&str, &str, &str)] = &[
     ("nav.overview", "Overview", "概览"),
     ("nav.events", "Events", "事件"),
     ("nav.dead", "Dead letters", "死信"),
+    ("nav.actions", "Actions", "动作"),
     ("nav.routes", "Routes", "路由"),
     ("nav.apps", "Apps", "应用"),
     ("signout", "Sign out", "退出"),
@@ -233,6 +234,21 @@ pub const MESSAGES: &[(&str, &str, &str)] = &[
     ("routes.replayed", "{n} delivery(ies) will be delivered again.", "{n} 个投递将重新投递。"),
     ("routes.paused", "The route is paused.", "路由已暂停。"),
     ("routes.resumed", "The route is resumed.", "路由已恢复。"),
+    ("actions.title", "Actions (the outbox)", "动作（发件箱）"),
+    ("actions.none", "No actions match.", "没有匹配的动作。"),
+    ("actions.key", "Idempotency key", "幂等键"),
+    ("actions.by", "Asked by", "请求者"),
+    ("actions.outcome", "DingTalk's result or the error", "钉钉返回结果或错误"),
+    ("actions.s.queued", "queued", "排队中"),
+    ("action.title", "Action", "动作"),
+    ("action.event", "Its event", "对应事件"),
+    ("action.retry", "Retry", "重试"),
+    ("action.confirm_retry", "Send this dead action back to the queue? DingTalk is called again for what has not succeeded.", "将此死信动作重新排队？未成功的钉钉调用会再次执行。"),
+    ("action.retried", "{n} action(s) sent back to the queue.", "已将 {n} 个动作重新排队。"),
+    ("action.result", "DingTalk's result", "钉钉返回结果"),
+    ("action.no_result", "No result yet.", "暂无结果。"),
+    ("action.request", "Request (session webhooks as [set])", "请求内容（会话 Webhook 显示为 [set]）"),
+    ("event.action_link", "its action", "查看动作"),
 ];
 
 #[cfg(test)]
@@ -254,6 +270,8 @@ mod tests {
             include_str!("templates/confirm.html"),
             include_str!("templates/routes.html"),
             include_str!("templates/apps.html"),
+            include_str!("templates/actions.html"),
+            include_str!("templates/action.html"),
         ];
         let mut used = Vec::new();
         for t in templates {

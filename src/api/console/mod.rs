@@ -34,6 +34,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiState, Caller, Problem, Scope};
 
+mod actions;
 mod chart;
 mod events;
 pub mod i18n;
@@ -61,6 +62,9 @@ pub fn router(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
         .route("/console/events/{id}", get(events::show))
         .route("/console/events/{id}/replay", post(events::replay_one))
         .route("/console/dead", get(events::dead_letters))
+        .route("/console/actions", get(actions::list))
+        .route("/console/actions/{id}", get(actions::show))
+        .route("/console/actions/{id}/retry", post(actions::retry))
         .route("/console/routes", get(pages::routes))
         .route("/console/routes/{name}/pause", post(pages::pause_route))
         .route("/console/routes/{name}/resume", post(pages::resume_route))
@@ -200,6 +204,14 @@ impl Chrome {
     /// An event or delivery state's name.
     pub fn state(&self, state: &str) -> &'static str {
         i18n::state(self.lang, state)
+    }
+
+    /// An action's state (`queued`, or an event state's name).
+    pub fn action_state(&self, state: &str) -> &'static str {
+        match state {
+            "queued" => self.t("actions.s.queued"),
+            other => self.state(other),
+        }
     }
 }
 
