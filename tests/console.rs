@@ -76,6 +76,7 @@ impl Console {
             move |config| {
                 config.api.listen = "127.0.0.1:0".into();
                 config.api.token = Secret::new(ADMIN);
+                config.api.public_url = "https://hooks.example.com/".into();
                 config.api.tokens = vec![
                     TokenConfig {
                         name: "reader".into(),
@@ -289,6 +290,8 @@ async fn no_page_or_action_without_a_session() {
         "/console/events/1/replay",
         "/console/routes/crm/pause",
         "/console/events/replay-selected",
+        "/console/actions/1/retry",
+        "/console/apps/default/check",
         "/console/sign-out",
     ] {
         let response = console
@@ -760,6 +763,91 @@ async fn the_outbox_lists_shows_and_retries_actions() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let audit = serde_json::to_string(&store.list_documents("audit", 50).await.unwrap()).unwrap();
     assert!(audit.contains(&retry), "{audit}");
+    console.app.stop().await;
+}
+
+#[tokio::test]
+async fn the_apps_page_shows_the_callback_url_and_checks_it() {
+    let console = Console::start().await;
+    let admin = console.sign_in(ADMIN).await;
+    let html = console.page("/console/apps", &admin).await;
+    let path = &console.app.callback_path;
+    assert!(
+        html.contains(&format!("https://hooks.example.com{path}")),
+        "{html}"
+    );
+    assert!(!html.contains("id=\"no-public-url\""));
+    assert!(html.contains("/console/apps/default/check"));
+    let token = csrf(&html);
+    // DingTalk's check, sealed with the app's keys, through the public listener: success.
+    let response = console
+        .post(
+            "/console/apps/default/check",
+            Some(&admin),
+            &[("csrf", &token)],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let checked = response.text().await.unwrap();
+    assert!(checked.contains("data-success=\"true\""), "{checked}");
+    assert!(checked.contains("<dd id=\"check-status\">200</dd>"));
+    let response = console
+        .post(
+            "/console/apps/ops/check",
+            Some(&admin),
+            &[("csrf", &token)],
+            &[],
+        )
+        .await;
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("data-success=\"true\""));
+    for secret in [
+        ADMIN,
+        TOKEN,
+        AES_KEY,
+        "ops-token-aaaa",
+        "zyxwvutsrqponmlkjihgfedcba9876543210ABCDEFG",
+    ] {
+        assert!(
+            !checked.contains(secret) && !html.contains(secret),
+            "a secret in the page"
+        );
+    }
+    // Not stored: a check is answered, never kept.
+    assert_eq!(console.app.store.count().await.unwrap(), 0);
+    // A reader has no button and may not; another app's token may not check this one.
+    let reader = console.sign_in(READER).await;
+    let html = console.page("/console/apps", &reader).await;
+    assert!(!html.contains("/check\""));
+    let response = console
+        .post(
+            "/console/apps/default/check",
+            Some(&reader),
+            &[("csrf", &csrf(&html))],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    let ops = console.sign_in(OPS).await;
+    let html = console.page("/console/apps", &ops).await;
+    let response = console
+        .post(
+            "/console/apps/default/check",
+            Some(&ops),
+            &[("csrf", &csrf(&html))],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit =
+        serde_json::to_string(&console.app.store.list_documents("audit", 50).await.unwrap())
+            .unwrap();
+    assert!(audit.contains("/console/apps/default/check"), "{audit}");
     console.app.stop().await;
 }
 

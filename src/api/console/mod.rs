@@ -73,6 +73,7 @@ pub fn router(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
             post(pages::replay_dead),
         )
         .route("/console/apps", get(pages::apps))
+        .route("/console/apps/{name}/check", post(pages::check_app))
         .route("/console/sign-out", post(pages::sign_out))
         .route("/console/{*rest}", get(not_found).post(not_found))
         .layer(axum::middleware::from_fn_with_state(
