@@ -851,6 +851,104 @@ async fn the_apps_page_shows_the_callback_url_and_checks_it() {
     console.app.stop().await;
 }
 
+#[tokio::test]
+async fn dead_letters_are_discarded_by_group_after_a_count() {
+    let console = Console::start().await;
+    console.with_events().await;
+    let dead: Vec<i64> = [
+        console.event_id("event:evt-dead-1").await,
+        console.event_id("event:evt-dead-2").await,
+        console.event_id("event:evt-dead-3").await,
+    ]
+    .to_vec();
+    let done = console.event_id("event:evt-ok-1").await;
+    let ids: Vec<String> = dead.iter().chain([&done]).map(|i| i.to_string()).collect();
+
+    // A reader has no discard button, and may not.
+    let reader = console.sign_in(READER).await;
+    let html = console.page("/console/dead", &reader).await;
+    assert!(!html.contains("discard-group"));
+    let mut form = vec![("csrf", csrf(&html))];
+    form.extend(ids.iter().map(|i| ("id", i.clone())));
+    let refs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let response = console
+        .post("/console/dead/discard", Some(&reader), &refs, &[])
+        .await;
+    assert_eq!(response.status(), 403);
+    let api = console
+        .http
+        .post(console.url("/api/v1/events/discard"))
+        .bearer_auth(READER)
+        .json(&serde_json::json!({"ids": dead}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 403);
+
+    // The admin: a count first (the done one is not counted), then the discard.
+    let admin = console.sign_in(ADMIN).await;
+    let html = console.page("/console/dead", &admin).await;
+    assert!(html.contains("discard-group"));
+    let mut form = vec![
+        ("csrf", csrf(&html)),
+        ("reason", "permanent: the CRM answered 500".into()),
+    ];
+    form.extend(ids.iter().map(|i| ("id", i.clone())));
+    let refs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let response = console
+        .post("/console/dead/discard", Some(&admin), &refs, &[])
+        .await;
+    assert_eq!(response.status(), 200);
+    let confirm = response.text().await.unwrap();
+    assert!(
+        confirm.contains("Delete 3 dead event(s) for good"),
+        "{confirm}"
+    );
+    assert_eq!(
+        console.app.store.get(dead[0]).await.unwrap().unwrap().state,
+        EventState::Dead
+    );
+    let mut confirmed = refs.clone();
+    confirmed.push(("confirmed", "1"));
+    let response = console
+        .post("/console/dead/discard", Some(&admin), &confirmed, &[])
+        .await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        "/console/dead?notice=discarded&n=3"
+    );
+    for id in &dead {
+        assert!(console.app.store.get(*id).await.unwrap().is_none());
+    }
+    assert!(console.app.store.get(done).await.unwrap().is_some());
+    let audit = console.app.store.list_documents("audit", 50).await.unwrap();
+    let record = audit
+        .iter()
+        .find(|d| d.body["action"] == "discard")
+        .expect("an audit record of the discard");
+    assert_eq!(record.body["token"], "api.token");
+    assert_eq!(record.body["discarded"], 3);
+    assert_eq!(record.body["reason"], "permanent: the CRM answered 500");
+    let mut kept: Vec<i64> = serde_json::from_value(record.body["ids"].clone()).unwrap();
+    kept.sort_unstable();
+    assert_eq!(kept, dead);
+    // Through the API: nothing dead among these now.
+    let api: Value = console
+        .http
+        .post(console.url("/api/v1/events/discard"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"ids": [done, dead[0]], "reason": "again"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(api["discarded"], 0);
+    console.app.stop().await;
+}
+
 // --- the browser ------------------------------------------------------------------------
 
 /// chromium and chromedriver, when both are installed.

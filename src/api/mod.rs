@@ -208,6 +208,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/events/replay", post(events::replay_many))
+        .route("/api/v1/events/discard", post(events::discard_many))
         .route("/api/v1/events/{id}", get(events::show))
         .route("/api/v1/events/{id}/replay", post(events::replay_one))
         .route("/api/v1/apps", get(apps::list))

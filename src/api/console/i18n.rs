@@ -199,6 +199,12 @@ pub const MESSAGES: &[(&str, &str, &str)] = &[
     ("dead.title", "Dead letters by reason", "按原因分组的死信"),
     ("dead.replay_group", "Replay this group", "重放本组"),
     ("dead.window", "The newest 500 dead events, grouped by their error.", "最新 500 条死信，按错误分组。"),
+    ("dead.discard_group", "Discard this group…", "丢弃本组…"),
+    ("dead.discard_title", "Discard dead letters", "丢弃死信"),
+    ("dead.discard_question", "Delete {n} dead event(s) for good, with their runs and deliveries? This cannot be undone; an audit record keeps who, when, why and their ids.", "永久删除 {n} 条死信及其执行记录和投递？此操作无法撤销；审计记录会保留操作者、时间、原因和事件编号。"),
+    ("dead.discard_reason", "Reason", "原因"),
+    ("dead.discard_yes", "Yes, delete them", "确认删除"),
+    ("dead.discarded", "{n} dead event(s) deleted.", "已删除 {n} 条死信。"),
     ("event.title", "Event", "事件"),
     ("event.source", "Source", "来源"),
     ("event.updated", "Updated (UTC)", "更新时间（UTC）"),
@@ -280,6 +286,7 @@ mod tests {
             include_str!("templates/apps.html"),
             include_str!("templates/actions.html"),
             include_str!("templates/action.html"),
+            include_str!("templates/discard.html"),
         ];
         let mut used = Vec::new();
         for t in templates {

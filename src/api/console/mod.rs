@@ -62,6 +62,7 @@ pub fn router(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
         .route("/console/events/{id}", get(events::show))
         .route("/console/events/{id}/replay", post(events::replay_one))
         .route("/console/dead", get(events::dead_letters))
+        .route("/console/dead/discard", post(events::discard))
         .route("/console/actions", get(actions::list))
         .route("/console/actions/{id}", get(actions::show))
         .route("/console/actions/{id}/retry", post(actions::retry))
