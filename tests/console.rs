@@ -1182,6 +1182,43 @@ async fn in_a_browser_find_replay_pause_and_the_overview() {
         .contains("CRM answered 500"));
     shot(&c, "dead-letters").await;
 
+    // The outbox: an action queued for tomorrow, its page with the request (no webhook).
+    let action = store_action(
+        &console,
+        "browser-1",
+        dinghook::time::now_millis() + 86_400_000,
+    )
+    .await;
+    c.goto(&console.url("/console/actions")).await.unwrap();
+    assert_eq!(
+        text_of(&c, &format!("#action-{action} [data-state]")).await,
+        "queued"
+    );
+    shot(&c, "actions").await;
+    c.find(Css(&format!("#action-{action} a.action-link")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(text_of(&c, "#action-key").await, "browser-1");
+    assert!(text_of(&c, "#action-request").await.contains("[set]"));
+    shot(&c, "action").await;
+
+    // The apps page: the callback URL, and DingTalk's check through the public listener.
+    c.goto(&console.url("/console/apps")).await.unwrap();
+    c.find(Css("#cfg-default button.check"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Css("#check-result[data-success=true]"))
+        .await
+        .unwrap();
+    shot(&c, "apps").await;
+
     // Pause the route, see it paused (here and in the API), resume it.
     c.goto(&console.url("/console/routes")).await.unwrap();
     c.find(Css("#r-crm button.pause"))
