@@ -288,6 +288,11 @@ impl AppSet {
                         qps: spec.dingtalk.qps,
                         recovery: spec.recovery.enabled && context.client.is_some(),
                         quota_reserve: spec.handlers.notify_quota_reserve,
+                        cipher: if spec.push_enabled() {
+                            spec.cipher().ok()
+                        } else {
+                            None
+                        },
                     },
                 ))
             })
@@ -694,6 +699,7 @@ impl Application {
         let addr = config.listen_addr()?;
         let ops_addr = config.ops_addr()?;
         let api_addr = config.api_addr()?;
+        let public_url = config.public_url()?;
         let api_tokens = config.api_tokens(&specs)?;
         // Registration problems (two handlers with one name) before anything is opened.
         registry(&specs, &program)?;
@@ -772,6 +778,8 @@ impl Application {
                 routing: routing.clone(),
                 body_limit: config.api.body_limit,
                 trusted_proxies: trusted_proxies.clone(),
+                public_url: public_url.clone(),
+                public_addr: std::sync::OnceLock::new(),
             })
         });
         let fixed = Fixed {
@@ -835,6 +843,10 @@ impl Application {
             trusted_proxies.clone(),
         );
         let (listener, local_addr) = bind(addr).await?;
+        if let Some(api) = &live.fixed.api {
+            // Set once, here: the cell is new.
+            let _ = api.public_addr.set(local_addr);
+        }
         let ops_listener = match ops_addr {
             Some(addr) => Some(bind(addr).await?),
             None => None,

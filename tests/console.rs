@@ -16,7 +16,7 @@ use dinghook::api::{Scope, TokenConfig};
 use dinghook::handler::{HandlerError, Registrations, RegistryBuilder};
 use dinghook::routes::config::RouteConfig;
 use dinghook::secret::Secret;
-use dinghook::store::EventState;
+use dinghook::store::{EventState, Inserted, NewEvent, Source};
 use serde_json::Value;
 use support::{TestApp, AES_KEY, TOKEN};
 
@@ -76,6 +76,7 @@ impl Console {
             move |config| {
                 config.api.listen = "127.0.0.1:0".into();
                 config.api.token = Secret::new(ADMIN);
+                config.api.public_url = "https://hooks.example.com/".into();
                 config.api.tokens = vec![
                     TokenConfig {
                         name: "reader".into(),
@@ -270,6 +271,8 @@ async fn no_page_or_action_without_a_session() {
         "/console/routes",
         "/console/dead",
         "/console/apps",
+        "/console/actions",
+        "/console/actions/1",
         "/console/nope",
     ] {
         let response = console.get(path, None).await;
@@ -287,6 +290,8 @@ async fn no_page_or_action_without_a_session() {
         "/console/events/1/replay",
         "/console/routes/crm/pause",
         "/console/events/replay-selected",
+        "/console/actions/1/retry",
+        "/console/apps/default/check",
         "/console/sign-out",
     ] {
         let response = console
@@ -608,6 +613,342 @@ async fn forms_from_elsewhere_and_read_only_tokens_are_refused() {
     console.app.stop().await;
 }
 
+/// Stores an action of the default app directly (no DingTalk needed), not due before
+/// `due_at`, and returns its id.
+async fn store_action(console: &Console, key: &str, due_at: i64) -> i64 {
+    let payload = serde_json::json!({
+        "action": {
+            "type": "robot_reply",
+            "session_webhook": "https://oapi.dingtalk.com/robot/sendBySession?session=SECRETHOOK",
+            "msgtype": "text",
+            "text": {"content": format!("hello {key}")},
+        },
+        "idempotency_key": key,
+        "requested_by": "crm-system",
+    });
+    let event = NewEvent {
+        app: "default".into(),
+        dedup_key: format!("action:{key}"),
+        event_type: "dinghook_action".into(),
+        corp_id: None,
+        payload: payload.to_string(),
+        source: Source::Api,
+        received_at: dinghook::time::now_millis(),
+        routes: Vec::new(),
+    };
+    match console.app.store.schedule(event, due_at).await.unwrap() {
+        Inserted::Stored { id } => id,
+        Inserted::Duplicate { id } => panic!("{key} stored twice ({id})"),
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_lists_shows_and_retries_actions() {
+    let console = Console::start().await;
+    // Far in the future: the dispatcher leaves them alone; the test claims and ends them.
+    let later = dinghook::time::now_millis() + 86_400_000;
+    let dead = store_action(&console, "k-dead", later).await;
+    let done = store_action(&console, "k-done", later).await;
+    let store = &console.app.store;
+    let claimed = store.claim("test", 10, 60_000, later).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(store
+        .mark_dead(dead, "test", "DingTalk said 400: <i>bad</i>", &[], later)
+        .await
+        .unwrap());
+    assert!(store.mark_done(done, "test", later).await.unwrap());
+    store
+        .put_document(
+            "effect",
+            "action:k-done/action",
+            &serde_json::json!({"task_id": 424242}),
+            later,
+        )
+        .await
+        .unwrap();
+    let queued = store_action(&console, "k-queued", later + 1).await;
+
+    let admin = console.sign_in(ADMIN).await;
+    let list = console.page("/console/actions", &admin).await;
+    for key in [
+        "k-dead",
+        "k-done",
+        "k-queued",
+        "crm-system",
+        "424242",
+        "said 400",
+    ] {
+        assert!(list.contains(key), "{key} in the list");
+    }
+    assert!(!list.contains("SECRETHOOK") && !list.contains("<i>bad"));
+    // Newest first.
+    let at = |id: i64| list.find(&format!("id=\"action-{id}\"")).unwrap();
+    assert!(at(queued) < at(done) && at(done) < at(dead));
+    let only = console.page("/console/actions?state=queued", &admin).await;
+    assert!(only.contains("k-queued") && !only.contains("k-dead") && !only.contains("k-done"));
+    let only = console.page("/console/actions?state=dead", &admin).await;
+    assert!(only.contains("k-dead") && !only.contains("k-queued"));
+
+    // An action's page: the request as the API shows it, the error; retry when dead.
+    let page = console
+        .page(&format!("/console/actions/{dead}"), &admin)
+        .await;
+    assert!(
+        page.contains("[set]") && !page.contains("SECRETHOOK"),
+        "{page}"
+    );
+    assert!(page.contains("hello k-dead") && page.contains("id=\"retry\""));
+    let page_done = console
+        .page(&format!("/console/actions/{done}"), &admin)
+        .await;
+    assert!(page_done.contains("424242") && !page_done.contains("id=\"retry\""));
+    // Its event links to it.
+    let event = console
+        .page(&format!("/console/events/{dead}"), &admin)
+        .await;
+    assert!(event.contains(&format!("href=\"/console/actions/{dead}\"")));
+    assert!(!event.contains("SECRETHOOK"));
+
+    // A read-only token sees it, may not retry it.
+    let reader = console.sign_in(READER).await;
+    let html = console
+        .page(&format!("/console/actions/{dead}"), &reader)
+        .await;
+    assert!(!html.contains("id=\"retry\""));
+    let token = csrf(&html);
+    let retry = format!("/console/actions/{dead}/retry");
+    let response = console
+        .post(&retry, Some(&reader), &[("csrf", &token)], &[])
+        .await;
+    assert_eq!(response.status(), 403);
+    // Another app's token sees none of it.
+    let ops = console.sign_in(OPS).await;
+    assert!(!console
+        .page("/console/actions", &ops)
+        .await
+        .contains("k-dead"));
+    assert_eq!(
+        console
+            .get(&format!("/console/actions/{dead}"), Some(&ops))
+            .await
+            .status(),
+        404
+    );
+    // No CSRF token: 403; a done action: 409; the dead one: back in the queue, audited.
+    let token = csrf(&page);
+    let response = console.post(&retry, Some(&admin), &[], &[]).await;
+    assert_eq!(response.status(), 403);
+    let response = console
+        .post(
+            &format!("/console/actions/{done}/retry"),
+            Some(&admin),
+            &[("csrf", &token)],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 409);
+    let response = console
+        .post(&retry, Some(&admin), &[("csrf", &token)], &[])
+        .await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/console/actions/{dead}?notice=retried&n=1").as_str()
+    );
+    assert_ne!(
+        store.get(dead).await.unwrap().unwrap().state,
+        EventState::Dead,
+        "back in the queue"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit = serde_json::to_string(&store.list_documents("audit", 50).await.unwrap()).unwrap();
+    assert!(audit.contains(&retry), "{audit}");
+    console.app.stop().await;
+}
+
+#[tokio::test]
+async fn the_apps_page_shows_the_callback_url_and_checks_it() {
+    let console = Console::start().await;
+    let admin = console.sign_in(ADMIN).await;
+    let html = console.page("/console/apps", &admin).await;
+    let path = &console.app.callback_path;
+    assert!(
+        html.contains(&format!("https://hooks.example.com{path}")),
+        "{html}"
+    );
+    assert!(!html.contains("id=\"no-public-url\""));
+    assert!(html.contains("/console/apps/default/check"));
+    let token = csrf(&html);
+    // DingTalk's check, sealed with the app's keys, through the public listener: success.
+    let response = console
+        .post(
+            "/console/apps/default/check",
+            Some(&admin),
+            &[("csrf", &token)],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let checked = response.text().await.unwrap();
+    assert!(checked.contains("data-success=\"true\""), "{checked}");
+    assert!(checked.contains("<dd id=\"check-status\">200</dd>"));
+    let response = console
+        .post(
+            "/console/apps/ops/check",
+            Some(&admin),
+            &[("csrf", &token)],
+            &[],
+        )
+        .await;
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("data-success=\"true\""));
+    for secret in [
+        ADMIN,
+        TOKEN,
+        AES_KEY,
+        "ops-token-aaaa",
+        "zyxwvutsrqponmlkjihgfedcba9876543210ABCDEFG",
+    ] {
+        assert!(
+            !checked.contains(secret) && !html.contains(secret),
+            "a secret in the page"
+        );
+    }
+    // Not stored: a check is answered, never kept.
+    assert_eq!(console.app.store.count().await.unwrap(), 0);
+    // A reader has no button and may not; another app's token may not check this one.
+    let reader = console.sign_in(READER).await;
+    let html = console.page("/console/apps", &reader).await;
+    assert!(!html.contains("/check\""));
+    let response = console
+        .post(
+            "/console/apps/default/check",
+            Some(&reader),
+            &[("csrf", &csrf(&html))],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    let ops = console.sign_in(OPS).await;
+    let html = console.page("/console/apps", &ops).await;
+    let response = console
+        .post(
+            "/console/apps/default/check",
+            Some(&ops),
+            &[("csrf", &csrf(&html))],
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit =
+        serde_json::to_string(&console.app.store.list_documents("audit", 50).await.unwrap())
+            .unwrap();
+    assert!(audit.contains("/console/apps/default/check"), "{audit}");
+    console.app.stop().await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_discarded_by_group_after_a_count() {
+    let console = Console::start().await;
+    console.with_events().await;
+    let dead: Vec<i64> = [
+        console.event_id("event:evt-dead-1").await,
+        console.event_id("event:evt-dead-2").await,
+        console.event_id("event:evt-dead-3").await,
+    ]
+    .to_vec();
+    let done = console.event_id("event:evt-ok-1").await;
+    let ids: Vec<String> = dead.iter().chain([&done]).map(|i| i.to_string()).collect();
+
+    // A reader has no discard button, and may not.
+    let reader = console.sign_in(READER).await;
+    let html = console.page("/console/dead", &reader).await;
+    assert!(!html.contains("discard-group"));
+    let mut form = vec![("csrf", csrf(&html))];
+    form.extend(ids.iter().map(|i| ("id", i.clone())));
+    let refs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let response = console
+        .post("/console/dead/discard", Some(&reader), &refs, &[])
+        .await;
+    assert_eq!(response.status(), 403);
+    let api = console
+        .http
+        .post(console.url("/api/v1/events/discard"))
+        .bearer_auth(READER)
+        .json(&serde_json::json!({"ids": dead}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 403);
+
+    // The admin: a count first (the done one is not counted), then the discard.
+    let admin = console.sign_in(ADMIN).await;
+    let html = console.page("/console/dead", &admin).await;
+    assert!(html.contains("discard-group"));
+    let mut form = vec![
+        ("csrf", csrf(&html)),
+        ("reason", "permanent: the CRM answered 500".into()),
+    ];
+    form.extend(ids.iter().map(|i| ("id", i.clone())));
+    let refs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let response = console
+        .post("/console/dead/discard", Some(&admin), &refs, &[])
+        .await;
+    assert_eq!(response.status(), 200);
+    let confirm = response.text().await.unwrap();
+    assert!(
+        confirm.contains("Delete 3 dead event(s) for good"),
+        "{confirm}"
+    );
+    assert_eq!(
+        console.app.store.get(dead[0]).await.unwrap().unwrap().state,
+        EventState::Dead
+    );
+    let mut confirmed = refs.clone();
+    confirmed.push(("confirmed", "1"));
+    let response = console
+        .post("/console/dead/discard", Some(&admin), &confirmed, &[])
+        .await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        "/console/dead?notice=discarded&n=3"
+    );
+    for id in &dead {
+        assert!(console.app.store.get(*id).await.unwrap().is_none());
+    }
+    assert!(console.app.store.get(done).await.unwrap().is_some());
+    let audit = console.app.store.list_documents("audit", 50).await.unwrap();
+    let record = audit
+        .iter()
+        .find(|d| d.body["action"] == "discard")
+        .expect("an audit record of the discard");
+    assert_eq!(record.body["token"], "api.token");
+    assert_eq!(record.body["discarded"], 3);
+    assert_eq!(record.body["reason"], "permanent: the CRM answered 500");
+    let mut kept: Vec<i64> = serde_json::from_value(record.body["ids"].clone()).unwrap();
+    kept.sort_unstable();
+    assert_eq!(kept, dead);
+    // Through the API: nothing dead among these now.
+    let api: Value = console
+        .http
+        .post(console.url("/api/v1/events/discard"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"ids": [done, dead[0]], "reason": "again"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(api["discarded"], 0);
+    console.app.stop().await;
+}
+
 // --- the browser ------------------------------------------------------------------------
 
 /// chromium and chromedriver, when both are installed.
@@ -840,6 +1181,43 @@ async fn in_a_browser_find_replay_pause_and_the_overview() {
         .await
         .contains("CRM answered 500"));
     shot(&c, "dead-letters").await;
+
+    // The outbox: an action queued for tomorrow, its page with the request (no webhook).
+    let action = store_action(
+        &console,
+        "browser-1",
+        dinghook::time::now_millis() + 86_400_000,
+    )
+    .await;
+    c.goto(&console.url("/console/actions")).await.unwrap();
+    assert_eq!(
+        text_of(&c, &format!("#action-{action} [data-state]")).await,
+        "queued"
+    );
+    shot(&c, "actions").await;
+    c.find(Css(&format!("#action-{action} a.action-link")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(text_of(&c, "#action-key").await, "browser-1");
+    assert!(text_of(&c, "#action-request").await.contains("[set]"));
+    shot(&c, "action").await;
+
+    // The apps page: the callback URL, and DingTalk's check through the public listener.
+    c.goto(&console.url("/console/apps")).await.unwrap();
+    c.find(Css("#cfg-default button.check"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Css("#check-result[data-success=true]"))
+        .await
+        .unwrap();
+    shot(&c, "apps").await;
 
     // Pause the route, see it paused (here and in the API), resume it.
     c.goto(&console.url("/console/routes")).await.unwrap();

@@ -1568,6 +1568,104 @@ async fn documents_put_get_insert_once_and_list(store: Arc<dyn Store>) {
     assert_eq!(effect.body, json!({"n": 1}));
 }
 
+/// An operator's discard: of the ids given, only the events dead now go, with their runs and
+/// deliveries, and the counts follow; a done event, a waiting one, an unknown id and an id
+/// not given stay. Through an app's view, only that app's.
+async fn discard_deletes_only_dead_events_among_the_ids(store: Arc<dyn Store>) {
+    let at = T0;
+    let dead = ended(
+        &*store,
+        NewEvent {
+            routes: vec!["r".into()],
+            ..event("discard-dead-1", "x", at)
+        },
+        EventState::Dead,
+        at + 10,
+    )
+    .await;
+    let dead_too = ended(
+        &*store,
+        event("discard-dead-2", "x", at),
+        EventState::Dead,
+        at + 10,
+    )
+    .await;
+    let kept_dead = ended(
+        &*store,
+        event("discard-dead-3", "x", at),
+        EventState::Dead,
+        at + 10,
+    )
+    .await;
+    let done = ended(
+        &*store,
+        event("discard-done", "x", at),
+        EventState::Done,
+        at + 10,
+    )
+    .await;
+    let Inserted::Stored { id: waiting } = store
+        .insert(event("discard-pending", "x", at + 20))
+        .await
+        .unwrap()
+    else {
+        panic!("a new key")
+    };
+    let other_app = ended(
+        &*store,
+        NewEvent {
+            app: "ops".into(),
+            ..event("@ops/discard-dead", "x", at)
+        },
+        EventState::Dead,
+        at + 30,
+    )
+    .await;
+    let before = store.stats(at + 100).await.unwrap();
+    assert_eq!(store.discard(&[]).await.unwrap(), 0);
+    // Through the ops app's view: the default app's dead events are not its to discard.
+    let ops = dinghook::store::scoped::for_app(Arc::clone(&store), "ops");
+    assert_eq!(ops.discard(&[dead, dead_too]).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .discard(&[dead, dead_too, done, waiting, 987_654_321])
+            .await
+            .unwrap(),
+        2
+    );
+    for gone in [dead, dead_too] {
+        assert!(store.get(gone).await.unwrap().is_none(), "{gone} is gone");
+        assert!(
+            store.runs(gone, 10).await.unwrap().is_empty(),
+            "its runs too"
+        );
+    }
+    let deliveries = store
+        .deliveries()
+        .list_deliveries(&dinghook::store::DeliveryQuery {
+            event_id: Some(dead),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(deliveries.is_empty(), "its delivery too");
+    for kept in [kept_dead, done, waiting, other_app] {
+        assert!(store.get(kept).await.unwrap().is_some(), "{kept} stays");
+    }
+    assert_eq!(store.runs(done, 10).await.unwrap().len(), 1);
+    let after = store.stats(at + 100).await.unwrap();
+    assert_eq!(
+        after.by_state["dead"],
+        before.by_state["dead"] - 2,
+        "the counts follow"
+    );
+    assert_eq!(after.by_state["done"], before.by_state["done"]);
+    // Again: nothing left to discard among them.
+    assert_eq!(store.discard(&[dead, dead_too]).await.unwrap(), 0);
+    assert_eq!(ops.discard(&[other_app, kept_dead]).await.unwrap(), 1);
+    assert!(store.get(kept_dead).await.unwrap().is_some());
+}
+
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1668,4 +1766,5 @@ for_each_backend!(
     stats_by_app_and_through_an_apps_view,
     scheduled_events_wait_until_due,
     documents_put_get_insert_once_and_list,
+    discard_deletes_only_dead_events_among_the_ids,
 );

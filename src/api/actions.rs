@@ -10,14 +10,14 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::problem::ProblemDocument;
 use super::{json_body, path_id, path_name, ApiApp, ApiResult, ApiState, Caller, Problem, Scope};
 use crate::actions::{self, Action, StoredAction, ACTION_EFFECT, ACTION_EVENT, ACTION_KEY_PREFIX};
-use crate::store::{Inserted, NewEvent, Source, Store, StoredEvent};
+use crate::store::{EventState, Inserted, ListQuery, NewEvent, Source, Store, StoredEvent};
 use crate::time::now_millis;
 
 /// The header that makes a submission safe to repeat.
@@ -202,14 +202,22 @@ pub async fn submit_action(
 
 /// The API's view of a stored action.
 async fn view(app: &ApiApp, event: &StoredEvent) -> ApiResult<ActionView> {
+    view_in(Some(&*app.store), event).await
+}
+
+/// The view of a stored action, its result read from `store` (the app's view of the store;
+/// `None` for an app no longer configured: no result shown).
+async fn view_in(store: Option<&dyn Store>, event: &StoredEvent) -> ApiResult<ActionView> {
     let stored: StoredAction = serde_json::from_str(&event.payload)
         .map_err(|_| Problem::not_found(format!("no action {}", event.id)))?;
     let effect_key = format!("{}/{ACTION_EFFECT}", event.dedup_key);
-    let result = app
-        .store
-        .get_document("effect", &effect_key)
-        .await?
-        .map(|d| d.body);
+    let result = match store {
+        Some(store) => store
+            .get_document("effect", &effect_key)
+            .await?
+            .map(|d| d.body),
+        None => None,
+    };
     Ok(ActionView {
         id: event.id,
         app: event.app.clone(),
@@ -241,12 +249,128 @@ pub async fn show(
     id: Result<Path<i64>, PathRejection>,
 ) -> ApiResult<Json<ActionView>> {
     caller.require(Scope::Read)?;
-    let id = path_id(id)?;
+    Ok(Json(action(&state, &caller, path_id(id)?).await?))
+}
+
+/// Action `id`, when the caller may read it (404 for an event that is not an action, or
+/// another app's: what `GET /api/v1/actions/{id}` and the console show).
+pub async fn action(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<ActionView> {
+    caller.require(Scope::Read)?;
+    let event = action_event(state, caller, id).await?;
+    let app = state
+        .app(caller, &event.app)
+        .map_err(|_| Problem::not_found(format!("no action {id}")))?;
+    view(&app, &event).await
+}
+
+/// The stored event of action `id`, when the caller may read it; else 404.
+async fn action_event(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<StoredEvent> {
     let not_found = || Problem::not_found(format!("no action {id}"));
     let event = state.store.get(id).await?.ok_or_else(not_found)?;
     if event.event_type != ACTION_EVENT || !caller.token().may_touch(&event.app) {
         return Err(not_found());
     }
-    let app = state.app(&caller, &event.app).map_err(|_| not_found())?;
-    Ok(Json(view(&app, &event).await?))
+    Ok(event)
+}
+
+/// Sends dead action `id` back to the queue (its event replayed: `replay` scope); 409 for an
+/// action that is not dead.
+pub async fn retry(state: &ApiState, caller: &Caller, id: i64) -> ApiResult<u64> {
+    caller.require(Scope::Replay)?;
+    let event = action_event(state, caller, id).await?;
+    if event.state != EventState::Dead {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "not_dead",
+            format!(
+                "action {id} is {}: only a dead action is retried",
+                actions::state_name(event.state)
+            ),
+        ));
+    }
+    super::events::replay_event(state, caller, id).await
+}
+
+/// The filters of a list of actions.
+#[derive(Debug, Default, Deserialize)]
+pub struct ActionsQuery {
+    /// One app's actions (required for a token limited to several apps).
+    pub app: Option<String>,
+    /// `queued` (pending or retry), `running`, `done` or `dead`.
+    pub state: Option<String>,
+    /// 1 to 500; default 50.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the page before.
+    pub cursor: Option<String>,
+}
+
+/// A page of actions, newest first.
+#[derive(Debug, Serialize)]
+pub struct ActionPage {
+    pub items: Vec<ActionView>,
+    /// For the next (older) page; `None` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// The event states an action state names.
+fn action_states(state: Option<&str>) -> ApiResult<Vec<Option<EventState>>> {
+    Ok(match state {
+        None | Some("") => vec![None],
+        Some("queued") => vec![Some(EventState::Pending), Some(EventState::Retry)],
+        Some("running") => vec![Some(EventState::Running)],
+        Some("done") => vec![Some(EventState::Done)],
+        Some("dead") => vec![Some(EventState::Dead)],
+        Some(other) => {
+            return Err(Problem::invalid(
+                "state",
+                format!("unknown state {other:?}: queued, running, done or dead"),
+            ))
+        }
+    })
+}
+
+/// Actions (the `dinghook_action` events), newest first, a keyset page at a time: what the
+/// console's actions page lists.
+pub async fn page(state: &ApiState, caller: &Caller, q: ActionsQuery) -> ApiResult<ActionPage> {
+    caller.require(Scope::Read)?;
+    let limit = super::page_limit(q.limit)?;
+    let before_id = q
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| Problem::invalid("cursor", "not a cursor this API gave"))
+        })
+        .transpose()?;
+    let app = super::events::listing_app(caller, q.app.filter(|a| !a.is_empty()))?;
+    // `queued` is two states: one keyset page of each, merged newest first, is the page.
+    let mut events: Vec<StoredEvent> = Vec::new();
+    for event_state in action_states(q.state.as_deref())? {
+        let list = ListQuery {
+            app: app.clone(),
+            state: event_state,
+            event_type: Some(ACTION_EVENT.to_owned()),
+            limit: Some(limit),
+            before_id,
+            since: None,
+        };
+        events.extend(state.store.list(&list).await?);
+    }
+    events.sort_by_key(|e| std::cmp::Reverse(e.id));
+    events.dedup_by_key(|e| e.id);
+    events.truncate(limit as usize);
+    let next_cursor = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| e.id.to_string()))
+        .flatten();
+    let apps = state.apps.load();
+    let mut items = Vec::with_capacity(events.len());
+    for event in &events {
+        let store = apps.get(&event.app).map(|a| &*a.store);
+        // A record that is not an action (it cannot be: the type says so) is left out.
+        if let Ok(view) = view_in(store, event).await {
+            items.push(view);
+        }
+    }
+    Ok(ActionPage { items, next_cursor })
 }

@@ -191,3 +191,138 @@ mod tests {
         assert_eq!(projection(0, mid.as_millisecond()), 0);
     }
 }
+
+/// What a URL check found: DingTalk's `check_url`, sealed with the app's keys, sent to this
+/// process's own public listener at the app's callback path.
+#[derive(Debug, Clone, Serialize)]
+pub struct UrlCheck {
+    pub app: String,
+    /// The callback path the check was sent to.
+    pub path: String,
+    /// The HTTP status of the answer (`None`: no answer).
+    pub status: Option<u16>,
+    /// How long the answer took, in ms.
+    pub elapsed_ms: u64,
+    /// Whether the answer opened, with the app's keys, to `success` (what DingTalk wants).
+    pub success: bool,
+    /// What went wrong, when it did (never a key or a body).
+    pub error: Option<String>,
+}
+
+/// How long a URL check waits for the answer.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Does what DingTalk does when the callback URL is saved in its console: sends a signed,
+/// encrypted `check_url` event to app `name`'s callback path on this process's own public
+/// listener, and opens the answer with the app's keys (`admin` scope).
+pub async fn check_url(state: &ApiState, caller: &Caller, name: &str) -> ApiResult<UrlCheck> {
+    caller.require(Scope::Admin)?;
+    let app = state.app(caller, name)?;
+    let cipher = app.cipher.as_ref().ok_or_else(|| {
+        super::Problem::new(
+            axum::http::StatusCode::CONFLICT,
+            "no_callback",
+            format!("app {name:?} has no HTTP callback (no aes_key): nothing to check"),
+        )
+    })?;
+    let addr = state.public_addr.get().copied().ok_or_else(|| {
+        super::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_listening",
+            "the public listener is not bound yet",
+        )
+    })?;
+    let addr = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    let mut check = UrlCheck {
+        app: app.name.clone(),
+        path: app.callback_path.clone(),
+        status: None,
+        elapsed_ms: 0,
+        success: false,
+        error: None,
+    };
+    let sealed = match cipher.seal(
+        br#"{"EventType":"check_url"}"#,
+        &now_millis().to_string(),
+        &crate::crypto::random_nonce(),
+    ) {
+        Ok(sealed) => sealed,
+        Err(e) => {
+            check.error = Some(format!("could not seal the check: {e}"));
+            return Ok(check);
+        }
+    };
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(CHECK_TIMEOUT)
+        .build()
+        .map_err(|e| {
+            super::Problem::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("no HTTP client: {e}"),
+            )
+        })?;
+    let url = format!("http://{addr}{}?{}", app.callback_path, sealed.query());
+    let started = std::time::Instant::now();
+    let answer = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(sealed.body())
+        .send()
+        .await;
+    let answer = match answer {
+        Ok(response) => {
+            check.status = Some(response.status().as_u16());
+            response.bytes().await
+        }
+        Err(e) => {
+            check.elapsed_ms = started.elapsed().as_millis() as u64;
+            check.error = Some(format!("no answer: {}", without_url(&e)));
+            return Ok(check);
+        }
+    };
+    check.elapsed_ms = started.elapsed().as_millis() as u64;
+    let body = match answer {
+        Ok(body) => body,
+        Err(e) => {
+            check.error = Some(format!("the answer could not be read: {}", without_url(&e)));
+            return Ok(check);
+        }
+    };
+    let opened = serde_json::from_slice::<crate::crypto::Sealed>(&body)
+        .map_err(|_| "the answer is not a sealed reply".to_owned())
+        .and_then(|reply| {
+            cipher
+                .open(
+                    &reply.msg_signature,
+                    &reply.timestamp,
+                    &reply.nonce,
+                    &reply.encrypt,
+                )
+                .map_err(|e| format!("the answer does not open with the app's keys: {e}"))
+        });
+    match opened {
+        Ok(msg) if msg == b"success" => check.success = true,
+        Ok(_) => check.error = Some("the answer opened to something other than success".into()),
+        Err(e) => check.error = Some(e),
+    }
+    Ok(check)
+}
+
+/// A reqwest error's text without its URL (the query carries the check's signature).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), "the callback URL");
+    }
+    text
+}

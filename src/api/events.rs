@@ -177,7 +177,7 @@ pub(super) fn parse_state(text: Option<&str>) -> ApiResult<Option<EventState>> {
 
 /// The app a listing is limited to: the one asked for (which the token must be allowed), or
 /// the token's only app; a token limited to several apps must say which.
-fn listing_app(caller: &Caller, asked: Option<String>) -> ApiResult<Option<String>> {
+pub(super) fn listing_app(caller: &Caller, asked: Option<String>) -> ApiResult<Option<String>> {
     match asked {
         Some(app) => {
             caller.app(&app)?;
@@ -534,4 +534,110 @@ impl Matching {
             since: self.since,
         }
     }
+}
+
+/// Most dead events one discard deletes.
+pub const DISCARD_MAX: usize = 1_000;
+
+/// Which dead events to delete for good, and why (the operator's words, kept in the audit).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscardRequest {
+    /// 1 to 1 000 event ids; only those dead now (and of the token's apps) are deleted.
+    pub ids: Vec<i64>,
+    /// Why (kept in the audit record).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What a discard deleted.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Discarded {
+    pub discarded: u64,
+    /// The ids deleted.
+    pub ids: Vec<i64>,
+}
+
+/// Deletes the dead events among `ids` the caller may touch, with their runs and deliveries
+/// (`admin` scope: it cannot be undone), and keeps an `audit` document naming who, when, how
+/// many, why and which ids.
+pub async fn discard(
+    state: &ApiState,
+    caller: &Caller,
+    ids: &[i64],
+    reason: Option<&str>,
+) -> ApiResult<Discarded> {
+    caller.require(Scope::Admin)?;
+    if ids.is_empty() || ids.len() > DISCARD_MAX {
+        return Err(Problem::invalid(
+            "ids",
+            format!("give 1 to {DISCARD_MAX} ids"),
+        ));
+    }
+    let mut dead = Vec::with_capacity(ids.len());
+    for &id in ids {
+        if let Some(event) = state.store.get(id).await? {
+            if event.state == EventState::Dead
+                && caller.token().may_touch(&event.app)
+                && !dead.contains(&id)
+            {
+                dead.push(id);
+            }
+        }
+    }
+    let discarded = if dead.is_empty() {
+        0
+    } else {
+        state.store.discard(&dead).await?
+    };
+    // Which went (one replayed meanwhile stays).
+    let mut gone = Vec::with_capacity(dead.len());
+    for id in dead {
+        if state.store.get(id).await?.is_none() {
+            gone.push(id);
+        }
+    }
+    let at = now_millis();
+    let reason: String = reason.unwrap_or("").chars().take(500).collect();
+    tracing::info!(
+        target: "dinghook::audit",
+        token = caller.name(),
+        discarded,
+        reason = %reason,
+        "dead events discarded"
+    );
+    let record = serde_json::json!({
+        "at": at,
+        "token": caller.name(),
+        "action": "discard",
+        "discarded": discarded,
+        "reason": reason,
+        "ids": gone,
+    });
+    let key = format!("{at:013}-{}", uuid::Uuid::new_v4().simple());
+    state
+        .store
+        .insert_document("audit", &key, &record, at)
+        .await?;
+    Ok(Discarded {
+        discarded,
+        ids: gone,
+    })
+}
+
+/// Deletes dead events for good, with their runs and deliveries (`admin` scope).
+#[utoipa::path(operation_id = "discard_events", post, path = "/api/v1/events/discard", tag = "events", request_body = DiscardRequest,
+    security(("bearer" = [])),
+    responses((status = 200, body = Discarded), (status = "4XX", body = ProblemDocument, content_type = "application/problem+json")))]
+pub async fn discard_many(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Discarded>> {
+    caller.require(Scope::Admin)?;
+    let request: DiscardRequest = json_body(&headers, body)?;
+    Ok(Json(
+        discard(&state, &caller, &request.ids, request.reason.as_deref()).await?,
+    ))
 }

@@ -50,6 +50,10 @@ pub struct ApiConfig {
     pub token: Secret,
     /// `[[api.tokens]]`: named tokens with scopes and apps.
     pub tokens: Vec<TokenConfig>,
+    /// The address DingTalk reaches the public (callback) listener by, such as
+    /// `https://hooks.example.com` (`DINGHOOK_PUBLIC_URL`): the console shows each app's
+    /// callback URL as this plus its path. Empty (the default): the path only.
+    pub public_url: String,
     /// The largest request body, in bytes.
     #[serde(deserialize_with = "crate::setting::number")]
     pub body_limit: usize,
@@ -65,6 +69,7 @@ impl Default for ApiConfig {
             listen: String::new(),
             token: Secret::default(),
             tokens: Vec::new(),
+            public_url: String::new(),
             body_limit: DEFAULT_BODY_LIMIT,
             requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
         }
@@ -94,6 +99,9 @@ pub struct ApiApp {
     /// The monthly calls notifications leave to other calls (`notify_quota_reserve`): the
     /// console warns before the month's pace reaches it.
     pub quota_reserve: u64,
+    /// The callback keys (`None` for an app without HTTP push): the console's URL check
+    /// seals DingTalk's `check_url` with them and opens the answer.
+    pub cipher: Option<crate::crypto::CallbackCipher>,
 }
 
 /// The apps of the running configuration (a reload replaces them).
@@ -128,6 +136,11 @@ pub struct ApiState {
     pub limiter: RateLimiter,
     /// The proxies whose `X-Forwarded-Proto` the console believes (its cookie's `Secure`).
     pub trusted_proxies: crate::forwarded::TrustedProxies,
+    /// `api.public_url` (no trailing `/`), when set.
+    pub public_url: Option<String>,
+    /// The public (callback) listener's bound address, once it is bound: where the console's
+    /// URL check sends its `check_url`.
+    pub public_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// A token bucket per token (by its index in [`Tokens`]): `rps` a second, at most one
@@ -195,6 +208,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/events/replay", post(events::replay_many))
+        .route("/api/v1/events/discard", post(events::discard_many))
         .route("/api/v1/events/{id}", get(events::show))
         .route("/api/v1/events/{id}/replay", post(events::replay_one))
         .route("/api/v1/apps", get(apps::list))

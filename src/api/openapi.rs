@@ -18,6 +18,7 @@ use utoipa::{Modify, OpenApi};
         super::events::show,
         super::events::replay_one,
         super::events::replay_many,
+        super::events::discard_many,
         super::apps::list,
         super::apps::show,
         super::actions::submit,

@@ -70,6 +70,7 @@ pub async fn act(args: ActArgs) -> Result<()> {
         qps: spec.dingtalk.qps,
         recovery: false,
         quota_reserve: spec.handlers.notify_quota_reserve,
+        cipher: None,
     };
     let submitted = submit_action(&store, &app, "cli", &key, body).await;
     store.close().await;

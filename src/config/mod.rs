@@ -76,6 +76,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("ops.listen", "DINGHOOK_OPS_LISTEN"),
     ("api.listen", "DINGHOOK_API_LISTEN"),
     ("api.token", "DINGHOOK_API_TOKEN"),
+    ("api.public_url", "DINGHOOK_PUBLIC_URL"),
     ("callback.path", "DINGHOOK_CALLBACK_PATH"),
     ("callback.token", "DINGHOOK_TOKEN"),
     ("callback.aes_key", "DINGHOOK_AES_KEY"),
@@ -286,6 +287,7 @@ impl Config {
         self.listen_addr()?;
         self.ops_addr()?;
         self.api_addr()?;
+        self.public_url()?;
         self.check_ranges()?;
         self.trusted_proxies()?;
         StoreLocation::parse(&self.store.url).map_err(|m| invalid("store.url", m))?;
@@ -320,6 +322,35 @@ impl Config {
                 format!("{listen:?} is not an address like 127.0.0.1:8081 (empty: off)"),
             )
         })
+    }
+
+    /// `api.public_url`: the address DingTalk reaches dinghook's public listener by
+    /// (`https://hooks.example.com`, or with a path prefix a proxy strips), without a trailing
+    /// `/`; `None` when it is not set. An http(s) URL without query or fragment.
+    pub fn public_url(&self) -> Result<Option<String>, ConfigError> {
+        let text = self.api.public_url.trim().trim_end_matches('/');
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let wrong = || {
+            invalid(
+                "api.public_url",
+                format!(
+                    "{text:?} is not an http(s) URL like https://hooks.example.com (no query or fragment)"
+                ),
+            )
+        };
+        let url = reqwest::Url::parse(text).map_err(|_| wrong())?;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.host_str().is_none_or(str::is_empty)
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+            || url.password().is_some()
+        {
+            return Err(wrong());
+        }
+        Ok(Some(text.to_owned()))
     }
 
     /// The API's tokens (`api.token` and `[[api.tokens]]`, token files read), checked against
@@ -720,6 +751,33 @@ mod tests {
             c.store_location().unwrap(),
             StoreLocation::Sqlite(PathBuf::from("/data/x.db"))
         );
+    }
+
+    #[test]
+    fn the_public_url_is_an_http_url() {
+        let mut vars = minimal();
+        vars.push(("DINGHOOK_PUBLIC_URL", "https://hooks.example.com/"));
+        let c = Config::load_with_env(None, &env(&vars)).unwrap();
+        assert_eq!(
+            c.public_url().unwrap().as_deref(),
+            Some("https://hooks.example.com")
+        );
+        let mut c = Config::load_with_env(None, &env(&minimal())).unwrap();
+        assert_eq!(c.public_url().unwrap(), None);
+        for bad in [
+            "hooks.example.com",
+            "ftp://hooks.example.com",
+            "https://hooks.example.com/?a=1",
+            "https://user:pw@hooks.example.com",
+            "https://",
+        ] {
+            c.api.public_url = bad.into();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("api.public_url") && e.contains("DINGHOOK_PUBLIC_URL"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

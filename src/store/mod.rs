@@ -432,6 +432,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `rule.limit` events `rule` selects, oldest first, with their runs and
     /// deliveries, in one transaction (the maintained counts follow). Returns how many.
     async fn prune_events(&self, rule: &PruneEvents) -> Result<u64, StoreError>;
+    /// Deletes the events among `ids` that are `dead` now (any other state, or an id not
+    /// stored, is left alone), with their runs and deliveries, in one transaction (the
+    /// maintained counts follow): an operator's discard of dead letters. Returns how many.
+    async fn discard(&self, ids: &[i64]) -> Result<u64, StoreError>;
     /// Deletes up to `limit` documents of `collection` last changed before `before_ms`,
     /// oldest first. Returns how many.
     async fn prune_documents(

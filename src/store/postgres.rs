@@ -763,6 +763,27 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn discard(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        // One statement, so one transaction: the dead ones among the ids are locked (one a
+        // replay holds is skipped), then their runs, their deliveries and they go.
+        const SQL: &str = "WITH doomed AS (SELECT e.id FROM events e \
+             WHERE e.id = ANY($1) AND e.state = 'dead' FOR UPDATE OF e SKIP LOCKED), \
+             runs AS (DELETE FROM event_runs x USING doomed WHERE x.event_id = doomed.id), \
+             deliveries AS (DELETE FROM deliveries x USING doomed WHERE x.event_id = doomed.id), \
+             gone AS (DELETE FROM events x USING doomed WHERE x.id = doomed.id RETURNING x.id) \
+             SELECT COUNT(*) FROM gone";
+        let ids = ids.to_vec();
+        self.run(async |c| {
+            let rows = Self::query(c, SQL, &[&ids]).await?;
+            let n: i64 = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            };
+            Ok(schema::count(n))
+        })
+        .await
+    }
+
     async fn prune_documents(
         &self,
         collection: &str,

@@ -92,6 +92,20 @@ impl Store for AppStore {
         self.inner.prune_events(&rule).await
     }
 
+    async fn discard(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        // This app's events only.
+        let mut mine = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if self.get(id).await?.is_some() {
+                mine.push(id);
+            }
+        }
+        if mine.is_empty() {
+            return Ok(0);
+        }
+        self.inner.discard(&mine).await
+    }
+
     async fn prune_documents(
         &self,
         collection: &str,

@@ -667,6 +667,30 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn discard(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.write(move |conn| {
+            let mut runs = conn.prepare_cached(
+                "DELETE FROM event_runs WHERE event_id = ?1 \
+                 AND EXISTS (SELECT 1 FROM events WHERE id = ?1 AND state = 'dead')",
+            )?;
+            let mut deliveries = conn.prepare_cached(
+                "DELETE FROM deliveries WHERE event_id = ?1 \
+                 AND EXISTS (SELECT 1 FROM events WHERE id = ?1 AND state = 'dead')",
+            )?;
+            let mut events =
+                conn.prepare_cached("DELETE FROM events WHERE id = ?1 AND state = 'dead'")?;
+            let mut deleted = 0;
+            for id in ids {
+                runs.execute([id])?;
+                deliveries.execute([id])?;
+                deleted += events.execute([id])? as u64;
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn prune_documents(
         &self,
         collection: &str,

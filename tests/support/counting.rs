@@ -158,6 +158,11 @@ impl Store for CountingStore {
         self.inner.prune_events(rule).await
     }
 
+    async fn discard(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        self.count("discard");
+        self.inner.discard(ids).await
+    }
+
     async fn prune_documents(
         &self,
         collection: &str,

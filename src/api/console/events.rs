@@ -130,6 +130,8 @@ struct EventsPage {
     error: Option<String>,
     live: bool,
     can_replay: bool,
+    /// The dead-letter page's discard buttons (`admin`).
+    can_discard: bool,
     groups: Vec<Group>,
     first_page: bool,
     newest_link: String,
@@ -166,6 +168,7 @@ fn events_page(viewer: &Viewer, state: &ApiState, f: Filters) -> EventsPage {
         error: None,
         live: false,
         can_replay: viewer.can(Scope::Replay),
+        can_discard: false,
         groups: Vec::new(),
         first_page: f.cursor.is_empty(),
         newest_link: format!("/console/events?{}", f.query()),
@@ -178,6 +181,7 @@ fn events_page(viewer: &Viewer, state: &ApiState, f: Filters) -> EventsPage {
 fn notice(lang: Lang, f: &Filters) -> String {
     match f.notice.as_str() {
         "replayed" => i18n::count(lang, "events.replayed", f.n),
+        "discarded" => i18n::count(lang, "dead.discarded", f.n),
         _ => String::new(),
     }
 }
@@ -293,6 +297,7 @@ pub async fn dead_letters(
     page.heading = "dead.title";
     page.action = "/console/dead";
     page.show_state = false;
+    page.can_discard = viewer.can(Scope::Admin);
     let query = EventsQuery {
         app: some(&page.f.app),
         state: Some("dead".to_owned()),
@@ -381,6 +386,8 @@ struct EventPage {
     runs: Vec<RunView>,
     deliveries: Vec<DeliveryView>,
     payload: String,
+    /// An action's event: links to its action page.
+    is_action: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -419,6 +426,7 @@ pub async fn show(
     let e = &detail.event;
     let waiting = matches!(e.state.as_str(), "pending" | "running" | "retry");
     render(&EventPage {
+        is_action: e.event_type == crate::actions::ACTION_EVENT,
         live: waiting,
         can_replay: viewer.can(Scope::Replay),
         e: EventView {
@@ -592,6 +600,58 @@ pub async fn replay_matching(
         Ok(n) => redirect(&with_notice(&format!("/console/events?{}", f.query()), n)),
         Err(p) => problem_page(viewer.chrome("events"), &p),
     }
+}
+
+#[derive(Template)]
+#[template(path = "discard.html")]
+struct DiscardPage {
+    c: Chrome,
+    question: String,
+    reason: String,
+    ids: Vec<i64>,
+}
+
+/// Discards a group of dead letters (`admin`): the first POST (from the dead-letter page)
+/// shows how many are dead now and asks; the second (`confirmed`) deletes them, audited.
+pub async fn discard(
+    State(state): State<Arc<ApiState>>,
+    Extension(viewer): Extension<Viewer>,
+    Extension(form): Extension<FormData>,
+) -> Response {
+    let c = viewer.chrome("dead");
+    if let Err(p) = viewer.caller().require(Scope::Admin) {
+        return problem_page(c, &p);
+    }
+    let ids: Vec<i64> = form
+        .all("id")
+        .filter_map(|v| v.parse().ok())
+        .take(api::DISCARD_MAX + 1)
+        .collect();
+    let reason = excerpt(form.get("reason").unwrap_or(""), 200);
+    if form.get("confirmed") == Some("1") {
+        return match api::discard(&state, viewer.caller(), &ids, Some(&reason)).await {
+            Ok(done) => redirect(&format!(
+                "/console/dead?notice=discarded&n={}",
+                done.discarded
+            )),
+            Err(p) => problem_page(c, &p),
+        };
+    }
+    // Count what is dead now among them (and the viewer's), as the discard will.
+    let mut dead = Vec::with_capacity(ids.len());
+    for id in ids.iter().take(api::DISCARD_MAX) {
+        if let Ok(d) = api::detail(&state, viewer.caller(), *id).await {
+            if d.event.state == "dead" {
+                dead.push(*id);
+            }
+        }
+    }
+    render(&DiscardPage {
+        question: i18n::count(viewer.lang, "dead.discard_question", dead.len() as u64),
+        reason,
+        ids: dead,
+        c,
+    })
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiState, Caller, Problem, Scope};
 
+mod actions;
 mod chart;
 mod events;
 pub mod i18n;
@@ -61,6 +62,10 @@ pub fn router(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
         .route("/console/events/{id}", get(events::show))
         .route("/console/events/{id}/replay", post(events::replay_one))
         .route("/console/dead", get(events::dead_letters))
+        .route("/console/dead/discard", post(events::discard))
+        .route("/console/actions", get(actions::list))
+        .route("/console/actions/{id}", get(actions::show))
+        .route("/console/actions/{id}/retry", post(actions::retry))
         .route("/console/routes", get(pages::routes))
         .route("/console/routes/{name}/pause", post(pages::pause_route))
         .route("/console/routes/{name}/resume", post(pages::resume_route))
@@ -69,6 +74,7 @@ pub fn router(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
             post(pages::replay_dead),
         )
         .route("/console/apps", get(pages::apps))
+        .route("/console/apps/{name}/check", post(pages::check_app))
         .route("/console/sign-out", post(pages::sign_out))
         .route("/console/{*rest}", get(not_found).post(not_found))
         .layer(axum::middleware::from_fn_with_state(
@@ -200,6 +206,14 @@ impl Chrome {
     /// An event or delivery state's name.
     pub fn state(&self, state: &str) -> &'static str {
         i18n::state(self.lang, state)
+    }
+
+    /// An action's state (`queued`, or an event state's name).
+    pub fn action_state(&self, state: &str) -> &'static str {
+        match state {
+            "queued" => self.t("actions.s.queued"),
+            other => self.state(other),
+        }
     }
 }
 

@@ -455,10 +455,24 @@ pub async fn replay_dead(
 /// One app's configuration, secrets only as "set".
 struct AppConfigView {
     name: String,
+    /// `api.public_url` + the path; empty without `public_url`.
     callback_url: String,
+    callback_path: String,
     client: &'static str,
     qps: u32,
     recovery: &'static str,
+    /// It has callback keys: the URL check can run.
+    checkable: bool,
+}
+
+/// A URL check's result, as the apps page shows it.
+struct CheckView {
+    app: String,
+    path: String,
+    status: String,
+    elapsed: String,
+    success: bool,
+    error: String,
 }
 
 #[derive(Template)]
@@ -466,29 +480,28 @@ struct AppConfigView {
 struct AppsPage {
     c: Chrome,
     apps: Vec<AppConfigView>,
+    public_url: bool,
+    can_check: bool,
+    check: Option<CheckView>,
 }
 
-/// Each app the token may touch: the callback URL to paste into DingTalk's console (on the
-/// host the browser used), whether it has a client; no secret.
-pub async fn apps(
-    State(state): State<Arc<ApiState>>,
-    Extension(viewer): Extension<Viewer>,
-    headers: axum::http::HeaderMap,
-) -> Response {
+/// The apps page, with a URL check's result when there is one.
+fn apps_page(state: &ApiState, viewer: &Viewer, check: Option<CheckView>) -> Response {
     if let Err(p) = viewer.caller().require(Scope::Read) {
         return problem_page(viewer.chrome("apps"), &p);
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("dinghook.example");
+    let public_url = state.public_url.clone();
     let apps = state.apps.load_full();
     let views = apps
         .values()
         .filter(|a| viewer.caller().token().may_touch(&a.name))
         .map(|a| AppConfigView {
             name: a.name.clone(),
-            callback_url: format!("https://{host}{}", a.callback_path),
+            callback_url: public_url
+                .as_deref()
+                .map(|base| format!("{base}{}", a.callback_path))
+                .unwrap_or_default(),
+            callback_path: a.callback_path.clone(),
             client: if a.client.is_some() {
                 "apps.yes"
             } else {
@@ -496,10 +509,52 @@ pub async fn apps(
             },
             qps: a.qps,
             recovery: if a.recovery { "apps.on" } else { "apps.off" },
+            checkable: a.cipher.is_some(),
         })
         .collect();
     render(&AppsPage {
         c: viewer.chrome("apps"),
         apps: views,
+        public_url: public_url.is_some(),
+        can_check: viewer.can(Scope::Admin),
+        check,
     })
+}
+
+/// Each app the token may touch: the callback URL to paste into DingTalk's console
+/// (`api.public_url` and the path), whether it has a client; no secret.
+pub async fn apps(
+    State(state): State<Arc<ApiState>>,
+    Extension(viewer): Extension<Viewer>,
+) -> Response {
+    apps_page(&state, &viewer, None)
+}
+
+/// Sends the app a `check_url` as DingTalk does (through this process's own public listener)
+/// and shows what came back (`admin` scope).
+pub async fn check_app(
+    State(state): State<Arc<ApiState>>,
+    Extension(viewer): Extension<Viewer>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let checked = match path_name(name, "app") {
+        Ok(name) => apps::check_url(&state, viewer.caller(), &name).await,
+        Err(p) => Err(p),
+    };
+    match checked {
+        Ok(check) => {
+            let view = CheckView {
+                status: check
+                    .status
+                    .map_or_else(|| "—".to_owned(), |s| s.to_string()),
+                elapsed: format!("{} ms", check.elapsed_ms),
+                success: check.success,
+                error: check.error.unwrap_or_default(),
+                app: check.app,
+                path: check.path,
+            };
+            apps_page(&state, &viewer, Some(view))
+        }
+        Err(p) => problem_page(viewer.chrome("apps"), &p),
+    }
 }
