@@ -159,6 +159,9 @@ struct Fixed {
     routing: crate::routes::Routing,
     /// The HTTP API's state, when `api.listen` is set.
     api: Option<Arc<crate::api::ApiState>>,
+    /// This process's name among the replicas sharing each app's QPS budget (PostgreSQL);
+    /// `None` when the process has the budget to itself (SQLite).
+    qps_member: Option<String>,
 }
 
 /// What one configuration of apps makes: each app's client, store view and callback route,
@@ -198,7 +201,12 @@ impl AppSet {
                 Some(client) => Some(client),
                 None if spec.dingtalk_enabled() => {
                     let counter = Arc::new(StoreCallCounter(Arc::clone(&app_store)));
-                    Some(Client::new(spec.dingtalk.clone(), counter)?)
+                    let client = Client::new(spec.dingtalk.clone(), counter)?;
+                    if fixed.qps_member.is_some() {
+                        // Before anything can call: no call until the heartbeats give a share.
+                        client.share_qps();
+                    }
+                    Some(client)
                 }
                 None => None,
             };
@@ -785,6 +793,12 @@ impl Application {
             ops: Arc::clone(&ops),
             routing,
             api,
+            // Replicas share one PostgreSQL database; a SQLite file has one process.
+            qps_member: matches!(
+                store::StoreLocation::parse(&config.store.url),
+                Ok(store::StoreLocation::Postgres(_))
+            )
+            .then(|| node.clone()),
         };
         let apps = AppSet::build(&fixed, &config, specs, None)?;
         if let Some(api) = &fixed.api {
@@ -956,6 +970,14 @@ impl Application {
         live.state.lock().await.recoveries.start_all();
         live.state.lock().await.streams.start_all();
         let pruner = live.retention.start(stopping.clone());
+        if let Some(member) = &live.fixed.qps_member {
+            tokio::spawn(share_qps(
+                Arc::clone(&live.fixed.store),
+                Arc::clone(&live.fixed.ops),
+                member.clone(),
+                stopping.clone(),
+            ));
+        }
         // Routes run beside the workers (also with `dispatch.enabled = false`: that turns the
         // handlers off, not the routes), and stop with them.
         let route_tasks: Vec<_> = runners
@@ -1078,6 +1100,66 @@ impl CallCounter for StoreCallCounter {
             .api_calls(month)
             .await
             .map_err(|e| CounterError(e.to_string()))
+    }
+}
+
+/// Rows of members not seen for this long are deleted (by whichever member gets to it).
+const QPS_MEMBER_FORGET_MS: i64 = 600_000;
+
+/// Heartbeats of the QPS budgets shared by replicas on one PostgreSQL database: about once a
+/// second, for each app with a client, write this member's row and read the members seen
+/// within [`crate::dingtalk::SHARE_LIVE`]; the client's share follows. Nothing per call: the
+/// calls only meet the local limiter. A heartbeat that fails or hangs takes this replica's
+/// share to 0 (the others are about to take it). Ends when the application stops (its row
+/// then expires like a dead replica's).
+async fn share_qps(
+    store: Arc<dyn Store>,
+    ops: Arc<OpsState>,
+    member: String,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    use crate::dingtalk::{SHARE_HEARTBEAT, SHARE_LIVE};
+    let mut tick = tokio::time::interval(SHARE_HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let live_ms = i64::try_from(SHARE_LIVE.as_millis()).unwrap_or(i64::MAX);
+    let mut beats: u64 = 0;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopping.changed() => return,
+        }
+        let clients = ops.clients.load_full();
+        for (app, client) in clients.iter() {
+            let now = crate::time::now_millis();
+            // Once a minute, not every second: old rows only cost the read a little.
+            let forget = (beats % 60 == 0).then_some(now - QPS_MEMBER_FORGET_MS);
+            let beat = store.qps_heartbeat(app, &member, now, now - live_ms, forget);
+            match tokio::time::timeout(SHARE_HEARTBEAT, beat).await {
+                Ok(Ok(members)) => {
+                    if failing {
+                        tracing::info!(app = %app, "QPS share heartbeats written again");
+                        failing = false;
+                    }
+                    client.offer_qps_members(&members, &member);
+                }
+                Ok(Err(e)) => {
+                    if !failing {
+                        tracing::warn!(app = %app, error = %e, "QPS share heartbeat failed; no DingTalk call until it succeeds");
+                        failing = true;
+                    }
+                    client.lose_qps_share();
+                }
+                Err(_) => {
+                    if !failing {
+                        tracing::warn!(app = %app, "QPS share heartbeat timed out; no DingTalk call until it succeeds");
+                        failing = true;
+                    }
+                    client.lose_qps_share();
+                }
+            }
+        }
+        beats += 1;
     }
 }
 

@@ -57,7 +57,7 @@ struct Name {
 
 /// The `name` labels of `dinghook_dingtalk`, in the order [`Metrics::set_quota`] gives the
 /// values.
-const DINGTALK_FIGURES: [&str; 12] = [
+const DINGTALK_FIGURES: [&str; 14] = [
     "calls_this_month",
     "monthly_quota",
     "quota_remaining",
@@ -70,6 +70,8 @@ const DINGTALK_FIGURES: [&str; 12] = [
     "disabled_answers",
     "token_fetches",
     "quota_warnings",
+    "qps_share",
+    "qps_members",
 ];
 
 /// All of dinghook's metrics.
@@ -454,7 +456,7 @@ impl Metrics {
         let dingtalk = Family::<Name, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "dingtalk",
-            "DingTalk API client figures: calls this month, quota, remaining, throttled retries, quota rejections",
+            "DingTalk API client figures: calls this month, quota, remaining, throttled retries, quota rejections, the QPS share and the replicas sharing it (qps_share, qps_members)",
             dingtalk.clone(),
         );
         let notifications_sent = Family::<Kind, Counter>::default();
@@ -740,6 +742,8 @@ impl Metrics {
             stats.disabled_answers as f64,
             stats.token_fetches as f64,
             stats.quota_warnings as f64,
+            stats.qps_share as f64,
+            stats.qps_members as f64,
         ];
         let figures = DINGTALK_FIGURES.into_iter().zip(values);
         for (name, value) in figures {

@@ -32,7 +32,7 @@ pub struct ClientConfig {
     /// New-API base URL, without a trailing slash.
     pub api_url: String,
     /// Calls per second allowed for this app (Standard edition: 20). Shared by every call this
-    /// client makes; several replicas each get the full budget, so divide it between them.
+    /// client makes, and by the replicas on one PostgreSQL database ([`crate::dingtalk::Client::share_qps`]).
     #[serde(deserialize_with = "crate::setting::number")]
     pub qps: u32,
     /// API calls per month in the organisation's edition (Standard: 5 000 since 2025-11-19).

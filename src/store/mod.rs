@@ -490,6 +490,17 @@ pub trait Store: Send + Sync + 'static {
     async fn add_api_calls(&self, month: &str, n: u64) -> Result<u64, StoreError>;
     /// The calls counted for `month` (0 if none).
     async fn api_calls(&self, month: &str) -> Result<u64, StoreError>;
+    /// Records that `member` shares `app`'s QPS budget at `now_ms`, forgets members not seen
+    /// since `forget_before_ms`, and returns the members seen since `live_since_ms` (itself
+    /// included), in member order. Three statements, no transaction: each is a fact on its own.
+    async fn qps_heartbeat(
+        &self,
+        app: &str,
+        member: &str,
+        now_ms: i64,
+        live_since_ms: i64,
+        forget_before_ms: Option<i64>,
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Finishes queued writes and stops background work.
     async fn close(&self);
