@@ -294,6 +294,7 @@ impl AppSet {
                         client: context.client.clone(),
                         store: Arc::clone(&context.store),
                         qps: spec.dingtalk.qps,
+                        event_quota: spec.dingtalk.event_quota,
                         recovery: spec.recovery.enabled && context.client.is_some(),
                         quota_reserve: spec.handlers.notify_quota_reserve,
                     },
@@ -970,6 +971,13 @@ impl Application {
         live.state.lock().await.recoveries.start_all();
         live.state.lock().await.streams.start_all();
         let pruner = live.retention.start(stopping.clone());
+        let events_book = Arc::new(EventQuotaBook {
+            store: Arc::clone(&live.fixed.store),
+            ops: Arc::clone(&live.fixed.ops),
+            metrics: Arc::clone(&live.fixed.metrics),
+            state: tokio::sync::Mutex::default(),
+        });
+        tokio::spawn(Arc::clone(&events_book).run(stopping.clone()));
         if let Some(member) = &live.fixed.qps_member {
             tokio::spawn(share_qps(
                 Arc::clone(&live.fixed.store),
@@ -1066,6 +1074,8 @@ impl Application {
                 ),
             }
         }
+        // The events the sources stored last, into the month's count.
+        let _ = tokio::time::timeout(ABORT_WAIT, events_book.flush()).await;
         store.close().await;
         tracing::info!("stopped");
         result
@@ -1100,6 +1110,100 @@ impl CallCounter for StoreCallCounter {
             .api_calls(month)
             .await
             .map_err(|e| CounterError(e.to_string()))
+    }
+}
+
+/// The events each app received this month, against DingTalk's Webhook&Stream quota
+/// (`dingtalk.event_quota`): the sources count first-stored events in memory
+/// ([`Metrics::quota_event`]), and once a second this adds them to the store's counter
+/// `events:<app>:<YYYY-MM>` (one upsert per app with new events; the counter table is the
+/// API-call counter's), so replicas and restarts share the count and a stored event costs no
+/// statement of its own. Sets the `dinghook_event_quota` gauges and warns once per month, app
+/// and process at `dingtalk.quota_warn_ratio` (80 %).
+struct EventQuotaBook {
+    store: Arc<dyn Store>,
+    ops: Arc<OpsState>,
+    metrics: Arc<Metrics>,
+    /// A tokio mutex: held across the store's statements so the loop's flush and the final
+    /// one at shutdown do not interleave.
+    state: tokio::sync::Mutex<EventQuotaState>,
+}
+
+#[derive(Default)]
+struct EventQuotaState {
+    /// Per app: the month and its total as last written or read.
+    totals: HashMap<String, (String, u64)>,
+    /// Per app: the month last warned about, and the warnings logged by this process.
+    warned: HashMap<String, (String, u64)>,
+    flushes: u64,
+}
+
+/// How often [`EventQuotaBook`] also reads the totals of apps without new events (so another
+/// replica's events show here too), in flushes.
+const EVENT_QUOTA_REREAD: u64 = 60;
+
+impl EventQuotaBook {
+    async fn run(self: Arc<Self>, mut stopping: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.flush().await,
+                _ = stopping.changed() => return,
+            }
+        }
+    }
+
+    async fn flush(&self) {
+        let mut state = self.state.lock().await;
+        let month = crate::dingtalk::current_month();
+        let mut new = self.metrics.take_quota_events();
+        let clients = self.ops.clients.load_full();
+        let reread = state.flushes % EVENT_QUOTA_REREAD == 0;
+        state.flushes += 1;
+        for app in clients.keys() {
+            new.entry(app.clone()).or_insert(0);
+        }
+        for (app, n) in new {
+            let key = store::event_quota_key(&app, &month);
+            let known = state
+                .totals
+                .get(&app)
+                .filter(|(m, _)| *m == month)
+                .map(|(_, total)| *total);
+            let total = match (n, known) {
+                (0, Some(total)) if !reread => Ok(total),
+                (0, _) => self.store.api_calls(&key).await,
+                (n, _) => self.store.add_api_calls(&key, n).await,
+            };
+            let total = match total {
+                Ok(total) => total,
+                Err(e) => {
+                    tracing::warn!(app = %app, error = %e, "could not count received events; kept for the next try");
+                    self.metrics.return_quota_events(&app, n);
+                    continue;
+                }
+            };
+            state.totals.insert(app.clone(), (month.clone(), total));
+            let (limit, ratio) = clients.get(&app).map_or((0, 0.8), |c| {
+                (c.config().event_quota, c.config().quota_warn_ratio)
+            });
+            let warned = state.warned.entry(app.clone()).or_default();
+            if limit > 0 && total as f64 >= ratio * limit as f64 && warned.0 != month {
+                warned.0 = month.clone();
+                warned.1 += 1;
+                tracing::warn!(
+                    app = %app,
+                    month = %month,
+                    events = total,
+                    event_quota = limit,
+                    "{}% of this month's Webhook&Stream quota used: DingTalk stops delivering events when it is used up",
+                    total * 100 / limit
+                );
+            }
+            let warnings = warned.1;
+            self.metrics.set_event_quota(&app, total, limit, warnings);
+        }
     }
 }
 

@@ -37,6 +37,13 @@ impl Default for StoreConfig {
     }
 }
 
+/// The counter (beside the monthly API-call counter, `Store::add_api_calls`) of the events
+/// DingTalk delivered to `app` in `month` (`YYYY-MM`), against its Webhook&Stream quota. Read
+/// and written on the unscoped store, whatever the app.
+pub fn event_quota_key(app: &str, month: &str) -> String {
+    format!("events:{app}:{month}")
+}
+
 /// Where the store lives, parsed from `store.url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
