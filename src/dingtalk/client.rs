@@ -569,7 +569,7 @@ impl Client {
         let now = Instant::now();
         let changed = self.shared(|budget| {
             budget.members = members;
-            budget.share.offer(target, now)
+            budget.share.offer_first(target, members, now)
         });
         if let Some(Some(share)) = changed {
             tracing::debug!(share, members, "QPS share changed");

@@ -208,6 +208,8 @@ pub(crate) struct QpsShare {
     pub(crate) applied: u32,
     /// A higher share offered, and since when it has been offered without a change.
     pending: Option<(u32, Instant)>,
+    /// Whether a membership was offered yet.
+    seen: bool,
 }
 
 impl QpsShare {
@@ -215,7 +217,24 @@ impl QpsShare {
         QpsShare {
             applied,
             pending: None,
+            seen: false,
         }
+    }
+
+    /// Offers the share of the first membership read, which had `members` members. A replica
+    /// that finds itself alone uses it at once: no live member is there to make room (one
+    /// starting at the same moment reads this one and waits), so a lone replica, or one
+    /// restarted after its old row expired, does not wait for nothing. Otherwise as
+    /// [`QpsShare::offer`].
+    pub(crate) fn offer_first(&mut self, target: u32, members: usize, now: Instant) -> Option<u32> {
+        let first = !self.seen;
+        self.seen = true;
+        if first && members == 1 && target > self.applied {
+            self.applied = target;
+            self.pending = None;
+            return Some(target);
+        }
+        self.offer(target, now)
     }
 
     /// Offers the share the membership gives now; returns the share to use when it changed.
@@ -488,6 +507,21 @@ mod tests {
         assert_eq!(share.offer(5, t2 + Duration::from_secs(1)), None);
         assert_eq!(share.offer(10, t2 + SHARE_RAISE_DELAY), None);
         assert_eq!(share.applied, 5);
+    }
+
+    #[test]
+    fn a_replica_alone_at_its_first_heartbeat_takes_its_share_at_once() {
+        let t0 = Instant::now();
+        let mut alone = QpsShare::new(0);
+        assert_eq!(alone.offer_first(20, 1, t0), Some(20));
+        // Later on, alone again (the others went): the usual wait.
+        assert_eq!(alone.offer_first(10, 2, t0), Some(10));
+        assert_eq!(alone.offer_first(20, 1, t0), None);
+        assert_eq!(alone.offer_first(20, 1, t0 + SHARE_RAISE_DELAY), Some(20));
+        // Not alone at the first heartbeat: the others must see it first.
+        let mut joining = QpsShare::new(0);
+        assert_eq!(joining.offer_first(10, 2, t0), None);
+        assert_eq!(joining.offer_first(10, 2, t0 + SHARE_RAISE_DELAY), Some(10));
     }
 
     #[test]
