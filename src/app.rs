@@ -978,14 +978,17 @@ impl Application {
             state: tokio::sync::Mutex::default(),
         });
         tokio::spawn(Arc::clone(&events_book).run(stopping.clone()));
-        if let Some(member) = &live.fixed.qps_member {
+        // Heart-beats until the workers have stopped (they call DingTalk while they drain),
+        // not just until `stopping`.
+        let (share_stop, share_stopping) = tokio::sync::watch::channel(false);
+        let share_task = live.fixed.qps_member.as_ref().map(|member| {
             tokio::spawn(share_qps(
                 Arc::clone(&live.fixed.store),
                 Arc::clone(&live.fixed.ops),
                 member.clone(),
-                stopping.clone(),
-            ));
-        }
+                share_stopping,
+            ))
+        });
         // Routes run beside the workers (also with `dispatch.enabled = false`: that turns the
         // handlers off, not the routes), and stop with them.
         let route_tasks: Vec<_> = runners
@@ -1073,6 +1076,11 @@ impl Application {
                     "could not put abandoned runs back; they run again when their lease ends"
                 ),
             }
+        }
+        // No more DingTalk calls from here: leave the shared QPS budgets.
+        let _ = share_stop.send(true);
+        if let Some(task) = share_task {
+            let _ = task.await;
         }
         // The events the sources stored last, into the month's count.
         let _ = tokio::time::timeout(ABORT_WAIT, events_book.flush()).await;
@@ -1214,8 +1222,9 @@ const QPS_MEMBER_FORGET_MS: i64 = 600_000;
 /// second, for each app with a client, write this member's row and read the members seen
 /// within [`crate::dingtalk::SHARE_LIVE`]; the client's share follows. Nothing per call: the
 /// calls only meet the local limiter. A heartbeat that fails or hangs takes this replica's
-/// share to 0 (the others are about to take it). Ends when the application stops (its row
-/// then expires like a dead replica's).
+/// share to 0 (the others are about to take it). When the application has stopped calling
+/// (its workers joined), removes its rows, so the others take its share within a heartbeat
+/// and the raise delay; a process that dies leaves its rows to expire.
 async fn share_qps(
     store: Arc<dyn Store>,
     ops: Arc<OpsState>,
@@ -1231,7 +1240,18 @@ async fn share_qps(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stopping.changed() => return,
+            changed = stopping.changed() => {
+                // Err: the application was dropped mid-run (no orderly stop): leave nothing.
+                if changed.is_ok() {
+                    for app in ops.clients.load_full().keys() {
+                        let leave = store.qps_leave(app, &member);
+                        if let Ok(Err(e)) = tokio::time::timeout(SHARE_HEARTBEAT, leave).await {
+                            tracing::warn!(app = %app, error = %e, "could not leave the shared QPS budget; the row expires");
+                        }
+                    }
+                }
+                return;
+            }
         }
         let clients = ops.clients.load_full();
         for (app, client) in clients.iter() {

@@ -1,8 +1,8 @@
 //! One app's QPS budget shared by three replicas on one PostgreSQL database: DingTalk (the
 //! fake, capped at the budget) never sees more than the budget in any one-second window and
-//! throttles nothing, while a joining replica waits for its share and a replica that stops
-//! heart-beating leaves its share to the others within seconds. SKIPPED without
-//! `DINGHOOK_TEST_PG_URL`.
+//! throttles nothing, while a joining replica waits for its share, a replica that stops leaves
+//! its share to the others at once and one that dies (its row no longer written) within
+//! seconds. SKIPPED without `DINGHOOK_TEST_PG_URL`.
 
 mod support;
 
@@ -59,7 +59,7 @@ fn busiest_second(times: &[tokio::time::Instant]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_replicas_share_one_budget_and_a_stopped_ones_share_returns() {
+async fn three_replicas_share_one_budget_and_a_gone_ones_share_returns() {
     let t0 = std::time::Instant::now();
     let Some(pg) = support::stores::fresh_postgres_database().await else {
         return;
@@ -91,7 +91,7 @@ async fn three_replicas_share_one_budget_and_a_stopped_ones_share_returns() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // The third replica dies: its calls end and its heartbeats stop.
+    // The third replica stops: its calls end, and it leaves (deletes its row).
     for task in loads.pop().unwrap() {
         task.abort();
     }
@@ -101,7 +101,34 @@ async fn three_replicas_share_one_budget_and_a_stopped_ones_share_returns() {
         replicas.iter().map(share).sum::<u64>() == u64::from(QPS)
     })
     .await;
-    let recovered = stopped_at.elapsed();
+    let after_stop = stopped_at.elapsed();
+    // Seen gone at the next heartbeat (1 s), raised after 2.52 s.
+    // (A row left to expire would take 3 s more.)
+    assert!(after_stop < Duration::from_millis(5500), "{after_stop:?}");
+
+    // A replica that dies leaves its row behind. One joins (the test writes its heartbeats,
+    // as its process would) and takes its part; then it dies: its row stops being written.
+    let store = replicas[0].store.clone();
+    let ghost = tokio::spawn(async move {
+        loop {
+            let now = dinghook::time::now_millis();
+            let _ = store
+                .qps_heartbeat("default", "zz-ghost", now, now - 3_000, None)
+                .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    wait_until("the survivors make room for the new one", || {
+        replicas.iter().map(share).sum::<u64>() == 14
+    })
+    .await;
+    ghost.abort();
+    let killed_at = tokio::time::Instant::now();
+    wait_until("the survivors take the dead one's share", || {
+        replicas.iter().map(share).sum::<u64>() == u64::from(QPS)
+    })
+    .await;
+    let recovered = killed_at.elapsed();
     // Gone after SHARE_LIVE (3 s), seen at the next heartbeat (1 s), raised after 2.52 s.
     assert!(recovered < Duration::from_secs(8), "{recovered:?}");
     let full_again = tokio::time::Instant::now();
@@ -138,7 +165,8 @@ async fn three_replicas_share_one_budget_and_a_stopped_ones_share_returns() {
     }
     eprintln!(
         "three replicas: shares in place after {joined:?}; a stopped replica's share back \
-         after {recovered:?}; {} calls, at most {busiest} in one second",
+         after {after_stop:?}, a dead one's after {recovered:?}; {} calls, at most {busiest} \
+         in one second",
         calls.len()
     );
     for app in replicas {

@@ -508,6 +508,9 @@ pub trait Store: Send + Sync + 'static {
         live_since_ms: i64,
         forget_before_ms: Option<i64>,
     ) -> Result<Vec<String>, StoreError>;
+    /// Removes `member`'s row of `app` (it stopped, so the others take its share without
+    /// waiting for the row to expire).
+    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError>;
 
     /// Finishes queued writes and stops background work.
     async fn close(&self);

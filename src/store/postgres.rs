@@ -990,6 +990,14 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
+        self.run(async |c| {
+            Self::execute(c, &self.sql.qps_leave, &[&app, &member]).await?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn close(&self) {
         // Every write has committed by the time its caller got an answer, so there is no
         // queue to drain: closing drops idle connections and refuses new operations.

@@ -824,6 +824,8 @@ pub struct Statements {
     pub qps_members: String,
     /// seen before: rows of members long gone.
     pub qps_forget: String,
+    /// app, member: the member leaves.
+    pub qps_leave: String,
 }
 
 impl Statements {
@@ -933,6 +935,7 @@ impl Statements {
             qps_members: sql("SELECT member FROM qps_members \
                  WHERE app = $1 AND seen_at >= $2 ORDER BY member"),
             qps_forget: sql("DELETE FROM qps_members WHERE seen_at < $1"),
+            qps_leave: sql("DELETE FROM qps_members WHERE app = $1 AND member = $2"),
         }
     }
 }
@@ -1449,6 +1452,7 @@ CREATE VIEW notifications AS SELECT
             &s.qps_beat,
             &s.qps_members,
             &s.qps_forget,
+            &s.qps_leave,
         ];
         for sql in all {
             assert!(!sql.contains('$'), "{sql}");

@@ -281,6 +281,10 @@ impl Store for AppStore {
             .await
     }
 
+    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
+        self.inner.qps_leave(app, member).await
+    }
+
     async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError> {
         self.inner.try_lead(&self.scope(name)).await
     }

@@ -891,6 +891,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
+        let (app, member) = (app.to_owned(), member.to_owned());
+        let sql = Arc::clone(&self.sql);
+        self.write(move |conn| {
+            conn.prepare_cached(&sql.qps_leave)?
+                .execute(params![app, member])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn close(&self) {
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {

@@ -252,6 +252,11 @@ impl Store for CountingStore {
             .await
     }
 
+    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
+        self.count("qps_leave");
+        self.inner.qps_leave(app, member).await
+    }
+
     async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError> {
         self.count("try_lead");
         self.inner.try_lead(name).await
