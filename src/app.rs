@@ -1080,7 +1080,8 @@ impl Application {
         // No more DingTalk calls from here: leave the shared QPS budgets.
         let _ = share_stop.send(true);
         if let Some(task) = share_task {
-            let _ = task.await;
+            // Bounded: a store that does not answer leaves the rows to expire instead.
+            let _ = tokio::time::timeout(2 * ABORT_WAIT, task).await;
         }
         // The events the sources stored last, into the month's count.
         let _ = tokio::time::timeout(ABORT_WAIT, events_book.flush()).await;
