@@ -1252,9 +1252,8 @@ const QPS_MEMBER_FORGET_MS: i64 = 600_000;
 /// Heartbeats of the QPS budgets shared by replicas on one PostgreSQL database: about once a
 /// second, for each app with a client, write this member's row and read the members seen
 /// within [`crate::dingtalk::SHARE_LIVE`]; the client's share follows. Nothing per call: the
-/// calls only meet the local limiter. When heartbeats fail or hang for long enough that the
-/// others are about to count this replica out (its last written one is older than
-/// `SHARE_LIVE` less a heartbeat), its share goes to 0; a single slow one changes nothing. When the application has stopped calling
+/// calls only meet the local limiter. A heartbeat that fails or hangs takes this replica's
+/// share to 0 (the others are about to take it). When the application has stopped calling
 /// (its workers joined), removes its rows, so the others take its share within a heartbeat
 /// and the raise delay; a process that dies leaves its rows to expire.
 async fn share_qps(
@@ -1269,12 +1268,6 @@ async fn share_qps(
     let live_ms = i64::try_from(SHARE_LIVE.as_millis()).unwrap_or(i64::MAX);
     let mut beats: u64 = 0;
     let mut failing = false;
-    // When each app's last heartbeat was written: the others count this replica (and leave
-    // its share alone) until SHARE_LIVE after it, so one slow or failed heartbeat does not
-    // stop the calls; only when the last one written is older than SHARE_LIVE less a
-    // heartbeat does this replica stop calling.
-    let mut written: HashMap<String, tokio::time::Instant> = HashMap::new();
-    let hold_for = SHARE_LIVE.saturating_sub(SHARE_HEARTBEAT);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1303,24 +1296,21 @@ async fn share_qps(
                         tracing::info!(app = %app, "QPS share heartbeats written again");
                         failing = false;
                     }
-                    written.insert(app.clone(), tokio::time::Instant::now());
                     client.offer_qps_members(&members, &member);
                 }
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".to_owned(),
-                    };
-                    let stale = written.get(app).is_none_or(|at| at.elapsed() >= hold_for);
-                    if stale {
-                        if !failing {
-                            tracing::warn!(app = %app, error = %why, "QPS share heartbeats failing; no DingTalk call until one succeeds");
-                            failing = true;
-                        }
-                        client.lose_qps_share();
-                    } else {
-                        tracing::debug!(app = %app, error = %why, "a QPS share heartbeat failed; the share holds while the others still count this replica");
+                Ok(Err(e)) => {
+                    if !failing {
+                        tracing::warn!(app = %app, error = %e, "QPS share heartbeat failed; no DingTalk call until it succeeds");
+                        failing = true;
                     }
+                    client.lose_qps_share();
+                }
+                Err(_) => {
+                    if !failing {
+                        tracing::warn!(app = %app, "QPS share heartbeat timed out; no DingTalk call until it succeeds");
+                        failing = true;
+                    }
+                    client.lose_qps_share();
                 }
             }
         }
