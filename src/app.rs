@@ -159,9 +159,6 @@ struct Fixed {
     routing: crate::routes::Routing,
     /// The HTTP API's state, when `api.listen` is set.
     api: Option<Arc<crate::api::ApiState>>,
-    /// This process's name among the replicas sharing each app's QPS budget (PostgreSQL);
-    /// `None` when the process has the budget to itself (SQLite).
-    qps_member: Option<String>,
 }
 
 /// What one configuration of apps makes: each app's client, store view and callback route,
@@ -201,12 +198,7 @@ impl AppSet {
                 Some(client) => Some(client),
                 None if spec.dingtalk_enabled() => {
                     let counter = Arc::new(StoreCallCounter(Arc::clone(&app_store)));
-                    let client = Client::new(spec.dingtalk.clone(), counter)?;
-                    if fixed.qps_member.is_some() {
-                        // Before anything can call: no call until the heartbeats give a share.
-                        client.share_qps();
-                    }
-                    Some(client)
+                    Some(Client::new(spec.dingtalk.clone(), counter)?)
                 }
                 None => None,
             };
@@ -294,7 +286,6 @@ impl AppSet {
                         client: context.client.clone(),
                         store: Arc::clone(&context.store),
                         qps: spec.dingtalk.qps,
-                        event_quota: spec.dingtalk.event_quota,
                         recovery: spec.recovery.enabled && context.client.is_some(),
                         quota_reserve: spec.handlers.notify_quota_reserve,
                         cipher: if spec.push_enabled() {
@@ -802,12 +793,6 @@ impl Application {
             ops: Arc::clone(&ops),
             routing,
             api,
-            // Replicas share one PostgreSQL database; a SQLite file has one process.
-            qps_member: matches!(
-                store::StoreLocation::parse(&config.store.url),
-                Ok(store::StoreLocation::Postgres(_))
-            )
-            .then(|| node.clone()),
         };
         let apps = AppSet::build(&fixed, &config, specs, None)?;
         if let Some(api) = &fixed.api {
@@ -983,24 +968,6 @@ impl Application {
         live.state.lock().await.recoveries.start_all();
         live.state.lock().await.streams.start_all();
         let pruner = live.retention.start(stopping.clone());
-        let events_book = Arc::new(EventQuotaBook {
-            store: Arc::clone(&live.fixed.store),
-            ops: Arc::clone(&live.fixed.ops),
-            metrics: Arc::clone(&live.fixed.metrics),
-            state: tokio::sync::Mutex::default(),
-        });
-        tokio::spawn(Arc::clone(&events_book).run(stopping.clone()));
-        // Heart-beats until the workers have stopped (they call DingTalk while they drain),
-        // not just until `stopping`.
-        let (share_stop, share_stopping) = tokio::sync::watch::channel(false);
-        let share_task = live.fixed.qps_member.as_ref().map(|member| {
-            tokio::spawn(share_qps(
-                Arc::clone(&live.fixed.store),
-                Arc::clone(&live.fixed.ops),
-                member.clone(),
-                share_stopping,
-            ))
-        });
         // Routes run beside the workers (also with `dispatch.enabled = false`: that turns the
         // handlers off, not the routes), and stop with them.
         let route_owners: Vec<String> = runners.iter().map(|r| r.owner()).collect();
@@ -1107,14 +1074,6 @@ impl Application {
                 }
             }
         }
-        // No more DingTalk calls from here: leave the shared QPS budgets.
-        let _ = share_stop.send(true);
-        if let Some(task) = share_task {
-            // Bounded: a store that does not answer leaves the rows to expire instead.
-            let _ = tokio::time::timeout(2 * ABORT_WAIT, task).await;
-        }
-        // The events the sources stored last, into the month's count.
-        let _ = tokio::time::timeout(ABORT_WAIT, events_book.flush()).await;
         store.close().await;
         tracing::info!("stopped");
         result
@@ -1149,172 +1108,6 @@ impl CallCounter for StoreCallCounter {
             .api_calls(month)
             .await
             .map_err(|e| CounterError(e.to_string()))
-    }
-}
-
-/// The events each app received this month, against DingTalk's Webhook&Stream quota
-/// (`dingtalk.event_quota`): the sources count first-stored events in memory
-/// ([`Metrics::quota_event`]), and once a second this adds them to the store's counter
-/// `events:<app>:<YYYY-MM>` (one upsert per app with new events; the counter table is the
-/// API-call counter's), so replicas and restarts share the count and a stored event costs no
-/// statement of its own. Sets the `dinghook_event_quota` gauges and warns once per month, app
-/// and process at `dingtalk.quota_warn_ratio` (80 %).
-struct EventQuotaBook {
-    store: Arc<dyn Store>,
-    ops: Arc<OpsState>,
-    metrics: Arc<Metrics>,
-    /// A tokio mutex: held across the store's statements so the loop's flush and the final
-    /// one at shutdown do not interleave.
-    state: tokio::sync::Mutex<EventQuotaState>,
-}
-
-#[derive(Default)]
-struct EventQuotaState {
-    /// Per app: the month and its total as last written or read.
-    totals: HashMap<String, (String, u64)>,
-    /// Per app: the month last warned about, and the warnings logged by this process.
-    warned: HashMap<String, (String, u64)>,
-    flushes: u64,
-}
-
-/// How often [`EventQuotaBook`] also reads the totals of apps without new events (so another
-/// replica's events show here too), in flushes.
-const EVENT_QUOTA_REREAD: u64 = 60;
-
-impl EventQuotaBook {
-    async fn run(self: Arc<Self>, mut stopping: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.flush().await,
-                _ = stopping.changed() => return,
-            }
-        }
-    }
-
-    async fn flush(&self) {
-        let mut state = self.state.lock().await;
-        let month = crate::dingtalk::current_month();
-        let mut new = self.metrics.take_quota_events();
-        let clients = self.ops.clients.load_full();
-        let reread = state.flushes % EVENT_QUOTA_REREAD == 0;
-        state.flushes += 1;
-        for app in clients.keys() {
-            new.entry(app.clone()).or_insert(0);
-        }
-        for (app, n) in new {
-            let key = store::event_quota_key(&app, &month);
-            let known = state
-                .totals
-                .get(&app)
-                .filter(|(m, _)| *m == month)
-                .map(|(_, total)| *total);
-            let total = match (n, known) {
-                (0, Some(total)) if !reread => Ok(total),
-                (0, _) => self.store.api_calls(&key).await,
-                (n, _) => self.store.add_api_calls(&key, n).await,
-            };
-            let total = match total {
-                Ok(total) => total,
-                Err(e) => {
-                    tracing::warn!(app = %app, error = %e, "could not count received events; kept for the next try");
-                    self.metrics.return_quota_events(&app, n);
-                    continue;
-                }
-            };
-            state.totals.insert(app.clone(), (month.clone(), total));
-            let (limit, ratio) = clients.get(&app).map_or((0, 0.8), |c| {
-                (c.config().event_quota, c.config().quota_warn_ratio)
-            });
-            let warned = state.warned.entry(app.clone()).or_default();
-            if limit > 0 && total as f64 >= ratio * limit as f64 && warned.0 != month {
-                warned.0 = month.clone();
-                warned.1 += 1;
-                tracing::warn!(
-                    app = %app,
-                    month = %month,
-                    events = total,
-                    event_quota = limit,
-                    "{}% of this month's Webhook&Stream quota used: DingTalk stops delivering events when it is used up",
-                    total * 100 / limit
-                );
-            }
-            let warnings = warned.1;
-            self.metrics.set_event_quota(&app, total, limit, warnings);
-        }
-    }
-}
-
-/// Rows of members not seen for this long are deleted (by whichever member gets to it).
-const QPS_MEMBER_FORGET_MS: i64 = 600_000;
-
-/// Heartbeats of the QPS budgets shared by replicas on one PostgreSQL database: about once a
-/// second, for each app with a client, write this member's row and read the members seen
-/// within [`crate::dingtalk::SHARE_LIVE`]; the client's share follows. Nothing per call: the
-/// calls only meet the local limiter. A heartbeat that fails or hangs takes this replica's
-/// share to 0 (the others are about to take it). When the application has stopped calling
-/// (its workers joined), removes its rows, so the others take its share within a heartbeat
-/// and the raise delay; a process that dies leaves its rows to expire.
-async fn share_qps(
-    store: Arc<dyn Store>,
-    ops: Arc<OpsState>,
-    member: String,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
-) {
-    use crate::dingtalk::{SHARE_HEARTBEAT, SHARE_LIVE};
-    let mut tick = tokio::time::interval(SHARE_HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let live_ms = i64::try_from(SHARE_LIVE.as_millis()).unwrap_or(i64::MAX);
-    let mut beats: u64 = 0;
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = stopping.changed() => {
-                // Err: the application was dropped mid-run (no orderly stop): leave nothing.
-                if changed.is_ok() {
-                    for app in ops.clients.load_full().keys() {
-                        let leave = store.qps_leave(app, &member);
-                        if let Ok(Err(e)) = tokio::time::timeout(SHARE_HEARTBEAT, leave).await {
-                            tracing::warn!(app = %app, error = %e, "could not leave the shared QPS budget; the row expires");
-                        }
-                    }
-                }
-                return;
-            }
-        }
-        let clients = ops.clients.load_full();
-        for (app, client) in clients.iter() {
-            let now = crate::time::now_millis();
-            // Once a minute, not every second: old rows only cost the read a little.
-            let forget = (beats % 60 == 0).then_some(now - QPS_MEMBER_FORGET_MS);
-            let beat = store.qps_heartbeat(app, &member, now, now - live_ms, forget);
-            match tokio::time::timeout(SHARE_HEARTBEAT, beat).await {
-                Ok(Ok(members)) => {
-                    if failing {
-                        tracing::info!(app = %app, "QPS share heartbeats written again");
-                        failing = false;
-                    }
-                    client.offer_qps_members(&members, &member);
-                }
-                Ok(Err(e)) => {
-                    if !failing {
-                        tracing::warn!(app = %app, error = %e, "QPS share heartbeat failed; no DingTalk call until it succeeds");
-                        failing = true;
-                    }
-                    client.lose_qps_share();
-                }
-                Err(_) => {
-                    if !failing {
-                        tracing::warn!(app = %app, "QPS share heartbeat timed out; no DingTalk call until it succeeds");
-                        failing = true;
-                    }
-                    client.lose_qps_share();
-                }
-            }
-        }
-        beats += 1;
     }
 }
 

@@ -57,7 +57,7 @@ struct Name {
 
 /// The `name` labels of `dinghook_dingtalk`, in the order [`Metrics::set_quota`] gives the
 /// values.
-const DINGTALK_FIGURES: [&str; 14] = [
+const DINGTALK_FIGURES: [&str; 12] = [
     "calls_this_month",
     "monthly_quota",
     "quota_remaining",
@@ -70,8 +70,6 @@ const DINGTALK_FIGURES: [&str; 14] = [
     "disabled_answers",
     "token_fetches",
     "quota_warnings",
-    "qps_share",
-    "qps_members",
 ];
 
 /// All of dinghook's metrics.
@@ -94,11 +92,6 @@ pub struct Metrics {
     recent: Recent,
     store_up: Gauge,
     dingtalk: Family<Name, Gauge<f64, AtomicU64>>,
-    event_quota: Family<Name, Gauge<f64, AtomicU64>>,
-    /// Events first stored per app since the last [`Metrics::take_quota_events`]: counted in
-    /// memory, so a stored event costs no extra statement; the wiring adds them to the store
-    /// once a second. A std mutex: a map update, never held across an await.
-    quota_events: std::sync::Mutex<BTreeMap<String, u64>>,
     notifications_sent: Family<Kind, Counter>,
     notifications_skipped: Family<AppReason, Counter>,
     recipients_undelivered: Counter,
@@ -485,14 +478,8 @@ impl Metrics {
         let dingtalk = Family::<Name, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "dingtalk",
-            "DingTalk API client figures: calls this month, quota, remaining, throttled retries, quota rejections, the QPS share and the replicas sharing it (qps_share, qps_members)",
+            "DingTalk API client figures: calls this month, quota, remaining, throttled retries, quota rejections",
             dingtalk.clone(),
-        );
-        let event_quota = Family::<Name, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "event_quota",
-            "Events DingTalk delivered this month against its Webhook&Stream quota: events_this_month, event_quota (0: unknown), event_quota_used_ratio, event_quota_warnings",
-            event_quota.clone(),
         );
         let notifications_sent = Family::<Kind, Counter>::default();
         registry.register(
@@ -551,8 +538,6 @@ impl Metrics {
             recent: Recent::default(),
             store_up,
             dingtalk,
-            event_quota,
-            quota_events: std::sync::Mutex::default(),
             type_labels: std::sync::Mutex::default(),
         }
     }
@@ -692,52 +677,6 @@ impl Metrics {
         self.recent.received(app, crate::time::now_millis());
     }
 
-    /// A DingTalk event (pushed, over Stream, a robot message, or read from the failed-push
-    /// list) stored for the first time: it counts against the app's Webhook&Stream quota,
-    /// unless DingTalk exempts its type (contact events).
-    pub fn quota_event(&self, app: &str, event_type: &str) {
-        if quota_exempt(event_type) {
-            return;
-        }
-        let mut events = self.quota_events.lock().unwrap_or_else(|p| p.into_inner());
-        *events.entry(app.to_owned()).or_insert(0) += 1;
-    }
-
-    /// The events counted by [`Metrics::quota_event`] since the last call, per app.
-    pub fn take_quota_events(&self) -> BTreeMap<String, u64> {
-        let mut events = self.quota_events.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut *events)
-    }
-
-    /// Puts back events taken but not written (the store failed), for the next try.
-    pub fn return_quota_events(&self, app: &str, n: u64) {
-        let mut events = self.quota_events.lock().unwrap_or_else(|p| p.into_inner());
-        *events.entry(app.to_owned()).or_insert(0) += n;
-    }
-
-    /// Sets `app`'s Webhook&Stream figures: events this month, the quota (0: unknown) and the
-    /// warnings logged.
-    pub fn set_event_quota(&self, app: &str, used: u64, limit: u64, warnings: u64) {
-        let ratio = if limit > 0 {
-            used as f64 / limit as f64
-        } else {
-            0.0
-        };
-        for (name, value) in [
-            ("events_this_month", used as f64),
-            ("event_quota", limit as f64),
-            ("event_quota_used_ratio", ratio),
-            ("event_quota_warnings", warnings as f64),
-        ] {
-            self.event_quota
-                .get_or_create(&Name {
-                    app: app.to_owned(),
-                    name,
-                })
-                .set(value);
-        }
-    }
-
     pub fn callback_rejected(&self, app: &str, reason: &'static str) {
         self.callbacks_rejected
             .get_or_create(&AppReason {
@@ -825,8 +764,6 @@ impl Metrics {
             stats.disabled_answers as f64,
             stats.token_fetches as f64,
             stats.quota_warnings as f64,
-            stats.qps_share as f64,
-            stats.qps_members as f64,
         ];
         let figures = DINGTALK_FIGURES.into_iter().zip(values);
         for (name, value) in figures {
@@ -1117,44 +1054,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn events_for_the_webhook_and_stream_quota_are_counted_per_app_and_taken_once() {
-        let metrics = Metrics::new();
-        metrics.quota_event("default", "chat_update_title");
-        metrics.quota_event("default", "attendance_check_record");
-        metrics.quota_event("ops", "chatbot_message");
-        // DingTalk's contact events are outside the quota.
-        for exempt in [
-            "user_add_org",
-            "org_dept_create",
-            "label_user_change",
-            "org_admin_add",
-        ] {
-            assert!(quota_exempt(exempt), "{exempt}");
-            metrics.quota_event("default", exempt);
-        }
-        assert!(!quota_exempt("bpms_task_change"));
-        let taken = metrics.take_quota_events();
-        assert_eq!(
-            taken.into_iter().collect::<Vec<_>>(),
-            vec![("default".to_owned(), 2), ("ops".to_owned(), 1)]
-        );
-        assert!(metrics.take_quota_events().is_empty());
-        // What a failed write puts back is taken with the next ones.
-        metrics.return_quota_events("ops", 1);
-        metrics.quota_event("ops", "chatbot_message");
-        assert_eq!(metrics.take_quota_events().get("ops"), Some(&2));
-        metrics.set_event_quota("ops", 2400, 3000, 1);
-        let text = metrics.render();
-        for line in [
-            "dinghook_event_quota{app=\"ops\",name=\"events_this_month\"} 2400.0",
-            "dinghook_event_quota{app=\"ops\",name=\"event_quota\"} 3000.0",
-            "dinghook_event_quota{app=\"ops\",name=\"event_quota_used_ratio\"} 0.8",
-        ] {
-            assert!(text.contains(line), "{line} in:\n{text}");
-        }
-    }
-
-    #[test]
     fn a_forgotten_client_leaves_no_dingtalk_series() {
         let metrics = Metrics::new();
         let quota = crate::dingtalk::QuotaStatus {
@@ -1189,15 +1088,6 @@ mod tests {
         assert!(!text.contains("app=\"ops\""), "{text}");
         assert!(text.contains("app=\"other\""), "{text}");
     }
-}
-
-/// Whether DingTalk leaves events of `event_type` out of the Webhook&Stream quota: the
-/// contact events (`user_*`, `org_dept_*`, `label_*`, `org_admin_*`; DingTalk's "appendix A:
-/// events not included", `shared/docs/dingtalk-protocol.md`).
-pub fn quota_exempt(event_type: &str) -> bool {
-    ["user_", "org_dept_", "label_", "org_admin_"]
-        .iter()
-        .any(|prefix| event_type.starts_with(prefix))
 }
 
 /// Per app: callbacks received, and refusals by reason, in one-minute buckets over the last

@@ -34,10 +34,7 @@ pub struct AppHealth {
     pub dead_letters: u64,
     /// This month's DingTalk calls (`null` without an app key).
     pub quota: Option<QuotaHealth>,
-    /// Events DingTalk delivered this month against its Webhook&Stream quota
-    /// (`dingtalk.event_quota`; `limit` 0: unknown). Counted by every replica, a second late.
-    pub event_quota: QuotaHealth,
-    /// The QPS budget its client keeps to (all replicas together).
+    /// The QPS budget its client keeps to.
     pub qps: u32,
     pub recovery: RecoveryHealth,
     /// The Stream mode connection (`null`: the app uses HTTP push only).
@@ -116,18 +113,6 @@ async fn health(state: &ApiState, app: &ApiApp, figures: AppStats) -> ApiResult<
         }
         None => None,
     };
-    let month = crate::dingtalk::current_month();
-    let events = state
-        .store
-        .api_calls(&crate::store::event_quota_key(&app.name, &month))
-        .await?;
-    let event_quota = QuotaHealth {
-        projected_month_end: projection(events, now),
-        used: events,
-        limit: app.event_quota,
-        remaining: app.event_quota.saturating_sub(events),
-        month,
-    };
     let last = state.metrics.last_recovery_run(&app.name);
     Ok(AppHealth {
         name: app.name.clone(),
@@ -139,7 +124,6 @@ async fn health(state: &ApiState, app: &ApiApp, figures: AppStats) -> ApiResult<
         queue: figures.by_state,
         oldest_pending_age_ms: figures.oldest_pending_age_ms,
         quota,
-        event_quota,
         qps: app.qps,
         recovery: RecoveryHealth {
             enabled: app.recovery,

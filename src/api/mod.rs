@@ -95,8 +95,6 @@ pub struct ApiApp {
     /// The store as this app sees it.
     pub store: Arc<dyn Store>,
     pub qps: u32,
-    /// `dingtalk.event_quota`: events a month (0: unknown).
-    pub event_quota: u64,
     pub recovery: bool,
     /// The monthly calls notifications leave to other calls (`notify_quota_reserve`): the
     /// console warns before the month's pace reaches it.

@@ -68,7 +68,6 @@ pub async fn act(args: ActArgs) -> Result<()> {
         client,
         store: app_store,
         qps: spec.dingtalk.qps,
-        event_quota: spec.dingtalk.event_quota,
         recovery: false,
         quota_reserve: spec.handlers.notify_quota_reserve,
         cipher: None,

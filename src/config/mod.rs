@@ -95,7 +95,6 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("dingtalk.api_url", "DINGHOOK_DINGTALK_API_URL"),
     ("dingtalk.qps", "DINGHOOK_DINGTALK_QPS"),
     ("dingtalk.monthly_quota", "DINGHOOK_DINGTALK_MONTHLY_QUOTA"),
-    ("dingtalk.event_quota", "DINGHOOK_DINGTALK_EVENT_QUOTA"),
     ("dispatch.enabled", "DINGHOOK_DISPATCH"),
     ("dispatch.workers", "DINGHOOK_WORKERS"),
     ("dispatch.batch_size", "DINGHOOK_BATCH_SIZE"),
@@ -561,10 +560,9 @@ fn check_durations(
 /// The ranges of an app's DingTalk client and recovery (see `check_ranges`).
 fn check_client_ranges(app: &AppSpec) -> Result<(), ConfigError> {
     let t = &app.dingtalk;
-    let numbers: [(&str, u64, u64, u64); 4] = [
+    let numbers: [(&str, u64, u64, u64); 3] = [
         ("qps", u64::from(t.qps), 1, 100_000),
         ("monthly_quota", t.monthly_quota, 1, 1 << 40),
-        ("event_quota", t.event_quota, 0, 1 << 40),
         ("max_retries", u64::from(t.max_retries), 0, 100),
     ];
     for (key, value, min, max) in numbers {

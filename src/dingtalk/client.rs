@@ -23,7 +23,7 @@ use super::error::{
     new_api_meaning, old_api_meaning, Error, Meaning, Scope, AUTH_ERRCODE, TOKEN_ERRCODES,
 };
 use super::lenient;
-use super::limits::{backoff, share_of, QpsLimiter, QpsShare};
+use super::limits::{backoff, QpsLimiter};
 use super::quota::{CallCounter, QuotaStatus, QuotaTracker};
 use super::token::{AccessToken, Fetched, TokenCache};
 use super::Result;
@@ -58,10 +58,6 @@ struct Inner {
     api: Url,
     tokens: TokenCache,
     limiter: QpsLimiter,
-    /// This process's part of `config.qps` when replicas share the budget (`None`: the whole
-    /// budget is this process's, e.g. on SQLite). A std mutex: updated once a heartbeat,
-    /// never across an await.
-    share: Mutex<Option<SharedBudget>>,
     quota: QuotaTracker,
     counters: Counters,
     /// End of a per-IP ban DingTalk told us about. Shared so that every call sits it out, not just
@@ -80,13 +76,6 @@ struct DisabledPause {
     since: Instant,
     errcode: i64,
     errmsg: String,
-}
-
-/// The budget shared with other replicas: the share in use and the members last seen.
-#[derive(Debug)]
-struct SharedBudget {
-    share: QpsShare,
-    members: usize,
 }
 
 /// Plain atomics for `/metrics`; relaxed ordering is enough for counters read at scrape time.
@@ -127,11 +116,6 @@ pub struct ClientStats {
     pub quota_limit: u64,
     /// Quota threshold warnings logged by this process.
     pub quota_warnings: u64,
-    /// Calls per second this process may make: `dingtalk.qps`, or its share of it when
-    /// replicas share the budget.
-    pub qps_share: u64,
-    /// Replicas sharing the budget as last seen (1 when the budget is not shared).
-    pub qps_members: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -482,7 +466,6 @@ impl Client {
         let inner = Inner {
             tokens: TokenCache::new(config.token_refresh_margin),
             limiter: QpsLimiter::per_second(config.qps),
-            share: Mutex::new(None),
             quota: QuotaTracker::new(counter, config.monthly_quota, config.quota_warn_ratio),
             counters: Counters::default(),
             banned_until: Mutex::new(None),
@@ -524,56 +507,6 @@ impl Client {
             quota_used: self.inner.quota.last_used(),
             quota_limit: self.inner.quota.limit(),
             quota_warnings: self.inner.quota.warnings(),
-            qps_share: self
-                .shared(|b| b.share.applied)
-                .unwrap_or(self.inner.config.qps) as u64,
-            qps_members: self.shared(|b| b.members).unwrap_or(1) as u64,
-        }
-    }
-
-    fn shared<T>(&self, f: impl FnOnce(&mut SharedBudget) -> T) -> Option<T> {
-        let mut share = self.inner.share.lock().unwrap_or_else(|p| p.into_inner());
-        share.as_mut().map(f)
-    }
-
-    /// Makes `dingtalk.qps` a budget shared with other replicas: from now on this client
-    /// calls at the share [`Client::offer_qps_members`] gives it, and until then at none (a
-    /// replica joining must not call before the others have seen it and made room).
-    pub fn share_qps(&self) {
-        let mut share = self.inner.share.lock().unwrap_or_else(|p| p.into_inner());
-        if share.is_none() {
-            *share = Some(SharedBudget {
-                share: QpsShare::new(0),
-                members: 0,
-            });
-            self.inner.limiter.set_per_second(0);
-        }
-    }
-
-    /// The replicas sharing the budget as just read (`me` among them), in member order:
-    /// this client's share is its part of `dingtalk.qps`, lowered at once, raised only once
-    /// every other member has had time to see the same membership
-    /// ([`crate::dingtalk::SHARE_HEARTBEAT`]). No-op unless [`Client::share_qps`] was called.
-    pub fn offer_qps_members(&self, members: &[String], me: &str) {
-        let target = share_of(self.inner.config.qps, members, me);
-        self.offer_share(target, members.len());
-    }
-
-    /// The membership could not be read or written: the others will count this replica out
-    /// within [`crate::dingtalk::SHARE_LIVE`] and take its share, so it stops calling now.
-    pub fn lose_qps_share(&self) {
-        self.offer_share(0, 0);
-    }
-
-    fn offer_share(&self, target: u32, members: usize) {
-        let now = Instant::now();
-        let changed = self.shared(|budget| {
-            budget.members = members;
-            budget.share.offer_first(target, members, now)
-        });
-        if let Some(Some(share)) = changed {
-            tracing::debug!(share, members, "QPS share changed");
-            self.inner.limiter.set_per_second(share);
         }
     }
 

@@ -32,7 +32,7 @@ pub struct ClientConfig {
     /// New-API base URL, without a trailing slash.
     pub api_url: String,
     /// Calls per second allowed for this app (Standard edition: 20). Shared by every call this
-    /// client makes, and by the replicas on one PostgreSQL database ([`crate::dingtalk::Client::share_qps`]).
+    /// client makes; several replicas each get the full budget, so divide it between them.
     #[serde(deserialize_with = "crate::setting::number")]
     pub qps: u32,
     /// API calls per month in the organisation's edition (Standard: 5 000 since 2025-11-19).
@@ -40,11 +40,6 @@ pub struct ClientConfig {
     pub monthly_quota: u64,
     /// Share of the monthly quota at which a warning is logged (0.8 = 80 %).
     pub quota_warn_ratio: f64,
-    /// Events DingTalk may deliver to the app a month (its Webhook&Stream quota; Standard:
-    /// 3 000 since 2025-11-19). Counted, shown and warned about at `quota_warn_ratio`; DingTalk
-    /// stops pushing once it is used up. 0: unknown, not warned about.
-    #[serde(deserialize_with = "crate::setting::number")]
-    pub event_quota: u64,
     /// Time allowed to open a TCP + TLS connection.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
@@ -81,7 +76,6 @@ impl Default for ClientConfig {
             qps: 20,
             monthly_quota: 5_000,
             quota_warn_ratio: 0.8,
-            event_quota: 3_000,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             max_retries: 3,
@@ -152,7 +146,6 @@ mod tests {
         assert_eq!(config.connect_timeout, Duration::from_secs(5));
         assert_eq!(config.oapi_url, DEFAULT_OAPI_URL);
         assert_eq!(config.monthly_quota, 5_000);
-        assert_eq!(config.event_quota, 3_000);
         assert!(config.validate().is_ok());
     }
 

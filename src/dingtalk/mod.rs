@@ -31,7 +31,6 @@ pub use client::{Client, ClientStats};
 pub use config::{ClientConfig, Secret, DEFAULT_API_URL, DEFAULT_OAPI_URL};
 pub use error::Error;
 pub use group::{CreateSceneGroup, SceneGroupCreated, SceneGroupInfo, SceneGroupManagementOptions};
-pub use limits::{SHARE_HEARTBEAT, SHARE_LIVE};
 pub use message::{
     ActionCard, ActionCardButton, ForbiddenEntry, Link, Markdown, OaBody, OaForm, OaHead,
     OaMessage, OaRich, OaStatusBar, SendProgress, SendResult, Text, WorkMessage, WorkNotification,

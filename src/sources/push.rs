@@ -411,7 +411,6 @@ async fn handle(
                 Inserted::Stored { id } => {
                     state.stored.notify_one();
                     state.routing.stored(&routes);
-                    state.metrics.quota_event(&state.app, &event_type);
                     tracing::debug!(id, %event_type, "event stored");
                     "stored"
                 }

@@ -346,7 +346,6 @@ impl Recovery {
                 Ok(inserted) => {
                     if matches!(inserted, Inserted::Stored { .. }) {
                         self.routing.stored(&routes);
-                        self.metrics.quota_event(&self.app, &event.event_type);
                     }
                     return Ok(Some(inserted));
                 }

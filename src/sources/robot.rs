@@ -296,12 +296,10 @@ async fn store(
     event.app = state.app.to_string();
     state.routing.route(&mut event);
     let routes = event.routes.clone();
-    let event_type = event.event_type.clone();
     match state.store.insert(event).await.map_err(Rejection::from)? {
         Inserted::Stored { id } => {
             state.stored.notify_one();
             state.routing.stored(&routes);
-            state.metrics.quota_event(&state.app, &event_type);
             tracing::debug!(id, app = %state.app, "robot message stored");
             Ok("stored")
         }

@@ -886,7 +886,6 @@ impl StreamSource {
             Ok(Ok(inserted @ Inserted::Stored { id })) => {
                 self.wake.notify_one();
                 self.routing.stored(&routes);
-                self.metrics.quota_event(&self.app, &event_type);
                 tracing::debug!(app = %self.app, id, %event_type, "stream event stored");
                 Some(inserted)
             }

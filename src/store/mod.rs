@@ -37,13 +37,6 @@ impl Default for StoreConfig {
     }
 }
 
-/// The counter (beside the monthly API-call counter, `Store::add_api_calls`) of the events
-/// DingTalk delivered to `app` in `month` (`YYYY-MM`), against its Webhook&Stream quota. Read
-/// and written on the unscoped store, whatever the app.
-pub fn event_quota_key(app: &str, month: &str) -> String {
-    format!("events:{app}:{month}")
-}
-
 /// Where the store lives, parsed from `store.url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
@@ -501,20 +494,6 @@ pub trait Store: Send + Sync + 'static {
     async fn add_api_calls(&self, month: &str, n: u64) -> Result<u64, StoreError>;
     /// The calls counted for `month` (0 if none).
     async fn api_calls(&self, month: &str) -> Result<u64, StoreError>;
-    /// Records that `member` shares `app`'s QPS budget at `now_ms`, forgets members not seen
-    /// since `forget_before_ms`, and returns the members seen since `live_since_ms` (itself
-    /// included), in member order. Three statements, no transaction: each is a fact on its own.
-    async fn qps_heartbeat(
-        &self,
-        app: &str,
-        member: &str,
-        now_ms: i64,
-        live_since_ms: i64,
-        forget_before_ms: Option<i64>,
-    ) -> Result<Vec<String>, StoreError>;
-    /// Removes `member`'s row of `app` (it stopped, so the others take its share without
-    /// waiting for the row to expire).
-    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError>;
 
     /// Finishes queued writes and stops background work.
     async fn close(&self);

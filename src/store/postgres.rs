@@ -990,35 +990,6 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn qps_heartbeat(
-        &self,
-        app: &str,
-        member: &str,
-        now_ms: i64,
-        live_since_ms: i64,
-        forget_before_ms: Option<i64>,
-    ) -> Result<Vec<String>, StoreError> {
-        self.run(async |c| {
-            if let Some(before) = forget_before_ms {
-                Self::execute(c, &self.sql.qps_forget, &[&before]).await?;
-            }
-            Self::execute(c, &self.sql.qps_beat, &[&app, &member, &now_ms]).await?;
-            let rows = Self::query(c, &self.sql.qps_members, &[&app, &live_since_ms]).await?;
-            rows.iter()
-                .map(|row| Ok(row.try_get::<_, String>(0)?))
-                .collect()
-        })
-        .await
-    }
-
-    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
-        self.run(async |c| {
-            Self::execute(c, &self.sql.qps_leave, &[&app, &member]).await?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn close(&self) {
         // Every write has committed by the time its caller got an answer, so there is no
         // queue to drain: closing drops idle connections and refuses new operations.

@@ -247,19 +247,6 @@ CREATE TABLE IF NOT EXISTS event_runs (
 );
 CREATE INDEX IF NOT EXISTS event_runs_event ON event_runs (event_id, id);
 {event_runs_trigger}"#,
-    // 16: the replicas sharing an app's QPS budget (PostgreSQL; SQLite's one process writes
-    // nothing here): each writes its row about once a second, and the members seen within a
-    // few seconds divide the budget (`app::QpsMembership`). Keyed by app and member, so a
-    // heartbeat is one upsert of one row; old rows are deleted by the members themselves.
-    // Written to run again over itself (IF NOT EXISTS), like migrations 14 and 15.
-    r#"
-CREATE TABLE IF NOT EXISTS qps_members (
-    app     TEXT     NOT NULL,
-    member  TEXT     NOT NULL,
-    seen_at {bigint} NOT NULL,
-    PRIMARY KEY (app, member)
-);
-"#,
 ];
 
 /// What migration 15's trigger inserts for the run that ended (`OLD` the running row, `NEW`
@@ -818,14 +805,6 @@ pub struct Statements {
     pub api_calls: String,
     /// event id, limit → [`RUN_COLUMNS`], newest first.
     pub event_runs: String,
-    /// app, member, now: the member's heartbeat.
-    pub qps_beat: String,
-    /// app, seen since → the members seen since then, in member order.
-    pub qps_members: String,
-    /// seen before: rows of members long gone.
-    pub qps_forget: String,
-    /// app, member: the member leaves.
-    pub qps_leave: String,
 }
 
 impl Statements {
@@ -928,14 +907,6 @@ impl Statements {
             event_runs: sql(&format!(
                 "SELECT {RUN_COLUMNS} FROM event_runs WHERE event_id = $1 ORDER BY id DESC LIMIT $2"
             )),
-            qps_beat: sql(
-                "INSERT INTO qps_members (app, member, seen_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (app, member) DO UPDATE SET seen_at = EXCLUDED.seen_at",
-            ),
-            qps_members: sql("SELECT member FROM qps_members \
-                 WHERE app = $1 AND seen_at >= $2 ORDER BY member"),
-            qps_forget: sql("DELETE FROM qps_members WHERE seen_at < $1"),
-            qps_leave: sql("DELETE FROM qps_members WHERE app = $1 AND member = $2"),
         }
     }
 }
@@ -1327,7 +1298,7 @@ CREATE VIEW notifications AS SELECT
     #[test]
     fn sqlite_renders_the_old_migrations_to_the_letter() {
         let new: Vec<String> = Dialect::Sqlite.migrations().collect();
-        assert_eq!(new.len(), OLD_SQLITE.len() + 12, "migrations 5 to 16 added");
+        assert_eq!(new.len(), OLD_SQLITE.len() + 11, "migrations 5 to 15 added");
         for (i, old) in OLD_SQLITE.iter().enumerate() {
             assert_eq!(&new[i], old, "migration {}", i + 1);
         }
@@ -1360,7 +1331,7 @@ CREATE VIEW notifications AS SELECT
         // Only the spacing of the column lists may differ from the old texts; the suite in
         // tests/store.rs runs the rendering on a real server.
         let new: Vec<String> = Dialect::Postgres.migrations().collect();
-        assert_eq!(new.len(), OLD_POSTGRES.len() + 12);
+        assert_eq!(new.len(), OLD_POSTGRES.len() + 11);
         for (i, old) in OLD_POSTGRES.iter().enumerate() {
             assert_eq!(words(&new[i]), words(old), "migration {}", i + 1);
         }
@@ -1449,10 +1420,6 @@ CREATE VIEW notifications AS SELECT
             &s.list_documents,
             &s.add_api_calls,
             &s.api_calls,
-            &s.qps_beat,
-            &s.qps_members,
-            &s.qps_forget,
-            &s.qps_leave,
         ];
         for sql in all {
             assert!(!sql.contains('$'), "{sql}");

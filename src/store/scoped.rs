@@ -282,23 +282,6 @@ impl Store for AppStore {
         // The shared store is closed once, by its owner.
     }
 
-    async fn qps_heartbeat(
-        &self,
-        app: &str,
-        member: &str,
-        now_ms: i64,
-        live_since_ms: i64,
-        forget_before_ms: Option<i64>,
-    ) -> Result<Vec<String>, StoreError> {
-        self.inner
-            .qps_heartbeat(app, member, now_ms, live_since_ms, forget_before_ms)
-            .await
-    }
-
-    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
-        self.inner.qps_leave(app, member).await
-    }
-
     async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError> {
         self.inner.try_lead(&self.scope(name)).await
     }

@@ -888,44 +888,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn qps_heartbeat(
-        &self,
-        app: &str,
-        member: &str,
-        now_ms: i64,
-        live_since_ms: i64,
-        forget_before_ms: Option<i64>,
-    ) -> Result<Vec<String>, StoreError> {
-        // One process owns a SQLite file, so nothing calls this in production; it is here so
-        // the stores behave alike (and the tests can run it on both).
-        let (app, member) = (app.to_owned(), member.to_owned());
-        let sql = Arc::clone(&self.sql);
-        self.write(move |conn| {
-            if let Some(before) = forget_before_ms {
-                conn.prepare_cached(&sql.qps_forget)?.execute([before])?;
-            }
-            conn.prepare_cached(&sql.qps_beat)?
-                .execute(params![app, member, now_ms])?;
-            let members = conn
-                .prepare_cached(&sql.qps_members)?
-                .query_map(params![app, live_since_ms], |r| r.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(members)
-        })
-        .await
-    }
-
-    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
-        let (app, member) = (app.to_owned(), member.to_owned());
-        let sql = Arc::clone(&self.sql);
-        self.write(move |conn| {
-            conn.prepare_cached(&sql.qps_leave)?
-                .execute(params![app, member])?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn close(&self) {
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {

@@ -243,25 +243,6 @@ impl Store for CountingStore {
     async fn close(&self) {
         self.inner.close().await
     }
-    async fn qps_heartbeat(
-        &self,
-        app: &str,
-        member: &str,
-        now_ms: i64,
-        live_since_ms: i64,
-        forget_before_ms: Option<i64>,
-    ) -> Result<Vec<String>, StoreError> {
-        self.count("qps_heartbeat");
-        self.inner
-            .qps_heartbeat(app, member, now_ms, live_since_ms, forget_before_ms)
-            .await
-    }
-
-    async fn qps_leave(&self, app: &str, member: &str) -> Result<(), StoreError> {
-        self.count("qps_leave");
-        self.inner.qps_leave(app, member).await
-    }
-
     async fn try_lead(&self, name: &str) -> Result<Option<LeaderGuard>, StoreError> {
         self.count("try_lead");
         self.inner.try_lead(name).await

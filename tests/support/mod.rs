@@ -72,8 +72,6 @@ pub struct TestApp {
     pub db_path: PathBuf,
     pub callback_path: String,
     pub dispatcher: Option<Arc<dinghook::dispatch::Dispatcher>>,
-    /// The `default` app's DingTalk client (else the first app's), when it has an app key.
-    pub dingtalk: Option<dinghook::dingtalk::Client>,
     /// Applies another configuration to the running server.
     pub reloader: dinghook::app::Reloader,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -173,7 +171,6 @@ impl TestApp {
         let api_addr = app.api_addr();
         let store = app.store();
         let dispatcher = Some(app.dispatcher());
-        let dingtalk = app.client();
         let reloader = app.reloader();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -195,7 +192,6 @@ impl TestApp {
             db_path: dir.path().join("dinghook.db"),
             callback_path,
             dispatcher,
-            dingtalk,
             reloader,
             stop: Some(stop),
             server: Some(server),
