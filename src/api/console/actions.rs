@@ -13,7 +13,6 @@ use serde::Deserialize;
 
 use super::super::actions::{self as api, ActionView, ActionsQuery};
 use super::super::{path_id, ApiState, Scope};
-use super::i18n;
 use super::{excerpt, problem_page, query_string, redirect, render, time, Chrome, Viewer};
 
 /// Actions per page.
@@ -162,27 +161,20 @@ struct ActionPage {
     error: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct NoticeOnly {
-    #[serde(default)]
-    notice: String,
-    #[serde(default)]
-    n: u64,
-}
-
 /// One action: its fields, the request (session webhooks as `[set]`), DingTalk's result or
 /// the error; retry when dead.
 pub async fn show(
     State(state): State<Arc<ApiState>>,
     Extension(viewer): Extension<Viewer>,
     id: Result<Path<i64>, PathRejection>,
-    q: Result<Query<NoticeOnly>, QueryRejection>,
+    q: Result<Query<super::NoticeOnly>, QueryRejection>,
 ) -> Response {
     let mut c = viewer.chrome("actions");
-    if let Ok(Query(q)) = q {
-        if q.notice == "retried" {
-            c.notice = i18n::count(viewer.lang, "action.retried", q.n);
-        }
+    if let Some(notice) = q
+        .ok()
+        .and_then(|Query(q)| q.text(viewer.lang, "retried", "action.retried"))
+    {
+        c.notice = notice;
     }
     let found = match path_id(id) {
         Ok(id) => api::action(&state, viewer.caller(), id).await,

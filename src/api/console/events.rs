@@ -390,26 +390,19 @@ struct EventPage {
     is_action: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct NoticeOnly {
-    #[serde(default)]
-    notice: String,
-    #[serde(default)]
-    n: u64,
-}
-
-/// One event: its fields, payload (pretty, as text), last run and deliveries; replay.
+/// One event: its fields, payload (pretty, as text), every run and deliveries; replay.
 pub async fn show(
     State(state): State<Arc<ApiState>>,
     Extension(viewer): Extension<Viewer>,
     id: Result<Path<i64>, PathRejection>,
-    q: Result<Query<NoticeOnly>, QueryRejection>,
+    q: Result<Query<super::NoticeOnly>, QueryRejection>,
 ) -> Response {
     let mut c = viewer.chrome("events");
-    if let Ok(Query(q)) = q {
-        if q.notice == "replayed" {
-            c.notice = i18n::count(viewer.lang, "events.replayed", q.n);
-        }
+    if let Some(notice) = q
+        .ok()
+        .and_then(|Query(q)| q.text(viewer.lang, "replayed", "events.replayed"))
+    {
+        c.notice = notice;
     }
     let detail = match path_id(id) {
         Ok(id) => api::detail(&state, viewer.caller(), id).await,

@@ -217,6 +217,23 @@ impl Chrome {
     }
 }
 
+/// The query of a page that a change redirected to: which change (`notice`) and how many
+/// it made (`n`), shown once as a notice.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct NoticeOnly {
+    #[serde(default)]
+    notice: String,
+    #[serde(default)]
+    n: u64,
+}
+
+impl NoticeOnly {
+    /// The notice `message` with the count, when the change was `expected`.
+    pub fn text(&self, lang: i18n::Lang, expected: &str, message: &str) -> Option<String> {
+        (self.notice == expected).then(|| i18n::count(lang, message, self.n))
+    }
+}
+
 /// Renders `page`, or a plain 500 when a template fails (they are checked at compile time:
 /// only a formatting error of a value could).
 pub fn render(page: &impl Template) -> Response {
