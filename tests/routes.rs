@@ -126,6 +126,15 @@ fn route(name: &str, url: &str, events: &[&str]) -> RouteConfig {
     }
 }
 
+/// A route to a broker at `url`: no signing secrets or HTTP headers (brokers take neither).
+fn broker_route(name: &str, url: &str, events: &[&str]) -> RouteConfig {
+    RouteConfig {
+        secrets: Vec::new(),
+        headers: Default::default(),
+        ..route(name, url, events)
+    }
+}
+
 fn renamed(id: &str) -> String {
     json!({
         "EventType": "chat_update_title", "eventId": id, "CorpId": "dingcorp",
@@ -540,9 +549,7 @@ async fn a_callback_reaches_a_jetstream_stream() {
     let subject = format!("{name}.{{app}}.{{type}}");
     let app = TestApp::spawn_with_handlers(
         |config| {
-            let mut bus = route("bus", &url, &[]);
-            bus.secrets.clear();
-            bus.headers.clear();
+            let mut bus = broker_route("bus", &url, &[]);
             bus.subject = Some(subject);
             config.routes = vec![bus];
         },
@@ -735,9 +742,7 @@ async fn readyz_reports_each_routes_destination_without_failing_on_it() {
                 route("crm", &url, &["chat_*"]),
                 RouteConfig {
                     subject: Some("dinghook.{app}.{type}".into()),
-                    secrets: Vec::new(),
-                    headers: Default::default(),
-                    ..route(
+                    ..broker_route(
                         "bus",
                         &format!("nats://dinghook:hunter2-secret@127.0.0.1:{closed}"),
                         &["todo_*"],
@@ -846,9 +851,7 @@ async fn a_callback_reaches_a_rabbitmq_queue() {
     let exchange = name.clone();
     let app = TestApp::spawn_with_handlers(
         |config| {
-            let mut mq = route("mq", &url, &[]);
-            mq.secrets.clear();
-            mq.headers.clear();
+            let mut mq = broker_route("mq", &url, &[]);
             mq.exchange = Some(exchange);
             mq.routing_key = Some("{app}.{type}".into());
             config.routes = vec![mq];
@@ -896,9 +899,7 @@ async fn a_callback_reaches_a_redis_stream() {
     let stream = format!("{prefix}:{{app}}");
     let app = TestApp::spawn_with_handlers(
         |config| {
-            let mut entries = route("entries", &url, &[]);
-            entries.secrets.clear();
-            entries.headers.clear();
+            let mut entries = broker_route("entries", &url, &[]);
             entries.stream = Some(stream);
             config.routes = vec![entries];
         },
